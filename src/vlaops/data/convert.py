@@ -1,0 +1,103 @@
+"""Convert canonical episodes into the CALVIN layout with a training / validation split."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from vlaops.data.config import DataConfig
+from vlaops.errors import VlaopsError
+from vlaops.io import calvin
+from vlaops.io.episode import SCENE_OBS_DIM, Episode, read_episode
+from vlaops.utils.atomic import atomic_dir, write_json
+from vlaops.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def split_episodes(episode_ids: list[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Seeded split by episode (never by frame), at least one episode on each side."""
+    if len(episode_ids) < 2:
+        raise VlaopsError(f"need at least 2 episodes for a training/validation split, got {len(episode_ids)}")
+    order = np.random.default_rng(seed).permutation(len(episode_ids))
+    n_val = min(max(1, round(val_fraction * len(episode_ids))), len(episode_ids) - 1)
+    val = sorted(episode_ids[i] for i in order[:n_val])
+    train = sorted(episode_ids[i] for i in order[n_val:])
+    return {calvin.TRAINING: train, calvin.VALIDATION: val}
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, size, size, 3) uint8; CALVIN's cameras are square."""
+    if frames.shape[1:3] == (size, size):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR)) for f in frames])
+
+
+def _calvin_frames(ep: Episode) -> dict[str, np.ndarray]:
+    """Per-key (T, ...) arrays in CALVIN's per-frame layout."""
+    t = len(ep)
+    if ep.embodiment != "arm":
+        raise VlaopsError(f"{ep.source}: embodiment '{ep.embodiment}' cannot be written as CALVIN (arm only)")
+    gripper = ep.rgb_gripper if ep.rgb_gripper is not None else np.zeros((t, calvin.GRIPPER_SIZE, calvin.GRIPPER_SIZE, 3), np.uint8)
+    return {
+        "actions": ep.action_abs,
+        "rel_actions": calvin.rel_actions_from_abs(ep.action_abs, ep.robot_obs),
+        "robot_obs": ep.robot_obs,
+        "scene_obs": ep.scene_obs if ep.scene_obs is not None else np.zeros((t, SCENE_OBS_DIM)),
+        "rgb_static": _resize(ep.rgb_static, calvin.STATIC_SIZE),
+        "rgb_gripper": _resize(gripper, calvin.GRIPPER_SIZE),
+    }
+
+
+def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
+    """Write ``out_dir/{training,validation}`` from ``episodes_dir/*.h5``; returns the provenance."""
+    paths = sorted(episodes_dir.glob("*.h5")) if episodes_dir.is_dir() else []
+    if not paths:
+        raise VlaopsError(f"{episodes_dir}: no canonical episodes (*.h5) found; run ingest first")
+    started = time.perf_counter()
+    by_id = {p.stem: p for p in paths}
+    splits = split_episodes(list(by_id), cfg.val_fraction, cfg.split_seed)
+    provenance: dict[str, Any] = {
+        "format_version": calvin.FORMAT_VERSION,
+        "created_by": "vlaops convert",
+        "lang_embedding": calvin.LANG_EMBEDDING_NAME,
+        "episodes": {},
+    }
+    frame_id = 0
+    train_stats: dict[str, Any] | None = None
+    with atomic_dir(out_dir) as tmp:
+        for split in calvin.SPLITS:  # training first: its statistics are written to both splits
+            split_dir = tmp / split
+            split_dir.mkdir()
+            entries: list[tuple[int, int, str, str]] = []
+            collected: dict[str, list[np.ndarray]] = {"robot_obs": [], "scene_obs": [], "actions": []}
+            for ep_id in tqdm(splits[split], desc=f"convert {split}", unit="ep", disable=None):
+                ep = read_episode(by_id[ep_id])
+                frames = _calvin_frames(ep)
+                start = frame_id
+                for i in range(len(ep)):
+                    np.savez_compressed(calvin.frame_path(split_dir, frame_id), **{k: v[i] for k, v in frames.items()})
+                    frame_id += 1
+                entries.append((start, frame_id - 1, ep.instruction, ep.task))
+                for key in collected:
+                    collected[key].append(frames[key])
+                provenance["episodes"][ep_id] = {
+                    "split": split, "start": start, "end": frame_id - 1,
+                    "source": ep.source, "source_sha256": ep.source_sha256, "has_gripper_camera": ep.rgb_gripper is not None,
+                }
+            if train_stats is None:
+                train_stats = calvin.statistics_yaml(*(np.concatenate(collected[k]) for k in ("robot_obs", "scene_obs", "actions")))
+            calvin.write_split_metadata(split_dir, entries, train_stats, cfg.lang_embedding_dim)
+        provenance["frames"] = frame_id
+        provenance["splits"] = {s: len(v) for s, v in splits.items()}
+        write_json(tmp / calvin.PROVENANCE, provenance)
+    log.info(
+        "converted %d episodes (%d frames) in %.1fs: %s",
+        len(paths), frame_id, time.perf_counter() - started, provenance["splits"],
+    )
+    return provenance

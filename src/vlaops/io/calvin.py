@@ -1,0 +1,195 @@
+"""The one place that knows the CALVIN dataset layout: its file names, keys, writer and reader.
+
+Layout as the public dataset ships it (mees/calvin, dataset/README.md): one
+``episode_%07d.npz`` per frame with global frame ids, ``ep_start_end_ids.npy`` (N, 2) with
+*inclusive* ends, ``ep_lens.npy``, ``statistics.yaml`` and ``lang_annotations/auto_lang_ann.npy``.
+CALVIN's and RoboVLMs' own loaders read what is written here. The annotation file is a pickle by
+CALVIN's design; we also write a JSON twin and read that, loading the pickle only when the user
+says the data is trusted (``data.trust_pickles``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from vlaops.errors import VlaopsError
+
+FORMAT_VERSION = 1
+TRAINING, VALIDATION = "training", "validation"
+SPLITS = (TRAINING, VALIDATION)
+FRAME_FILE = "episode_{:07d}.npz"
+EP_START_END_IDS = "ep_start_end_ids.npy"
+EP_LENS = "ep_lens.npy"
+STATISTICS = "statistics.yaml"
+LANG_DIR = "lang_annotations"
+LANG_ANN = "auto_lang_ann.npy"
+LANG_ANN_JSON = "auto_lang_ann.json"
+LANG_EMB = "embeddings.npy"
+LANG_EMB_JSON = "embeddings.json"
+PROVENANCE = "vlaops_dataset.json"  # ours; CALVIN's loaders ignore it
+
+# Per-frame keys and shapes (CALVIN dataset/README.md).
+FRAME_KEYS = ("actions", "rel_actions", "robot_obs", "scene_obs", "rgb_static", "rgb_gripper")
+STATIC_SIZE, GRIPPER_SIZE = 200, 84
+# CALVIN's relative-action scales (calvin_env/robot/robot.py: max_rel_pos 0.02 m, max_rel_orn 0.05 rad).
+MAX_REL_POS, MAX_REL_ORN = 0.02, 0.05
+NORMALIZE_TARGET = "calvin_agent.utils.transforms.NormalizeVector"
+LANG_EMBEDDING_NAME = "hashed-bow-v1"
+
+
+def frame_path(split_dir: Path, frame_id: int) -> Path:
+    return split_dir / FRAME_FILE.format(frame_id)
+
+
+def rel_actions_from_abs(actions: np.ndarray, robot_obs: np.ndarray) -> np.ndarray:
+    """(T, 7) absolute tcp targets + (T, 15) robot_obs -> (T, 7) CALVIN rel_actions in [-1, 1].
+
+    [clip(Δpos, ±0.02)/0.02, clip(wrap(Δeuler), ±0.05)/0.05, gripper], as CALVIN's
+    ``to_relative_action`` (calvin_env/utils/utils.py) computes them.
+    """
+    dpos = np.clip(actions[:, :3] - robot_obs[:, :3], -MAX_REL_POS, MAX_REL_POS) / MAX_REL_POS
+    dorn = (actions[:, 3:6] - robot_obs[:, 3:6] + np.pi) % (2 * np.pi) - np.pi
+    dorn = np.clip(dorn, -MAX_REL_ORN, MAX_REL_ORN) / MAX_REL_ORN
+    return np.concatenate([dpos, dorn, actions[:, 6:7]], axis=1)
+
+
+def language_embedding(texts: list[str], dim: int) -> np.ndarray:
+    """(N, dim) float32 unit vectors from hashed word unigrams and bigrams.
+
+    CALVIN ships MiniLM sentence embeddings; no network at run time means no sentence model here,
+    so this deterministic stand-in fills the field (our policy reads the tokenised text, not this).
+    """
+    out = np.zeros((len(texts), dim), dtype=np.float32)
+    for row, text in enumerate(texts):
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+        for gram in grams:
+            h = int.from_bytes(hashlib.sha256(gram.encode()).digest()[:8], "little")
+            out[row, h % dim] += 1.0 if (h >> 63) & 1 else -1.0
+        norm = np.linalg.norm(out[row])
+        if norm > 0:
+            out[row] /= norm
+    return out
+
+
+def statistics_yaml(robot_obs: np.ndarray, scene_obs: np.ndarray, actions: np.ndarray) -> dict[str, Any]:
+    """CALVIN's statistics.yaml: observation mean/std as NormalizeVector transforms, action bounds."""
+
+    def vector(x: np.ndarray) -> dict[str, Any]:
+        return {"_target_": NORMALIZE_TARGET, "mean": x.mean(0).tolist(), "std": x.std(0).tolist()}
+
+    return {
+        "robot_obs": [vector(robot_obs)],
+        "scene_obs": [vector(scene_obs)],
+        "act_min_bound": actions.min(0).tolist(),
+        "act_max_bound": actions.max(0).tolist(),
+    }
+
+
+def write_split_metadata(
+    split_dir: Path,
+    episodes: list[tuple[int, int, str, str]],
+    stats: dict[str, Any],
+    emb_dim: int,
+) -> None:
+    """Write the per-split files for ``episodes`` = [(start, end_inclusive, instruction, task)]."""
+    ids = np.array([(s, e) for s, e, _, _ in episodes], dtype=np.int64).reshape(-1, 2)
+    np.save(split_dir / EP_START_END_IDS, ids)
+    np.save(split_dir / EP_LENS, ids[:, 1] - ids[:, 0] + 1)
+    with open(split_dir / STATISTICS, "w") as handle:
+        yaml.safe_dump(stats, handle, sort_keys=False)
+    anns = [ann for _, _, ann, _ in episodes]
+    tasks = [task for _, _, _, task in episodes]
+    emb = language_embedding(anns, emb_dim)[:, None, :]  # (N, 1, D) as CALVIN ships it
+    lang = {
+        "language": {"ann": anns, "task": tasks, "emb": emb},
+        "info": {"episodes": [], "indx": [(int(s), int(e)) for s, e, _, _ in episodes]},
+    }
+    lang_dir = split_dir / LANG_DIR
+    lang_dir.mkdir(exist_ok=True)
+    np.save(lang_dir / LANG_ANN, np.array(lang, dtype=object), allow_pickle=True)  # CALVIN's format
+    twin = {**lang, "language": {**lang["language"], "emb": emb.tolist()}}
+    (lang_dir / LANG_ANN_JSON).write_text(json.dumps(twin))
+    per_task: dict[str, dict[str, Any]] = {}
+    for ann, task, vec in zip(anns, tasks, emb):
+        per_task.setdefault(task, {"emb": vec, "ann": ann})
+    np.save(lang_dir / LANG_EMB, np.array(per_task, dtype=object), allow_pickle=True)
+    (lang_dir / LANG_EMB_JSON).write_text(
+        json.dumps({t: {"emb": v["emb"].tolist(), "ann": v["ann"]} for t, v in per_task.items()})
+    )
+
+
+@dataclass(frozen=True)
+class Annotation:
+    start: int  # first frame id
+    end: int  # last frame id, inclusive (CALVIN's convention)
+    instruction: str
+    task: str
+
+
+class CalvinSplit:
+    """Read access to one split (ours or a real CALVIN task_X_X split)."""
+
+    def __init__(self, split_dir: str | Path, trust_pickles: bool = False) -> None:
+        self.dir = Path(split_dir)
+        ids_path = self.dir / EP_START_END_IDS
+        if not ids_path.is_file():
+            raise VlaopsError(f"{ids_path}: not found; expected a CALVIN split directory (run convert)")
+        self.ep_start_end_ids = np.load(ids_path)  # (N, 2) inclusive
+        if self.ep_start_end_ids.ndim != 2 or self.ep_start_end_ids.shape[1] != 2:
+            raise VlaopsError(f"{ids_path}: expected shape (N, 2), got {self.ep_start_end_ids.shape}")
+        self.annotations = self._read_annotations(trust_pickles)
+
+    def _read_annotations(self, trust_pickles: bool) -> list[Annotation]:
+        json_path = self.dir / LANG_DIR / LANG_ANN_JSON
+        pickle_path = self.dir / LANG_DIR / LANG_ANN
+        if json_path.is_file():
+            try:
+                lang = json.loads(json_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise VlaopsError(f"{json_path}: not valid JSON ({exc})") from exc
+        elif pickle_path.is_file():
+            if not trust_pickles:
+                raise VlaopsError(
+                    f"{pickle_path}: only CALVIN's pickled annotations exist, and a pickle can run code; "
+                    "set data.trust_pickles=true if you trust this dataset"
+                )
+            lang = np.load(pickle_path, allow_pickle=True).item()  # trusted by the user's explicit switch
+        else:
+            raise VlaopsError(f"{json_path}: language annotations not found")
+        try:
+            language, indx = lang["language"], lang["info"]["indx"]
+            anns, tasks = language["ann"], language["task"]
+        except (KeyError, TypeError) as exc:
+            raise VlaopsError(f"{json_path}: missing annotation field {exc}; expected language.ann/task, info.indx") from exc
+        if not (len(anns) == len(tasks) == len(indx)):
+            raise VlaopsError(f"{json_path}: language.ann, language.task and info.indx differ in length")
+        return [Annotation(int(s), int(e), str(a), str(t)) for (s, e), a, t in zip(indx, anns, tasks)]
+
+    def frame_path(self, frame_id: int) -> Path:
+        return frame_path(self.dir, frame_id)
+
+    def load_frame(self, frame_id: int, keys: tuple[str, ...] = FRAME_KEYS) -> dict[str, np.ndarray]:
+        """Read ``keys`` of one frame; npz members are decompressed only when asked for."""
+        path = self.frame_path(frame_id)
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in keys}
+        except FileNotFoundError as exc:
+            raise VlaopsError(f"{path}: frame file missing") from exc
+        except KeyError as exc:
+            raise VlaopsError(f"{path}: missing key {exc}; expected {list(keys)}") from exc
+
+    def statistics(self) -> dict[str, Any]:
+        path = self.dir / STATISTICS
+        if not path.is_file():
+            raise VlaopsError(f"{path}: not found")
+        return yaml.safe_load(path.read_text())
