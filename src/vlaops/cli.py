@@ -1,0 +1,96 @@
+"""``vlaops <stage> [hydra overrides]``: run one pipeline stage, from the shell or from ``dvc repro``.
+
+From the shell, the config is composed from ``conf/`` with Hydra overrides::
+
+    vlaops train train.max_steps=50 model.lstm_hidden_size=256
+
+From ``dvc.yaml`` it is read from the composed ``params.yaml`` (``--params params.yaml``), the
+file DVC tracks and ``dvc exp run -S`` rewrites. Either way the same stage function runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import random
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from vlaops.config import DEFAULT_CONFIG_DIR, Config, compose, dump_params, load_config, load_params
+from vlaops.errors import VlaopsError
+from vlaops.utils.atomic import atomic_file
+from vlaops.utils.logging import get_logger
+
+log = get_logger(__name__)
+STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlaops",
+        description="Robot recordings -> CALVIN -> a fine-tuned Kosmos-2 + LSTM policy. "
+        "Each command is one DVC stage; trailing key=value arguments are Hydra overrides.",
+    )
+    parser.add_argument("command", choices=[*STAGES, "params"], help="a pipeline stage, or 'params' to write params.yaml from conf/")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=50 model=kosmos2")
+    parser.add_argument("--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/")
+    parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
+    parser.add_argument("--check", action="store_true", help="with 'params': fail if params.yaml differs from conf/ instead of writing it")
+    return parser
+
+
+def _write_params(args: argparse.Namespace) -> None:
+    raw = compose(args.overrides, args.config_dir)
+    text = dump_params(raw)
+    target = Path(args.params or "params.yaml")
+    if args.check:
+        current = yaml.safe_load(target.read_text()) if target.is_file() else None
+        if current != yaml.safe_load(text):
+            raise VlaopsError(f"{target}: differs from the composition of {args.config_dir}/; run 'vlaops params' to rewrite it")
+        log.info("%s matches %s/", target, args.config_dir)
+        return
+    with atomic_file(target) as handle:
+        handle.write(text)
+    log.info("wrote %s", target)
+
+
+def run_stage(name: str, cfg: Config) -> None:
+    """Import and run ``vlaops.stages.<name>.run(cfg)``; imports stay lazy so ``--help`` is instant."""
+    module = importlib.import_module(f"vlaops.stages.{name}")
+    seed_everything(cfg.seed)
+    started = time.perf_counter()
+    module.run(cfg)
+    log.info("%s finished in %.1fs", name, time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "params":
+            _write_params(args)
+            return 0
+        cfg = load_params(args.params, args.overrides) if args.params else load_config(args.overrides, args.config_dir)
+        run_stage(args.command, cfg)
+    except VlaopsError as exc:
+        print(f"vlaops {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"vlaops {args.command}: interrupted; no partial outputs were kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

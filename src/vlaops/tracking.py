@@ -1,0 +1,118 @@
+"""MLflow helpers: one run per experiment holds config, data fingerprint, curves and evaluation.
+
+train opens the run and records its id beside the exported policy; evaluate re-opens that same
+run, so ``mlflow ui`` shows training and evaluation of an experiment on one row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from vlaops.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+RUN_FILE = "mlflow_run.json"  # written beside the exported policy
+
+# Metric names: one home, imported by train and evaluate.
+TRAIN_LOSS = "train/loss"
+TRAIN_ARM_LOSS = "train/arm_loss"
+TRAIN_GRIPPER_LOSS = "train/gripper_loss"
+VAL_LOSS = "val/loss"
+LEARNING_RATE = "train/lr"
+AVG_LEN = "avg_len"
+SR_PREFIX = "sr_"  # sr_1 .. sr_5
+TASK_SR_PREFIX = "task_sr/"
+OFFLINE_PREFIX = "offline/"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment_name: str = "vlaops"
+    run_name: Optional[str] = None  # None: MLflow picks one
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    """Config beats the environment, the environment beats the default: one answer, logged once."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _mlflow(cfg: TrackingConfig):  # imported lazily: mlflow takes seconds to import
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    return mlflow
+
+
+@contextlib.contextmanager
+def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
+    """Open (or re-open, by ``run_id``) an MLflow run; it ends FAILED if the block raises.
+
+    Yields the ``mlflow`` module, or None when tracking is disabled, so callers log through
+    :func:`log_metrics` and friends which accept None.
+    """
+    if not cfg.enabled:
+        yield None
+        return
+    mlflow = _mlflow(cfg)
+    if run_id is None:
+        mlflow.set_experiment(cfg.experiment_name)
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name, tags=tags)
+    log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
+    try:
+        yield mlflow
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run(status="FINISHED")
+
+
+def active_run_id(mlflow: Any) -> str | None:
+    return None if mlflow is None else mlflow.active_run().info.run_id
+
+
+def run_exists(cfg: TrackingConfig, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _mlflow(cfg).get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def log_params(mlflow: Any, params: dict[str, Any]) -> None:
+    """Flattened config as params; MLflow caps a value at 6000 characters, lists become strings."""
+    if mlflow is None:
+        return
+    items = {k: str(v)[:6000] for k, v in params.items()}
+    keys = sorted(items)
+    for i in range(0, len(keys), 100):  # MLflow's batch limit
+        mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
+
+
+def log_metrics(mlflow: Any, metrics: dict[str, float], step: int | None = None) -> None:
+    if mlflow is not None and metrics:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_artifact(mlflow: Any, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+    if mlflow is not None and Path(path).exists():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
