@@ -9,6 +9,7 @@ names the key, before any work starts (STYLE 4, 9).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ DEFAULT_CONFIG_DIR = "conf"
 
 @dataclass
 class PathsConfig:
+    collect_dir: str = "data/raw"  # where the simulator records; ingest reads data.raw_dir
     model_dir: str = "models/policy"
     checkpoint_dir: str = "models/checkpoints"
     reports_dir: str = "reports"
@@ -81,6 +83,12 @@ def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[st
             return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
     except (HydraException, OmegaConfBaseException) as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
+        unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
+        if unknown:
+            raise VlaopsError(
+                f"{config_dir}: config key '{unknown.group(1)}' does not exist (misspelt? "
+                f"'+{unknown.group(1)}=...' would add it, and the schema would then reject it)"
+            ) from None
         raise VlaopsError(f"{config_dir}: {' '.join(lines[:2])}") from None
 
 
