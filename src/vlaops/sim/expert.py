@@ -1,0 +1,167 @@
+"""A scripted expert: IK waypoints per task, turned into the same relative actions the env consumes.
+
+Each step the expert looks at the current TCP pose and emits CALVIN's relative action towards its
+current waypoint: clip(target - tcp, +-0.02) / 0.02 for position, clip(wrap(target - tcp), +-0.05) / 0.05
+for euler, and +-1 for the gripper. Recorded actions are therefore exactly what ``TabletopEnv.step``
+consumes, and the expert is closed-loop: it corrects whatever the arm failed to track.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vlaops.sim.env import GRIPPER_CLOSE, GRIPPER_OPEN, REL_ORN_SCALE, REL_POS_SCALE, TabletopEnv, wrap_angle
+from vlaops.sim.scene import BLOCK_HALF, BLOCK_REST_Z
+from vlaops.sim.tasks import DIRECTIONS, Task, get_task
+
+# Gripper pointing straight down (roll pi), as at the home pose.
+DOWN_ROLL, DOWN_PITCH = np.pi, 0.0
+SAFE_Z = 0.11  # m: TCP height that clears every block when travelling
+PUSH_Z = 0.02  # m: fingertips just above the table, contact below the block's centre
+PUSH_STANDOFF = BLOCK_HALF + 0.05  # m: start this far from the block centre, behind it
+PUSH_THROUGH = 0.065  # m past the block centre: the block ends up about 10 cm from where it was
+GRASP_Z = BLOCK_REST_Z - 0.003  # m: TCP slightly below the block centre, for a deep, stable grasp
+LIFT_Z = BLOCK_REST_Z + 0.12  # m
+PLACE_Z = BLOCK_REST_Z + 0.006  # m: lower the held block until it touches the table
+POS_TOLERANCE = 0.006  # m: a waypoint counts as reached within this distance
+GRIPPER_WAIT_STEPS = 8  # ticks to let the fingers close or open (0.27 s at 30 Hz)
+STALL_STEPS = 4  # a waypoint blocked (e.g. the block touches the table) is given up after this many ticks
+STALL_EPS = 0.001  # m of progress per tick below which the TCP is stalled
+
+
+@dataclass
+class Waypoint:
+    """Move the TCP to ``pos`` with yaw ``yaw`` and the gripper at ``gripper``; then wait ``wait`` ticks."""
+
+    pos: np.ndarray  # (3,)
+    yaw: float
+    gripper: float
+    wait: int = 0
+    tolerance: float = POS_TOLERANCE
+
+
+def _grasp_yaw(block_yaw: float) -> float:
+    """Yaw that aligns the fingers with the block's faces; a cube repeats every pi/2."""
+    return float((block_yaw + np.pi / 4) % (np.pi / 2) - np.pi / 4)
+
+
+def plan(task: Task, info: dict[str, Any]) -> list[Waypoint]:
+    """The waypoints that solve ``task`` from the state ``info`` (TabletopEnv.get_info())."""
+    tcp = np.asarray(info["tcp_pos"], dtype=float)
+    yaw_now = float(info["tcp_euler"][2])
+    block = np.asarray(info["blocks"][task.block]["pos"], dtype=float)
+    bx, by = block[0], block[1]
+    grip = GRIPPER_CLOSE if info["held"] is not None else GRIPPER_OPEN
+    # Rise first, so travelling from wherever the previous subtask ended never sweeps through a block.
+    rise = Waypoint(np.array([tcp[0], tcp[1], max(tcp[2], SAFE_Z)]), yaw_now, grip)
+    if task.kind == "push":
+        sign = DIRECTIONS[task.direction]
+        start_y = by - sign * PUSH_STANDOFF
+        return [
+            rise,
+            Waypoint(np.array([bx, start_y, SAFE_Z]), 0.0, GRIPPER_CLOSE),
+            Waypoint(np.array([bx, start_y, PUSH_Z]), 0.0, GRIPPER_CLOSE),
+            Waypoint(np.array([bx, by + sign * PUSH_THROUGH, PUSH_Z]), 0.0, GRIPPER_CLOSE),
+            Waypoint(np.array([bx, by + sign * PUSH_THROUGH, PUSH_Z + 0.05]), 0.0, GRIPPER_CLOSE,
+                     tolerance=0.01),
+        ]
+    if task.kind == "lift":
+        yaw = _grasp_yaw(float(info["blocks"][task.block]["euler"][2]))
+        return [
+            rise,
+            Waypoint(np.array([bx, by, SAFE_Z]), yaw, GRIPPER_OPEN),
+            Waypoint(np.array([bx, by, GRASP_Z]), yaw, GRIPPER_OPEN),
+            Waypoint(np.array([bx, by, GRASP_Z]), yaw, GRIPPER_CLOSE, wait=GRIPPER_WAIT_STEPS, tolerance=1.0),
+            Waypoint(np.array([bx, by, LIFT_Z]), yaw, GRIPPER_CLOSE, tolerance=0.01),
+        ]
+    if task.kind == "place":
+        x, y = tcp[0], tcp[1]
+        return [
+            Waypoint(np.array([x, y, PLACE_Z]), yaw_now, GRIPPER_CLOSE),
+            Waypoint(np.array([x, y, PLACE_Z]), yaw_now, GRIPPER_OPEN, wait=GRIPPER_WAIT_STEPS, tolerance=1.0),
+            Waypoint(np.array([x, y, SAFE_Z]), yaw_now, GRIPPER_OPEN, tolerance=0.01),
+        ]
+    raise ValueError(f"no expert for task kind {task.kind!r} (task {task.name!r})")
+
+
+class ScriptedExpert:
+    """Closed-loop waypoint follower for one task; ``act(info)`` returns a relative action (7,)."""
+
+    def __init__(self, task: Task | str, info: dict[str, Any]) -> None:
+        self.task = get_task(task) if isinstance(task, str) else task
+        self.waypoints = plan(self.task, info)
+        self._index = 0
+        self._waited = 0
+        self._stalled = 0
+        self._last_dist = np.inf
+
+    @property
+    def done(self) -> bool:
+        """All waypoints reached; the episode can end."""
+        return self._index >= len(self.waypoints)
+
+    def act(self, info: dict[str, Any]) -> np.ndarray:
+        """The relative action (7,) towards the current waypoint, advancing past reached ones."""
+        tcp = np.asarray(info["tcp_pos"], dtype=float)
+        while not self.done:
+            wp = self.waypoints[self._index]
+            dist = float(np.linalg.norm(wp.pos - tcp))
+            self._stalled = self._stalled + 1 if self._last_dist - dist < STALL_EPS else 0
+            self._last_dist = dist
+            reached = dist <= wp.tolerance or self._stalled >= STALL_STEPS
+            if reached and self._waited >= wp.wait:
+                self._index += 1
+                self._waited = 0
+                self._stalled = 0
+                self._last_dist = np.inf
+                continue
+            if reached:
+                self._waited += 1
+            return self._action(wp, info)
+        wp = self.waypoints[-1]  # finished: hold the last pose
+        return self._action(wp, info)
+
+    @staticmethod
+    def _action(wp: Waypoint, info: dict[str, Any]) -> np.ndarray:
+        tcp = np.asarray(info["tcp_pos"], dtype=float)
+        euler = np.asarray(info["tcp_euler"], dtype=float)
+        target_euler = np.array([DOWN_ROLL, DOWN_PITCH, wp.yaw])
+        rel = np.empty(7)
+        # CALVIN rel_actions: clip(delta pos, +-0.02) / 0.02 and clip(wrap(delta euler), +-0.05) / 0.05.
+        rel[:3] = np.clip(wp.pos - tcp, -REL_POS_SCALE, REL_POS_SCALE) / REL_POS_SCALE
+        rel[3:6] = np.clip(wrap_angle(target_euler - euler), -REL_ORN_SCALE, REL_ORN_SCALE) / REL_ORN_SCALE
+        rel[6] = wp.gripper
+        return rel
+
+
+StepCallback = Callable[[dict[str, Any], np.ndarray], None]
+
+
+def run_expert(env: TabletopEnv, task: Task | str, max_steps: int, obs: dict[str, Any] | None = None,
+               on_step: StepCallback | None = None) -> tuple[bool, int, dict[str, Any]]:
+    """Run the expert for ``task`` from the env's current state until done or ``max_steps``.
+
+    ``on_step(obs, rel_action)`` is called with each observation and the action chosen from it, before
+    the action is applied; ``obs`` is the current observation (e.g. from ``reset``), rendered if omitted.
+    Returns (success by the task oracle, steps taken, info at the end).
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    start = env.get_info()
+    expert = ScriptedExpert(task, start)
+    info = start
+    steps = 0
+    while steps < max_steps and not expert.done:
+        action = expert.act(info)
+        if expert.done:
+            break
+        if on_step is not None:
+            obs = obs if obs is not None else env.observe()
+            on_step(obs, action)
+        obs = env.step(action)
+        info = env.get_info()
+        steps += 1
+    return task.success(start, info), steps, info

@@ -1,0 +1,130 @@
+"""The tabletop scene: a fixed-base Franka Panda, a table and three coloured blocks, plus its cameras.
+
+Geometry is in the robot base frame (``panda_link0`` at the origin, z up, the robot faces +x).
+"Left" is +y, the robot's own left, which is also how the instructions are phrased. Everything here is
+built into an explicit PyBullet client id so that several environments can coexist in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pybullet as p
+import pybullet_data
+
+# --- robot --------------------------------------------------------------------------------------
+PANDA_URDF = "franka_panda/panda.urdf"  # from pybullet_data
+ARM_JOINTS = tuple(range(7))  # panda_joint1..7
+FINGER_JOINTS = (9, 10)  # panda_finger_joint1, panda_finger_joint2
+TCP_LINK = 11  # panda_grasptarget: the point between the fingertips
+HAND_LINK = 8  # panda_hand: the gripper camera is mounted on it
+JOINT_NAMES = tuple(f"panda_joint{i}" for i in range(1, 8)) + ("panda_finger_joint1", "panda_finger_joint2")
+RECORDED_JOINTS = ARM_JOINTS + FINGER_JOINTS
+# Home pose: TCP about 0.3 m above the table, gripper pointing down, fingers opening along x.
+HOME_JOINTS = (0.0, -0.25, 0.0, -2.3, 0.0, 2.05, 0.785)
+ARM_JOINT_FORCE = 240.0  # N*m; well above what the arm needs, so it tracks the IK target at 30 Hz
+FINGER_OPEN = 0.04  # m per finger, the URDF's upper limit
+FINGER_FORCE = 40.0  # N per finger; firm enough to lift a 50 g block with friction 1.0
+BASE_FRAME = "panda_link0"
+
+# --- table and blocks ---------------------------------------------------------------------------
+TABLE_TOP_Z = 0.0
+TABLE_CENTER = (0.5, 0.0)
+TABLE_HALF_EXTENTS = (0.35, 0.45, 0.02)  # x, y, z half sizes of the table box
+BLOCK_HALF = 0.025  # 5 cm cubes, as CALVIN's blocks are a few cm
+BLOCK_MASS = 0.05  # kg
+BLOCK_FRICTION = 1.0
+# CALVIN: scene_obs holds red, blue, pink blocks in that order; ours are red, blue, green.
+BLOCK_ORDER = ("red", "blue", "green")
+BLOCK_COLORS = {
+    "red": (0.85, 0.12, 0.1, 1.0),
+    "blue": (0.12, 0.25, 0.85, 1.0),
+    "green": (0.1, 0.7, 0.2, 1.0),
+}
+# Nominal start positions: one row per block, 12 cm apart in x, so a push along y never meets another block.
+BLOCK_NOMINAL_XY = {
+    "red": (0.40, 0.0),
+    "green": (0.52, 0.0),
+    "blue": (0.64, 0.0),
+}
+BLOCK_REST_Z = TABLE_TOP_Z + BLOCK_HALF
+# The reachable strip of table that tasks may push blocks into (y bounds, m).
+WORKSPACE_Y = (-0.25, 0.25)
+
+# --- cameras ------------------------------------------------------------------------------------
+STATIC_EYE = (1.05, 0.35, 0.85)  # in front of the table, to one side, looking down at the robot
+STATIC_TARGET = (0.45, 0.0, 0.05)
+STATIC_FOV = 55.0
+GRIPPER_FOV = 75.0
+GRIPPER_CAM_OFFSET = (0.05, 0.0, 0.03)  # in the hand frame: beside the fingers, looking along +z
+CAM_NEAR, CAM_FAR = 0.01, 3.0
+
+
+@dataclass
+class SceneIds:
+    """Body ids of one built scene."""
+
+    robot: int
+    table: int
+    blocks: dict[str, int]
+
+
+def build_scene(client: int, block_xy: dict[str, tuple[float, float]], block_yaw: dict[str, float]) -> SceneIds:
+    """Load robot, table and blocks into a freshly reset client and put the arm at its home pose."""
+    p.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=client)
+    p.setGravity(0, 0, -9.81, physicsClientId=client)
+    robot = p.loadURDF(PANDA_URDF, [0, 0, TABLE_TOP_Z], useFixedBase=True, physicsClientId=client)
+    for joint, q in zip(ARM_JOINTS, HOME_JOINTS, strict=True):
+        p.resetJointState(robot, joint, q, physicsClientId=client)
+    for joint in FINGER_JOINTS:
+        p.resetJointState(robot, joint, FINGER_OPEN, physicsClientId=client)
+        p.changeDynamics(robot, joint, lateralFriction=BLOCK_FRICTION, spinningFriction=0.001,
+                         physicsClientId=client)
+
+    table_col = p.createCollisionShape(p.GEOM_BOX, halfExtents=TABLE_HALF_EXTENTS, physicsClientId=client)
+    table_vis = p.createVisualShape(p.GEOM_BOX, halfExtents=TABLE_HALF_EXTENTS,
+                                    rgbaColor=(0.72, 0.6, 0.45, 1.0), physicsClientId=client)
+    table = p.createMultiBody(0.0, table_col, table_vis,
+                              [TABLE_CENTER[0], TABLE_CENTER[1], TABLE_TOP_Z - TABLE_HALF_EXTENTS[2]],
+                              physicsClientId=client)
+    p.changeDynamics(table, -1, lateralFriction=0.5, physicsClientId=client)
+
+    blocks = {}
+    half = [BLOCK_HALF] * 3
+    for name in BLOCK_ORDER:
+        col = p.createCollisionShape(p.GEOM_BOX, halfExtents=half, physicsClientId=client)
+        vis = p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=BLOCK_COLORS[name],
+                                  physicsClientId=client)
+        x, y = block_xy[name]
+        orn = p.getQuaternionFromEuler((0.0, 0.0, block_yaw[name]))
+        body = p.createMultiBody(BLOCK_MASS, col, vis, [x, y, BLOCK_REST_Z], orn, physicsClientId=client)
+        p.changeDynamics(body, -1, lateralFriction=BLOCK_FRICTION, spinningFriction=0.001,
+                         rollingFriction=0.0, physicsClientId=client)
+        blocks[name] = body
+    return SceneIds(robot=robot, table=table, blocks=blocks)
+
+
+def _rgb(client: int, size: int, view: list[float], proj: list[float]) -> np.ndarray:
+    """Render one (size, size, 3) uint8 image with the CPU TinyRenderer (no GPU/EGL needed)."""
+    _, _, rgba, _, _ = p.getCameraImage(size, size, view, proj, renderer=p.ER_TINY_RENDERER,
+                                        flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=client)
+    return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()  # (H, W, 3)
+
+
+def render_static(client: int, size: int) -> np.ndarray:
+    """The fixed camera over the table: (size, size, 3) uint8."""
+    view = p.computeViewMatrix(STATIC_EYE, STATIC_TARGET, (0, 0, 1), physicsClientId=client)
+    proj = p.computeProjectionMatrixFOV(STATIC_FOV, 1.0, CAM_NEAR, CAM_FAR, physicsClientId=client)
+    return _rgb(client, size, view, proj)
+
+
+def render_gripper(client: int, robot: int, size: int) -> np.ndarray:
+    """The wrist camera, moving with the hand and looking along the gripper: (size, size, 3) uint8."""
+    pos, orn = p.getLinkState(robot, HAND_LINK, computeForwardKinematics=True, physicsClientId=client)[4:6]
+    rot = np.asarray(p.getMatrixFromQuaternion(orn)).reshape(3, 3)
+    eye = np.asarray(pos) + rot @ np.asarray(GRIPPER_CAM_OFFSET)
+    target = eye + rot[:, 2] * 0.2  # hand z axis points out between the fingers
+    view = p.computeViewMatrix(eye.tolist(), target.tolist(), (-rot[:, 0]).tolist(), physicsClientId=client)
+    proj = p.computeProjectionMatrixFOV(GRIPPER_FOV, 1.0, CAM_NEAR, CAM_FAR, physicsClientId=client)
+    return _rgb(client, size, view, proj)
