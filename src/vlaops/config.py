@@ -55,6 +55,9 @@ def validate(raw: DictConfig | dict[str, Any], source: str) -> Config:
     schema = OmegaConf.structured(Config)
     try:
         merged = OmegaConf.merge(schema, raw)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise VlaopsError(f"{source}: config key(s) {missing} must be set (they are '???'), e.g. {missing[0]}=...")
         return OmegaConf.to_object(merged)  # runs every __post_init__
     except ConfigKeyError as exc:
         key = getattr(exc, "full_key", None) or str(exc).splitlines()[0]

@@ -1,0 +1,103 @@
+"""The Hydra tree composes, validates, and matches the committed params.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from vlaops.cli import main
+from vlaops.config import compose, load_config, load_params, to_container, validate
+from vlaops.errors import VlaopsError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def test_params_yaml_is_the_composed_default():
+    composed = OmegaConf.to_container(compose([], CONF), resolve=True)
+    assert yaml.safe_load((ROOT / "params.yaml").read_text()) == composed
+
+
+def test_dvc_composes_the_same_params(tmp_path):
+    """DVC's own Hydra composition (what `dvc exp run -S` runs) gives the same params.yaml."""
+    from dvc.utils.hydra import compose_and_dump
+
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(CONF), None, "config", str(ROOT), ["train.max_steps=7"])
+    dumped = yaml.safe_load(out.read_text())
+    expected = OmegaConf.to_container(compose(["train.max_steps=7"], CONF), resolve=True)
+    assert dumped == expected
+    assert load_params(out).train.max_steps == 7
+
+
+def test_composed_default_fills_every_schema_key():
+    """The YAML names every key the schema has, so params.yaml shows the whole recipe."""
+    composed = OmegaConf.to_container(compose([], CONF), resolve=True)
+    schema = to_container(validate(compose([], CONF), "conf"))
+    assert composed == schema
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=lora"],
+        ["experiment=robovlms_kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
+        ["model=kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
+        ["sim.storage=mcap", "data.on_bad_input=quarantine"],
+    ],
+)
+def test_every_group_option_validates(overrides):
+    cfg = load_config(overrides, CONF)
+    assert cfg.model.window_size == 8
+
+
+def test_experiment_changes_what_it_says():
+    cfg = load_config(["experiment=lora"], CONF)
+    assert cfg.train.train_setup.lora_enable and cfg.train.train_setup.freeze_backbone
+    cfg = load_config(["experiment=robovlms_kosmos2", "model.pretrained_dir=/w"], CONF)
+    assert cfg.train.learning_rate == pytest.approx(2e-5) and cfg.model.lstm_hidden_size == 1024
+
+
+def test_kosmos2_without_weights_dir_names_the_key():
+    with pytest.raises(VlaopsError, match="pretrained_dir"):
+        load_config(["model=kosmos2"], CONF)
+
+
+def test_misspelt_override_names_the_key():
+    with pytest.raises(VlaopsError, match="train.lerning_rate"):
+        load_config(["train.lerning_rate=0.1"], CONF)
+    with pytest.raises(VlaopsError, match="train.lerning_rate' does not exist"):
+        load_config(["+train.lerning_rate=0.1"], CONF)
+
+
+def test_misspelt_key_in_params_file_names_file_and_key(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["gradient_clip_vall"] = 1.0
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    with pytest.raises(VlaopsError, match=r"params.yaml: config key 'train.gradient_clip_vall' does not exist"):
+        load_params(path)
+
+
+def test_wrong_type_and_bad_value_are_errors():
+    with pytest.raises(VlaopsError, match="train.max_steps"):
+        load_config(["train.max_steps=many"], CONF)
+    with pytest.raises(VlaopsError, match="on_bad_input"):
+        load_config(["data.on_bad_input=ignore"], CONF)
+
+
+def test_cli_prints_one_line_and_exits_1(tmp_path, capsys):
+    assert main(["ingest", f"data.raw_dir={tmp_path}/missing", "--config-dir", str(CONF)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0] and "data.raw_dir" in err[0]
+
+
+def test_cli_params_check(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(["params", "--check"]) == 0
+    stale = tmp_path / "params.yaml"
+    stale.write_text("seed: 1\n")
+    assert main(["params", "--check", "--params", str(stale)]) == 1
