@@ -1,0 +1,182 @@
+"""The Kosmos-2 backbone: one frame (+ instruction) in, the hidden state at a learnable action token out.
+
+Follows RoboVLMs' RoboKosmos (robovlms/model/backbone/robokosmos.py ``model_encode_images``) and
+BaseRoboVLM (robovlms/model/backbone/base_backbone.py ``forward_continuous``): images go through the
+CLIP-like vision tower, ``post_layernorm``, L2 normalisation and the perceiver-style resampler
+(``image_to_text_projection``) to Q latent tokens each; they are inserted right after <s>, the
+instruction follows, and one learnable action token is appended after the last real text token
+(RoboVLMs ``cat_multi_input_ids`` at ``attention_mask.sum(1)``). The Kosmos-2 text decoder runs on those
+``inputs_embeds`` with its own embedding scale and sinusoidal positions; the action token's final hidden
+state is the frame's feature for the LSTM head ("cont-lstm-post").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Kosmos2Config, Kosmos2Model
+
+from vlaops.errors import VlaopsError
+from vlaops.model.config import ModelConfig
+
+
+def tiny_kosmos_config(cfg: ModelConfig, vocab_size: int) -> Kosmos2Config:
+    """The tiny architecture of ``cfg.tiny`` as a real ``Kosmos2Config`` (same classes, random weights)."""
+    t = cfg.tiny
+    return Kosmos2Config(
+        text_config={
+            "vocab_size": vocab_size,
+            "embed_dim": t.text_embed_dim,
+            "layers": t.text_layers,
+            "attention_heads": t.text_attention_heads,
+            "ffn_dim": t.text_ffn_dim,
+            "dropout": t.dropout,
+            "attention_dropout": t.dropout,
+            "max_position_embeddings": 512,
+        },
+        vision_config={
+            "hidden_size": t.vision_hidden_size,
+            "num_hidden_layers": t.vision_layers,
+            "num_attention_heads": t.vision_attention_heads,
+            "intermediate_size": t.vision_intermediate_size,
+            "image_size": cfg.image_size,
+            "patch_size": t.patch_size,
+        },
+        latent_query_num=t.latent_query_num,
+    )
+
+
+class KosmosBackbone(nn.Module):
+    """Kosmos-2 + one action token: (frames, instruction) -> (N, D) features, D = text embed_dim."""
+
+    def __init__(self, model: Kosmos2Model, use_hand_rgb: bool = True):
+        super().__init__()
+        self.model = model
+        self.use_hand_rgb = use_hand_rgb
+        self.image_size = model.config.vision_config.image_size
+        self.hidden_size = model.config.text_config.embed_dim
+        # RoboVLMs base_backbone.py: ``self.action_token = nn.Parameter(torch.zeros(self.hidden_size))``
+        self.action_token = nn.Parameter(torch.zeros(self.hidden_size))  # (D,)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_model_config(cls, cfg: ModelConfig, vocab_size: int) -> KosmosBackbone:
+        """Tiny random Kosmos-2 (``pretrained_dir`` None) or the local pretrained checkpoint."""
+        if cfg.pretrained_dir is None:
+            return cls(Kosmos2Model(tiny_kosmos_config(cfg, vocab_size)), cfg.use_hand_rgb)
+        model = load_pretrained_kosmos(cfg.pretrained_dir)
+        if model.config.vision_config.image_size != cfg.image_size:
+            raise VlaopsError(
+                f"{cfg.pretrained_dir}: vision image_size {model.config.vision_config.image_size} "
+                f"!= model.image_size {cfg.image_size}"
+            )
+        if model.config.text_config.vocab_size < vocab_size:
+            raise VlaopsError(
+                f"{cfg.pretrained_dir}: text vocab_size {model.config.text_config.vocab_size} is smaller "
+                f"than the processor's tokenizer ({vocab_size}); use the processor from the same directory"
+            )
+        return cls(model, cfg.use_hand_rgb)
+
+    @classmethod
+    def from_kosmos_config(cls, config: Kosmos2Config, use_hand_rgb: bool) -> KosmosBackbone:
+        """The architecture only (weights come from a state dict afterwards): the saved-policy path."""
+        return cls(Kosmos2Model(config), use_hand_rgb)
+
+    # ---- the submodules that TrainSetupConfig flags act on -----------------------------------------
+    @property
+    def vision_encoder(self) -> nn.Module:
+        return self.model.vision_model
+
+    @property
+    def resampler(self) -> nn.Module:
+        return self.model.image_to_text_projection
+
+    @property
+    def text_embeddings(self) -> nn.Embedding:
+        return self.model.text_model.model.embed_tokens
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.text_model.model.layers
+
+    @property
+    def text_decoder(self) -> nn.Module:
+        return self.model.text_model
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Q latent tokens per image times the number of cameras."""
+        return self.model.config.latent_query_num * (2 if self.use_hand_rgb else 1)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) CLIP-normalised -> (N, Q, D) image embeddings, via Kosmos2Model.get_image_features
+        (vision tower, post_layernorm, L2 normalise, resampler) exactly as Kosmos-2 itself does."""
+        if pixel_values.shape[-2:] != (self.image_size, self.image_size):
+            pixel_values = F.interpolate(
+                pixel_values, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        dtype = self.model.image_to_text_projection.dense.weight.dtype
+        out = self.model.get_image_features(pixel_values.to(dtype), return_dict=True)
+        return out.pooler_output  # (N, Q, D)
+
+    def forward(
+        self,
+        rgb: torch.Tensor,
+        hand_rgb: torch.Tensor | None,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-frame features.
+
+        rgb: (N, 3, S, S); hand_rgb: (N, 3, s, s) or None; text, text_mask: (N, L) right-padded
+        "<s> ... </s>" ids and their mask. Returns (N, D), the action token's last hidden state.
+        """
+        n = rgb.shape[0]
+        if self.use_hand_rgb:
+            if hand_rgb is None:
+                raise ValueError("use_hand_rgb is set but no hand_rgb was given")
+            if hand_rgb.shape[-2:] != rgb.shape[-2:]:
+                hand_rgb = F.interpolate(hand_rgb, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+            images = self.encode_images(torch.cat([rgb, hand_rgb], dim=0))  # (2N, Q, D)
+            q = images.shape[1]
+            images = images.view(2, n, q, -1).permute(1, 0, 2, 3).reshape(n, 2 * q, -1)  # (N, 2Q, D) static, gripper
+        else:
+            images = self.encode_images(rgb)  # (N, Q, D)
+
+        tok = self.text_embeddings(text)  # (N, L, D), unscaled: the decoder applies embed_scale
+        images = images.to(tok.dtype)
+        text_mask = text_mask.to(torch.long)
+        seq = torch.cat([tok[:, :1], images, tok[:, 1:]], dim=1)  # (N, S, D), S = 1 + nQ + L - 1
+        mask = torch.cat([text_mask[:, :1].new_ones(n, 1 + images.shape[1]), text_mask[:, 1:]], dim=1)  # (N, S)
+
+        # insert the action token right after the last real token (RoboVLMs cat_multi_input_ids)
+        s = seq.shape[1]
+        insert = mask.sum(dim=1)  # (N,) index of the first pad == number of real tokens
+        pos = torch.arange(s + 1, device=seq.device).unsqueeze(0)  # (1, S+1)
+        src = (pos - (pos > insert[:, None]).long()).clamp_(max=s - 1)  # (N, S+1) source index in seq
+        is_act = pos == insert[:, None]  # (N, S+1)
+        gathered = seq.gather(1, src.unsqueeze(-1).expand(-1, -1, seq.shape[-1]))  # (N, S+1, D)
+        action = self.action_token.to(seq.dtype).view(1, 1, -1)
+        embeds = torch.where(is_act.unsqueeze(-1), action, gathered)  # (N, S+1, D)
+        attn = torch.where(is_act, torch.ones_like(src), mask.gather(1, src))  # (N, S+1)
+
+        hidden = self.model.text_model(
+            inputs_embeds=embeds, attention_mask=attn, use_cache=False, return_dict=True
+        ).last_hidden_state  # (N, S+1, D)
+        return hidden[torch.arange(n, device=hidden.device), insert]  # (N, D)
+
+
+def load_pretrained_kosmos(path: str | os.PathLike[str]) -> Kosmos2Model:
+    """``Kosmos2Model`` from a local microsoft/kosmos-2-patch14-224 directory; never the hub."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise VlaopsError(f"{path}: no config.json; model.pretrained_dir must be a local Kosmos-2 checkpoint directory")
+    try:
+        return Kosmos2Model.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise VlaopsError(f"{path}: cannot load Kosmos-2 weights ({exc})") from exc

@@ -1,0 +1,108 @@
+"""Model configuration: plain dataclasses that Hydra registers as structured configs.
+
+Only primitives, ``Optional`` primitives, lists and nested dataclasses, so an unknown or misspelt key is
+an error at composition time. ``__post_init__`` validates at once and names the field and the value
+(LeRobot's ``configuration_act.py`` habit). The defaults are the tiny, CPU-cheap architecture the
+embedded pipeline and the tests use; the RoboVLMs values (configs/calvin_finetune/
+finetune_kosmos_cont-lstm-post_full-ft_text_vision_wd-0_ws-8_act-10.json) are noted beside each one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+LOSSES = ("huber", "mse")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class TinyKosmosConfig:
+    """Sizes of a tiny Kosmos-2 built from ``Kosmos2Config`` with random weights.
+
+    Same classes as microsoft/kosmos-2-patch14-224 (text 2048x24, vision 1024x24, patch 14, 64 latent
+    queries), shrunk so that a forward+backward over B*W=32 frames takes well under a second per
+    frame on two CPU cores. Patch 32 at 224 px gives 7x7=49 patches instead of 256.
+    """
+
+    text_embed_dim: int = 64
+    text_layers: int = 2
+    text_attention_heads: int = 4
+    text_ffn_dim: int = 128
+    vision_hidden_size: int = 64
+    vision_layers: int = 2
+    vision_attention_heads: int = 4
+    vision_intermediate_size: int = 128
+    patch_size: int = 32
+    latent_query_num: int = 16
+    dropout: float = 0.0  # Kosmos-2 uses 0.1; a 2-layer random model learns faster without
+
+    def __post_init__(self) -> None:
+        for name in (
+            "text_embed_dim", "text_layers", "text_attention_heads", "text_ffn_dim", "vision_hidden_size",
+            "vision_layers", "vision_attention_heads", "vision_intermediate_size", "patch_size",
+            "latent_query_num",
+        ):
+            _positive(f"tiny.{name}", getattr(self, name))
+        if self.text_embed_dim % self.text_attention_heads:
+            raise ValueError(
+                f"tiny.text_embed_dim ({self.text_embed_dim}) must be divisible by "
+                f"tiny.text_attention_heads ({self.text_attention_heads})"
+            )
+        if self.vision_hidden_size % self.vision_attention_heads:
+            raise ValueError(
+                f"tiny.vision_hidden_size ({self.vision_hidden_size}) must be divisible by "
+                f"tiny.vision_attention_heads ({self.vision_attention_heads})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"tiny.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass
+class ModelConfig:
+    """The policy: Kosmos-2 backbone + action token + LSTM head ("cont-lstm-post", RoboVLMs)."""
+
+    # A local directory holding microsoft/kosmos-2-patch14-224 (config + weights + processor files);
+    # None builds the tiny config below with random weights. Never resolved against the hub.
+    pretrained_dir: Optional[str] = None
+    tiny: TinyKosmosConfig = field(default_factory=TinyKosmosConfig)
+    window_size: int = 8  # RoboVLMs window_size 8
+    fwd_pred_next_n: int = 10  # RoboVLMs fwd_pred_next_n 10 (action chunk C)
+    action_dim: int = 7  # 6 arm dims + gripper
+    image_size: int = 224
+    use_hand_rgb: bool = True  # feed the gripper camera too (RoboVLMs use_hand_rgb true)
+    max_text_len: int = 32
+    vocab_size: int = 1000  # target size of the Unigram vocabulary trained on the instructions (tiny only)
+    lstm_hidden_size: int = 128  # RoboVLMs 1024
+    lstm_num_layers: int = 4  # RoboVLMs 4
+    head_mlp_dims: list[int] = field(default_factory=lambda: [256, 128, 64])  # RoboVLMs [1024, 512, 256]
+    head_dropout: float = 0.0  # RoboVLMs policy_rnn_dropout_p 0.0
+    loss: str = "huber"
+    arm_gripper_loss_ratio: float = 0.01  # RoboVLMs arm_gripper_loss_ratio 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiny, dict):  # built from a plain dict (policy_config.json)
+            self.tiny = TinyKosmosConfig(**self.tiny)
+        for name in (
+            "window_size", "fwd_pred_next_n", "image_size", "max_text_len", "vocab_size",
+            "lstm_hidden_size", "lstm_num_layers",
+        ):
+            _positive(name, getattr(self, name))
+        if self.action_dim < 2:
+            raise ValueError(f"action_dim must be >= 2 (arm dims + gripper), got {self.action_dim!r}")
+        if self.max_text_len < 3:
+            raise ValueError(f"max_text_len must be >= 3 (<s>, a token, </s>), got {self.max_text_len!r}")
+        if not self.head_mlp_dims or any(d <= 0 for d in self.head_mlp_dims):
+            raise ValueError(f"head_mlp_dims must be a non-empty list of positive ints, got {self.head_mlp_dims!r}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.arm_gripper_loss_ratio < 0:
+            raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
+        if self.pretrained_dir == "":
+            raise ValueError("pretrained_dir must be a directory path or null, got ''")

@@ -1,0 +1,70 @@
+"""The LSTM policy head ("cont-lstm-post"): per-frame features over the window -> C future actions.
+
+After RoboVLMs' ``LSTMDecoder`` (robovlms/model/policy_head/base_policy.py): an LSTM (4 layers) over the
+window of action-token features, then an MLP per output: arm via tanh (``MLPTanhHead``) and gripper.
+RoboVLMs' ``MLPSigmoidHead`` applies the sigmoid inside the head; here the head returns logits and the
+loss uses ``binary_cross_entropy_with_logits`` (numerically safer under bf16), the runtime the sigmoid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def _mlp(in_dim: int, dims: list[int], out_dim: int, dropout: float) -> nn.Sequential:
+    """Linear-ReLU stack, as RoboVLMs' MLPTanhHead/MLPSigmoidHead (1024, 512, 256) before the output."""
+    layers: list[nn.Module] = []
+    prev = in_dim
+    for d in dims:
+        layers += [nn.Linear(prev, d), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        prev = d
+    layers.append(nn.Linear(prev, out_dim))
+    return nn.Sequential(*layers)
+
+
+class LSTMPolicyHead(nn.Module):
+    """(B, W, D) features -> arm (B, W, C, A-1) in [-1, 1] and gripper logits (B, W, C, 1).
+
+    Every window step predicts the C actions that follow its frame, as the training batch's
+    ``action_chunk`` (B, W, C, A) lays them out; the runtime reads the last step's first action.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        action_dim: int = 7,
+        fwd_pred_next_n: int = 10,
+        hidden_size: int = 1024,
+        num_layers: int = 4,
+        mlp_dims: list[int] | None = None,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.action_dim = action_dim
+        self.fwd_pred_next_n = fwd_pred_next_n
+        mlp_dims = list(mlp_dims) if mlp_dims is not None else [1024, 512, 256]
+        # RoboVLMs lstm_decoder: nn.LSTM(batch_first=True, dropout=policy_rnn_dropout_p)
+        self.rnn = nn.LSTM(
+            input_size=in_features,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
+        self.arm = _mlp(hidden_size, mlp_dims, fwd_pred_next_n * (action_dim - 1), dropout)
+        self.gripper = _mlp(hidden_size, mlp_dims, fwd_pred_next_n, dropout)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, W, D) -> arm (B, W, C, A-1), gripper_logits (B, W, C, 1).
+
+        The LSTM starts from a zero state at the first window step, in training and at run time alike,
+        so a runtime window of the last W cached features sees what training saw.
+        """
+        b, w, _ = features.shape
+        x, _ = self.rnn(features.to(self.rnn.weight_ih_l0.dtype))  # (B, W, H)
+        arm = torch.tanh(self.arm(x)).view(b, w, self.fwd_pred_next_n, self.action_dim - 1)  # (B, W, C, A-1)
+        gripper = self.gripper(x).view(b, w, self.fwd_pred_next_n, 1)  # (B, W, C, 1) logits
+        return arm, gripper

@@ -1,0 +1,194 @@
+"""The exported policy and its runtime: ``save_policy`` writes it, ``Policy`` runs it step by step.
+
+An export directory carries everything needed to act, and nothing from the training tree:
+
+    model.safetensors      the policy state dict (LoRA merged)
+    backbone_config.json   Kosmos2Config.to_dict(): rebuilds the tiny or real architecture offline
+    policy_config.json     the ModelConfig dict + format_version
+    processor/             Kosmos2Processor.save_pretrained (AutoProcessor reloads it)
+    normalization.json     the ActionNormalizer (same object training used)
+    <name>.json            each ``extra`` dict (train config, data fingerprint, MLflow run id, ...)
+
+``Policy`` has the interface CALVIN's evaluator calls (calvin_models/calvin_agent/evaluation/
+evaluate_policy.py: ``model.reset()``, ``model.step(obs, lang_annotation)``). It runs the backbone
+once per step on the new frame, caches earlier frames' features (the backbone is per-frame, so a
+cached feature equals a recomputed one), and runs the LSTM head over the last ``window_size`` of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Kosmos2Config
+
+from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
+from vlaops.data.transforms import to_model_input
+from vlaops.errors import VlaopsError
+from vlaops.model.backbone import KosmosBackbone
+from vlaops.model.config import ModelConfig
+from vlaops.model.policy import VLAPolicy, merged_state_dict
+from vlaops.model.processor import load_processor, tokenize
+from vlaops.utils.atomic import atomic_dir, write_json
+from vlaops.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+BACKBONE_CONFIG_FILE = "backbone_config.json"
+POLICY_CONFIG_FILE = "policy_config.json"
+PROCESSOR_DIR = "processor"
+REQUIRED = (WEIGHTS_FILE, BACKBONE_CONFIG_FILE, POLICY_CONFIG_FILE, PROCESSOR_DIR, NORMALIZATION_FILE)
+
+
+def _model_cfg_dict(model_cfg: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(model_cfg):
+        return dataclasses.asdict(model_cfg)
+    return dict(model_cfg)
+
+
+def save_policy(
+    out_dir: str | os.PathLike[str],
+    policy: VLAPolicy,
+    processor: Any,
+    normalizer: ActionNormalizer,
+    model_cfg: dict[str, Any] | ModelConfig,
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Write the export directory atomically (a crash leaves the previous export or none)."""
+    extra = extra or {}
+    reserved = {Path(f).stem for f in REQUIRED}
+    for name in extra:
+        if name in reserved or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"save_policy: extra name {name!r} is reserved or not a plain file name")
+    cfg_dict = _model_cfg_dict(model_cfg)
+    ModelConfig(**cfg_dict)  # fail before writing anything if it would not load back
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        state = {k: v.contiguous().cpu() for k, v in merged_state_dict(policy).items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "vlaops_format_version": str(FORMAT_VERSION)})
+        write_json(tmp / BACKBONE_CONFIG_FILE, policy.backbone.model.config.to_dict())
+        write_json(tmp / POLICY_CONFIG_FILE, {"format_version": FORMAT_VERSION, "model": cfg_dict})
+        processor.save_pretrained(str(tmp / PROCESSOR_DIR))
+        normalizer.save(tmp / NORMALIZATION_FILE)
+        for name, payload in extra.items():
+            write_json(tmp / f"{name}.json", payload)
+    log.info("saved policy to %s (%s tensors)", out_dir, len(state))
+    return out_dir
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VlaopsError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def load_policy_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[VLAPolicy, Any, ActionNormalizer]:
+    """(policy in eval mode on ``device``, processor, normalizer) from an export directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise VlaopsError(f"{path}: policy directory not found")
+    missing = [name for name in REQUIRED if not (path / name).exists()]
+    if missing:
+        raise VlaopsError(f"{path}: not a complete policy export; missing {', '.join(missing)}")
+    pcfg = _read_json(path / POLICY_CONFIG_FILE)
+    if pcfg.get("format_version") != FORMAT_VERSION:
+        raise VlaopsError(
+            f"{path / POLICY_CONFIG_FILE}: format_version {pcfg.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    try:
+        cfg = ModelConfig(**pcfg["model"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VlaopsError(f"{path / POLICY_CONFIG_FILE}: bad model config ({exc})") from exc
+    kcfg = Kosmos2Config.from_dict(_read_json(path / BACKBONE_CONFIG_FILE))
+    policy = VLAPolicy(cfg, KosmosBackbone.from_kosmos_config(kcfg, cfg.use_hand_rgb))
+    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        policy.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise VlaopsError(f"{path / WEIGHTS_FILE}: weights do not match the saved architecture ({exc})") from exc
+    processor = load_processor(path / PROCESSOR_DIR)
+    normalizer = ActionNormalizer.load(path / NORMALIZATION_FILE)
+    return policy.to(device).eval(), processor, normalizer
+
+
+def _camera(obs: dict[str, Any], key: str) -> np.ndarray | None:
+    """obs["rgb_static"] or CALVIN's obs["rgb_obs"]["rgb_static"]."""
+    if key in obs:
+        return obs[key]
+    nested = obs.get("rgb_obs")
+    if isinstance(nested, dict) and key in nested:
+        return nested[key]
+    return None
+
+
+class Policy:
+    """Closed-loop runtime: ``reset()``, then ``step(obs, instruction) -> (7,) relative action``."""
+
+    def __init__(self, model: VLAPolicy, processor: Any, normalizer: ActionNormalizer, device: str | torch.device = "cpu"):
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.normalizer = normalizer
+        self.device = torch.device(device)
+        self.cfg: ModelConfig = model.cfg
+        self.window_size = self.cfg.window_size
+        self._features: deque[torch.Tensor] = deque(maxlen=self.window_size)  # each (1, D)
+        self._instruction: str | None = None
+        self._text: tuple[torch.Tensor, torch.Tensor] | None = None  # (1, L) ids, (1, L) mask
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Policy:
+        model, processor, normalizer = load_policy_model(path, device)
+        log.info("loaded policy from %s on %s", path, device)
+        return cls(model, processor, normalizer, device)
+
+    def reset(self) -> None:
+        """Start a new episode or subtask: forget the window history."""
+        self._features.clear()
+        self._instruction = None
+        self._text = None
+
+    def _set_instruction(self, instruction: str) -> None:
+        if instruction != self._instruction:
+            # cached features were computed with the old text: a new instruction starts a new history
+            self._features.clear()
+            ids, mask = tokenize(self.processor, [instruction], self.cfg.max_text_len)  # (1, L) each
+            self._text = (ids.to(self.device), mask.to(self.device))
+            self._instruction = instruction
+
+    def _image(self, obs: dict[str, Any], key: str) -> torch.Tensor:
+        img = _camera(obs, key)
+        if img is None:
+            raise VlaopsError(f"observation has no {key!r} (flat or under 'rgb_obs')")
+        img = np.asarray(img)
+        if img.dtype != np.uint8 or img.ndim != 3 or img.shape[-1] != 3:
+            raise VlaopsError(f"observation {key!r}: expected uint8 (H, W, 3), got {img.dtype} {img.shape}")
+        x = to_model_input(torch.from_numpy(np.ascontiguousarray(img))[None], self.cfg.image_size)  # (1, 3, S, S)
+        return x.to(self.device)
+
+    @torch.inference_mode()
+    def step(self, obs: dict[str, Any], instruction: str) -> np.ndarray:
+        """obs with ``rgb_static`` (H, W, 3) u8 (and ``rgb_gripper`` when the policy uses it) -> (7,) float64.
+
+        The action is relative, in CALVIN units: arm in [-1, 1] scaled by the normaliser's
+        [norm_min, norm_max] range, gripper -1 (close) or 1 (open).
+        """
+        self._set_instruction(instruction)
+        rgb = self._image(obs, "rgb_static")
+        hand = self._image(obs, "rgb_gripper") if self.cfg.use_hand_rgb else None
+        ids, mask = self._text
+        feat = self.model.encode_frames(rgb, hand, ids, mask)  # (1, D): the only backbone call this step
+        self._features.append(feat)
+        window = torch.stack(list(self._features), dim=1)  # (1, w, D), w <= window_size
+        arm, grip = self.model.predict_from_features(window)  # (1, w, C, A-1), (1, w, C, 1)
+        first = torch.cat([arm[0, -1, 0], grip[0, -1, 0]], dim=-1).float().cpu().numpy()  # (A,)
+        return self.normalizer.denormalize(first.astype(np.float64))

@@ -1,0 +1,335 @@
+"""The training loop: Accelerate, from one CPU to many GPUs, resumable.
+
+What RoboVLMs' recipe declares and then drops, this loop does: gradient clipping at
+``gradient_clip_val`` (``accelerator.clip_grad_norm_``), the optimizer chosen by name, and a cosine that
+ends at ``min_lr_scale * learning_rate``. Checkpoints (``accelerator.save_state``: model, optimizer,
+scheduler, RNG states, plus ``trainer_state.json``) are written into a hidden temporary directory and
+renamed, so a SIGKILL leaves the previous checkpoint whole; a restart resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from vlaops.train.config import TrainConfig
+from vlaops.utils.atomic import write_json
+from vlaops.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+# MLflow metric names (the caller logs them as given)
+TRAIN_LOSS = "train/loss"
+TRAIN_ARM_LOSS = "train/arm_loss"
+TRAIN_GRIPPER_LOSS = "train/gripper_loss"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
+VAL_LOSS = "val/loss"
+VAL_ARM_LOSS = "val/arm_loss"
+VAL_GRIPPER_LOSS = "val/gripper_loss"
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
+TRAINER_STATE_FILE = "trainer_state.json"
+
+MetricsFn = Callable[[dict[str, float], int], None]
+
+
+# ---- construction: each from its config keys, in one place -------------------------------------------
+def resolve_precision(precision: str) -> str:
+    """train_setup.precision -> Accelerate's mixed_precision ("no" | "bf16" | "fp16").
+
+    "auto" is bf16 on a CUDA device that supports it (RoboVLMs trains Kosmos in bf16), else fp32:
+    CPU autocast in bf16 is slower than fp32 on most CPUs and changes numerics for nothing.
+    """
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def build_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The one Accelerator of a run. A seedable sampler makes each epoch's order a function of
+    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+    return Accelerator(
+        mixed_precision=resolve_precision(cfg.train_setup.precision),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+
+
+def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, drop_last: bool | None = None) -> DataLoader:
+    """A DataLoader with the config's ``batch_size`` and ``num_workers``; training drops the last
+    partial batch (steady step time), validation keeps it."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        num_workers=cfg.num_workers,
+        drop_last=shuffle if drop_last is None else drop_last,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Optimizer by name over the trainable parameters. Weight decay applies to matrices only
+    (biases, norms and the action token are exempt), as in nanoGPT's configure_optimizers."""
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("no trainable parameters: check train.train_setup")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.learning_rate)
+    return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of learning_rate at optimizer step ``s`` (0-based): linear warmup over
+    ``warmup_ratio * max_steps`` steps, then cosine down to ``min_lr_scale`` or constant 1."""
+    warmup = int(round(cfg.warmup_ratio * cfg.max_steps))
+    decay_steps = max(1, cfg.max_steps - warmup)
+
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / decay_steps)
+        return cfg.min_lr_scale + (1.0 - cfg.min_lr_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
+    """The newest complete ``step_XXXXXXX`` (hidden temporaries of an interrupted save are ignored)."""
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+        return None
+    found = []
+    for p in checkpoint_dir.iterdir():
+        m = CHECKPOINT_PATTERN.match(p.name)
+        if m and (p / TRAINER_STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    final = checkpoint_dir / f"step_{step:07d}"
+    # a fixed temporary name (not mkdtemp): every process must write its RNG state into the same dir
+    tmp = checkpoint_dir / f".step_{step:07d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / TRAINER_STATE_FILE, state)  # last: its presence marks a complete checkpoint
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        older = sorted(
+            (int(m.group(1)), p)
+            for p in checkpoint_dir.iterdir()
+            if (m := CHECKPOINT_PATTERN.match(p.name)) and p != final
+        )
+        for _, p in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+        log.info("checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, max_batches: int) -> dict[str, float]:
+    """Mean loss, arm and gripper loss over the first ``max_batches`` batches of ``loader``."""
+    was_training = model.training
+    model.eval()
+    sums = {"loss": 0.0, "arm_loss": 0.0, "gripper_loss": 0.0}
+    n = 0
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        out = model(batch)
+        for k in sums:
+            sums[k] += accelerator.gather_for_metrics(out[k].detach().float().reshape(1)).mean().item()
+        n += 1
+    model.train(was_training)
+    return {k: v / max(n, 1) for k, v in sums.items()} if n else {}
+
+
+def _cycle(loader: Any, accelerator: Accelerator, start_batch: int) -> Iterator[Any]:
+    """Endless batches, epoch after epoch, starting ``start_batch`` batches into the sequence.
+
+    With the seedable sampler, epoch e's order depends on (seed, e) only, so skipping within the
+    current epoch reproduces an uninterrupted run's order after a resume."""
+    try:
+        per_epoch = len(loader)
+    except TypeError:  # iterable dataset: no epochs to line up, start afresh
+        per_epoch = 0
+    epoch, skip = (divmod(start_batch, per_epoch) if per_epoch else (0, 0))
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        current = accelerator.skip_first_batches(loader, skip) if skip else loader
+        got = False
+        for batch in current:
+            got = True
+            yield batch
+        if not got and not skip:
+            raise ValueError("the training loader yielded no batch (dataset smaller than batch_size with drop_last?)")
+        skip = 0
+        epoch += 1
+
+
+def train_policy(
+    policy: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None,
+    cfg: TrainConfig,
+    log_metrics: MetricsFn,
+    checkpoint_dir: Path | None,
+) -> dict[str, float]:
+    """Train ``policy`` (already through ``apply_train_setup``) for ``cfg.max_steps`` optimizer steps.
+
+    ``policy(batch)`` must return a dict with ``loss``, ``arm_loss``, ``gripper_loss``. The policy is
+    trained in place. Seed before building the policy for reproducible initial weights; this seeds
+    the loop (dropout, sampler). Returns final_train_loss, best/last val loss, steps, wall_time_s,
+    steps_per_s, resumed_from_step.
+    """
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    set_seed(cfg.seed)
+    accelerator = build_accelerator(cfg)
+    params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg)
+    # not passed through prepare(): Accelerate would step it num_processes times per optimizer step;
+    # our schedule is in optimizer steps, whatever the number of processes
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    accelerator.register_for_checkpointing(scheduler)
+    if val_loader is not None:
+        model, optimizer, train_loader, val_loader = accelerator.prepare(policy, optimizer, train_loader, val_loader)
+    else:
+        model, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    step, best_val, last_val, last_train = 0, float("inf"), float("nan"), float("nan")
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        state = json.loads((resume / TRAINER_STATE_FILE).read_text())
+        step = int(state["step"])
+        best_val = float(state.get("best_val_loss", best_val))
+        last_val = float(state.get("last_val_loss", last_val))
+        last_train = float(state.get("last_train_loss", last_train))
+        log.info("resumed from %s at step %d", resume, step)
+    resumed_from = step
+    log.info(
+        "training %d steps (batch %d x %d process(es), accumulation %d, %s, precision %s, %s lr %.2g)",
+        cfg.max_steps, cfg.batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps,
+        accelerator.device, accelerator.mixed_precision, cfg.optimizer, cfg.learning_rate,
+    )
+
+    def trainer_state() -> dict[str, Any]:
+        return {
+            "step": step,
+            "max_steps": cfg.max_steps,
+            "best_val_loss": best_val,
+            "last_val_loss": last_val,
+            "last_train_loss": last_train,
+        }
+
+    def validate() -> None:
+        nonlocal best_val, last_val
+        if val_loader is None or cfg.val_batches == 0:
+            return
+        val = evaluate(model, val_loader, accelerator, cfg.val_batches)
+        if not val:
+            return
+        last_val = val["loss"]
+        best_val = min(best_val, last_val)
+        if accelerator.is_main_process:
+            log_metrics({VAL_LOSS: val["loss"], VAL_ARM_LOSS: val["arm_loss"], VAL_GRIPPER_LOSS: val["gripper_loss"]}, step)
+
+    model.train()
+    batches = _cycle(train_loader, accelerator, start_batch=step * cfg.gradient_accumulation_steps)
+    window: dict[str, list[float]] = {"loss": [], "arm_loss": [], "gripper_loss": [], "grad_norm": []}
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    while step < cfg.max_steps:
+        batch = next(batches)
+        with accelerator.accumulate(model):
+            out = model(batch)
+            accelerator.backward(out["loss"])
+            if accelerator.sync_gradients:
+                # max_norm inf measures the norm without clipping when clipping is off
+                max_norm = cfg.gradient_clip_val if cfg.gradient_clip_val > 0 else float("inf")
+                grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+                window["grad_norm"].append(float(grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        for k in ("loss", "arm_loss", "gripper_loss"):
+            window[k].append(out[k].detach().float().item())
+        if not accelerator.sync_gradients:
+            continue
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            last_train = _mean(window["loss"])
+            metrics = {
+                TRAIN_LOSS: last_train,
+                TRAIN_ARM_LOSS: _mean(window["arm_loss"]),
+                TRAIN_GRIPPER_LOSS: _mean(window["gripper_loss"]),
+                TRAIN_GRAD_NORM: _mean(window["grad_norm"]),
+                TRAIN_LR: scheduler.get_last_lr()[0],
+            }
+            bar.set_postfix(loss=f"{last_train:.4f}")
+            if accelerator.is_main_process:
+                log_metrics(metrics, step)
+            window = {k: [] for k in window}
+        if step % cfg.val_every == 0 or step == cfg.max_steps:
+            validate()
+        if checkpoint_dir is not None and cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            _save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints)
+    bar.close()
+    wall = time.perf_counter() - start
+    done = step - resumed_from
+    # drop Accelerate's autocast wrapper from the caller's module: later inference runs as built
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    accelerator.wait_for_everyone()
+    result = {
+        "final_train_loss": last_train,
+        "best_val_loss": best_val if math.isfinite(best_val) else float("nan"),
+        "last_val_loss": last_val,
+        "steps": float(step),
+        "resumed_from_step": float(resumed_from),
+        "wall_time_s": wall,
+        "steps_per_s": done / wall if wall > 0 and done else 0.0,
+    }
+    log.info("training done: %s", ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+    return result

@@ -1,0 +1,347 @@
+"""The model package on a tiny random Kosmos-2: processor, backbone, loss, train_setup, export + runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, Kosmos2Processor
+
+from vlaops.data import keys
+from vlaops.data.normalization import ActionNormalizer
+from vlaops.errors import VlaopsError
+from vlaops.model import (
+    ModelConfig,
+    Policy,
+    TinyKosmosConfig,
+    VLAPolicy,
+    apply_train_setup,
+    build_offline_processor,
+    load_processor,
+    merged_state_dict,
+    save_policy,
+    tokenize,
+)
+from vlaops.model.policy import is_checkpointing
+from vlaops.train.config import TrainSetupConfig
+
+INSTRUCTIONS = ["open the drawer", "push the red block left", "turn on the led", "lift the blue block"]
+B, W, C, A, L = 2, 3, 4, 7, 16
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(
+        window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=2,
+        head_mlp_dims=[32], vocab_size=200,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_offline_processor(INSTRUCTIONS, vocab_size=200)
+
+
+def make_policy(processor, seed: int = 0, **kw) -> VLAPolicy:
+    torch.manual_seed(seed)
+    return VLAPolicy.build(small_cfg(**kw), len(processor.tokenizer))
+
+
+def make_batch(processor, seed: int = 0, size: int = 224) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    text, text_mask = tokenize(processor, INSTRUCTIONS[:B], L)
+    arm = torch.rand(B, W, C, A - 1, generator=g) * 2 - 1
+    grip = (torch.rand(B, W, C, 1, generator=g) > 0.5).float()
+    mask = torch.ones(B, W, C, dtype=torch.bool)
+    mask[0, -1, 2:] = False  # the first sample's episode ends inside the last frame's chunk
+    return {
+        keys.RGB: torch.randn(B, W, 3, size, size, generator=g),
+        keys.HAND_RGB: torch.randn(B, W, 3, size, size, generator=g),
+        keys.ACTION: torch.cat([arm[:, :, 0], grip[:, :, 0]], -1),
+        keys.ACTION_CHUNK: torch.cat([arm, grip], -1),
+        keys.CHUNK_MASK: mask,
+        keys.TEXT: text,
+        keys.TEXT_MASK: text_mask,
+        keys.RAW_TEXT: INSTRUCTIONS[:B],
+    }
+
+
+# ---- processor --------------------------------------------------------------------------------------
+def test_processor_round_trips_through_auto_processor(processor, tmp_path):
+    processor.save_pretrained(tmp_path / "proc")
+    loaded = AutoProcessor.from_pretrained(tmp_path / "proc", local_files_only=True)
+    assert isinstance(loaded, Kosmos2Processor)
+    assert len(loaded.tokenizer) == len(processor.tokenizer)
+    ids, mask = tokenize(processor, ["open the drawer", "an unseen instruction, with punctuation!"], L)
+    ids2, mask2 = tokenize(loaded, ["open the drawer", "an unseen instruction, with punctuation!"], L)
+    assert ids.shape == (2, L) and ids.dtype == torch.long and mask.dtype == torch.long
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
+    tok = processor.tokenizer
+    assert (tok.bos_token_id, tok.pad_token_id, tok.eos_token_id) == (0, 1, 2)  # Kosmos2TextConfig defaults
+    assert ids[0, 0] == 0 and mask[0].sum() < L and ids[0, mask[0].sum() - 1] == 2  # <s> ... </s> <pad>...
+    # Kosmos2Processor adds its tag and patch-index tokens: the model vocabulary is len(tokenizer)
+    assert "<image>" in tok.get_vocab() and len(tok) > tok.backend_tokenizer.get_vocab_size(with_added_tokens=False)
+    assert isinstance(load_processor(tmp_path / "proc"), Kosmos2Processor)
+
+
+def test_load_processor_missing_dir_is_clear(tmp_path):
+    with pytest.raises(VlaopsError, match="processor directory not found"):
+        load_processor(tmp_path / "nope")
+
+
+def test_truncation_keeps_eos(processor):
+    ids, mask = tokenize(processor, ["push the red block left " * 10], 8)
+    assert ids.shape == (1, 8) and mask.sum() == 8 and ids[0, -1] == 2
+
+
+# ---- config -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw, field",
+    [({"loss": "l1"}, "loss"), ({"window_size": 0}, "window_size"), ({"head_mlp_dims": []}, "head_mlp_dims"),
+     ({"action_dim": 1}, "action_dim")],
+)
+def test_model_config_names_bad_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**kw)
+
+
+def test_tiny_config_validates():
+    with pytest.raises(ValueError, match="tiny.text_embed_dim"):
+        TinyKosmosConfig(text_embed_dim=30, text_attention_heads=4)
+
+
+# ---- backbone + head --------------------------------------------------------------------------------
+def test_backbone_and_policy_shapes(processor):
+    policy = make_policy(processor)
+    batch = make_batch(processor)
+    d = policy.backbone.hidden_size
+    feats = policy.encode_frames(
+        batch[keys.RGB][:, 0], batch[keys.HAND_RGB][:, 0], batch[keys.TEXT], batch[keys.TEXT_MASK]
+    )
+    assert feats.shape == (B, d)
+    out = policy(batch)
+    assert out["arm"].shape == (B, W, C, A - 1) and out["gripper_logits"].shape == (B, W, C, 1)
+    assert out["arm"].abs().max() <= 1.0
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    arm, prob = policy.predict_from_features(torch.randn(B, W, d))
+    assert arm.shape == (B, W, C, A - 1) and prob.shape == (B, W, C, 1) and ((prob >= 0) & (prob <= 1)).all()
+    # static camera only
+    static_only = make_policy(processor, use_hand_rgb=False)
+    assert static_only.backbone.num_image_tokens == static_only.backbone.model.config.latent_query_num
+    assert static_only(batch)["arm"].shape == (B, W, C, A - 1)
+
+
+def test_action_token_feature_ignores_padding_length(processor):
+    """The action token goes right after the last real token, so padding does not move or change it."""
+    policy = make_policy(processor).eval()
+    rgb, hand = torch.randn(1, 3, 224, 224), torch.randn(1, 3, 224, 224)
+    short = tokenize(processor, ["open the drawer"], 12)
+    long = tokenize(processor, ["open the drawer"], 24)
+    with torch.no_grad():
+        f1 = policy.encode_frames(rgb, hand, *short)
+        f2 = policy.encode_frames(rgb, hand, *long)
+        f3 = policy.encode_frames(rgb, hand, *tokenize(processor, ["turn on the led"], 12))
+    torch.testing.assert_close(f1, f2, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(f1, f3)  # ... and the instruction does reach it
+
+
+def test_masked_chunk_steps_do_not_change_the_loss(processor):
+    policy = make_policy(processor).eval()
+    batch = make_batch(processor)
+    with torch.no_grad():
+        base = policy(batch)
+        changed = dict(batch)
+        chunk = batch[keys.ACTION_CHUNK].clone()
+        chunk[0, -1, 2:] = float("nan")  # masked-out steps: anything, even NaN
+        changed[keys.ACTION_CHUNK] = chunk
+        masked = policy(changed)
+        chunk2 = batch[keys.ACTION_CHUNK].clone()
+        chunk2[0, -1, 0, 0] = -chunk2[0, -1, 0, 0] + 0.5  # a valid step: must matter
+        changed[keys.ACTION_CHUNK] = chunk2
+        unmasked = policy(changed)
+    for k in ("loss", "arm_loss", "gripper_loss"):
+        torch.testing.assert_close(base[k], masked[k])
+    assert not torch.isclose(base["arm_loss"], unmasked["arm_loss"])
+    # and no NaN gradient leaks from the masked targets
+    policy.train()
+    changed[keys.ACTION_CHUNK] = chunk
+    policy(changed)["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in policy.parameters() if p.grad is not None)
+
+
+def test_mse_loss_and_gripper_ratio(processor):
+    policy = make_policy(processor, loss="mse", arm_gripper_loss_ratio=0.5).eval()
+    with torch.no_grad():
+        out = policy(make_batch(processor))
+    torch.testing.assert_close(out["loss"], out["arm_loss"] + 0.5 * out["gripper_loss"])
+
+
+# ---- train_setup -------------------------------------------------------------------------------------
+def _trainable(module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _setup(processor, **kw):
+    policy = make_policy(processor)
+    counts = apply_train_setup(policy, TrainSetupConfig(**kw))
+    return policy, policy.backbone, counts
+
+
+def test_default_train_setup_trains_everything(processor):
+    policy, bb, counts = _setup(processor)
+    assert counts["params_trainable"] == counts["params_total"] == sum(p.numel() for p in policy.parameters())
+
+
+@pytest.mark.parametrize(
+    "kw, frozen_attr",
+    [
+        ({"train_vision": False}, "vision_encoder"),
+        ({"train_text_embedding": False}, "text_embeddings"),
+        ({"freeze_resampler": True}, "resampler"),
+    ],
+)
+def test_each_module_flag_freezes_its_module(processor, kw, frozen_attr):
+    policy, bb, counts = _setup(processor, **kw)
+    assert _trainable(getattr(bb, frozen_attr)) == 0
+    assert counts["params_trainable"] == counts["params_total"] - sum(p.numel() for p in getattr(bb, frozen_attr).parameters())
+
+
+def test_freeze_backbone(processor):
+    policy, bb, _ = _setup(processor, freeze_backbone=True, train_vision=False, train_text_embedding=False, freeze_resampler=True)
+    # only the action token and the head are left
+    assert _trainable(bb.model) == 0 and bb.action_token.requires_grad
+    assert _trainable(policy) == _trainable(policy.head) + bb.action_token.numel()
+    # RoboVLMs precedence: the per-module flags still act on a frozen backbone
+    _, bb2, _ = _setup(processor, freeze_backbone=True)
+    assert _trainable(bb2.decoder_layers) == 0
+    assert _trainable(bb2.vision_encoder) > 0 and _trainable(bb2.resampler) > 0 and _trainable(bb2.text_embeddings) > 0
+
+
+def test_train_decoder_layers_keeps_only_the_last_n(processor):
+    policy, bb, _ = _setup(processor, train_decoder_layers=1)
+    layers = bb.decoder_layers
+    assert len(layers) == 2
+    assert _trainable(layers[0]) == 0 and _trainable(layers[1]) == sum(p.numel() for p in layers[1].parameters())
+    assert _trainable(bb.vision_encoder) > 0  # the module flags still apply
+
+
+def test_lora_adapters_on_the_text_decoder(processor, tmp_path):
+    policy, bb, counts = _setup(processor, lora_enable=True, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    lora = {n for n, p in bb.model.named_parameters() if "lora_" in n}
+    assert lora and all(n.startswith("text_model.model.layers.") for n in lora)
+    assert any(".self_attn.q_proj." in n for n in lora) and any(".self_attn.v_proj." in n for n in lora)
+    assert all(p.requires_grad for n, p in bb.model.named_parameters() if "lora_" in n)
+    base = [p for n, p in bb.decoder_layers.named_parameters() if "lora_" not in n]
+    assert not any(p.requires_grad for p in base)
+    # train_vision etc. keep their RoboVLMs meaning beside LoRA
+    assert _trainable(bb.vision_encoder) > 0
+    with pytest.raises(ValueError, match="already"):
+        apply_train_setup(policy, TrainSetupConfig(lora_enable=True))
+    # the merged state dict has the plain policy's keys and carries the adapters' effect
+    plain = make_policy(processor)
+    for n, p in bb.model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    merged = merged_state_dict(policy)
+    assert set(merged) == set(plain.state_dict())
+    key = "backbone.model.text_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged[key], policy.state_dict()[key.replace("q_proj.", "q_proj.base_layer.")])
+    # ... and unmerged the live model again
+    x = torch.randn(1, 5, bb.hidden_size)
+    q = bb.decoder_layers[0].self_attn.q_proj
+    torch.testing.assert_close(q(x), q.base_layer(x) + q.lora_B["default"](q.lora_A["default"](x)) * q.scaling["default"])
+
+
+def test_lora_target_must_match(processor):
+    policy = make_policy(processor)
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        apply_train_setup(policy, TrainSetupConfig(lora_enable=True, lora_target_modules=["nope_proj"]))
+
+
+def test_gradient_checkpointing_flag(processor):
+    policy, bb, _ = _setup(processor, gradient_checkpointing=True)
+    assert is_checkpointing(bb.model)
+    policy.train()
+    policy(make_batch(processor))["loss"].backward()
+    assert bb.vision_encoder.model.encoder.layers[0].mlp.fc1.weight.grad is not None
+    apply_train_setup(policy, TrainSetupConfig())
+    assert not is_checkpointing(bb.model)
+
+
+def test_train_setup_config_validates():
+    with pytest.raises(ValueError, match="precision"):
+        TrainSetupConfig(precision="fp8")
+    with pytest.raises(ValueError, match="train_decoder_layers"):
+        TrainSetupConfig(train_decoder_layers=-2)
+
+
+# ---- export + runtime ----------------------------------------------------------------------------------
+def _obs(rng: np.random.Generator, nested: bool = False) -> dict:
+    cams = {
+        "rgb_static": rng.integers(0, 256, (200, 200, 3), dtype=np.uint8),  # CALVIN's sizes
+        "rgb_gripper": rng.integers(0, 256, (84, 84, 3), dtype=np.uint8),
+    }
+    return {"rgb_obs": cams} if nested else cams
+
+
+@pytest.fixture(scope="module")
+def exported(processor, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "policy"
+    policy = make_policy(processor)
+    apply_train_setup(policy, TrainSetupConfig(lora_enable=True, lora_r=4))
+    save_policy(out, policy, processor, ActionNormalizer(), policy.cfg, extra={"train_config": {"max_steps": 3}})
+    return out, policy
+
+
+def test_save_policy_layout(exported):
+    out, _ = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "backbone_config.json", "policy_config.json", "processor",
+            "normalization.json", "train_config.json"} <= names
+    assert not [n for n in names if n.startswith(".")]
+
+
+def test_policy_load_and_step(exported):
+    out, trained = exported
+    policy = Policy.load(out, device="cpu")
+    calls = []
+    policy.model.backbone.register_forward_hook(lambda *a: calls.append(1))
+    rng = np.random.default_rng(0)
+    policy.reset()
+    for i in range(W + 2):
+        action = policy.step(_obs(rng, nested=i % 2 == 1), "open the drawer")
+        assert action.shape == (7,) and action.dtype == np.float64
+        assert action[-1] in (-1.0, 1.0)
+        assert np.all(np.abs(action[:6]) <= 0.65 + 1e-9)
+        assert len(calls) == i + 1  # one backbone call per step: earlier frames come from the cache
+    assert len(policy._features) == W  # the window is capped
+    # the loaded weights are the trained policy's (LoRA merged): same features as the live model
+    obs = _obs(rng)
+    policy.reset()
+    policy.step(obs, "lift the blue block")
+    from vlaops.data.transforms import to_model_input
+
+    rgb = to_model_input(torch.from_numpy(obs["rgb_static"])[None], 224)
+    hand = to_model_input(torch.from_numpy(obs["rgb_gripper"])[None], 224)
+    text = tokenize(trained_processor := policy.processor, ["lift the blue block"], L)
+    with torch.no_grad():
+        live = trained.eval().encode_frames(rgb, hand, *text)
+    torch.testing.assert_close(policy._features[-1], live, rtol=1e-4, atol=1e-5)
+    assert trained_processor is policy.processor
+    # a new instruction starts a new history
+    policy.step(obs, "open the drawer")
+    assert len(policy._features) == 1
+
+
+def test_policy_load_empty_dir_names_the_missing_file(tmp_path):
+    with pytest.raises(VlaopsError, match="model.safetensors"):
+        Policy.load(tmp_path)
+    with pytest.raises(VlaopsError, match="not found"):
+        Policy.load(tmp_path / "absent")
+
+
+def test_policy_step_needs_the_gripper_camera(exported):
+    policy = Policy.load(exported[0])
+    with pytest.raises(VlaopsError, match="rgb_gripper"):
+        policy.step({"rgb_static": np.zeros((200, 200, 3), np.uint8)}, "open the drawer")
