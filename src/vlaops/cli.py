@@ -76,7 +76,7 @@ def run_stage(name: str, cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)
     try:
         if args.command == "params":
             _write_params(args)

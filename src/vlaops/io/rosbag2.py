@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from PIL import Image
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.typesys import Stores, get_typestore
@@ -97,6 +98,15 @@ def decode_image(msg: Any, where: str) -> np.ndarray:
     return np.ascontiguousarray(img[..., :3])
 
 
+def _custom_data(path: Path) -> dict[str, str]:
+    """The bag's ``custom_data`` (rosbag2 metadata v6+): recorders put episode facts such as the task there."""
+    try:
+        info = yaml.safe_load((path / "metadata.yaml").read_text()) or {}
+        return dict(info.get("rosbag2_bagfile_information", {}).get("custom_data") or {})
+    except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return {}  # a malformed metadata.yaml is reported by the reader itself
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
@@ -111,6 +121,7 @@ def read_rosbag2(path: Path, cfg: DataConfig) -> Episode:
     except (AnyReaderError, FileNotFoundError) as exc:
         raise VlaopsError(f"{where}: not a readable rosbag2 recording ({exc})") from exc
     streams: dict[str, _Stream] = {name: _Stream() for name in wanted}
+    custom = _custom_data(path)
     try:
         if reader.message_count == 0:
             raise VlaopsError(f"{where}: the bag has no messages")
@@ -142,7 +153,7 @@ def read_rosbag2(path: Path, cfg: DataConfig) -> Episode:
             stream.values.append(_payload(name, msg, f"{where}: topic '{conn.topic}'", cfg))
     finally:
         reader.close()
-    return _assemble(path, streams, cfg)
+    return _assemble(path, streams, cfg, custom)
 
 
 def _payload(name: str, msg: Any, where: str, cfg: DataConfig) -> Any:
@@ -166,7 +177,7 @@ def _payload(name: str, msg: Any, where: str, cfg: DataConfig) -> Any:
     return str(msg.data)  # instruction, task
 
 
-def _assemble(path: Path, streams: dict[str, _Stream], cfg: DataConfig) -> Episode:
+def _assemble(path: Path, streams: dict[str, _Stream], cfg: DataConfig, custom: dict[str, str]) -> Episode:
     where = str(path)
     for name in ("rgb_static", "joint_states", "tcp_pose", "action", "instruction"):
         if not streams[name].stamps:
@@ -204,7 +215,8 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: DataConfig) -> Episo
     robot_obs = np.concatenate([held["tcp_pose"], gripper_width, joints[:, :n_arm], prev_gripper], axis=1)
     instruction = streams["instruction"].values[0].strip()
     task_values = streams["task"].values if "task" in streams else []
-    task = task_values[0] if task_values else _slug(instruction)
+    # the task name: a mapped task topic, else the bag's custom_data 'task', else the instruction
+    task = task_values[0] if task_values else custom.get("task") or _slug(instruction)
     for name in ("rgb_static", "rgb_gripper"):
         if name in held and len({img.shape for img in held[name]}) > 1:
             raise VlaopsError(f"{where}: topic '{getattr(cfg.topics, name)}' changes image size mid-episode")

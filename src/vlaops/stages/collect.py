@@ -1,0 +1,19 @@
+"""collect: the embedded default robot records expert demonstrations as ROS2 bags."""
+
+from pathlib import Path
+
+from vlaops.config import Config
+from vlaops.errors import VlaopsError
+from vlaops.sim import collect
+from vlaops.utils.atomic import atomic_dir, write_json
+
+SUMMARY_FILE = "collect.json"
+
+
+def run(cfg: Config) -> None:
+    with atomic_dir(Path(cfg.paths.collect_dir)) as tmp:
+        try:
+            summary = collect(cfg.sim, tmp)
+        except RuntimeError as exc:  # the expert could not reach episodes_per_task
+            raise VlaopsError(str(exc)) from None
+    write_json(Path(cfg.paths.reports_dir) / SUMMARY_FILE, summary)
