@@ -1,0 +1,232 @@
+"""The embedded tabletop: env contract, task oracle, chain sampler, scripted expert and rosbag2 recording.
+
+Everything runs for real (PyBullet DIRECT, rosbags writing to tmp_path); configs are shrunk so the
+whole file stays well under a minute. Images are skipped (``render=False``) where only state matters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from rosbags.rosbag2 import Reader
+from rosbags.typesys import Stores, get_typestore
+
+from vlaops.sim import TASKS, SimConfig, TabletopEnv, collect, get_task, run_expert, sample_chain
+from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT
+
+NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])  # stay put, gripper open
+
+
+@pytest.fixture(scope="module")
+def cfg() -> SimConfig:
+    return SimConfig(episodes_per_task=1, max_attempts_per_task=2, num_workers=1)
+
+
+@pytest.fixture(scope="module")
+def fast_env(cfg: SimConfig):
+    with TabletopEnv(cfg, render=False) as env:
+        yield env
+
+
+# --- config ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"tasks": ["push_red_up"]}, "push_red_up"),
+        ({"storage": "bag"}, "storage"),
+        ({"physics_hz": 250}, "physics_hz"),
+        ({"episodes_per_task": 0}, "episodes_per_task"),
+        ({"max_attempts_per_task": 2, "episodes_per_task": 3}, "max_attempts_per_task"),
+    ],
+)
+def test_config_rejects_bad_values(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SimConfig(**overrides)
+
+
+def test_config_defaults_cover_every_task() -> None:
+    cfg = SimConfig()
+    assert cfg.tasks == list(TASKS) and cfg.substeps == 8
+    assert len(TASKS) >= 9
+
+
+# --- env ------------------------------------------------------------------------------------------
+def test_reset_is_deterministic_and_envs_coexist(cfg: SimConfig) -> None:
+    with TabletopEnv(cfg) as a, TabletopEnv(cfg) as b:
+        assert a.client != b.client
+        oa, ob = a.reset(3), b.reset(3)
+        for key in ("robot_obs", "scene_obs", "rgb_static", "rgb_gripper", "joint_positions"):
+            np.testing.assert_array_equal(oa[key], ob[key])
+        for _ in range(3):
+            oa, ob = a.step(NOOP * 0.5), b.step(NOOP * 0.5)
+        np.testing.assert_array_equal(oa["scene_obs"], ob["scene_obs"])
+        np.testing.assert_array_equal(oa["rgb_static"], ob["rgb_static"])
+        assert not np.array_equal(a.reset(4)["scene_obs"], b.reset(3)["scene_obs"])
+
+
+def test_step_returns_calvin_shapes(cfg: SimConfig) -> None:
+    with TabletopEnv(cfg) as env:
+        obs = env.reset(0)
+        obs = env.step(np.array([0.5, -0.5, -1.0, 0.0, 0.0, 0.2, -1.0]))
+    assert obs["rgb_static"].shape == (200, 200, 3) and obs["rgb_static"].dtype == np.uint8
+    assert obs["rgb_gripper"].shape == (84, 84, 3) and obs["rgb_gripper"].dtype == np.uint8
+    assert obs["rgb_static"].std() > 5  # something was rendered, not a blank frame
+    assert obs["robot_obs"].shape == (15,) and obs["robot_obs"].dtype == np.float64
+    assert obs["scene_obs"].shape == (24,) and obs["scene_obs"].dtype == np.float64
+    assert np.all(obs["scene_obs"][:6] == 0)
+    assert obs["robot_obs"][14] == -1.0  # last gripper action
+    assert len(obs["joint_names"]) == 9 and obs["joint_positions"].shape == (9,)
+    assert obs["tcp_quat"].shape == (4,)
+    np.testing.assert_allclose(obs["robot_obs"][:3], obs["tcp_pos"])
+
+
+def test_relative_action_moves_the_tcp(fast_env: TabletopEnv) -> None:
+    fast_env.reset(0)
+    before = fast_env.get_info()["tcp_pos"]
+    for _ in range(5):
+        fast_env.step(np.array([0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]))
+    moved = fast_env.get_info()["tcp_pos"] - before
+    assert 0.06 < moved[1] <= 0.1 + 1e-6  # at most 5 x 0.02 m, and most of it tracked
+    assert abs(moved[0]) < 0.01 and abs(moved[2]) < 0.01
+
+
+@pytest.mark.parametrize("action", [np.zeros(6), np.zeros((1, 7)), np.array([0, 0, np.nan, 0, 0, 0, 1]),
+                                    np.array([np.inf, 0, 0, 0, 0, 0, 1])])
+def test_bad_action_raises(fast_env: TabletopEnv, action: np.ndarray) -> None:
+    fast_env.reset(0)
+    with pytest.raises(ValueError, match="action"):
+        fast_env.step(action)
+
+
+def test_out_of_range_action_is_clipped(fast_env: TabletopEnv) -> None:
+    fast_env.reset(0)
+    np.testing.assert_allclose(fast_env.rel_to_abs(np.array([5.0, 0, 0, 0, 0, 0, 1])),
+                               fast_env.rel_to_abs(np.array([1.0, 0, 0, 0, 0, 0, 1])))
+
+
+# --- tasks, oracle, expert ------------------------------------------------------------------------
+def test_get_task_names_the_known_tasks() -> None:
+    with pytest.raises(ValueError, match="push_red_left"):
+        get_task("open_the_drawer")
+    assert get_task("lift_red").instruction == "lift the red block"
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_expert_solves_task(fast_env: TabletopEnv, cfg: SimConfig, name: str) -> None:
+    task = get_task(name)
+    for seed in (11, 12):
+        fast_env.reset(seed)
+        if task.setup is not None:
+            assert run_expert(fast_env, task.setup, cfg.max_episode_steps)[0]
+        assert task.precondition(fast_env.get_info())
+        ok, steps, _ = run_expert(fast_env, task, cfg.max_episode_steps)
+        assert ok, f"{name} failed on seed {seed} after {steps} steps"
+
+
+def test_oracle_rejects_a_noop_episode(fast_env: TabletopEnv) -> None:
+    fast_env.reset(5)
+    start = fast_env.get_info()
+    for _ in range(20):
+        fast_env.step(NOOP)
+    end = fast_env.get_info()
+    assert not any(t.success(start, end) for t in TASKS.values())
+    # Holding a lifted block still is not placing it.
+    assert run_expert(fast_env, "lift_red", 150)[0]
+    start = fast_env.get_info()
+    for _ in range(10):
+        fast_env.step(np.array([0, 0, 0, 0, 0, 0, -1.0]))
+    assert start["held"] == "red" and not get_task("place_red").success(start, fast_env.get_info())
+
+
+def test_sample_chain_respects_preconditions(fast_env: TabletopEnv) -> None:
+    info = fast_env.reset(0)
+    info = fast_env.get_info()
+    rng = np.random.default_rng(0)
+    chains = [sample_chain(rng, 5, list(TASKS), info) for _ in range(30)]
+    for chain in chains:
+        assert len(chain) == 5 and len(set(chain)) == 5
+        state = info
+        for name in chain:
+            assert get_task(name).precondition(state), (chain, name)
+            state = get_task(name).predict(state)
+    assert len({tuple(c) for c in chains}) > 10  # sampled, not fixed
+    assert sample_chain(np.random.default_rng(1), 5, list(TASKS), info) == sample_chain(
+        np.random.default_rng(1), 5, list(TASKS), info)
+    with pytest.raises(ValueError, match="no feasible chain"):
+        sample_chain(rng, 2, ["place_red", "place_blue"], info)  # nothing is held at the start
+
+
+def test_expert_completes_a_chain(fast_env: TabletopEnv) -> None:
+    fast_env.reset(7)
+    chain = sample_chain(np.random.default_rng(7), 5, list(TASKS), fast_env.get_info())
+    for name in chain:
+        assert run_expert(fast_env, name, 360)[0], (chain, name)
+
+
+# --- recording ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
+def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
+    cfg = SimConfig(tasks=["push_blue_right", "place_green"], episodes_per_task=1, max_attempts_per_task=2,
+                    storage=storage, num_workers=1)
+    summary = collect(cfg, tmp_path)
+    assert summary["episodes"] == ["push_blue_right_0000", "place_green_0000"]
+    assert summary["tasks"]["push_blue_right"] == {"attempts": 1, "successes": 1, "success_rate": 1.0}
+    assert summary["wall_time_s"] > 0
+    ts = get_typestore(Stores.ROS2_HUMBLE)
+    topics = cfg.topics
+    for episode in summary["episodes"]:
+        meta = yaml.safe_load((tmp_path / episode / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+        assert meta["storage_identifier"] == storage
+        assert meta["custom_data"]["format"] == BAG_FORMAT and meta["custom_data"]["task"] == episode[:-5]
+        with Reader(tmp_path / episode) as reader:
+            types = {c.topic: c.msgtype for c in reader.connections}
+            assert types == {
+                topics.static_image: "sensor_msgs/msg/Image",
+                topics.gripper_image: "sensor_msgs/msg/Image",
+                topics.joint_states: "sensor_msgs/msg/JointState",
+                topics.tcp_pose: "geometry_msgs/msg/PoseStamped",
+                topics.scene_state: "std_msgs/msg/Float64MultiArray",
+                topics.action: "std_msgs/msg/Float64MultiArray",
+                topics.instruction: "std_msgs/msg/String",
+            }
+            msgs: dict[str, list] = {t: [] for t in types}
+            for conn, stamp, raw in reader.messages():
+                msgs[conn.topic].append((stamp, ts.deserialize_cdr(raw, conn.msgtype)))
+        n = len(msgs[topics.static_image])
+        assert 10 < n <= cfg.max_episode_steps
+        assert len(msgs[topics.gripper_image]) == len(msgs[topics.tcp_pose]) == len(msgs[topics.action]) == n
+        assert len(msgs[topics.scene_state]) == n
+        assert len(msgs[topics.joint_states]) == 4 * n + 1  # 4x the control rate, both ends included
+        assert [m.data for _, m in msgs[topics.instruction]] == [get_task(episode[:-5]).instruction]
+        stamp, img = msgs[topics.static_image][0]
+        assert (img.height, img.width, img.encoding, img.step) == (200, 200, "rgb8", 600)
+        assert img.header.stamp.sec * 10**9 + img.header.stamp.nanosec == stamp
+        assert msgs[topics.gripper_image][0][1].width == 84
+        image_stamps = np.array([s for s, _ in msgs[topics.static_image]])
+        action_stamps = np.array([s for s, _ in msgs[topics.action]])
+        np.testing.assert_array_equal(action_stamps - image_stamps, ACTION_LATENCY_NS)
+        np.testing.assert_allclose(np.diff(image_stamps), 1e9 / cfg.control_hz, atol=1)
+        js = msgs[topics.joint_states][0][1]
+        assert list(js.name)[-2:] == ["panda_finger_joint1", "panda_finger_joint2"] and len(js.position) == 9
+        actions = np.array([m.data for _, m in msgs[topics.action]])  # (n, 7) absolute targets
+        poses = np.array([[m.pose.position.x, m.pose.position.y, m.pose.position.z]
+                          for _, m in msgs[topics.tcp_pose]])  # (n, 3)
+        assert actions.shape == (n, 7) and set(np.unique(actions[:, 6])) <= {-1.0, 1.0}
+        assert np.all(np.abs(actions[:, :3] - poses) <= 0.02 + 1e-9)  # one CALVIN step from the pose
+        assert len(msgs[topics.scene_state][0][1].data) == 24
+    # Same seed, same bytes.
+    again = collect(cfg, tmp_path / "again")
+    for episode in again["episodes"]:
+        for f in sorted((tmp_path / episode).iterdir()):
+            assert f.read_bytes() == (tmp_path / "again" / episode / f.name).read_bytes(), f
+
+
+def test_collect_gives_up_after_max_attempts(tmp_path: Path) -> None:
+    cfg = SimConfig(tasks=["lift_red"], episodes_per_task=1, max_attempts_per_task=2, max_episode_steps=3,
+                    num_workers=1)
+    with pytest.raises(RuntimeError, match="max_attempts_per_task"):
+        collect(cfg, tmp_path)
+    assert not any(tmp_path.iterdir())  # failed attempts leave nothing behind
