@@ -18,6 +18,7 @@ from vlaops.model import (
     apply_train_setup,
     build_offline_processor,
     load_processor,
+    make_processor,
     merged_state_dict,
     save_policy,
     tokenize,
@@ -88,6 +89,11 @@ def test_processor_round_trips_through_auto_processor(processor, tmp_path):
 def test_load_processor_missing_dir_is_clear(tmp_path):
     with pytest.raises(VlaopsError, match="processor directory not found"):
         load_processor(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VlaopsError, match="tokenizer"):
+        make_processor(ModelConfig(pretrained_dir=str(tmp_path / "empty")), INSTRUCTIONS)
+    built = make_processor(ModelConfig(vocab_size=50), INSTRUCTIONS)
+    assert built.tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=False) <= 50
 
 
 def test_truncation_keeps_eos(processor):
@@ -345,3 +351,19 @@ def test_policy_step_needs_the_gripper_camera(exported):
     policy = Policy.load(exported[0])
     with pytest.raises(VlaopsError, match="rgb_gripper"):
         policy.step({"rgb_static": np.zeros((200, 200, 3), np.uint8)}, "open the drawer")
+
+
+def test_pretrained_dir_loads_locally(processor, tmp_path):
+    """The pretrained path on a tiny checkpoint saved like microsoft/kosmos-2-patch14-224 (no hub)."""
+    with pytest.raises(VlaopsError, match="config.json"):
+        VLAPolicy.build(small_cfg(pretrained_dir=str(tmp_path / "none")), len(processor.tokenizer))
+    tiny = make_policy(processor)
+    tiny.backbone.model.save_pretrained(tmp_path / "kosmos")
+    processor.save_pretrained(tmp_path / "kosmos")
+    cfg = small_cfg(pretrained_dir=str(tmp_path / "kosmos"))
+    proc = make_processor(cfg, [])
+    loaded = VLAPolicy.build(cfg, len(proc.tokenizer))
+    for k, v in tiny.backbone.model.state_dict().items():
+        torch.testing.assert_close(loaded.backbone.model.state_dict()[k], v, msg=k)
+    with pytest.raises(VlaopsError, match="vocab_size"):
+        VLAPolicy.build(cfg, len(proc.tokenizer) + 1)

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vlaops.data import keys
+from vlaops.errors import VlaopsError
 from vlaops.model import ModelConfig, VLAPolicy, apply_train_setup, build_offline_processor, tokenize
 from vlaops.train import TrainConfig, TrainSetupConfig, make_loader, resolve_precision, train_policy
 from vlaops.train.loop import (
@@ -183,7 +184,12 @@ def test_optimizer_by_name_with_weight_decay_on_matrices(name, cls):
 
 
 def test_precision_resolution():
-    assert resolve_precision("fp32") == "no" and resolve_precision("bf16") == "bf16" and resolve_precision("fp16") == "fp16"
+    assert resolve_precision("fp32") == "no" and resolve_precision("bf16") == "bf16"
+    if torch.cuda.is_available():
+        assert resolve_precision("fp16") == "fp16"
+    else:
+        with pytest.raises(VlaopsError, match="fp16"):
+            resolve_precision("fp16")
     expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     assert resolve_precision("auto") == expected
 
@@ -205,3 +211,17 @@ def test_make_loader_reads_batch_size_and_workers(processor):
     assert loader.batch_size == 2 and loader.num_workers == 0 and len(loader) == 2  # drop_last for training
     batch = next(iter(make_loader(data, c, shuffle=False)))
     assert batch[keys.RGB].shape == (2, W, 3, S, S) and batch[keys.RAW_TEXT] == INSTRUCTIONS[:2]
+
+
+def test_bf16_then_fp32_in_one_process(processor):
+    """precision acts (bf16 autocast, on CPU here) and a second run may change it."""
+    data = SyntheticWindows(processor, 2)
+    for precision in ("bf16", "fp32"):
+        c = cfg(max_steps=2, train_setup=TrainSetupConfig(precision=precision))
+        policy = make_policy(processor)
+        rec = Recorder()
+        train_policy(policy, make_loader(data, c, shuffle=False), None, c, rec, None)
+        assert all(math.isfinite(v) for _, v in rec.series(TRAIN_LOSS))
+        assert all(p.dtype == torch.float32 for p in policy.parameters())  # master weights stay fp32
+        out = policy(next(iter(make_loader(data, c, shuffle=False))))  # the autocast wrapper is gone
+        assert out["arm"].dtype == torch.float32

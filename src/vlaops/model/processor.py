@@ -140,3 +140,11 @@ def tokenize(processor, texts: list[str], max_len: int) -> tuple[torch.Tensor, t
         return_token_type_ids=False,
     )
     return enc["input_ids"].long(), enc["attention_mask"].long()
+
+
+def make_processor(cfg, instructions: list[str]):
+    """The processor a run uses: the checkpoint's own with ``cfg.pretrained_dir``, else one built from the
+    training instructions (``cfg.vocab_size``, ``cfg.image_size``). ``cfg`` is a ``ModelConfig``."""
+    if cfg.pretrained_dir is not None:
+        return load_processor(cfg.pretrained_dir)
+    return build_offline_processor(instructions, vocab_size=cfg.vocab_size, image_size=cfg.image_size)

@@ -22,10 +22,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from vlaops.errors import VlaopsError
 from vlaops.train.config import TrainConfig
 from vlaops.utils.atomic import write_json
 from vlaops.utils.logging import get_logger
@@ -57,14 +59,21 @@ def resolve_precision(precision: str) -> str:
     """
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise VlaopsError("train.train_setup.precision=fp16 needs a CUDA device; use auto, fp32 or bf16")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """The one Accelerator of a run. A seedable sampler makes each epoch's order a function of
     (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+    mixed = resolve_precision(cfg.train_setup.precision)
+    # AcceleratorState is a process-wide singleton that refuses a second, different mixed_precision;
+    # forget the previous run's (the distributed PartialState is kept) so one process can train twice
+    if AcceleratorState._shared_state and hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
-        mixed_precision=resolve_precision(cfg.train_setup.precision),
+        mixed_precision=mixed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
     )
