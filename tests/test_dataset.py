@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from vlaops.data import keys
-from vlaops.data.dataset import CalvinWindowDataset, collate
+from torch.utils.data import default_collate
+
+from vlaops.data.dataset import CalvinWindowDataset
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.io.calvin import CalvinSplit
 
@@ -22,7 +24,7 @@ def test_windows_follow_the_batch_contract(calvin_dir, cfg):
     normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
     ds = CalvinWindowDataset(split, normalizer, _tokenize, window_size=3, chunk_size=4, image_size=64, augment=cfg.data.augment)
     assert len(ds) == 3 * (20 - 3 + 1)
-    batch = collate([ds[0], ds[len(ds) - 1]])
+    batch = default_collate([ds[0], ds[len(ds) - 1]])
     assert batch[keys.RGB].shape == (2, 3, 3, 64, 64) and batch[keys.HAND_RGB].shape == (2, 3, 3, 64, 64)
     assert batch[keys.ACTION].shape == (2, 3, 7) and batch[keys.ACTION_CHUNK].shape == (2, 3, 4, 7)
     assert batch[keys.CHUNK_MASK].dtype == torch.bool and batch[keys.TEXT].shape == (2, 4)

@@ -6,7 +6,7 @@ follow every window frame (RoboVLMs' ``fwd_pred_next_n`` chunk), masked past the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,11 @@ DATA_SOURCE = "calvin_action"
 
 
 class CalvinWindowDataset(Dataset):
-    """Windows of ``window_size`` frames; actions normalised by the shared :class:`ActionNormalizer`."""
+    """Windows of ``window_size`` frames; actions normalised by the shared :class:`ActionNormalizer`.
+
+    Samples collate with torch's default collation: tensors stack along a new batch dim, the two
+    string keys become lists of length B.
+    """
 
     def __init__(
         self,
@@ -93,10 +97,3 @@ class CalvinWindowDataset(Dataset):
             keys.DATA_SOURCE: DATA_SOURCE,
         }
 
-
-def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors along a new batch dim; strings become lists of length B."""
-    batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in keys.TENSOR_KEYS}
-    batch[keys.RAW_TEXT] = [s[keys.RAW_TEXT] for s in samples]
-    batch[keys.DATA_SOURCE] = [s[keys.DATA_SOURCE] for s in samples]
-    return batch

@@ -193,3 +193,20 @@ class CalvinSplit:
         if not path.is_file():
             raise VlaopsError(f"{path}: not found")
         return yaml.safe_load(path.read_text())
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """sha256 over what identifies a converted dataset: our provenance stamp when present, else every
+    split's episode ids and annotations (a real CALVIN split), so runs on different data never compare
+    as equal in MLflow."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    names = [PROVENANCE] if (root / PROVENANCE).is_file() else []
+    for split in SPLITS:
+        names += [f"{split}/{EP_START_END_IDS}", f"{split}/{LANG_DIR}/{LANG_ANN_JSON}", f"{split}/{LANG_DIR}/{LANG_ANN}"]
+    for name in names:
+        path = root / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
