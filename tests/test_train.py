@@ -120,33 +120,33 @@ def test_gradient_clipping_is_applied(processor):
 
 
 def test_resume_continues_at_the_right_step(processor, tmp_path):
-    """4 steps, a checkpoint at 2, a fresh process resuming to 4 == one uninterrupted run (shuffled data)."""
+    """6 steps == 4 steps, then a fresh process resuming to 6 (shuffled data, 3 batches an epoch, so the
+    resume lands inside the second epoch)."""
     data = SyntheticWindows(processor, 6)
-    c = cfg(max_steps=4, save_every=2, lr_scheduler="constant")
+    c = cfg(max_steps=6, save_every=4, lr_scheduler="constant")
     full = make_policy(processor)
     train_policy(full, make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "full")
-    assert latest_checkpoint(tmp_path / "full").name == "step_0000004"
+    assert latest_checkpoint(tmp_path / "full").name == "step_0000006"
     init = make_policy(processor).state_dict()
     assert not all(torch.equal(init[k], v) for k, v in full.state_dict().items())  # it did train
 
-    first = make_policy(processor)
-    train_policy(first, make_loader(data, cfg(max_steps=2, save_every=2, lr_scheduler="constant"), shuffle=True),
-                 None, cfg(max_steps=2, save_every=2, lr_scheduler="constant"), Recorder(), tmp_path / "run")
-    assert latest_checkpoint(tmp_path / "run").name == "step_0000002"
-    (tmp_path / "run" / ".step_0000003.tmp").mkdir()  # a save killed midway is ignored
+    first_cfg = cfg(max_steps=4, save_every=4, lr_scheduler="constant")
+    train_policy(make_policy(processor), make_loader(data, first_cfg, shuffle=True), None, first_cfg, Recorder(), tmp_path / "run")
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
+    (tmp_path / "run" / ".step_0000005.tmp").mkdir()  # a save killed midway is ignored
 
     resumed = make_policy(processor, seed=123)  # different init: the checkpoint must overwrite it
     rec = Recorder()
     result = train_policy(resumed, make_loader(data, c, shuffle=True), None, c, rec, tmp_path / "run")
-    assert result["resumed_from_step"] == 2 and result["steps"] == 4
-    assert [s for s, _ in rec.series(TRAIN_LOSS)] == [3, 4]
+    assert result["resumed_from_step"] == 4 and result["steps"] == 6
+    assert [s for s, _ in rec.series(TRAIN_LOSS)] == [5, 6]
     for (name, p_full), (_, p_res) in zip(full.state_dict().items(), resumed.state_dict().items()):
         torch.testing.assert_close(p_res, p_full, rtol=1e-4, atol=1e-5, msg=name)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["step_0000002", "step_0000004"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["step_0000004", "step_0000006"]
 
     # a finished run resumes to nothing
     again = train_policy(make_policy(processor), make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "run")
-    assert again["steps"] == 4 and again["resumed_from_step"] == 4
+    assert again["steps"] == 6 and again["resumed_from_step"] == 6
 
 
 def test_keep_checkpoints_prunes_old_ones(processor, tmp_path):

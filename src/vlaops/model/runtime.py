@@ -49,10 +49,18 @@ PROCESSOR_DIR = "processor"
 REQUIRED = (WEIGHTS_FILE, BACKBONE_CONFIG_FILE, POLICY_CONFIG_FILE, PROCESSOR_DIR, NORMALIZATION_FILE)
 
 
-def _model_cfg_dict(model_cfg: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(model_cfg):
-        return dataclasses.asdict(model_cfg)
-    return dict(model_cfg)
+def _plain(obj: Any) -> Any:
+    """A dataclass, OmegaConf node or mapping -> plain JSON-able dicts and lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(obj):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:
+        pass
+    return dict(obj) if isinstance(obj, dict) else obj
 
 
 def save_policy(
@@ -69,7 +77,7 @@ def save_policy(
     for name in extra:
         if name in reserved or not name or "/" in name or name.startswith("."):
             raise ValueError(f"save_policy: extra name {name!r} is reserved or not a plain file name")
-    cfg_dict = _model_cfg_dict(model_cfg)
+    cfg_dict = _plain(model_cfg)
     ModelConfig(**cfg_dict)  # fail before writing anything if it would not load back
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -80,7 +88,7 @@ def save_policy(
         processor.save_pretrained(str(tmp / PROCESSOR_DIR))
         normalizer.save(tmp / NORMALIZATION_FILE)
         for name, payload in extra.items():
-            write_json(tmp / f"{name}.json", payload)
+            write_json(tmp / f"{name}.json", _plain(payload))
     log.info("saved policy to %s (%s tensors)", out_dir, len(state))
     return out_dir
 
