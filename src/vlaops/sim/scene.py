@@ -53,9 +53,9 @@ BLOCK_REST_Z = TABLE_TOP_Z + BLOCK_HALF
 WORKSPACE_Y = (-0.25, 0.25)
 
 # --- cameras ------------------------------------------------------------------------------------
-STATIC_EYE = (1.05, 0.35, 0.85)  # in front of the table, to one side, looking down at the robot
-STATIC_TARGET = (0.45, 0.0, 0.05)
-STATIC_FOV = 55.0
+STATIC_EYE = (0.95, 0.3, 0.62)  # in front of the table, to one side, looking down at the robot
+STATIC_TARGET = (0.48, 0.0, 0.08)
+STATIC_FOV = 50.0
 GRIPPER_FOV = 75.0
 GRIPPER_CAM_OFFSET = (0.05, 0.0, 0.03)  # in the hand frame: beside the fingers, looking along +z
 CAM_NEAR, CAM_FAR = 0.01, 3.0
