@@ -1,0 +1,134 @@
+"""Every stage through the CLI on tiny data, with a real MLflow sqlite store: what `dvc repro` runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import CONF
+
+from vlaops.cli import main
+from vlaops.errors import VlaopsError
+
+TINY = [
+    "sim.tasks=[push_red_left,lift_blue]",
+    "sim.episodes_per_task=3",
+    "sim.num_workers=1",
+    "sim.max_episode_steps=120",
+    "train.max_steps=4",
+    "train.batch_size=2",
+    "train.log_every=2",
+    "train.val_every=2",
+    "train.val_batches=1",
+    "train.save_every=2",
+    "eval.num_chains=2",
+    "eval.chain_length=2",
+    "eval.max_steps_per_subtask=3",
+    "eval.offline_batches=2",
+]
+
+
+def _paths(tmp_path: Path) -> list[str]:
+    return [
+        f"paths.collect_dir={tmp_path}/raw",
+        f"data.raw_dir={tmp_path}/raw",
+        f"data.episodes_dir={tmp_path}/episodes",
+        f"data.calvin_dir={tmp_path}/calvin",
+        f"data.normalized_dir={tmp_path}/normalized",
+        f"paths.model_dir={tmp_path}/models/policy",
+        f"paths.checkpoint_dir={tmp_path}/models/checkpoints",
+        f"paths.reports_dir={tmp_path}/reports",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "model.image_size=64",
+        "model.tiny.patch_size=16",
+        "model.window_size=3",
+        "model.fwd_pred_next_n=4",
+        "model.lstm_num_layers=1",
+        "model.lstm_hidden_size=32",
+        "model.head_mlp_dims=[32]",
+        "data.min_episode_len=8",
+    ]
+
+
+def _stage(name: str, tmp_path: Path, *extra: str) -> int:
+    return main([name, "--config-dir", str(CONF), *_paths(tmp_path), *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    for stage in ("collect", "ingest", "convert", "normalize", "train", "evaluate"):
+        assert _stage(stage, tmp_path) == 0, stage
+    return tmp_path
+
+
+def test_collect_reports_expert_success(pipeline):
+    summary = json.loads((pipeline / "reports" / "collect.json").read_text())
+    assert set(summary["tasks"]) == {"push_red_left", "lift_blue"}
+    assert all(v["successes"] == 3 for v in summary["tasks"].values())
+    assert sorted(p.name for p in (pipeline / "raw").iterdir()) == [
+        "lift_blue_0000", "lift_blue_0001", "lift_blue_0002", "push_red_left_0000", "push_red_left_0001", "push_red_left_0002",
+    ]
+
+
+def test_ingest_keeps_the_sim_task_names(pipeline):
+    report = json.loads((pipeline / "episodes" / "ingest_report.json").read_text())
+    assert {e["task"] for e in report["episodes"].values()} == {"push_red_left", "lift_blue"}
+
+
+def test_export_holds_everything_policy_load_needs(pipeline):
+    from vlaops.model import Policy
+
+    export = pipeline / "models" / "policy"
+    cfg = json.loads((export / "train_config.json").read_text())
+    assert cfg["train"]["max_steps"] == 4 and cfg["model"]["window_size"] == 3
+    assert json.loads((export / "data_fingerprint.json").read_text())["calvin"]
+    policy = Policy.load(export)
+    assert policy.cfg.fwd_pred_next_n == 4
+
+
+def test_metrics_and_results_follow_calvin(pipeline):
+    metrics = json.loads((pipeline / "reports" / "metrics.json").read_text())
+    assert {"avg_len", "sr_1", "sr_2", "offline", "task_sr"} <= set(metrics)
+    assert 0.0 <= metrics["avg_len"] <= 2 and metrics["num_chains"] == 2
+    assert {"arm_mae", "gripper_accuracy"} <= set(metrics["offline"])
+    results = json.loads((pipeline / "reports" / "results.json").read_text())
+    (entry,) = results.values()
+    assert set(entry) == {"avg_seq_len", "chain_sr", "task_info"} and set(entry["chain_sr"]) == {"1", "2"}
+    curve = (pipeline / "reports" / "train_curve.csv").read_text().splitlines()
+    assert curve[0] == "step,train_loss,val_loss,lr" and len(curve) == 3  # steps 2 and 4
+
+
+def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline}/mlflow.db")
+    (exp,) = [e for e in client.search_experiments() if e.name == "vlaops"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "4" and run.data.params["model.window_size"] == "3"
+    assert {"train/loss", "val/loss", "avg_len", "sr_1", "sr_2", "offline/arm_mae"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+    assert run.data.tags["data_fingerprint"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"results.json", "train_config.json", "metrics.json"} <= artifacts
+
+
+def test_checkpoints_of_another_recipe_are_refused(pipeline, capsys):
+    assert _stage("train", pipeline, "train.learning_rate=0.0005") == 1
+    err = capsys.readouterr().err
+    assert "models/checkpoints: holds checkpoints of a different run" in err and "learning_rate" in err
+
+
+def test_evaluate_without_a_policy_names_the_directory(tmp_path, capsys):
+    assert _stage("evaluate", tmp_path) == 1
+    assert f"{tmp_path}/models/policy: policy directory not found" in capsys.readouterr().err
+
+
+def test_train_without_normalisation_names_the_stage_to_run(tmp_path):
+    from conftest import tiny_config
+
+    from vlaops.stages import train
+
+    with pytest.raises(VlaopsError, match="run the normalize stage first"):
+        train.run(tiny_config(tmp_path))
