@@ -11,15 +11,15 @@ from torch.utils.data import Dataset
 from vlaops.data import keys
 from vlaops.errors import VlaopsError
 from vlaops.model import ModelConfig, VLAPolicy, apply_train_setup, build_offline_processor, tokenize
-from vlaops.train import TrainConfig, TrainSetupConfig, make_loader, resolve_precision, train_policy
+from vlaops.tracking import TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, VAL_LOSS
+from vlaops.train.config import TrainConfig, TrainSetupConfig
 from vlaops.train.loop import (
-    TRAIN_GRAD_NORM,
-    TRAIN_LOSS,
-    TRAIN_LR,
-    VAL_LOSS,
     build_optimizer,
     latest_checkpoint,
     lr_lambda,
+    make_loader,
+    resolve_precision,
+    train_policy,
 )
 
 INSTRUCTIONS = ["open the drawer", "push the red block left", "turn on the led", "lift the blue block"]

@@ -21,12 +21,15 @@ log = get_logger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_FILE = "mlflow_run.json"  # written beside the exported policy
 
-# Metric names: one home, imported by train and evaluate.
+# Metric names: one home, imported by the training loop, the stages and the tests.
 TRAIN_LOSS = "train/loss"
 TRAIN_ARM_LOSS = "train/arm_loss"
 TRAIN_GRIPPER_LOSS = "train/gripper_loss"
+TRAIN_LR = "train/lr"
+TRAIN_GRAD_NORM = "train/grad_norm"
 VAL_LOSS = "val/loss"
-LEARNING_RATE = "train/lr"
+VAL_ARM_LOSS = "val/arm_loss"
+VAL_GRIPPER_LOSS = "val/gripper_loss"
 AVG_LEN = "avg_len"
 SR_PREFIX = "sr_"  # sr_1 .. sr_5
 TASK_SR_PREFIX = "task_sr/"

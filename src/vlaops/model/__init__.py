@@ -1,27 +1,36 @@
 """The policy model: Kosmos-2 backbone + action token + LSTM head, its offline processor, and the
-exported runtime (RoboVLMs "cont-lstm-post", window 8, chunk 10)."""
+exported runtime (RoboVLMs "cont-lstm-post", window 8, chunk 10).
 
-from vlaops.model.backbone import KosmosBackbone, tiny_kosmos_config
-from vlaops.model.config import ModelConfig, TinyKosmosConfig
-from vlaops.model.head import LSTMPolicyHead
-from vlaops.model.policy import VLAPolicy, apply_train_setup, merged_state_dict
-from vlaops.model.processor import build_offline_processor, load_processor, make_processor, tokenize
-from vlaops.model.runtime import Policy, load_policy_model, save_policy
+Names resolve lazily: ``vlaops.model.config`` is imported by every command to validate the config,
+and must not pay for importing transformers.
+"""
 
-__all__ = [
-    "KosmosBackbone",
-    "LSTMPolicyHead",
-    "ModelConfig",
-    "Policy",
-    "TinyKosmosConfig",
-    "VLAPolicy",
-    "apply_train_setup",
-    "build_offline_processor",
-    "load_policy_model",
-    "load_processor",
-    "make_processor",
-    "merged_state_dict",
-    "save_policy",
-    "tiny_kosmos_config",
-    "tokenize",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "KosmosBackbone": "backbone",
+    "tiny_kosmos_config": "backbone",
+    "ModelConfig": "config",
+    "TinyKosmosConfig": "config",
+    "LSTMPolicyHead": "head",
+    "VLAPolicy": "policy",
+    "apply_train_setup": "policy",
+    "merged_state_dict": "policy",
+    "build_offline_processor": "processor",
+    "load_processor": "processor",
+    "make_processor": "processor",
+    "tokenize": "processor",
+    "Policy": "runtime",
+    "load_policy_model": "runtime",
+    "save_policy": "runtime",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"vlaops.model.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'vlaops.model' has no attribute {name!r}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 LOSSES = ("huber", "mse")
+BACKBONES = ("tiny", "pretrained")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -66,6 +67,10 @@ class TinyKosmosConfig:
 class ModelConfig:
     """The policy: Kosmos-2 backbone + action token + LSTM head ("cont-lstm-post", RoboVLMs)."""
 
+    # "tiny": a tiny Kosmos-2 from ``tiny`` with random weights (the embedded default and the tests);
+    # "pretrained": the real weights in ``pretrained_dir``. One explicit switch, so a forgotten path
+    # is an error rather than a silent fall-back to random weights.
+    backbone: str = "tiny"
     # A local directory holding microsoft/kosmos-2-patch14-224 (config + weights + processor files);
     # None builds the tiny config below with random weights. Never resolved against the hub.
     pretrained_dir: Optional[str] = None
@@ -106,3 +111,15 @@ class ModelConfig:
             raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
         if self.pretrained_dir == "":
             raise ValueError("pretrained_dir must be a directory path or null, got ''")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.backbone == "pretrained" and self.pretrained_dir is None:
+            raise ValueError(
+                "model.pretrained_dir must name a local directory holding microsoft/kosmos-2-patch14-224 "
+                "when model.backbone is 'pretrained' (e.g. model.pretrained_dir=/path/to/kosmos-2-patch14-224)"
+            )
+        if self.backbone == "tiny" and self.pretrained_dir is not None:
+            raise ValueError(
+                f"model.pretrained_dir is set ({self.pretrained_dir!r}) but model.backbone is 'tiny'; "
+                "choose the real weights with model=kosmos2"
+            )

@@ -1,20 +1,29 @@
-"""The embedded default robot: a PyBullet Franka Panda tabletop, its tasks, a scripted expert, a recorder."""
+"""The embedded default robot: a PyBullet Franka Panda tabletop, its tasks, a scripted expert, a recorder.
 
-from vlaops.sim.config import SimConfig, SimTopics
-from vlaops.sim.env import TabletopEnv
-from vlaops.sim.expert import ScriptedExpert, run_expert
-from vlaops.sim.record import collect
-from vlaops.sim.tasks import TASKS, Task, get_task, sample_chain
+Names resolve lazily, so validating a config (``vlaops.sim.config``) does not load PyBullet.
+"""
 
-__all__ = [
-    "SimConfig",
-    "SimTopics",
-    "TabletopEnv",
-    "TASKS",
-    "Task",
-    "get_task",
-    "sample_chain",
-    "ScriptedExpert",
-    "run_expert",
-    "collect",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SimConfig": "config",
+    "SimTopics": "config",
+    "TabletopEnv": "env",
+    "ScriptedExpert": "expert",
+    "run_expert": "expert",
+    "collect": "record",
+    "TASKS": "tasks",
+    "Task": "tasks",
+    "get_task": "tasks",
+    "sample_chain": "tasks",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"vlaops.sim.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'vlaops.sim' has no attribute {name!r}")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pybullet as p
 
-from vlaops.sim import scene
+from vlaops.sim import layout, scene
 from vlaops.sim.config import SimConfig
 
 # CALVIN (calvin_env/robot/robot.py; dataset README "rel_actions"): per-step scale of relative actions.
@@ -82,8 +82,8 @@ class TabletopEnv:
         noise = self.cfg.position_noise
         block_xy = {}
         block_yaw = {}
-        for name in scene.BLOCK_ORDER:
-            nx, ny = scene.BLOCK_NOMINAL_XY[name]
+        for name in layout.BLOCK_ORDER:
+            nx, ny = layout.BLOCK_NOMINAL_XY[name]
             dx, dy = rng.uniform(-noise, noise, size=2)
             block_xy[name] = (nx + float(dx), ny + float(dy))
             block_yaw[name] = float(rng.uniform(-0.25, 0.25))
@@ -92,12 +92,12 @@ class TabletopEnv:
                                     deterministicOverlappingPairs=1, physicsClientId=self.client)
         self._ids = scene.build_scene(self.client, block_xy, block_yaw)
         robot = self._ids.robot
-        infos = [p.getJointInfo(robot, j, physicsClientId=self.client) for j in scene.RECORDED_JOINTS]
+        infos = [p.getJointInfo(robot, j, physicsClientId=self.client) for j in layout.RECORDED_JOINTS]
         self._ll = [i[8] for i in infos]
         self._ul = [i[9] for i in infos]
         self._jr = [hi - lo for lo, hi in zip(self._ll, self._ul, strict=True)]
-        self._rest = list(scene.HOME_JOINTS) + [scene.FINGER_OPEN] * 2
-        self._command(np.asarray(scene.HOME_JOINTS), GRIPPER_OPEN)
+        self._rest = list(layout.HOME_JOINTS) + [layout.FINGER_OPEN] * 2
+        self._command(np.asarray(layout.HOME_JOINTS), GRIPPER_OPEN)
         for _ in range(SETTLE_PHYSICS_STEPS):
             p.stepSimulation(physicsClientId=self.client)
         self._tick = 0
@@ -139,7 +139,7 @@ class TabletopEnv:
         pos = np.clip(target[:3], TCP_BOUNDS_LOW, TCP_BOUNDS_HIGH)
         orn = p.getQuaternionFromEuler(target[3:6].tolist())
         q = p.calculateInverseKinematics(
-            self._ids.robot, scene.TCP_LINK, pos.tolist(), orn,
+            self._ids.robot, layout.TCP_LINK, pos.tolist(), orn,
             lowerLimits=self._ll, upperLimits=self._ul, jointRanges=self._jr, restPoses=self._rest,
             maxNumIterations=IK_ITERATIONS, residualThreshold=1e-5, physicsClientId=self.client,
         )
@@ -158,14 +158,14 @@ class TabletopEnv:
     def _command(self, arm_q: np.ndarray, gripper: float) -> None:
         """Position-control the arm to ``arm_q`` (7,) and the fingers open (gripper > 0) or closed."""
         p.setJointMotorControlArray(
-            self._ids.robot, list(scene.ARM_JOINTS), p.POSITION_CONTROL, targetPositions=arm_q.tolist(),
-            forces=[scene.ARM_JOINT_FORCE] * 7, positionGains=[ARM_POSITION_GAIN] * 7,
+            self._ids.robot, list(layout.ARM_JOINTS), p.POSITION_CONTROL, targetPositions=arm_q.tolist(),
+            forces=[layout.ARM_JOINT_FORCE] * 7, positionGains=[ARM_POSITION_GAIN] * 7,
             physicsClientId=self.client,
         )
-        finger = scene.FINGER_OPEN if gripper > 0 else 0.0
+        finger = layout.FINGER_OPEN if gripper > 0 else 0.0
         p.setJointMotorControlArray(
-            self._ids.robot, list(scene.FINGER_JOINTS), p.POSITION_CONTROL, targetPositions=[finger] * 2,
-            forces=[scene.FINGER_FORCE] * 2, physicsClientId=self.client,
+            self._ids.robot, list(layout.FINGER_JOINTS), p.POSITION_CONTROL, targetPositions=[finger] * 2,
+            forces=[layout.FINGER_FORCE] * 2, physicsClientId=self.client,
         )
 
     # --- state ----------------------------------------------------------------------------------
@@ -187,12 +187,12 @@ class TabletopEnv:
     def tcp_pose(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """TCP (panda_grasptarget) position (3,), quaternion xyzw (4,), euler xyz (3,)."""
         self._require_reset()
-        pos, quat = p.getLinkState(self._ids.robot, scene.TCP_LINK, computeForwardKinematics=True,
+        pos, quat = p.getLinkState(self._ids.robot, layout.TCP_LINK, computeForwardKinematics=True,
                                    physicsClientId=self.client)[4:6]
         return np.asarray(pos), np.asarray(quat), np.asarray(p.getEulerFromQuaternion(quat))
 
     def _joint_state(self) -> tuple[np.ndarray, np.ndarray]:
-        states = p.getJointStates(self._ids.robot, list(scene.RECORDED_JOINTS), physicsClientId=self.client)
+        states = p.getJointStates(self._ids.robot, list(layout.RECORDED_JOINTS), physicsClientId=self.client)
         return np.array([s[0] for s in states]), np.array([s[1] for s in states])  # (9,), (9,)
 
     def _block_pose(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +206,7 @@ class TabletopEnv:
     def scene_obs(self) -> np.ndarray:
         """CALVIN scene_obs (24,): 6 zeros, then red, blue, green block pos + euler."""
         out = np.zeros(SCENE_OBS_DIM)
-        for i, name in enumerate(scene.BLOCK_ORDER):
+        for i, name in enumerate(layout.BLOCK_ORDER):
             pos, euler = self._block_pose(name)
             out[6 + 6 * i: 9 + 6 * i] = pos
             out[9 + 6 * i: 12 + 6 * i] = euler
@@ -239,7 +239,7 @@ class TabletopEnv:
             "rgb_gripper": rgb_gripper,  # (84, 84, 3) u8
             "robot_obs": self.robot_obs(),  # (15,) f64
             "scene_obs": self.scene_obs(),  # (24,) f64
-            "joint_names": scene.JOINT_NAMES,
+            "joint_names": layout.JOINT_NAMES,
             "joint_positions": q,  # (9,)
             "joint_velocities": dq,  # (9,)
             "tcp_pos": pos,  # (3,)
@@ -257,10 +257,10 @@ class TabletopEnv:
         self._require_reset()
         blocks = {}
         held = None
-        for name in scene.BLOCK_ORDER:
+        for name in layout.BLOCK_ORDER:
             pos, euler = self._block_pose(name)
-            grasped = all(self._touching(name, link) for link in scene.FINGER_JOINTS)
-            lifted = grasped and pos[2] > scene.BLOCK_REST_Z + LIFTED_MARGIN
+            grasped = all(self._touching(name, link) for link in layout.FINGER_JOINTS)
+            lifted = grasped and pos[2] > layout.BLOCK_REST_Z + LIFTED_MARGIN
             blocks[name] = {"pos": pos, "euler": euler, "grasped": grasped, "lifted": lifted}
             if grasped:
                 held = name

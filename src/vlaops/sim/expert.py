@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from vlaops.sim.env import GRIPPER_CLOSE, GRIPPER_OPEN, REL_ORN_SCALE, REL_POS_SCALE, TabletopEnv, wrap_angle
-from vlaops.sim.scene import BLOCK_HALF, BLOCK_REST_Z
+from vlaops.sim.layout import BLOCK_HALF, BLOCK_REST_Z
 from vlaops.sim.tasks import DIRECTIONS, Task, get_task
 
 # Gripper pointing straight down (roll pi), as at the home pose.

@@ -27,7 +27,7 @@ from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
-from vlaops.sim import scene
+from vlaops.sim import layout, scene
 from vlaops.sim.config import SimConfig
 from vlaops.sim.env import TabletopEnv
 from vlaops.sim.expert import run_expert
@@ -116,11 +116,11 @@ class BagWriter:
         q = self.t["geometry_msgs/msg/Quaternion"](x=float(quat[0]), y=float(quat[1]), z=float(quat[2]),
                                                    w=float(quat[3]))
         pose = self.t["geometry_msgs/msg/Pose"](position=point, orientation=q)
-        return self.t["geometry_msgs/msg/PoseStamped"](header=self._header(ns, scene.BASE_FRAME), pose=pose)
+        return self.t["geometry_msgs/msg/PoseStamped"](header=self._header(ns, layout.BASE_FRAME), pose=pose)
 
     def _joint_state(self, ns: int, q: np.ndarray, dq: np.ndarray) -> Any:
         return self.t["sensor_msgs/msg/JointState"](
-            header=self._header(ns, scene.BASE_FRAME), name=list(scene.JOINT_NAMES),
+            header=self._header(ns, layout.BASE_FRAME), name=list(layout.JOINT_NAMES),
             position=np.asarray(q, dtype=np.float64), velocity=np.asarray(dq, dtype=np.float64),
             effort=np.zeros(0, dtype=np.float64),
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vlaops.sim.scene import BLOCK_ORDER, BLOCK_REST_Z, TABLE_CENTER, TABLE_HALF_EXTENTS, WORKSPACE_Y
+from vlaops.sim.layout import BLOCK_ORDER, BLOCK_REST_Z, TABLE_CENTER, TABLE_HALF_EXTENTS, WORKSPACE_Y
 
 Info = dict[str, Any]  # TabletopEnv.get_info()
 

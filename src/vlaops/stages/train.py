@@ -14,7 +14,7 @@ from vlaops.data.dataset import CalvinWindowDataset
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
-from vlaops.model import VLAPolicy, apply_train_setup, build_offline_processor, load_processor, save_policy, tokenize
+from vlaops.model import VLAPolicy, apply_train_setup, make_processor, save_policy, tokenize
 from vlaops.train.loop import make_loader, train_policy
 from vlaops.utils.atomic import atomic_file, write_json
 from vlaops.utils.logging import get_logger
@@ -46,7 +46,7 @@ def _write_curve(path: Path, rows: dict[int, dict[str, float]]) -> None:
         writer.writerow(["step", "train_loss", "val_loss", "lr"])
         for step in sorted(rows):
             r = rows[step]
-            writer.writerow([step, *(r.get(k, "") for k in (tracking.TRAIN_LOSS, tracking.VAL_LOSS, tracking.LEARNING_RATE))])
+            writer.writerow([step, *(r.get(k, "") for k in (tracking.TRAIN_LOSS, tracking.VAL_LOSS, tracking.TRAIN_LR))])
 
 
 def run(cfg: Config) -> None:
@@ -56,11 +56,7 @@ def run(cfg: Config) -> None:
     normalizer = ActionNormalizer.load(normalized_dir / NORMALIZATION_FILE)
     train_split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
     val_split = CalvinSplit(calvin_dir / VALIDATION, cfg.data.trust_pickles)
-    if cfg.model.pretrained_dir:
-        processor = load_processor(cfg.model.pretrained_dir)
-    else:
-        instructions = sorted({a.instruction for a in train_split.annotations})
-        processor = build_offline_processor(instructions, cfg.model.vocab_size, cfg.model.image_size)
+    processor = make_processor(cfg.model, sorted({a.instruction for a in train_split.annotations}))
     tok = partial(tokenize, processor, max_len=cfg.model.max_text_len)
     m = cfg.model
     train_ds = CalvinWindowDataset(train_split, normalizer, tok, m.window_size, m.fwd_pred_next_n, m.image_size, cfg.data.augment)

@@ -28,21 +28,21 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vlaops.errors import VlaopsError
+from vlaops.tracking import (
+    TRAIN_ARM_LOSS,
+    TRAIN_GRAD_NORM,
+    TRAIN_GRIPPER_LOSS,
+    TRAIN_LOSS,
+    TRAIN_LR,
+    VAL_ARM_LOSS,
+    VAL_GRIPPER_LOSS,
+    VAL_LOSS,
+)
 from vlaops.train.config import TrainConfig
 from vlaops.utils.atomic import write_json
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-# MLflow metric names (the caller logs them as given)
-TRAIN_LOSS = "train/loss"
-TRAIN_ARM_LOSS = "train/arm_loss"
-TRAIN_GRIPPER_LOSS = "train/gripper_loss"
-TRAIN_LR = "train/lr"
-TRAIN_GRAD_NORM = "train/grad_norm"
-VAL_LOSS = "val/loss"
-VAL_ARM_LOSS = "val/arm_loss"
-VAL_GRIPPER_LOSS = "val/gripper_loss"
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
 TRAINER_STATE_FILE = "trainer_state.json"
