@@ -288,7 +288,7 @@ def train_policy(
     batches = _cycle(train_loader, accelerator, start_batch=step * cfg.gradient_accumulation_steps)
     window: dict[str, list[float]] = {"loss": [], "arm_loss": [], "gripper_loss": [], "grad_norm": []}
     start = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     while step < cfg.max_steps:
         batch = next(batches)
         with accelerator.accumulate(model):
@@ -318,6 +318,8 @@ def train_policy(
                 TRAIN_LR: scheduler.get_last_lr()[0],
             }
             bar.set_postfix(loss=f"{last_train:.4f}")
+            if bar.disable and accelerator.is_main_process:  # no terminal (CI, a log file): one line instead
+                log.info("step %d/%d: loss %.4f, lr %.3g", step, cfg.max_steps, last_train, metrics[TRAIN_LR])
             if accelerator.is_main_process:
                 log_metrics(metrics, step)
             window = {k: [] for k in window}
