@@ -66,6 +66,11 @@ def test_kosmos2_without_weights_dir_names_the_key():
         load_config(["model=kosmos2"], CONF)
 
 
+def test_weights_dir_with_the_tiny_backbone_is_refused():
+    with pytest.raises(VlaopsError, match="model=kosmos2"):
+        load_config(["model.pretrained_dir=/weights/kosmos-2"], CONF)
+
+
 def test_misspelt_override_names_the_key():
     with pytest.raises(VlaopsError, match="train.lerning_rate"):
         load_config(["train.lerning_rate=0.1"], CONF)

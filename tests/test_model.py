@@ -152,6 +152,32 @@ def test_action_token_feature_ignores_padding_length(processor):
     assert not torch.allclose(f1, f3)  # ... and the instruction does reach it
 
 
+def _frame_features(policy: VLAPolicy, processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of 6 frames of a block shifting on a plain table, under two instructions: (6, D) each."""
+    img = torch.zeros(6, 224, 224, 3, dtype=torch.uint8)
+    img[..., 1] = 120  # table
+    for i in range(6):
+        img[i, 100:130, 40 + 20 * i : 70 + 20 * i, 0] = 220  # the red block moves right
+    from vlaops.data.transforms import to_model_input
+
+    x = to_model_input(img, 224)
+    with torch.no_grad():
+        return tuple(policy.encode_frames(x, x, *tokenize(processor, [t] * 6, L)) for t in INSTRUCTIONS[1:3])
+
+
+def test_tiny_init_lets_image_and_instruction_reach_the_action_token(processor):
+    """With Kosmos-2's pretrained-model init (0.02) the tiny random backbone's feature is nearly
+    constant across frames and instructions, and the head is blind; the tiny init keeps both visible."""
+    policy = make_policy(processor).eval()
+    push, turn = _frame_features(policy, processor)
+    scale = push.abs().mean()
+    assert push.std(0).mean() > 0.02 * scale  # frames differ
+    assert (push - turn).abs().mean() > 0.02 * scale  # instructions differ
+    weak = make_policy(processor, tiny=TinyKosmosConfig(text_init_std=0.02, vision_initializer_factor=1.0)).eval()
+    push_weak, _ = _frame_features(weak, processor)
+    assert push_weak.std(0).mean() < 0.1 * push.std(0).mean()
+
+
 def test_masked_chunk_steps_do_not_change_the_loss(processor):
     policy = make_policy(processor).eval()
     batch = make_batch(processor)

@@ -37,6 +37,7 @@ def tiny_kosmos_config(cfg: ModelConfig, vocab_size: int) -> Kosmos2Config:
             "dropout": t.dropout,
             "attention_dropout": t.dropout,
             "max_position_embeddings": 512,
+            "init_std": t.text_init_std,
         },
         vision_config={
             "hidden_size": t.vision_hidden_size,
@@ -45,6 +46,7 @@ def tiny_kosmos_config(cfg: ModelConfig, vocab_size: int) -> Kosmos2Config:
             "intermediate_size": t.vision_intermediate_size,
             "image_size": cfg.image_size,
             "patch_size": t.patch_size,
+            "initializer_factor": t.vision_initializer_factor,
         },
         latent_query_num=t.latent_query_num,
     )

@@ -41,6 +41,13 @@ class TinyKosmosConfig:
     patch_size: int = 32
     latent_query_num: int = 16
     dropout: float = 0.0  # Kosmos-2 uses 0.1; a 2-layer random model learns faster without
+    # Initialisation scale. Kosmos-2's own (text init_std 0.02, vision initializer_factor 1.0) suits a
+    # pretrained checkpoint; from random weights at this size it leaves the action token's feature all
+    # but constant across frames (std ~1e-4 of its scale: L2-normalised patches through 0.02-std
+    # projections drown under the sinusoidal positions), so the head sees no image and no instruction.
+    # 0.2 / 10.0 give a feature that varies with both (std ~0.1); measured in tests/test_model.py.
+    text_init_std: float = 0.2
+    vision_initializer_factor: float = 10.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -61,6 +68,8 @@ class TinyKosmosConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"tiny.dropout must be in [0, 1), got {self.dropout!r}")
+        _positive("tiny.text_init_std", self.text_init_std)
+        _positive("tiny.vision_initializer_factor", self.vision_initializer_factor)
 
 
 @dataclass
