@@ -93,7 +93,7 @@ def test_metrics_and_results_follow_calvin(pipeline):
     metrics = json.loads((pipeline / "reports" / "metrics.json").read_text())
     assert {"avg_len", "sr_1", "sr_2", "offline", "task_sr"} <= set(metrics)
     assert 0.0 <= metrics["avg_len"] <= 2 and metrics["num_chains"] == 2
-    assert {"arm_mae", "gripper_accuracy"} <= set(metrics["offline"])
+    assert {"arm_mae", "gripper_accuracy", "baseline_arm_mae", "baseline_gripper_accuracy"} <= set(metrics["offline"])
     results = json.loads((pipeline / "reports" / "results.json").read_text())
     (entry,) = results.values()
     assert set(entry) == {"avg_seq_len", "chain_sr", "task_info"} and set(entry["chain_sr"]) == {"1", "2"}

@@ -1,7 +1,9 @@
 """Offline action metrics on the validation split: what real-robot data without a simulator gets.
 
 Teacher-forced windows, as in training: how far the predicted action chunks are from the
-recorded ones, in the normalised action space both share.
+recorded ones, in the normalised action space both share. Next to each error stands the error of
+a constant prediction (the training split's mean action): a policy that does not beat it has not
+learned to use what it sees.
 """
 
 from __future__ import annotations
@@ -17,15 +19,22 @@ from vlaops.model import VLAPolicy
 
 @torch.inference_mode()
 def offline_action_metrics(
-    model: VLAPolicy, dataset: Dataset, batch_size: int, max_batches: int, device: torch.device
+    model: VLAPolicy,
+    dataset: Dataset,
+    batch_size: int,
+    max_batches: int,
+    device: torch.device,
+    constant: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Masked arm MSE / MAE (normalised units), first-step arm MAE, gripper accuracy, and the loss.
 
-    ``max_batches`` 0 means the whole dataset.
+    ``constant`` (A,) is a normalised action predicted for every step; with it come
+    ``baseline_arm_mae`` and ``baseline_gripper_accuracy``. ``max_batches`` 0 means the whole dataset.
     """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    sums: dict[str, float] = {"sq": 0.0, "abs": 0.0, "abs_first": 0.0, "grip_ok": 0.0, "loss": 0.0}
+    sums: dict[str, float] = {"sq": 0.0, "abs": 0.0, "abs_first": 0.0, "grip_ok": 0.0, "loss": 0.0,
+                              "abs_const": 0.0, "grip_const": 0.0}
     counts = {"arm": 0.0, "first": 0.0, "grip": 0.0, "batches": 0}
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
@@ -42,6 +51,10 @@ def offline_action_metrics(
         sums["abs_first"] += float(arm_err[:, :, 0].abs().sum())
         sums["grip_ok"] += float(grip_ok.sum())
         sums["loss"] += float(out["loss"])
+        if constant is not None:
+            const = constant.to(device=device, dtype=target.dtype)
+            sums["abs_const"] += float(((const[:-1] - target[..., :-1]).abs() * mask[..., None]).sum())
+            sums["grip_const"] += float((((const[-1] > 0.5) == (target[..., -1] > 0.5)) & mask).sum())
         arm_dims = arm_err.shape[-1]
         counts["arm"] += float(mask.sum()) * arm_dims
         counts["first"] += float(mask[:, :, 0].sum()) * arm_dims
@@ -49,7 +62,7 @@ def offline_action_metrics(
         counts["batches"] += 1
     if not counts["batches"]:
         return {}
-    return {
+    metrics = {
         "arm_mse": sums["sq"] / counts["arm"],
         "arm_mae": sums["abs"] / counts["arm"],
         "arm_mae_first_step": sums["abs_first"] / counts["first"],
@@ -57,3 +70,7 @@ def offline_action_metrics(
         "loss": sums["loss"] / counts["batches"],
         "windows": float(len(dataset) if not max_batches else min(len(dataset), max_batches * batch_size)),
     }
+    if constant is not None:
+        metrics["baseline_arm_mae"] = sums["abs_const"] / counts["arm"]
+        metrics["baseline_gripper_accuracy"] = sums["grip_const"] / counts["grip"]
+    return metrics

@@ -17,6 +17,7 @@ import torch
 from vlaops import tracking
 from vlaops.config import Config
 from vlaops.data.dataset import CalvinWindowDataset
+from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.eval.chains import evaluate_chains, results_json, summarize
 from vlaops.eval.offline import offline_action_metrics
@@ -37,6 +38,13 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise VlaopsError(f"eval.device={name}, but no CUDA device is available")
     return torch.device(name)
+
+
+def mean_action(normalizer: ActionNormalizer) -> torch.Tensor | None:
+    """The training split's mean action, normalised: the constant the offline errors are compared to."""
+    if not normalizer.stats:
+        return None
+    return torch.as_tensor(normalizer.normalize(np.asarray(normalizer.stats["mean"], dtype=np.float32)))
 
 
 def seeded_chains(env: TabletopEnv, tasks: list[str], num_chains: int, length: int, seed: int) -> list[tuple[int, list[str]]]:
@@ -68,7 +76,8 @@ def run(cfg: Config) -> None:
     m = policy.cfg
     val_ds = CalvinWindowDataset(val_split, policy.normalizer, partial(tokenize, policy.processor, max_len=m.max_text_len),
                                  m.window_size, m.fwd_pred_next_n, m.image_size, None)
-    offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device)
+    offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
+                                     constant=mean_action(policy.normalizer))
     log.info("offline action metrics on %s: %s", val_split.dir, offline)
 
     with TabletopEnv(cfg.sim) as env:
