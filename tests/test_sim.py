@@ -14,7 +14,9 @@ import yaml
 from rosbags.rosbag2 import Reader
 from rosbags.typesys import Stores, get_typestore
 
+from vlaops.eval.chains import evaluate_chains, summarize
 from vlaops.sim import TASKS, SimConfig, TabletopEnv, collect, get_task, run_expert, sample_chain
+from vlaops.sim.expert import ScriptedExpert
 from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT
 
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])  # stay put, gripper open
@@ -164,6 +166,37 @@ def test_expert_completes_a_chain(fast_env: TabletopEnv) -> None:
     chain = sample_chain(np.random.default_rng(7), 5, list(TASKS), fast_env.get_info())
     for name in chain:
         assert run_expert(fast_env, name, 360)[0], (chain, name)
+
+
+class ExpertAsPolicy:
+    """The scripted expert behind the ``reset()`` / ``step(obs, instruction)`` interface a policy has."""
+
+    def __init__(self, env: TabletopEnv) -> None:
+        self.env = env
+        self.by_instruction = {get_task(name).instruction: name for name in TASKS}
+        self.expert: ScriptedExpert | None = None
+
+    def reset(self) -> None:
+        self.expert = None
+
+    def step(self, obs: dict, instruction: str) -> np.ndarray:
+        info = self.env.get_info()
+        if self.expert is None:
+            self.expert = ScriptedExpert(self.by_instruction[instruction], info)
+        return self.expert.act(info)
+
+
+def test_the_evaluation_harness_scores_a_competent_policy(fast_env: TabletopEnv) -> None:
+    """A policy that acts like the demonstrations completes its chains: a 0 SR is the model's, not the harness's."""
+    tasks = list(TASKS)
+    rng = np.random.default_rng(0)
+    chains = []
+    for seed in (1000, 1001):
+        fast_env.reset(seed)
+        chains.append((seed, sample_chain(rng, 3, tasks, fast_env.get_info())))
+    results = evaluate_chains(fast_env, ExpertAsPolicy(fast_env), chains, get_task, max_steps=120)
+    assert [r.completed for r in results] == [3, 3], results
+    assert summarize(results, 3)["avg_seq_len"] == 3.0
 
 
 # --- recording ------------------------------------------------------------------------------------
