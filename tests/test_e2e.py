@@ -39,12 +39,12 @@ def _merge(base: dict, update: dict) -> dict:
     return base
 
 
-def _run(cmd: list[str], cwd: Path) -> str:
+def _run(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
+    return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
 @pytest.mark.slow
@@ -76,6 +76,12 @@ def test_dvc_repro_then_experiment(tmp_path):
     exp = _run(["dvc", "exp", "run", "-S", "train.max_steps=6"], repo)
     ran = {s for s in ("collect", "ingest", "convert", "normalize", "train", "evaluate") if f"Running stage '{s}'" in exp}
     assert ran == {"train", "evaluate"}, exp[-2000:]
+
+    # reports/ is git-ignored: the experiment's metrics must come back from the DVC cache
+    (baseline,) = [row for row in json.loads(_run(["dvc", "exp", "show", "--json"], repo, stdout_only=True)) if row.get("experiments")]
+    (shown,) = [e["revs"][0] for e in baseline["experiments"]]
+    assert shown["data"]["params"]["params.yaml"]["data"]["train"]["max_steps"] == 6
+    assert {"avg_len", "sr_1", "sr_2"} <= set(shown["data"]["metrics"]["reports/metrics.json"]["data"])
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
     (experiment,) = [e for e in client.search_experiments() if e.name == "vlaops"]
