@@ -9,6 +9,7 @@ import mlflow
 import pytest
 from conftest import CONF
 
+from vlaops import tracking
 from vlaops.cli import main
 from vlaops.errors import VlaopsError
 
@@ -112,6 +113,16 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     assert run.data.tags["data_fingerprint"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "train_config.json", "metrics.json"} <= artifacts
+
+
+def test_runs_are_named_after_the_dvc_experiment(monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    assert tracking.default_run_name().startswith("run-") and tracking.dvc_tags() == {}
+    monkeypatch.setenv("DVC_EXP_NAME", "lofty-arch")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "abc123")
+    assert tracking.default_run_name() == "lofty-arch"
+    assert tracking.dvc_tags() == {"dvc.exp_name": "lofty-arch", "dvc.baseline_rev": "abc123"}
 
 
 def test_checkpoints_of_another_recipe_are_refused(pipeline, capsys):

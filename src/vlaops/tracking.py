@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ class TrackingConfig:
     enabled: bool = True
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
     experiment_name: str = "vlaops"
-    run_name: Optional[str] = None  # None: MLflow picks one
+    run_name: Optional[str] = None  # None: the DVC experiment's name under `dvc exp run`, else run-<UTC time>
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -55,6 +56,21 @@ def git_commit() -> str | None:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def default_run_name() -> str:
+    """Under ``dvc exp run`` the experiment's name, so a row reads the same in ``dvc exp show`` and ``mlflow ui``.
+
+    Not MLflow's own generated name: it comes from the ``random`` module, which training seeds, so
+    every run would get the same one.
+    """
+    return os.environ.get("DVC_EXP_NAME") or time.strftime("run-%Y%m%d-%H%M%S", time.gmtime())
+
+
+def dvc_tags() -> dict[str, str]:
+    """The DVC experiment a run belongs to, when DVC started it (DVC sets these variables)."""
+    names = {"DVC_EXP_NAME": "dvc.exp_name", "DVC_EXP_BASELINE_REV": "dvc.baseline_rev"}
+    return {tag: os.environ[var] for var, tag in names.items() if os.environ.get(var)}
 
 
 def _mlflow(cfg: TrackingConfig):  # imported lazily: mlflow takes seconds to import
@@ -77,7 +93,9 @@ def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | N
     mlflow = _mlflow(cfg)
     if run_id is None:
         mlflow.set_experiment(cfg.experiment_name)
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name, tags=tags)
+    if run_id is None:
+        tags = {**dvc_tags(), **(tags or {})}
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name or default_run_name(), tags=tags)
     log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
     try:
         yield mlflow
