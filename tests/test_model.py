@@ -90,7 +90,8 @@ def test_load_processor_missing_dir_is_clear(tmp_path):
     with pytest.raises(VlaopsError, match="processor directory not found"):
         load_processor(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VlaopsError, match="tokenizer"):
+    with pytest.raises(VlaopsError, match=r"model.pretrained_dir=.*/empty: no config.json, no model.safetensors or "
+                                          r"pytorch_model.bin, no tokenizer.json or tokenizer_config.json"):
         make_processor(ModelConfig(backbone="pretrained", pretrained_dir=str(tmp_path / "empty")), INSTRUCTIONS)
     built = make_processor(ModelConfig(vocab_size=50), INSTRUCTIONS)
     assert built.tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=False) <= 50
@@ -381,11 +382,14 @@ def test_policy_step_needs_the_gripper_camera(exported):
 
 def test_pretrained_dir_loads_locally(processor, tmp_path):
     """The pretrained path on a tiny checkpoint saved like microsoft/kosmos-2-patch14-224 (no hub)."""
-    with pytest.raises(VlaopsError, match="config.json"):
+    with pytest.raises(VlaopsError, match=r"model.pretrained_dir=.*/none: directory not found"):
         VLAPolicy.build(small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "none")), len(processor.tokenizer))
     tiny = make_policy(processor)
-    tiny.backbone.model.save_pretrained(tmp_path / "kosmos")
+    tiny.backbone.model.config.save_pretrained(tmp_path / "kosmos")
     processor.save_pretrained(tmp_path / "kosmos")
+    with pytest.raises(VlaopsError, match=r"/kosmos: no model.safetensors or pytorch_model.bin;"):
+        VLAPolicy.build(small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "kosmos")), len(processor.tokenizer))
+    tiny.backbone.model.save_pretrained(tmp_path / "kosmos")
     cfg = small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "kosmos"))
     proc = make_processor(cfg, [])
     loaded = VLAPolicy.build(cfg, len(proc.tokenizer))

@@ -173,11 +173,31 @@ class KosmosBackbone(nn.Module):
         return hidden[torch.arange(n, device=hidden.device), insert]  # (N, D)
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_pretrained_dir(path: str | os.PathLike[str]) -> Path:
+    """Fail before any work with what a local Kosmos-2 checkpoint directory lacks, named in one line."""
+    path = Path(path)
+    expected = "expected a local copy of microsoft/kosmos-2-patch14-224 (config.json, weights, tokenizer files)"
+    if not path.is_dir():
+        raise VlaopsError(f"model.pretrained_dir={path}: directory not found; {expected}")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES[::2]))
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(" or ".join(TOKENIZER_FILES))
+    if missing:
+        raise VlaopsError(f"model.pretrained_dir={path}: no {', no '.join(missing)}; {expected}")
+    return path
+
+
 def load_pretrained_kosmos(path: str | os.PathLike[str]) -> Kosmos2Model:
     """``Kosmos2Model`` from a local microsoft/kosmos-2-patch14-224 directory; never the hub."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise VlaopsError(f"{path}: no config.json; model.pretrained_dir must be a local Kosmos-2 checkpoint directory")
+    path = check_pretrained_dir(path)
     try:
         return Kosmos2Model.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -24,6 +24,7 @@ from transformers import AutoProcessor, Kosmos2Processor, XLMRobertaTokenizerFas
 
 from vlaops.data.transforms import CLIP_MEAN, CLIP_STD
 from vlaops.errors import VlaopsError
+from vlaops.model.backbone import check_pretrained_dir
 
 # XLM-R's order, so the ids equal Kosmos2TextConfig's bos_token_id=0, pad_token_id=1, eos_token_id=2.
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -146,5 +147,5 @@ def make_processor(cfg, instructions: list[str]):
     """The processor a run uses: the checkpoint's own with ``cfg.pretrained_dir``, else one built from the
     training instructions (``cfg.vocab_size``, ``cfg.image_size``). ``cfg`` is a ``ModelConfig``."""
     if cfg.pretrained_dir is not None:
-        return load_processor(cfg.pretrained_dir)
+        return load_processor(check_pretrained_dir(cfg.pretrained_dir))
     return build_offline_processor(instructions, vocab_size=cfg.vocab_size, image_size=cfg.image_size)
