@@ -6,9 +6,11 @@ at 4x the control rate, the command 10 ms after the frame it answers), and knobs
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -23,9 +25,27 @@ def _header(t: float, frame: str = "panda_link0"):
     return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t - sec) * 1e9))), frame_id=frame)
 
 
-def _image(t: float, size: int, value: int):
+def _pixels(size: int, value: int) -> np.ndarray:
     data = np.full((size, size, 3), value, dtype=np.uint8)
     data[: size // 2, :, 0] = 255 - value  # some structure, so a channel swap would show
+    return data
+
+
+def _compressed(t: float, size: int, value: int, fmt: str):
+    """sensor_msgs/CompressedImage as a camera driver's image_transport writes it; fmt 'png' or 'jpeg',
+    'broken' for bytes no decoder reads."""
+    if fmt == "broken":
+        payload = b"\x89PNG truncated"
+    else:
+        buf = io.BytesIO()
+        Image.fromarray(_pixels(size, value)).save(buf, format=fmt.upper())
+        payload = buf.getvalue()
+    return T["sensor_msgs/msg/CompressedImage"](
+        header=_header(t, "camera"), format=f"rgb8; {fmt} compressed bgr8", data=np.frombuffer(payload, dtype=np.uint8))
+
+
+def _image(t: float, size: int, value: int):
+    data = _pixels(size, value)
     return T["sensor_msgs/msg/Image"](
         header=_header(t, "camera"), height=size, width=size, encoding="rgb8", is_bigendian=0, step=size * 3, data=data.reshape(-1)
     )
@@ -47,13 +67,17 @@ def write_arm_bag(
     hz: float = 30.0,
     seed: int = 0,
     empty: bool = False,
+    compressed: str | None = None,
 ) -> Path:
-    """Write one synthetic episode to the rosbag2 directory ``path``; returns ``path``."""
+    """Write one synthetic episode to the rosbag2 directory ``path``; returns ``path``.
+
+    ``compressed`` ('png', 'jpeg' or 'broken') records the static camera as CompressedImage.
+    """
     rng = np.random.default_rng(seed)
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     with Writer(path, version=9, storage_plugin=plugin) as writer:
         conns = {
-            "static": ("/camera/static/image_raw", "sensor_msgs/msg/Image"),
+            "static": ("/camera/static/image_raw", f"sensor_msgs/msg/{'Compressed' if compressed else ''}Image"),
             "gripper": ("/camera/gripper/image_raw", "sensor_msgs/msg/Image"),
             "joints": ("/joint_states", "sensor_msgs/msg/JointState"),
             "tcp": ("/tcp_pose", "geometry_msgs/msg/PoseStamped"),
@@ -78,7 +102,8 @@ def write_arm_bag(
                 q = np.concatenate([np.linspace(-0.5, 0.5, 7) + 0.01 * k, [0.04, 0.04]])
                 write("joints", ts, T["sensor_msgs/msg/JointState"](
                     header=_header(ts), name=JOINTS, position=q, velocity=np.zeros(9), effort=np.zeros(9)))
-            write("static", t, _image(t, static_size, k % 256))
+            static = _compressed(t, static_size, k % 256, compressed) if compressed else _image(t, static_size, k % 256)
+            write("static", t, static)
             write("gripper", t, _image(t, gripper_size, (3 * k) % 256))
             pose = T["geometry_msgs/msg/Pose"](
                 position=T["geometry_msgs/msg/Point"](x=pos[0], y=pos[1], z=pos[2]),

@@ -51,6 +51,25 @@ def test_bag_without_mapped_image_topic_is_named(cfg, tmp_path):
         ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
 
 
+def test_compressed_images_are_decoded(cfg, tmp_path):
+    write_arm_bag(tmp_path / "raw" / "png", compressed="png")
+    write_arm_bag(tmp_path / "raw" / "jpeg", compressed="jpeg", storage="mcap")
+    ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
+    png = read_episode(tmp_path / "episodes" / "png.h5")
+    assert png.rgb_static.shape == (24, 64, 64, 3) and png.rgb_static.dtype == np.uint8
+    np.testing.assert_array_equal(png.rgb_static[:, -1, 0, 0], np.arange(24))  # lossless, frame k is image k
+    np.testing.assert_array_equal(png.rgb_static[:, 0, 0, 0], 255 - np.arange(24))  # channels in RGB order
+    jpeg = read_episode(tmp_path / "episodes" / "jpeg.h5")
+    assert np.abs(jpeg.rgb_static.astype(int) - png.rgb_static.astype(int)).mean() < 3  # lossy, but the same frames
+
+
+def test_undecodable_compressed_image_is_named(cfg, tmp_path):
+    write_arm_bag(tmp_path / "raw" / "broken", compressed="broken")
+    with pytest.raises(VlaopsError, match=r"broken: .*/camera/static/image_raw.*cannot decode the compressed image"):
+        ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
+    assert not (tmp_path / "episodes").exists()
+
+
 def test_optional_gripper_camera_may_be_absent(cfg, tmp_path):
     write_arm_bag(tmp_path / "raw" / "nogripper", omit=("gripper",))
     ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)

@@ -80,8 +80,11 @@ def _stamp(msg: Any, log_time_ns: int) -> float:
 def decode_image(msg: Any, where: str) -> np.ndarray:
     """sensor_msgs Image (rgb8/bgr8/rgba8/bgra8/mono8) or CompressedImage -> (H, W, 3) uint8."""
     if hasattr(msg, "format"):  # CompressedImage
-        with Image.open(io.BytesIO(bytes(msg.data))) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        try:
+            with Image.open(io.BytesIO(bytes(msg.data))) as img:
+                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise VlaopsError(f"{where}: cannot decode the compressed image (format '{msg.format}': {exc})") from None
     channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
     enc = msg.encoding.lower()
     if enc not in channels:
