@@ -367,6 +367,36 @@ def test_policy_load_and_step(exported):
     assert len(policy._features) == 1
 
 
+def test_policy_step_acts_as_the_training_forward_on_the_same_window(exported):
+    """The feature cache is an optimisation only: at every step, past the window fill too, the action
+    equals the training forward over the last ``window_size`` frames (bench/policy_step.py times it)."""
+    from vlaops.data.transforms import to_model_input
+
+    out, _ = exported
+    policy = Policy.load(out, device="cpu")
+    rng = np.random.default_rng(1)
+    frames, instruction = [], "push the red block left"
+    policy.reset()
+    for _ in range(W + 3):
+        obs = _obs(rng)
+        frames.append([to_model_input(torch.from_numpy(obs[k])[None], 224) for k in ("rgb_static", "rgb_gripper")])
+        action = policy.step(obs, instruction)
+        window = frames[-W:]
+        text, text_mask = tokenize(policy.processor, [instruction], L)
+        batch = {
+            keys.RGB: torch.cat([f[0] for f in window])[None],  # (1, w, 3, S, S)
+            keys.HAND_RGB: torch.cat([f[1] for f in window])[None],
+            keys.TEXT: text,
+            keys.TEXT_MASK: text_mask,
+            keys.ACTION_CHUNK: torch.zeros(1, len(window), C, A),
+            keys.CHUNK_MASK: torch.ones(1, len(window), C, dtype=torch.bool),
+        }
+        with torch.no_grad():
+            full = policy.model(batch)
+        first = torch.cat([full["arm"][0, -1, 0], torch.sigmoid(full["gripper_logits"][0, -1, 0])]).numpy()
+        np.testing.assert_allclose(action, policy.normalizer.denormalize(first.astype(np.float64)), atol=1e-5)
+
+
 def test_policy_load_empty_dir_names_the_missing_file(tmp_path):
     with pytest.raises(VlaopsError, match="model.safetensors"):
         Policy.load(tmp_path)
