@@ -65,9 +65,7 @@ class WindowRecompute:
         ids, mask = p._text
         w = rgb.shape[0]
         feats = p.model.encode_frames(rgb, hands, ids.expand(w, -1), mask.expand(w, -1))  # (w, D)
-        arm, grip = p.model.predict_from_features(feats[None])  # (1, w, C, A-1), (1, w, C, 1)
-        first = torch.cat([arm[0, -1, 0], grip[0, -1, 0]], dim=-1).float().cpu().numpy()
-        return p.normalizer.denormalize(first.astype(np.float64))
+        return p.action_from_features(feats[None])
 
 
 def sync(device: torch.device) -> None:

@@ -18,6 +18,7 @@ from vlaops.eval.chains import evaluate_chains, summarize
 from vlaops.sim import TASKS, SimConfig, TabletopEnv, collect, get_task, run_expert, sample_chain
 from vlaops.sim.expert import ScriptedExpert
 from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT
+from vlaops.stages.evaluate import seeded_chains
 
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])  # stay put, gripper open
 
@@ -188,12 +189,7 @@ class ExpertAsPolicy:
 
 def test_the_evaluation_harness_scores_a_competent_policy(fast_env: TabletopEnv) -> None:
     """A policy that acts like the demonstrations completes its chains: a 0 SR is the model's, not the harness's."""
-    tasks = list(TASKS)
-    rng = np.random.default_rng(0)
-    chains = []
-    for seed in (1000, 1001):
-        fast_env.reset(seed)
-        chains.append((seed, sample_chain(rng, 3, tasks, fast_env.get_info())))
+    chains = seeded_chains(fast_env, list(TASKS), num_chains=2, length=3, seed=1000)
     results = evaluate_chains(fast_env, ExpertAsPolicy(fast_env), chains, get_task, max_steps=120)
     assert [r.completed for r in results] == [3, 3], results
     assert summarize(results, 3)["avg_seq_len"] == 3.0

@@ -91,11 +91,12 @@ def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | N
         yield None
         return
     mlflow = _mlflow(cfg)
-    if run_id is None:
+    run_name = None
+    if run_id is None:  # a new run; re-opening one keeps its name and tags
         mlflow.set_experiment(cfg.experiment_name)
-    if run_id is None:
+        run_name = cfg.run_name or default_run_name()
         tags = {**dvc_tags(), **(tags or {})}
-    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else cfg.run_name or default_run_name(), tags=tags)
+    active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
     log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
     try:
         yield mlflow

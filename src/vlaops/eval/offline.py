@@ -36,6 +36,7 @@ def offline_action_metrics(
     sums: dict[str, float] = {"sq": 0.0, "abs": 0.0, "abs_first": 0.0, "grip_ok": 0.0, "loss": 0.0,
                               "abs_const": 0.0, "grip_const": 0.0}
     counts = {"arm": 0.0, "first": 0.0, "grip": 0.0, "batches": 0}
+    const = None if constant is None else constant.to(device)
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
@@ -51,8 +52,7 @@ def offline_action_metrics(
         sums["abs_first"] += float(arm_err[:, :, 0].abs().sum())
         sums["grip_ok"] += float(grip_ok.sum())
         sums["loss"] += float(out["loss"])
-        if constant is not None:
-            const = constant.to(device=device, dtype=target.dtype)
+        if const is not None:
             sums["abs_const"] += float(((const[:-1] - target[..., :-1]).abs() * mask[..., None]).sum())
             sums["grip_const"] += float((((const[-1] > 0.5) == (target[..., -1] > 0.5)) & mask).sum())
         arm_dims = arm_err.shape[-1]

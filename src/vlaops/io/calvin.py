@@ -115,13 +115,13 @@ def write_split_metadata(
     }
     lang_dir = split_dir / LANG_DIR
     lang_dir.mkdir(exist_ok=True)
-    np.save(lang_dir / LANG_ANN, np.array(lang, dtype=object), allow_pickle=True)  # CALVIN's format
+    np.save(lang_dir / LANG_ANN, np.array(lang, dtype=object))  # CALVIN's format (a pickle); we read the JSON twin
     twin = {**lang, "language": {**lang["language"], "emb": emb.tolist()}}
     (lang_dir / LANG_ANN_JSON).write_text(json.dumps(twin))
     per_task: dict[str, dict[str, Any]] = {}
     for ann, task, vec in zip(anns, tasks, emb):
         per_task.setdefault(task, {"emb": vec, "ann": ann})
-    np.save(lang_dir / LANG_EMB, np.array(per_task, dtype=object), allow_pickle=True)
+    np.save(lang_dir / LANG_EMB, np.array(per_task, dtype=object))
     (lang_dir / LANG_EMB_JSON).write_text(
         json.dumps({t: {"emb": v["emb"].tolist(), "ann": v["ann"]} for t, v in per_task.items()})
     )

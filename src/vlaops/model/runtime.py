@@ -197,6 +197,12 @@ class Policy:
         feat = self.model.encode_frames(rgb, hand, ids, mask)  # (1, D): the only backbone call this step
         self._features.append(feat)
         window = torch.stack(list(self._features), dim=1)  # (1, w, D), w <= window_size
+        return self.action_from_features(window)
+
+    @torch.inference_mode()
+    def action_from_features(self, window: torch.Tensor) -> np.ndarray:
+        """(1, w, D) frame features, newest last -> the (7,) relative action to execute now: the first
+        action of the chunk predicted at the newest frame, denormalised."""
         arm, grip = self.model.predict_from_features(window)  # (1, w, C, A-1), (1, w, C, 1)
         first = torch.cat([arm[0, -1, 0], grip[0, -1, 0]], dim=-1).float().cpu().numpy()  # (A,)
         return self.normalizer.denormalize(first.astype(np.float64))
