@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -174,9 +176,29 @@ def test_tiny_init_lets_image_and_instruction_reach_the_action_token(processor):
     scale = push.abs().mean()
     assert push.std(0).mean() > 0.02 * scale  # frames differ
     assert (push - turn).abs().mean() > 0.02 * scale  # instructions differ
-    weak = make_policy(processor, tiny=TinyKosmosConfig(text_init_std=0.02, vision_initializer_factor=1.0)).eval()
+    weak = make_policy(processor, tiny=TinyKosmosConfig(text_init_std=0.02, image_projection_init_std=0.02)).eval()
     push_weak, _ = _frame_features(weak, processor)
     assert push_weak.std(0).mean() < 0.1 * push.std(0).mean()
+
+
+def test_image_reaches_the_action_token_through_the_resampler_not_a_saturated_vision_tower(processor):
+    """The image is carried by the resampler's patch projection at the latent queries' scale
+    (image_projection_init_std), with the vision tower at Kosmos-2's own init: its attention stays
+    spread over the patches (a factor of 10 saturated it), and a small projection starves the image."""
+    policy = make_policy(processor).eval()
+    push, _ = _frame_features(policy, processor)
+    small = make_policy(processor, tiny=TinyKosmosConfig(image_projection_init_std=0.2)).eval()
+    push_small, _ = _frame_features(small, processor)
+    assert push.std(0).mean() > 3 * push_small.std(0).mean()
+
+    vision = policy.backbone.vision_encoder
+    vision.set_attn_implementation("eager")  # sdpa returns no attention weights
+    with torch.no_grad():
+        attn = vision(torch.randn(2, 3, 224, 224), output_attentions=True).attentions  # each (N, heads, T, T)
+    assert len(attn) == policy.cfg.tiny.vision_layers
+    for a in attn:
+        entropy = -(a.clamp_min(1e-12).log() * a).sum(-1).mean()
+        assert entropy > 0.5 * math.log(a.shape[-1])  # uniform over T tokens is log(T)
 
 
 def test_masked_chunk_steps_do_not_change_the_loss(processor):

@@ -69,7 +69,10 @@ class KosmosBackbone(nn.Module):
     def from_model_config(cls, cfg: ModelConfig, vocab_size: int) -> KosmosBackbone:
         """Tiny random Kosmos-2 (``pretrained_dir`` None) or the local pretrained checkpoint."""
         if cfg.pretrained_dir is None:
-            return cls(Kosmos2Model(tiny_kosmos_config(cfg, vocab_size)), cfg.use_hand_rgb)
+            model = Kosmos2Model(tiny_kosmos_config(cfg, vocab_size))
+            # Kosmos2Config has no key for it: the resampler's patch projection, see TinyKosmosConfig
+            nn.init.normal_(model.image_to_text_projection.dense.weight, std=cfg.tiny.image_projection_init_std)
+            return cls(model, cfg.use_hand_rgb)
         model = load_pretrained_kosmos(cfg.pretrained_dir)
         if model.config.vision_config.image_size != cfg.image_size:
             raise VlaopsError(
