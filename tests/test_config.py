@@ -9,7 +9,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from vlaops.cli import main
-from vlaops.config import compose, load_config, load_params, to_container, validate
+from vlaops.config import Config, compose, flatten, load_config, load_params, to_container, validate
 from vlaops.errors import VlaopsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +38,16 @@ def test_composed_default_fills_every_schema_key():
     composed = OmegaConf.to_container(compose([], CONF), resolve=True)
     schema = to_container(validate(compose([], CONF), "conf"))
     assert composed == schema
+
+
+def test_composed_default_equals_the_structured_defaults():
+    """conf/ is the source of the values in force; the dataclass defaults (what code that builds a
+    component directly gets) must say the same, value for value, in every group."""
+    composed = flatten(OmegaConf.to_container(compose([], CONF), resolve=True))
+    defaults = flatten(to_container(Config()))
+    assert set(composed) == set(defaults)
+    differ = {k: (composed[k], defaults[k]) for k in composed if composed[k] != defaults[k] or type(composed[k]) is not type(defaults[k])}
+    assert differ == {}, f"conf/ value vs dataclass default: {differ}"
 
 
 @pytest.mark.parametrize(

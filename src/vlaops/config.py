@@ -4,6 +4,12 @@
 compose it into ``params.yaml`` without importing vlaops. Validation is therefore a merge onto the
 structured schema below: an unknown or misspelt key, or a value of the wrong type, is an error that
 names the key, before any work starts (STYLE 4, 9).
+
+One source for each value: ``conf/`` holds the values in force (DVC composes it without vlaops). The
+dataclass defaults say the same for code that builds a component directly (tests, an exported
+``policy_config.json``), and tests/test_config.py holds the two equal, value for value. Values that
+describe one fact twice are interpolations in ``conf/`` (``data.raw_dir: ${paths.collect_dir}``), so a
+composed params.yaml always carries them resolved and equal.
 """
 
 from __future__ import annotations

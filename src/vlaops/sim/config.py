@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 STORAGE_PLUGINS = ("sqlite3", "mcap")
 
 
-def _default_tasks() -> list[str]:
-    # Imported lazily: tasks.py imports nothing from here, but keeping the default next to the
-    # registry means a newly registered task is collected without touching the config.
-    from vlaops.sim.tasks import TASKS
-
-    return list(TASKS)
+# The tasks collected and evaluated by default, in conf/sim/default.yaml's order (the order in force:
+# collect and the chain sampler iterate it). Written out rather than ``list(TASKS)`` (the registry's
+# order differs), and held equal to the YAML by tests/test_config.py.
+DEFAULT_TASKS = (
+    "push_red_left", "push_red_right", "push_green_left", "push_green_right", "push_blue_left", "push_blue_right",
+    "lift_red", "lift_green", "lift_blue", "place_red", "place_green", "place_blue",
+)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class SimConfig:
     """The simulator, its scripted expert and the recording of demonstrations."""
 
     seed: int = 0
-    tasks: list[str] = field(default_factory=_default_tasks)
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     episodes_per_task: int = 6
     # Failed expert attempts are discarded; past this many the expert (or the physics) is broken.
     max_attempts_per_task: int = 20

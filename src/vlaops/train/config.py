@@ -59,7 +59,7 @@ class TrainConfig:
     """The optimisation loop (``vlaops.train.loop.train_policy``)."""
 
     seed: int = 0
-    max_steps: int = 300
+    max_steps: int = 600
     batch_size: int = 4
     # RoboVLMs fine-tunes pretrained Kosmos-2 at 2e-5. The tiny default starts from random weights and
     # at 2e-5 its loss barely moves in a few hundred steps; 1e-3 makes it fall within ~20 steps (a test
@@ -75,9 +75,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     num_workers: int = 0
     log_every: int = 10
-    val_every: int = 100
+    val_every: int = 200
     val_batches: int = 8
-    save_every: int = 100  # checkpoint interval in optimizer steps; <= 0 saves none
+    save_every: int = 200  # checkpoint interval in optimizer steps; <= 0 saves none
     keep_checkpoints: int = 2  # newest checkpoints kept in checkpoint_dir
     train_setup: TrainSetupConfig = field(default_factory=TrainSetupConfig)
 
