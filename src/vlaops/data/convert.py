@@ -13,7 +13,8 @@ from tqdm import tqdm
 from vlaops.data.config import DataConfig
 from vlaops.errors import VlaopsError
 from vlaops.io import calvin
-from vlaops.io.episode import SCENE_OBS_DIM, Episode, read_episode
+from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE, SCENE_OBS_DIM
+from vlaops.io.episode import Episode, read_episode
 from vlaops.utils.atomic import atomic_dir, write_json
 from vlaops.utils.logging import get_logger
 
@@ -43,14 +44,14 @@ def _calvin_frames(ep: Episode) -> dict[str, np.ndarray]:
     t = len(ep)
     if ep.embodiment != "arm":
         raise VlaopsError(f"{ep.source}: embodiment '{ep.embodiment}' cannot be written as CALVIN (arm only)")
-    gripper = ep.rgb_gripper if ep.rgb_gripper is not None else np.zeros((t, calvin.GRIPPER_SIZE, calvin.GRIPPER_SIZE, 3), np.uint8)
+    gripper = ep.rgb_gripper if ep.rgb_gripper is not None else np.zeros((t, RGB_GRIPPER_SIZE, RGB_GRIPPER_SIZE, 3), np.uint8)
     return {
         "actions": ep.action_abs,
         "rel_actions": calvin.rel_actions_from_abs(ep.action_abs, ep.robot_obs),
         "robot_obs": ep.robot_obs,
         "scene_obs": ep.scene_obs if ep.scene_obs is not None else np.zeros((t, SCENE_OBS_DIM)),
-        "rgb_static": _resize(ep.rgb_static, calvin.STATIC_SIZE),
-        "rgb_gripper": _resize(gripper, calvin.GRIPPER_SIZE),
+        "rgb_static": _resize(ep.rgb_static, RGB_STATIC_SIZE),
+        "rgb_gripper": _resize(gripper, RGB_GRIPPER_SIZE),
     }
 
 

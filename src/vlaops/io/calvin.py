@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 
 from vlaops.errors import VlaopsError
+from vlaops.io.calvin_spec import REL_ORN_SCALE, REL_POS_SCALE, wrap_angle
 
 FORMAT_VERSION = 1
 TRAINING, VALIDATION = "training", "validation"
@@ -36,11 +37,8 @@ LANG_EMB = "embeddings.npy"
 LANG_EMB_JSON = "embeddings.json"
 PROVENANCE = "vlaops_dataset.json"  # ours; CALVIN's loaders ignore it
 
-# Per-frame keys and shapes (CALVIN dataset/README.md).
+# Per-frame keys (CALVIN dataset/README.md); their shapes and the action convention: io/calvin_spec.py.
 FRAME_KEYS = ("actions", "rel_actions", "robot_obs", "scene_obs", "rgb_static", "rgb_gripper")
-STATIC_SIZE, GRIPPER_SIZE = 200, 84
-# CALVIN's relative-action scales (calvin_env/robot/robot.py: max_rel_pos 0.02 m, max_rel_orn 0.05 rad).
-MAX_REL_POS, MAX_REL_ORN = 0.02, 0.05
 NORMALIZE_TARGET = "calvin_agent.utils.transforms.NormalizeVector"
 LANG_EMBEDDING_NAME = "hashed-bow-v1"
 
@@ -55,9 +53,9 @@ def rel_actions_from_abs(actions: np.ndarray, robot_obs: np.ndarray) -> np.ndarr
     [clip(Δpos, ±0.02)/0.02, clip(wrap(Δeuler), ±0.05)/0.05, gripper], as CALVIN's
     ``to_relative_action`` (calvin_env/utils/utils.py) computes them.
     """
-    dpos = np.clip(actions[:, :3] - robot_obs[:, :3], -MAX_REL_POS, MAX_REL_POS) / MAX_REL_POS
-    dorn = (actions[:, 3:6] - robot_obs[:, 3:6] + np.pi) % (2 * np.pi) - np.pi
-    dorn = np.clip(dorn, -MAX_REL_ORN, MAX_REL_ORN) / MAX_REL_ORN
+    dpos = np.clip(actions[:, :3] - robot_obs[:, :3], -REL_POS_SCALE, REL_POS_SCALE) / REL_POS_SCALE
+    dorn = wrap_angle(actions[:, 3:6] - robot_obs[:, 3:6])
+    dorn = np.clip(dorn, -REL_ORN_SCALE, REL_ORN_SCALE) / REL_ORN_SCALE
     return np.concatenate([dpos, dorn, actions[:, 6:7]], axis=1)
 
 

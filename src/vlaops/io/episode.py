@@ -14,12 +14,11 @@ import h5py
 import numpy as np
 
 from vlaops.errors import VlaopsError
+from vlaops.io.calvin_spec import ACTION_DIM, ROBOT_OBS_DIM, SCENE_OBS_DIM
 from vlaops.utils.atomic import atomic_file
 
 FORMAT_VERSION = 1
-ROBOT_OBS_DIM = 15  # CALVIN: tcp xyz, tcp euler xyz, gripper width, 7 joints, gripper action
-SCENE_OBS_DIM = 24  # CALVIN: 6 articulated-object states, then 3 blocks x (xyz, euler xyz)
-ARM_ACTION_DIM = 7  # target tcp xyz, target tcp euler xyz, gripper ±1
+ARM_ACTION_DIM = ACTION_DIM  # action/abs: target tcp xyz, target tcp euler xyz, gripper ±1 (CALVIN's "actions")
 BASE_ACTION_DIM = 4  # linear_x, linear_y, angular_z, action_type
 EMBODIMENTS = ("arm", "mobile_base")
 

@@ -9,9 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlaops.data.config import DataConfig
 from vlaops.io.episode import Episode
 from vlaops.io.rosbag2 import is_rosbag2, read_rosbag2
+from vlaops.io.settings import ReaderSettings
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class RecordingReader:
     name: str
     description: str
     matches: Callable[[Path], bool]
-    read: Callable[[Path, DataConfig], Episode]
+    read: Callable[[Path, ReaderSettings], Episode]  # settings: DataConfig satisfies ReaderSettings
 
 
 READERS: tuple[RecordingReader, ...] = (

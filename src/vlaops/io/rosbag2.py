@@ -19,11 +19,11 @@ from PIL import Image
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.typesys import Stores, get_typestore
 
-from vlaops.data.config import DataConfig
-from vlaops.data.geometry import quat_to_euler
-from vlaops.data.sync import SyncError, common_start, hold_last
 from vlaops.errors import VlaopsError
 from vlaops.io.episode import Episode
+from vlaops.io.geometry import quat_to_euler
+from vlaops.io.settings import ReaderSettings
+from vlaops.io.sync import SyncError, common_start, hold_last
 
 SOURCE_FORMAT = "rosbag2"
 
@@ -114,10 +114,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def read_rosbag2(path: Path, cfg: DataConfig) -> Episode:
+def read_rosbag2(path: Path, cfg: ReaderSettings) -> Episode:
     """Read one rosbag2 directory into an arm :class:`Episode` synchronised to the action ticks."""
     where = str(path)
-    wanted = {name: topic for name, topic in vars(cfg.topics).items() if topic}
+    wanted = {name: topic for name in EXPECTED_TYPES if (topic := getattr(cfg.topics, name))}
     try:
         reader = AnyReader([path], default_typestore=_DEFAULT_TYPESTORE)
         reader.open()
@@ -159,7 +159,7 @@ def read_rosbag2(path: Path, cfg: DataConfig) -> Episode:
     return _assemble(path, streams, cfg, custom)
 
 
-def _payload(name: str, msg: Any, where: str, cfg: DataConfig) -> Any:
+def _payload(name: str, msg: Any, where: str, cfg: ReaderSettings) -> Any:
     if name in ("rgb_static", "rgb_gripper"):
         return decode_image(msg, where)
     if name == "joint_states":
@@ -180,7 +180,7 @@ def _payload(name: str, msg: Any, where: str, cfg: DataConfig) -> Any:
     return str(msg.data)  # instruction, task
 
 
-def _assemble(path: Path, streams: dict[str, _Stream], cfg: DataConfig, custom: dict[str, str]) -> Episode:
+def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, custom: dict[str, str]) -> Episode:
     where = str(path)
     for name in ("rgb_static", "joint_states", "tcp_pose", "action", "instruction"):
         if not streams[name].stamps:

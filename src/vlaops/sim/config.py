@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE
+
 #: rosbag2 storage plugins that ``rosbags`` can write.
 STORAGE_PLUGINS = ("sqlite3", "mcap")
 
@@ -59,8 +61,8 @@ class SimConfig:
     # A cap on one demonstration; the expert needs 40-90 steps for every default task.
     max_episode_steps: int = 150
     # CALVIN's camera resolutions: rgb_static 200x200, rgb_gripper 84x84.
-    static_camera_size: int = 200
-    gripper_camera_size: int = 84
+    static_camera_size: int = RGB_STATIC_SIZE
+    gripper_camera_size: int = RGB_GRIPPER_SIZE
     storage: str = "sqlite3"
     # Half-width (m) of the uniform noise added to each block's nominal start position (x and y).
     position_noise: float = 0.03

@@ -13,21 +13,21 @@ from typing import Any
 import numpy as np
 import pybullet as p
 
+from vlaops.io.calvin_spec import (
+    ACTION_DIM,
+    GRIPPER_CLOSE,
+    GRIPPER_OPEN,
+    REL_ORN_SCALE,
+    REL_POS_SCALE,
+    SCENE_OBS_DIM,
+    wrap_angle,
+)
 from vlaops.sim import layout, scene
 from vlaops.sim.config import SimConfig
 
-# CALVIN (calvin_env/robot/robot.py; dataset README "rel_actions"): per-step scale of relative actions.
-REL_POS_SCALE = 0.02  # m per unit action
-REL_ORN_SCALE = 0.05  # rad per unit action
-ACTION_DIM = 7
-# CALVIN robot_obs (15): tcp pos (3), tcp euler xyz (3), gripper opening width (1), arm joints (7),
-# last gripper action (1).
-ROBOT_OBS_DIM = 15
-# CALVIN scene_obs (24): sliding door, drawer, button, switch, lightbulb, green light (6, always zero here:
-# this scene has none of them), then red, blue, green block pos + euler xyz (6 each; CALVIN's third block
-# is pink, ours green).
-SCENE_OBS_DIM = 24
-GRIPPER_OPEN, GRIPPER_CLOSE = 1.0, -1.0
+# CALVIN's action and observation convention lives in io/calvin_spec.py. Our scene_obs: the six
+# articulated-object states are always zero (this scene has none), then red, blue, green block pos +
+# euler xyz (CALVIN's third block is pink, ours green).
 # Where the commanded TCP may go (m), like CALVIN's workspace bounds: keeps the fingertips above the table.
 TCP_BOUNDS_LOW = np.array([0.15, -0.4, 0.012])
 TCP_BOUNDS_HIGH = np.array([0.85, 0.4, 0.6])
@@ -37,11 +37,6 @@ IK_ITERATIONS = 100
 # PyBullet's default position gain (0.1) tracks a 0.02 m step only halfway in one 30 Hz tick; 0.3 reaches
 # about 90 % of it without the overshoot that higher gains show (measured on this scene).
 ARM_POSITION_GAIN = 0.3
-
-
-def wrap_angle(angle: np.ndarray) -> np.ndarray:
-    """Wrap angles to [-pi, pi) so euler differences near +-pi do not jump by 2 pi."""
-    return (np.asarray(angle) + np.pi) % (2.0 * np.pi) - np.pi
 
 
 def validate_action(action: Any) -> np.ndarray:

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from vlaops.sim.env import GRIPPER_CLOSE, GRIPPER_OPEN, REL_ORN_SCALE, REL_POS_SCALE, TabletopEnv, wrap_angle
+from vlaops.io.calvin_spec import GRIPPER_CLOSE, GRIPPER_OPEN, REL_ORN_SCALE, REL_POS_SCALE, wrap_angle
+from vlaops.sim.env import TabletopEnv
 from vlaops.sim.layout import BLOCK_HALF, BLOCK_REST_Z
 from vlaops.sim.tasks import DIRECTIONS, Task, get_task
 

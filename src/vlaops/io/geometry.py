@@ -16,7 +16,3 @@ def quat_to_euler(quat_xyzw: np.ndarray) -> np.ndarray:
     yaw = np.arctan2(2 * (w * z + x * y), 1 - 2 * (y * y + z * z))
     return np.stack([roll, pitch, yaw], axis=-1)
 
-
-def wrap_angle(angle: np.ndarray) -> np.ndarray:
-    """Wrap angles to [-pi, pi), so a step across the seam is small, not ~2*pi."""
-    return (np.asarray(angle) + np.pi) % (2 * np.pi) - np.pi

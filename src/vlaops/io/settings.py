@@ -1,0 +1,34 @@
+"""What a recording reader needs from the ingest settings, as a protocol.
+
+``vlaops.io`` sits below ``vlaops.data`` (imports run downward), so readers name the settings they read
+here instead of importing ``DataConfig``; ``vlaops.data.config.DataConfig`` satisfies both protocols
+(tests/test_ingest.py checks it), and so does any object with these attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol
+
+
+class TopicSettings(Protocol):
+    """Which rosbag2 topic holds which stream; None for an optional stream the rig lacks."""
+
+    rgb_static: str
+    rgb_gripper: Optional[str]
+    joint_states: str
+    tcp_pose: str
+    scene_obs: Optional[str]
+    action: str
+    instruction: str
+    task: Optional[str]
+
+
+class ReaderSettings(Protocol):
+    """The ``data.*`` keys a reader reads (their meaning: ``vlaops.data.config.DataConfig``)."""
+
+    topics: TopicSettings
+    arm_joint_names: list[str]
+    gripper_joint_names: list[str]
+    control_hz: float
+    sync_tolerance_s: float
+    min_episode_len: int
