@@ -40,14 +40,41 @@ def test_composed_default_fills_every_schema_key():
     assert composed == schema
 
 
+def _same(value, default) -> bool:
+    """Equal and of the same type, except an int where the schema has a float (data.control_hz is
+    ${sim.control_hz}, an int; the schema turns it into 30.0)."""
+    same_type = type(value) is type(default) or (type(value), type(default)) == (int, float)
+    return same_type and value == default
+
+
 def test_composed_default_equals_the_structured_defaults():
     """conf/ is the source of the values in force; the dataclass defaults (what code that builds a
     component directly gets) must say the same, value for value, in every group."""
     composed = flatten(OmegaConf.to_container(compose([], CONF), resolve=True))
     defaults = flatten(to_container(Config()))
     assert set(composed) == set(defaults)
-    differ = {k: (composed[k], defaults[k]) for k in composed if composed[k] != defaults[k] or type(composed[k]) is not type(defaults[k])}
+    differ = {k: (composed[k], defaults[k]) for k in composed if not _same(composed[k], defaults[k])}
     assert differ == {}, f"conf/ value vs dataclass default: {differ}"
+
+
+def test_ingest_defaults_to_what_the_simulator_records(tmp_path):
+    """data.raw_dir, data.topics and data.control_hz follow the simulator by interpolation, resolved in
+    the params.yaml that DVC's own composition writes, so ingest keeps depending on collect."""
+    from dvc.utils.hydra import compose_and_dump
+
+    cfg = load_config([], CONF)
+    assert cfg.data.raw_dir == cfg.paths.collect_dir
+    assert {k: v for k, v in vars(cfg.data.topics).items() if k != "task"} == vars(cfg.sim.topics)
+    assert cfg.data.control_hz == cfg.sim.control_hz and isinstance(cfg.data.control_hz, float)
+    out = tmp_path / "params.yaml"
+    compose_and_dump(out, str(CONF), None, "config", str(ROOT),
+                     ["paths.collect_dir=elsewhere", "sim.topics.rgb_static=/cam", "sim.control_hz=15"])
+    params = load_params(out)
+    assert (params.data.raw_dir, params.data.topics.rgb_static, params.data.control_hz) == ("elsewhere", "/cam", 15.0)
+    assert "${" not in out.read_text()
+    # a real rig overrides them directly
+    own = load_config(["data.raw_dir=/recordings", "data.topics.rgb_static=/my/cam", "data.control_hz=12.5"], CONF)
+    assert (own.data.raw_dir, own.data.topics.rgb_static, own.data.control_hz, own.sim.control_hz) == ("/recordings", "/my/cam", 12.5, 30)
 
 
 @pytest.mark.parametrize(

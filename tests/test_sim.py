@@ -213,28 +213,28 @@ def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
         with Reader(tmp_path / episode) as reader:
             types = {c.topic: c.msgtype for c in reader.connections}
             assert types == {
-                topics.static_image: "sensor_msgs/msg/Image",
-                topics.gripper_image: "sensor_msgs/msg/Image",
+                topics.rgb_static: "sensor_msgs/msg/Image",
+                topics.rgb_gripper: "sensor_msgs/msg/Image",
                 topics.joint_states: "sensor_msgs/msg/JointState",
                 topics.tcp_pose: "geometry_msgs/msg/PoseStamped",
-                topics.scene_state: "std_msgs/msg/Float64MultiArray",
+                topics.scene_obs: "std_msgs/msg/Float64MultiArray",
                 topics.action: "std_msgs/msg/Float64MultiArray",
                 topics.instruction: "std_msgs/msg/String",
             }
             msgs: dict[str, list] = {t: [] for t in types}
             for conn, stamp, raw in reader.messages():
                 msgs[conn.topic].append((stamp, ts.deserialize_cdr(raw, conn.msgtype)))
-        n = len(msgs[topics.static_image])
+        n = len(msgs[topics.rgb_static])
         assert 10 < n <= cfg.max_episode_steps
-        assert len(msgs[topics.gripper_image]) == len(msgs[topics.tcp_pose]) == len(msgs[topics.action]) == n
-        assert len(msgs[topics.scene_state]) == n
+        assert len(msgs[topics.rgb_gripper]) == len(msgs[topics.tcp_pose]) == len(msgs[topics.action]) == n
+        assert len(msgs[topics.scene_obs]) == n
         assert len(msgs[topics.joint_states]) == 4 * n + 1  # 4x the control rate, both ends included
         assert [m.data for _, m in msgs[topics.instruction]] == [get_task(episode[:-5]).instruction]
-        stamp, img = msgs[topics.static_image][0]
+        stamp, img = msgs[topics.rgb_static][0]
         assert (img.height, img.width, img.encoding, img.step) == (200, 200, "rgb8", 600)
         assert img.header.stamp.sec * 10**9 + img.header.stamp.nanosec == stamp
-        assert msgs[topics.gripper_image][0][1].width == 84
-        image_stamps = np.array([s for s, _ in msgs[topics.static_image]])
+        assert msgs[topics.rgb_gripper][0][1].width == 84
+        image_stamps = np.array([s for s, _ in msgs[topics.rgb_static]])
         action_stamps = np.array([s for s, _ in msgs[topics.action]])
         np.testing.assert_array_equal(action_stamps - image_stamps, ACTION_LATENCY_NS)
         np.testing.assert_allclose(np.diff(image_stamps), 1e9 / cfg.control_hz, atol=1)
@@ -245,7 +245,7 @@ def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
                           for _, m in msgs[topics.tcp_pose]])  # (n, 3)
         assert actions.shape == (n, 7) and set(np.unique(actions[:, 6])) <= {-1.0, 1.0}
         assert np.all(np.abs(actions[:, :3] - poses) <= 0.02 + 1e-9)  # one CALVIN step from the pose
-        assert len(msgs[topics.scene_state][0][1].data) == 24
+        assert len(msgs[topics.scene_obs][0][1].data) == 24
     # Same seed, same bytes.
     again = collect(cfg, tmp_path / "again")
     for episode in again["episodes"]:

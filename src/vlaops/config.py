@@ -38,7 +38,7 @@ DEFAULT_CONFIG_DIR = "conf"
 
 @dataclass
 class PathsConfig:
-    collect_dir: str = "data/raw"  # where the simulator records; ingest reads data.raw_dir
+    collect_dir: str = "data/raw"  # where the simulator records; data.raw_dir defaults to it
     model_dir: str = "models/policy"
     checkpoint_dir: str = "models/checkpoints"
     reports_dir: str = "reports"

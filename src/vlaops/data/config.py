@@ -8,7 +8,10 @@ from typing import Optional
 
 @dataclass
 class TopicMap:
-    """Which rosbag2 topic holds which stream; None for an optional stream the rig lacks."""
+    """Which rosbag2 topic holds which stream; None for an optional stream the rig lacks.
+
+    Field names are the simulator's too (``vlaops.sim.config.SimTopics``): conf/data/default.yaml
+    defaults each one to ``${sim.topics.<name>}``, so ingest reads what collect records."""
 
     rgb_static: str = "/camera/static/image_raw"  # sensor_msgs/Image or CompressedImage
     rgb_gripper: Optional[str] = "/camera/gripper/image_raw"
@@ -38,7 +41,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    raw_dir: str = "data/raw"
+    raw_dir: str = "data/raw"  # conf/: ${paths.collect_dir}, so ingest depends on collect in dvc.yaml
     episodes_dir: str = "data/episodes"
     calvin_dir: str = "data/calvin"
     normalized_dir: str = "data/normalized"
@@ -46,7 +49,7 @@ class DataConfig:
     topics: TopicMap = field(default_factory=TopicMap)
     arm_joint_names: list[str] = field(default_factory=lambda: [f"panda_joint{i}" for i in range(1, 8)])
     gripper_joint_names: list[str] = field(default_factory=lambda: ["panda_finger_joint1", "panda_finger_joint2"])
-    control_hz: float = 30.0
+    control_hz: float = 30.0  # conf/: ${sim.control_hz} (an int there; a float here for real rigs)
     sync_tolerance_s: float = 0.05  # the newest message of a stream may be at most this old at a tick
     min_episode_len: int = 16
     on_bad_input: str = "error"  # "error": stop at the first bad recording; "quarantine": report and skip it

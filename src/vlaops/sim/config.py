@@ -26,13 +26,14 @@ DEFAULT_TASKS = (
 
 @dataclass
 class SimTopics:
-    """ROS2 topic names the recorder writes; an ingest config names the same topics to read them."""
+    """ROS2 topic names the recorder writes, one per stream, named as ingest's ``data.topics`` names them
+    (``vlaops.data.config.TopicMap``); conf/data/default.yaml reads these by interpolation."""
 
-    static_image: str = "/camera/static/image_raw"
-    gripper_image: str = "/camera/gripper/image_raw"
+    rgb_static: str = "/camera/static/image_raw"
+    rgb_gripper: str = "/camera/gripper/image_raw"
     joint_states: str = "/joint_states"
     tcp_pose: str = "/tcp_pose"
-    scene_state: str = "/scene_state"
+    scene_obs: str = "/scene_state"
     action: str = "/action"
     instruction: str = "/instruction"
 

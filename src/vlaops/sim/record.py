@@ -49,11 +49,11 @@ STORAGE = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 
 # Message types of each topic (SimTopics field -> ROS 2 type).
 MSGTYPES = {
-    "static_image": "sensor_msgs/msg/Image",
-    "gripper_image": "sensor_msgs/msg/Image",
+    "rgb_static": "sensor_msgs/msg/Image",
+    "rgb_gripper": "sensor_msgs/msg/Image",
     "joint_states": "sensor_msgs/msg/JointState",
     "tcp_pose": "geometry_msgs/msg/PoseStamped",
-    "scene_state": "std_msgs/msg/Float64MultiArray",
+    "scene_obs": "std_msgs/msg/Float64MultiArray",
     "action": "std_msgs/msg/Float64MultiArray",
     "instruction": "std_msgs/msg/String",
 }
@@ -134,10 +134,10 @@ class BagWriter:
         for fr in rec.frames:
             ns = rec.start_ns + fr.tick * 10**9 // hz
             o = fr.obs
-            out.append((ns, 2, "static_image", self._image(ns, STATIC_FRAME, o["rgb_static"])))
-            out.append((ns, 3, "gripper_image", self._image(ns, GRIPPER_FRAME, o["rgb_gripper"])))
+            out.append((ns, 2, "rgb_static", self._image(ns, STATIC_FRAME, o["rgb_static"])))
+            out.append((ns, 3, "rgb_gripper", self._image(ns, GRIPPER_FRAME, o["rgb_gripper"])))
             out.append((ns, 4, "tcp_pose", self._pose(ns, o["tcp_pos"], o["tcp_quat"])))
-            out.append((ns, 5, "scene_state", self._array("scene_obs", o["scene_obs"])))
+            out.append((ns, 5, "scene_obs", self._array("scene_obs", o["scene_obs"])))
             out.append((ns + ACTION_LATENCY_NS, 6, "action", self._array("abs_action", fr.action_abs)))
         for t, q, dq in rec.joint_samples:
             ns = rec.start_ns + round(t * 10**9)
