@@ -1,9 +1,10 @@
-"""Closed-loop inference cost: ``Policy.step`` with its per-frame feature cache vs re-encoding the window.
+"""Closed-loop inference cost: ``PolicyRuntime.step`` with its per-frame feature cache vs re-encoding the window.
 
 The runtime runs the backbone once per control step and keeps earlier frames' features; the baseline
-is what a straightforward port of the training forward does at every step: push the whole window
-(up to ``model.window_size`` frames) through the backbone again. Both produce the same action (checked
-here); only the cost differs, and it grows with the window.
+is what a runtime without that cache does at every step: push every frame of the window (up to
+``model.window_size`` frames) through the backbone again, each with the runtime's own public
+``PolicyRuntime.encode``. Both produce the same action (checked here); only the cost differs, and it
+grows with the window.
 
     python bench/policy_step.py                       # the default tiny model on CPU
     python bench/policy_step.py model.window_size=16 --steps 60 --device cuda
@@ -15,7 +16,6 @@ not depend on them. Prints a table and writes reports/bench/policy_step.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -27,8 +27,7 @@ import torch
 
 from vlaops.config import load_config
 from vlaops.data.normalization import ActionNormalizer
-from vlaops.data.transforms import to_model_input
-from vlaops.model import Policy, VLAPolicy, build_offline_processor
+from vlaops.model import PolicyRuntime, VLAPolicy, build_offline_processor
 from vlaops.sim.tasks import TASKS, get_task
 from vlaops.utils.atomic import write_json
 
@@ -47,25 +46,18 @@ def synthetic_episode(steps: int, static: int, gripper: int, seed: int) -> list[
 class WindowRecompute:
     """The baseline: every step re-encodes every frame in the window, then runs the head."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: PolicyRuntime) -> None:
         self.p = policy
-        self.frames: deque[tuple[torch.Tensor, torch.Tensor | None]] = deque(maxlen=policy.window_size)
+        self.frames: deque[dict[str, np.ndarray]] = deque(maxlen=policy.window_size)
 
     def reset(self) -> None:
         self.frames.clear()
 
     @torch.inference_mode()
     def step(self, obs: dict[str, np.ndarray], instruction: str) -> np.ndarray:
-        p = self.p
-        p._set_instruction(instruction)
-        hand = p._image(obs, "rgb_gripper") if p.cfg.use_hand_rgb else None
-        self.frames.append((p._image(obs, "rgb_static"), hand))
-        rgb = torch.cat([f[0] for f in self.frames])  # (w, 3, S, S)
-        hands = torch.cat([f[1] for f in self.frames]) if p.cfg.use_hand_rgb else None
-        ids, mask = p._text
-        w = rgb.shape[0]
-        feats = p.model.encode_frames(rgb, hands, ids.expand(w, -1), mask.expand(w, -1))  # (w, D)
-        return p.action_from_features(feats[None])
+        self.frames.append(obs)
+        feats = torch.cat([self.p.encode(o, instruction) for o in self.frames])  # (w, D), w backbone calls
+        return self.p.action_from_features(feats[None])
 
 
 def sync(device: torch.device) -> None:
@@ -103,7 +95,7 @@ def main() -> None:
     instructions = [get_task(name).instruction for name in TASKS]
     processor = build_offline_processor(instructions, vocab_size=cfg.model.vocab_size, image_size=cfg.model.image_size)
     model = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
-    policy = Policy(model, processor, ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max), device)
+    policy = PolicyRuntime(model, processor, ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max), device)
     baseline = WindowRecompute(policy)
     episodes = [synthetic_episode(args.steps, cfg.sim.static_camera_size, cfg.sim.gripper_camera_size, seed=i)
                 for i in range(args.episodes)]
@@ -118,7 +110,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     result = {
         "benchmark": "policy_step",
-        "baseline": "re-encode the window every step",
+        "baseline": "re-encode the window every step (PolicyRuntime.encode per frame)",
         "baseline_ms_per_step": round(base_ms, 3),
         "cached_ms_per_step": round(cached_ms, 3),
         "speedup": round(base_ms / cached_ms, 2),
@@ -139,7 +131,7 @@ def main() -> None:
     }
     print(f"policy step, {params / 1e6:.2f} M parameters, window {cfg.model.window_size}, {result['device']}:")
     print(f"  baseline (re-encode window) {base_ms:8.2f} ms/step")
-    print(f"  Policy.step (feature cache) {cached_ms:8.2f} ms/step   {result['speedup']:.2f}x")
+    print(f"  PolicyRuntime.step (cache)  {cached_ms:8.2f} ms/step   {result['speedup']:.2f}x")
     print(f"  max |action difference|     {max_diff:.2e}")
     write_json(args.out, result)
     print(f"wrote {args.out}")

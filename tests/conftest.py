@@ -71,7 +71,7 @@ def calvin_dir(cfg: Config, raw_dir: Path) -> Path:
     """raw_dir ingested, converted and normalised with the library functions of the stages."""
     from vlaops.data.convert import convert
     from vlaops.data.ingest import ingest
-    from vlaops.data.normalize import normalize
+    from vlaops.data.action_stats import normalize
 
     ingest(Path(cfg.data.raw_dir), Path(cfg.data.episodes_dir), cfg.data)
     convert(Path(cfg.data.episodes_dir), Path(cfg.data.calvin_dir), cfg.data)

@@ -14,10 +14,9 @@ from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.model import (
     ModelConfig,
-    Policy,
+    PolicyRuntime,
     TinyKosmosConfig,
     VLAPolicy,
-    apply_train_setup,
     build_offline_processor,
     load_processor,
     make_processor,
@@ -25,8 +24,8 @@ from vlaops.model import (
     save_policy,
     tokenize,
 )
-from vlaops.model.policy import is_checkpointing
 from vlaops.train.config import TrainSetupConfig
+from vlaops.train.setup import apply_train_setup, is_checkpointing
 
 INSTRUCTIONS = ["open the drawer", "push the red block left", "turn on the led", "lift the blue block"]
 B, W, C, A, L = 2, 3, 4, 7, 16
@@ -359,7 +358,7 @@ def test_save_policy_layout(exported):
 
 def test_policy_load_and_step(exported):
     out, trained = exported
-    policy = Policy.load(out, device="cpu")
+    policy = PolicyRuntime.load(out, device="cpu")
     calls = []
     policy.model.backbone.register_forward_hook(lambda *a: calls.append(1))
     rng = np.random.default_rng(0)
@@ -395,7 +394,7 @@ def test_policy_step_acts_as_the_training_forward_on_the_same_window(exported):
     from vlaops.data.transforms import to_model_input
 
     out, _ = exported
-    policy = Policy.load(out, device="cpu")
+    policy = PolicyRuntime.load(out, device="cpu")
     rng = np.random.default_rng(1)
     frames, instruction = [], "push the red block left"
     policy.reset()
@@ -421,13 +420,13 @@ def test_policy_step_acts_as_the_training_forward_on_the_same_window(exported):
 
 def test_policy_load_empty_dir_names_the_missing_file(tmp_path):
     with pytest.raises(VlaopsError, match="model.safetensors"):
-        Policy.load(tmp_path)
+        PolicyRuntime.load(tmp_path)
     with pytest.raises(VlaopsError, match="not found"):
-        Policy.load(tmp_path / "absent")
+        PolicyRuntime.load(tmp_path / "absent")
 
 
 def test_policy_step_needs_the_gripper_camera(exported):
-    policy = Policy.load(exported[0])
+    policy = PolicyRuntime.load(exported[0])
     with pytest.raises(VlaopsError, match="rgb_gripper"):
         policy.step({"rgb_static": np.zeros((200, 200, 3), np.uint8)}, "open the drawer")
 

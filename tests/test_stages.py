@@ -80,13 +80,13 @@ def test_ingest_keeps_the_sim_task_names(pipeline):
 
 
 def test_export_holds_everything_policy_load_needs(pipeline):
-    from vlaops.model import Policy
+    from vlaops.model import PolicyRuntime
 
     export = pipeline / "models" / "policy"
     cfg = json.loads((export / "train_config.json").read_text())
     assert cfg["train"]["max_steps"] == 4 and cfg["model"]["window_size"] == 3
     assert json.loads((export / "data_fingerprint.json").read_text())["calvin"]
-    policy = Policy.load(export)
+    policy = PolicyRuntime.load(export)
     assert policy.cfg.fwd_pred_next_n == 4
 
 

@@ -10,17 +10,18 @@ from torch.utils.data import Dataset
 
 from vlaops.data import keys
 from vlaops.errors import VlaopsError
-from vlaops.model import ModelConfig, VLAPolicy, apply_train_setup, build_offline_processor, tokenize
+from vlaops.model import ModelConfig, VLAPolicy, build_offline_processor, tokenize
 from vlaops.tracking import TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, VAL_LOSS
 from vlaops.train.config import TrainConfig, TrainSetupConfig
+from vlaops.train.checkpoint import latest_checkpoint
 from vlaops.train.loop import (
     build_optimizer,
-    latest_checkpoint,
     lr_lambda,
     make_loader,
     resolve_precision,
     train_policy,
 )
+from vlaops.train.setup import apply_train_setup
 
 INSTRUCTIONS = ["open the drawer", "push the red block left", "turn on the led", "lift the blue block"]
 W, C, A, L, S = 2, 3, 7, 12, 224

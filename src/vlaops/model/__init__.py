@@ -17,14 +17,13 @@ _EXPORTS = {
     "TinyKosmosConfig": "config",
     "LSTMPolicyHead": "head",
     "VLAPolicy": "policy",
-    "apply_train_setup": "policy",
-    "merged_state_dict": "policy",
     "build_offline_processor": "processor",
     "load_processor": "processor",
     "make_processor": "processor",
     "tokenize": "processor",
-    "Policy": "runtime",
+    "PolicyRuntime": "runtime",
     "load_policy_model": "runtime",
+    "merged_state_dict": "runtime",
     "save_policy": "runtime",
 }
 __all__ = sorted(_EXPORTS)

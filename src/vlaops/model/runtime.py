@@ -1,15 +1,15 @@
-"""The exported policy and its runtime: ``save_policy`` writes it, ``Policy`` runs it step by step.
+"""The exported policy and its runtime: ``save_policy`` writes it, ``PolicyRuntime`` runs it step by step.
 
 An export directory carries everything needed to act, and nothing from the training tree:
 
-    model.safetensors      the policy state dict (LoRA merged)
+    model.safetensors      the policy state dict (LoRA merged: ``merged_state_dict``)
     backbone_config.json   Kosmos2Config.to_dict(): rebuilds the tiny or real architecture offline
     policy_config.json     the ModelConfig dict + format_version
     processor/             Kosmos2Processor.save_pretrained (AutoProcessor reloads it)
     normalization.json     the ActionNormalizer (same object training used)
     <name>.json            each ``extra`` dict (train config, data fingerprint, MLflow run id, ...)
 
-``Policy`` has the interface CALVIN's evaluator calls (calvin_models/calvin_agent/evaluation/
+``PolicyRuntime`` has the interface CALVIN's evaluator calls (calvin_models/calvin_agent/evaluation/
 evaluate_policy.py: ``model.reset()``, ``model.step(obs, lang_annotation)``). It runs the backbone
 once per step on the new frame, caches earlier frames' features (the backbone is per-frame, so a
 cached feature equals a recomputed one), and runs the LSTM head over the last ``window_size`` of them.
@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from transformers import Kosmos2Config
 
@@ -34,7 +35,7 @@ from vlaops.data.transforms import to_model_input
 from vlaops.errors import VlaopsError
 from vlaops.model.backbone import KosmosBackbone
 from vlaops.model.config import ModelConfig
-from vlaops.model.policy import VLAPolicy, merged_state_dict
+from vlaops.model.policy import VLAPolicy
 from vlaops.model.processor import load_processor, tokenize
 from vlaops.utils.atomic import atomic_dir, write_json
 from vlaops.utils.logging import get_logger
@@ -61,6 +62,32 @@ def _plain(obj: Any) -> Any:
     except ImportError:
         pass
     return dict(obj) if isinstance(obj, dict) else obj
+
+
+def merged_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's state dict with any LoRA adapters merged into their base weights.
+
+    Keys are those of a plain (LoRA-free) policy, so ``PolicyRuntime.load`` needs no peft. Merges in place,
+    copies, and unmerges, which avoids a second copy of a 1.6B-parameter model.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    lora_layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+    if not lora_layers:
+        return {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    with torch.no_grad():
+        for m in lora_layers:
+            m.merge()
+        try:
+            out = {}
+            for k, v in policy.state_dict().items():
+                if ".lora_" in k:
+                    continue
+                out[k.replace(".base_layer.", ".")] = v.detach().clone()
+        finally:
+            for m in lora_layers:
+                m.unmerge()
+    return out
 
 
 def save_policy(
@@ -139,8 +166,9 @@ def _camera(obs: dict[str, Any], key: str) -> np.ndarray | None:
     return None
 
 
-class Policy:
-    """Closed-loop runtime: ``reset()``, then ``step(obs, instruction) -> (7,) relative action``."""
+class PolicyRuntime:
+    """Closed-loop runtime of an exported policy: ``reset()``, then ``step(obs, instruction) -> (7,)
+    relative action``; ``encode`` is the per-frame backbone step that ``step`` caches."""
 
     def __init__(self, model: VLAPolicy, processor: Any, normalizer: ActionNormalizer, device: str | torch.device = "cpu"):
         self.model = model.to(device).eval()
@@ -154,7 +182,7 @@ class Policy:
         self._text: tuple[torch.Tensor, torch.Tensor] | None = None  # (1, L) ids, (1, L) mask
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Policy:
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> PolicyRuntime:
         model, processor, normalizer = load_policy_model(path, device)
         log.info("loaded policy from %s on %s", path, device)
         return cls(model, processor, normalizer, device)
@@ -184,17 +212,27 @@ class Policy:
         return x.to(self.device)
 
     @torch.inference_mode()
+    def encode(self, obs: dict[str, Any], instruction: str) -> torch.Tensor:
+        """obs with ``rgb_static`` (H, W, 3) u8 (and ``rgb_gripper`` when the policy uses it) -> the
+        frame's features (1, D): one backbone call, on this frame only.
+
+        The history is not touched, except that an instruction other than the current one forgets it
+        (the cached features were computed with the old text).
+        """
+        self._set_instruction(instruction)
+        rgb = self._image(obs, "rgb_static")  # (1, 3, S, S)
+        hand = self._image(obs, "rgb_gripper") if self.cfg.use_hand_rgb else None
+        ids, mask = self._text
+        return self.model.encode_frames(rgb, hand, ids, mask)  # (1, D)
+
+    @torch.inference_mode()
     def step(self, obs: dict[str, Any], instruction: str) -> np.ndarray:
         """obs with ``rgb_static`` (H, W, 3) u8 (and ``rgb_gripper`` when the policy uses it) -> (7,) float64.
 
         The action is relative, in CALVIN units: arm in [-1, 1] scaled by the normaliser's
         [norm_min, norm_max] range, gripper -1 (close) or 1 (open).
         """
-        self._set_instruction(instruction)
-        rgb = self._image(obs, "rgb_static")
-        hand = self._image(obs, "rgb_gripper") if self.cfg.use_hand_rgb else None
-        ids, mask = self._text
-        feat = self.model.encode_frames(rgb, hand, ids, mask)  # (1, D): the only backbone call this step
+        feat = self.encode(obs, instruction)  # (1, D): the only backbone call this step
         self._features.append(feat)
         window = torch.stack(list(self._features), dim=1)  # (1, w, D), w <= window_size
         return self.action_from_features(window)

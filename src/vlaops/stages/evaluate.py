@@ -22,7 +22,7 @@ from vlaops.errors import VlaopsError
 from vlaops.eval.chains import evaluate_chains, results_json, summarize
 from vlaops.eval.offline import offline_action_metrics
 from vlaops.io.calvin import VALIDATION, CalvinSplit
-from vlaops.model import Policy, tokenize
+from vlaops.model import PolicyRuntime, tokenize
 from vlaops.sim import TabletopEnv, get_task, sample_chain
 from vlaops.utils.atomic import write_json
 from vlaops.utils.logging import get_logger
@@ -64,7 +64,7 @@ def seeded_chains(env: TabletopEnv, tasks: list[str], num_chains: int, length: i
 def run(cfg: Config) -> None:
     model_dir, reports_dir = Path(cfg.paths.model_dir), Path(cfg.paths.reports_dir)
     device = resolve_device(cfg.eval.device)
-    policy = Policy.load(model_dir, device)
+    policy = PolicyRuntime.load(model_dir, device)
     tasks = list(cfg.eval.tasks or cfg.sim.tasks)
     for name in tasks:
         try:

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from vlaops.config import Config
-from vlaops.data.normalize import normalize
+from vlaops.data.action_stats import normalize
 
 
 def run(cfg: Config) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import csv
-import json
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from vlaops import tracking
 from vlaops.config import Config, flatten, to_container
@@ -14,29 +12,15 @@ from vlaops.data.dataset import CalvinWindowDataset
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
-from vlaops.model import VLAPolicy, apply_train_setup, make_processor, save_policy, tokenize
+from vlaops.model import VLAPolicy, make_processor, save_policy, tokenize
+from vlaops.train.checkpoint import guard_checkpoints
 from vlaops.train.loop import make_loader, train_policy
-from vlaops.utils.atomic import atomic_file, write_json
+from vlaops.train.setup import apply_train_setup
+from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
-RUN_CONFIG_FILE = "run_config.json"  # in the checkpoint dir: what the checkpoints were trained with
 CURVE_FILE = "train_curve.csv"
-
-
-def _guard_checkpoints(checkpoint_dir: Path, recipe: dict[str, Any]) -> None:
-    """Resume only the same recipe: a checkpoint of another config is an error, never a silent mix."""
-    stamp = checkpoint_dir / RUN_CONFIG_FILE
-    if stamp.is_file():
-        previous = json.loads(stamp.read_text())
-        if previous != recipe:
-            old, new = flatten(previous), flatten(recipe)
-            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-            raise VlaopsError(
-                f"{checkpoint_dir}: holds checkpoints of a different run (differs in {diff[:5]}); "
-                f"delete it to start afresh, or set paths.checkpoint_dir elsewhere"
-            )
-    write_json(stamp, recipe)
 
 
 def _write_curve(path: Path, rows: dict[int, dict[str, float]]) -> None:
@@ -65,7 +49,7 @@ def run(cfg: Config) -> None:
         raise VlaopsError(f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than train.batch_size={cfg.train.batch_size}")
     fingerprint = {"calvin": dataset_fingerprint(calvin_dir), "normalization": normalizer.to_dict()}
     recipe = {"config": {k: v for k, v in to_container(cfg).items() if k in ("seed", "model", "train", "data")}, "data": fingerprint["calvin"]}
-    _guard_checkpoints(checkpoint_dir, recipe)
+    guard_checkpoints(checkpoint_dir, recipe)
 
     policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
     counts = apply_train_setup(policy, cfg.train.train_setup)

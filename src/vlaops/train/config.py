@@ -1,6 +1,6 @@
 """Training configuration: structured-config dataclasses, validated at construction.
 
-Every key here is read by ``vlaops.train.loop`` or ``vlaops.model.policy.apply_train_setup``: RoboVLMs'
+Every key here is read by ``vlaops.train.loop`` or ``vlaops.train.setup.apply_train_setup``: RoboVLMs'
 own recipe declares ``gradient_clip_val``, ``optimizer`` and ``min_lr_scale`` and then drops them
 silently (its Lightning trainer never passes the clip value, and its optimizer is always AdamW with a
 plain cosine). Here each one acts, and a test checks it.

@@ -2,18 +2,13 @@
 
 What RoboVLMs' recipe declares and then drops, this loop does: gradient clipping at
 ``gradient_clip_val`` (``accelerator.clip_grad_norm_``), the optimizer chosen by name, and a cosine that
-ends at ``min_lr_scale * learning_rate``. Checkpoints (``accelerator.save_state``: model, optimizer,
-scheduler, RNG states, plus ``trainer_state.json``) are written into a hidden temporary directory and
-renamed, so a SIGKILL leaves the previous checkpoint whole; a restart resumes from the newest one.
+ends at ``min_lr_scale * learning_rate``. Checkpoints (``vlaops.train.checkpoint``) are atomic, so a
+SIGKILL leaves the previous one whole; a restart resumes from the newest one.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -38,14 +33,11 @@ from vlaops.tracking import (
     VAL_GRIPPER_LOSS,
     VAL_LOSS,
 )
+from vlaops.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
 from vlaops.train.config import TrainConfig
-from vlaops.utils.atomic import write_json
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-CHECKPOINT_PATTERN = re.compile(r"^step_(\d{7,})$")
-TRAINER_STATE_FILE = "trainer_state.json"
 
 MetricsFn = Callable[[dict[str, float], int], None]
 
@@ -129,46 +121,6 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     return fn
 
 
-# ---- checkpoints ------------------------------------------------------------------------------------
-def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
-    """The newest complete ``step_XXXXXXX`` (hidden temporaries of an interrupted save are ignored)."""
-    if checkpoint_dir is None or not checkpoint_dir.is_dir():
-        return None
-    found = []
-    for p in checkpoint_dir.iterdir():
-        m = CHECKPOINT_PATTERN.match(p.name)
-        if m and (p / TRAINER_STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
-
-
-def _save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    final = checkpoint_dir / f"step_{step:07d}"
-    # a fixed temporary name (not mkdtemp): every process must write its RNG state into the same dir
-    tmp = checkpoint_dir / f".step_{step:07d}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / TRAINER_STATE_FILE, state)  # last: its presence marks a complete checkpoint
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        older = sorted(
-            (int(m.group(1)), p)
-            for p in checkpoint_dir.iterdir()
-            if (m := CHECKPOINT_PATTERN.match(p.name)) and p != final
-        )
-        for _, p in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(p, ignore_errors=True)
-        log.info("checkpoint %s", final)
-    accelerator.wait_for_everyone()
-    return final
-
-
 # ---- the loop -----------------------------------------------------------------------------------------
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
@@ -250,7 +202,7 @@ def train_policy(
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
-        state = json.loads((resume / TRAINER_STATE_FILE).read_text())
+        state = read_trainer_state(resume)
         step = int(state["step"])
         best_val = float(state.get("best_val_loss", best_val))
         last_val = float(state.get("last_val_loss", last_val))
@@ -326,7 +278,7 @@ def train_policy(
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             validate()
         if checkpoint_dir is not None and cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            _save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints)
     bar.close()
     wall = time.perf_counter() - start
     done = step - resumed_from

@@ -1,4 +1,4 @@
-"""Normalize: action statistics over the training split, and the normaliser train and runtime share."""
+"""Action statistics of the training split (the normalize stage), and the normaliser train and runtime share."""
 
 from __future__ import annotations
 
