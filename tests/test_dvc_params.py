@@ -1,0 +1,139 @@
+"""dvc.yaml lists, for each stage, exactly the parameters the stage reads: derived from the code.
+
+A stage's reads are the ``cfg.<group>.<key>`` chains in ``src/vlaops/stages/<stage>.py``; where a
+stage hands a sub-config whole to the library (``ingest(..., cfg.data)``, ``TabletopEnv(cfg.sim)``) and
+dvc.yaml lists only some of its keys, the reads are the ``cfg.<key>`` / ``self.cfg.<key>`` chains of the
+library modules that receive it (``LIBRARY`` below). A key a stage reads must be in its ``params:`` (or
+be a path interpolated into its deps/outs), and a listed key must be read: a missing one means
+`dvc repro` would not re-run the stage when it changes; a stale one re-runs it for nothing. Not counted:
+``to_container(cfg)`` (the whole config recorded as provenance in MLflow and the export) and the global
+``seed`` (``vlaops.cli`` seeds every stage; only train's output depends on it, and train lists it).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from vlaops.config import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "vlaops"
+STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
+
+# stage -> {sub-config handed to the library whole: the modules that read it as ``cfg`` / ``self.cfg``}
+LIBRARY: dict[str, dict[str, list[str]]] = {
+    "collect": {"sim": ["sim/record.py", "sim/env.py"]},
+    "ingest": {"data": ["data/ingest.py", "io/rosbag2.py"]},
+    "convert": {"data": ["data/convert.py"]},
+    "normalize": {"data": ["data/action_stats.py"]},
+    "train": {},  # reads its groups key by key or lists them whole
+    "evaluate": {"sim": ["sim/env.py"]},
+}
+
+
+def _chains(path: Path, roots: tuple[str, ...]) -> set[str]:
+    """Dotted attribute chains read from a root (``cfg.data.raw_dir`` -> ``data.raw_dir``)."""
+    tree = ast.parse(path.read_text())
+    inner = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    out = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute) or id(node) in inner:
+            continue  # only the outermost attribute of each chain
+        parts, cur = [], node
+        while isinstance(cur, ast.Attribute):
+            parts.append(cur.attr)
+            cur = cur.value
+        dotted = ".".join([cur.id, *reversed(parts)]) if isinstance(cur, ast.Name) else ""
+        for root in roots:
+            if dotted.startswith(root + "."):
+                out.add(dotted[len(root) + 1:])
+    return out
+
+
+def _node(composed: dict, dotted: str):
+    for part in dotted.split("."):
+        composed = composed[part]
+    return composed
+
+
+def _is_key(composed: dict, dotted: str) -> bool:
+    node = composed
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _covers(listed: str, key: str) -> bool:
+    return key == listed or key.startswith(listed + ".")
+
+
+def stage_reads(stage: str, listed: list[str], composed: dict) -> set[str]:
+    """Config keys ``stage`` reads, as dotted paths of the composed config."""
+    reads = _chains(SRC / "stages" / f"{stage}.py", ("cfg",))
+    for group, modules in LIBRARY[stage].items():
+        if group in reads and not any(_covers(p, group) for p in listed):
+            reads.discard(group)  # handed whole to the library, listed key by key: what does it read?
+            for module in modules:
+                reads |= {f"{group}.{k}" for k in _chains(SRC / module, ("cfg", "self.cfg"))}
+    # trim each chain to a config key (``cfg.sim.tasks.index`` -> ``sim.tasks``); a chain that trims back to
+    # a group is a method or property of its dataclass (``sim.substeps``), whose own reads are seen directly
+    out = set()
+    for key in reads:
+        parts = key.split(".")
+        while parts and not _is_key(composed, ".".join(parts)):
+            parts.pop()
+        trimmed = ".".join(parts)
+        if parts and (trimmed == key or not isinstance(_node(composed, trimmed), dict)):
+            out.add(trimmed)
+    return out - {"seed"}
+
+
+@pytest.fixture(scope="module")
+def dvc() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+@pytest.fixture(scope="module")
+def composed() -> dict:
+    return OmegaConf.to_container(compose([], ROOT / "conf"), resolve=True)
+
+
+def _interpolated(spec: dict) -> set[str]:
+    """The ``${key}`` paths a stage's deps/outs/metrics/plots name (they change the stage when they change)."""
+    text = yaml.safe_dump({k: spec.get(k) for k in ("deps", "outs", "metrics", "plots")})
+    return set(re.findall(r"\$\{([^}]+)\}", text))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dvc_params_are_what_the_stage_reads(stage, dvc, composed):
+    listed = [p for p in dvc[stage].get("params", []) if p != "seed"]
+    assert all(_is_key(composed, p) for p in listed), f"{stage}: a listed param is not a config key: {listed}"
+    reads = stage_reads(stage, listed, composed)
+    paths = _interpolated(dvc[stage])
+    missing = sorted(k for k in reads if not any(_covers(p, k) for p in listed) and k not in paths)
+    assert missing == [], f"dvc.yaml stage {stage} reads {missing} but does not list them under params"
+    stale = sorted(p for p in listed if not any(_covers(p, k) or _covers(k, p) for k in reads))
+    assert stale == [], f"dvc.yaml stage {stage} lists {stale} under params but never reads them"
+
+
+def test_train_lists_the_global_seed(dvc):
+    """``vlaops.cli`` seeds torch before train builds the policy: the initial weights depend on ``seed``."""
+    assert "seed" in dvc["train"]["params"]
+
+
+def test_the_derivation_sees_what_it_should(composed):
+    """The AST walk finds the reads written in the code (so the test above can fail)."""
+    reads = stage_reads("evaluate", ["eval", "sim.tasks"], composed)
+    assert {"sim.static_camera_size", "sim.position_noise", "data.calvin_dir", "eval.num_chains", "tracking"} <= reads
+    assert "data.raw_dir" not in reads and "sim.episodes_per_task" not in reads
+    ingest = stage_reads("ingest", ["data.topics"], composed)
+    assert {"data.topics", "data.control_hz", "data.on_bad_input", "data.raw_dir"} <= ingest
+    assert all(k.startswith("data.") for k in ingest)
