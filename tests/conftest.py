@@ -1,4 +1,5 @@
-"""Shared fixtures: the real config tree, shrunk; tiny recordings written with the real libraries."""
+"""Shared fixtures: the real config tree, shrunk; tiny recordings written with the real libraries;
+the offline processor and synthetic batches of the training contract."""
 
 from __future__ import annotations
 
@@ -7,43 +8,80 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # bagfactory
+from vlaops.config import Config, load_config
 
-from bagfactory import write_arm_bag  # noqa: E402
-
-from vlaops.config import Config, load_config  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # bagfactory, imported where a test writes bags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
+def path_overrides(tmp_path: Path) -> list[str]:
+    """Every output path moved into ``tmp_path`` (data.raw_dir follows paths.collect_dir)."""
+    return [
+        f"paths.collect_dir={tmp_path}/raw",
+        f"data.episodes_dir={tmp_path}/episodes",
+        f"data.calvin_dir={tmp_path}/calvin",
+        f"data.normalized_dir={tmp_path}/normalized",
+        f"paths.model_dir={tmp_path}/models/policy",
+        f"paths.checkpoint_dir={tmp_path}/models/checkpoints",
+        f"paths.reports_dir={tmp_path}/reports",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+    ]
+
+
+# The one shrink of the real config, for every test that builds the model or runs stages (the library
+# tests, tests/test_stages.py through the CLI, tests/test_e2e.py by editing conf/ in a copy of the repo).
+SHRINK_MODEL = [
+    "model.window_size=3",
+    "model.fwd_pred_next_n=4",
+    "model.lstm_num_layers=1",
+    "model.lstm_hidden_size=32",
+    "model.head_mlp_dims=[32]",
+    "model.image_size=64",
+    "model.tiny.patch_size=16",
+    "model.tiny.latent_query_num=4",
+    "model.max_text_len=12",
+    "data.min_episode_len=8",
+]
+# ... and of the pipeline around it: two tasks, a few demos, four training steps, two short chains.
+SHRINK_PIPELINE = [
+    "sim.tasks=[push_red_left,lift_blue]",
+    "sim.episodes_per_task=3",
+    "sim.num_workers=1",
+    "sim.max_episode_steps=120",
+    "train.max_steps=4",
+    "train.batch_size=2",
+    "train.log_every=2",
+    "train.val_every=2",
+    "train.val_batches=1",
+    "train.save_every=2",
+    "eval.num_chains=2",
+    "eval.chain_length=2",
+    "eval.max_steps_per_subtask=3",
+    "eval.offline_batches=2",
+]
+# The conf/ file each group's values live in (what tests/test_e2e.py edits).
+GROUP_FILES = {
+    "sim": "conf/sim/default.yaml",
+    "data": "conf/data/default.yaml",
+    "model": "conf/model/tiny.yaml",
+    "train": "conf/train/default.yaml",
+    "eval": "conf/eval/default.yaml",
+}
+
+
+def conf_file_updates(overrides: list[str]) -> dict[str, dict]:
+    """``group.key=value`` overrides -> {conf file: nested update}, to write a shrink into conf/ itself."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    return {GROUP_FILES[group]: update for group, update in tree.items()}
+
+
 def tiny_config(tmp_path: Path, *overrides: str) -> Config:
     """The real conf/ composed, every path moved into ``tmp_path``, sizes shrunk for a test."""
-    return load_config(
-        [
-            f"paths.collect_dir={tmp_path}/raw",
-            f"data.raw_dir={tmp_path}/raw",
-            f"data.episodes_dir={tmp_path}/episodes",
-            f"data.calvin_dir={tmp_path}/calvin",
-            f"data.normalized_dir={tmp_path}/normalized",
-            f"paths.model_dir={tmp_path}/models/policy",
-            f"paths.checkpoint_dir={tmp_path}/models/checkpoints",
-            f"paths.reports_dir={tmp_path}/reports",
-            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            "model.window_size=3",
-            "model.fwd_pred_next_n=4",
-            "model.lstm_num_layers=1",
-            "model.lstm_hidden_size=32",
-            "model.head_mlp_dims=[32]",
-            "model.image_size=64",
-            "model.tiny.patch_size=16",
-            "model.tiny.latent_query_num=4",
-            "model.max_text_len=12",
-            "data.min_episode_len=8",
-            *overrides,
-        ],
-        CONF,
-    )
+    return load_config([*path_overrides(tmp_path), *SHRINK_MODEL, *overrides], CONF)
 
 
 @pytest.fixture
@@ -54,6 +92,8 @@ def cfg(tmp_path: Path) -> Config:
 @pytest.fixture
 def raw_dir(tmp_path: Path) -> Path:
     """Four synthetic arm episodes (two instructions, both storage plugins)."""
+    from bagfactory import write_arm_bag
+
     raw = tmp_path / "raw"
     for i in range(4):
         write_arm_bag(
@@ -77,3 +117,62 @@ def calvin_dir(cfg: Config, raw_dir: Path) -> Path:
     convert(Path(cfg.data.episodes_dir), Path(cfg.data.calvin_dir), cfg.data)
     normalize(Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir), cfg.data)
     return Path(cfg.data.calvin_dir)
+
+
+# ---- model inputs ----------------------------------------------------------------------------------
+INSTRUCTIONS = ["open the drawer", "push the red block left", "turn on the led", "lift the blue block"]
+
+
+@pytest.fixture(scope="session")
+def processor():
+    """The offline Kosmos-2 processor (Unigram tokenizer trained on INSTRUCTIONS), built once."""
+    from vlaops.model import build_offline_processor
+
+    return build_offline_processor(INSTRUCTIONS, vocab_size=200)
+
+
+class SyntheticWindows:
+    """``n`` windows of the training-batch contract (DESIGN.md "Training batch"), no batch dim, fixed by
+    ``seed``: rgb/hand_rgb (W, 3, S, S), action (W, A), action_chunk (W, C, A) normalised (arm in
+    [-1, 1], gripper {0, 1}), chunk_mask (W, C) with the last step of every odd window past its
+    episode's end, text/text_mask (L,). A map-style dataset for a DataLoader."""
+
+    def __init__(self, processor, n: int, window: int, chunk: int, text_len: int, seed: int = 0,
+                 size: int = 224, action_dim: int = 7) -> None:
+        import torch
+
+        from vlaops.data import keys
+        from vlaops.model import tokenize
+
+        g = torch.Generator().manual_seed(seed)
+        instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(n)]
+        text, mask = tokenize(processor, instructions, text_len)  # (n, L) each
+        self.items = []
+        for i in range(n):
+            arm = torch.rand(window, chunk, action_dim - 1, generator=g) * 2 - 1
+            grip = (torch.rand(window, chunk, 1, generator=g) > 0.5).float()
+            chunk_mask = torch.ones(window, chunk, dtype=torch.bool)
+            chunk_mask[-1, -1] = i % 2 == 0
+            self.items.append({
+                keys.RGB: torch.randn(window, 3, size, size, generator=g),
+                keys.HAND_RGB: torch.randn(window, 3, size, size, generator=g),
+                keys.ACTION: torch.cat([arm[:, 0], grip[:, 0]], -1),
+                keys.ACTION_CHUNK: torch.cat([arm, grip], -1),
+                keys.CHUNK_MASK: chunk_mask,
+                keys.TEXT: text[i],
+                keys.TEXT_MASK: mask[i],
+                keys.RAW_TEXT: instructions[i],
+            })
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def synthetic_batch(processor, n: int, window: int, chunk: int, text_len: int, seed: int = 0, size: int = 224) -> dict:
+    """``n`` SyntheticWindows collated as the DataLoader does: (n, W, ...) tensors, raw_text a list."""
+    from torch.utils.data import default_collate
+
+    return default_collate(list(SyntheticWindows(processor, n, window, chunk, text_len, seed, size)))

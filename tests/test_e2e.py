@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from conftest import SHRINK_MODEL, SHRINK_PIPELINE, conf_file_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,14 +24,9 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_NAME": "vlaops test", "GIT_COMMITTER_EMAIL": "test@vlaops.local",
 }
 
-SHRINK = {
-    "conf/sim/default.yaml": {"tasks": ["push_red_left", "lift_blue"], "episodes_per_task": 2, "num_workers": 1},
-    "conf/data/default.yaml": {"min_episode_len": 8},
-    "conf/model/tiny.yaml": {"image_size": 64, "window_size": 3, "fwd_pred_next_n": 4, "lstm_num_layers": 1,
-                             "lstm_hidden_size": 32, "head_mlp_dims": [32], "tiny": {"patch_size": 16, "latent_query_num": 4}},
-    "conf/train/default.yaml": {"max_steps": 4, "batch_size": 2, "log_every": 2, "val_every": 2, "val_batches": 1, "save_every": 2},
-    "conf/eval/default.yaml": {"num_chains": 2, "chain_length": 2, "max_steps_per_subtask": 5, "offline_batches": 2},
-}
+# conftest's shrink, written into conf/ of the copy (what `vlaops params` and `dvc exp run` compose);
+# two demos per task instead of three and five steps per subtask keep the three dvc runs short.
+SHRINK = conf_file_updates([*SHRINK_MODEL, *SHRINK_PIPELINE, "sim.episodes_per_task=2", "eval.max_steps_per_subtask=5"])
 
 
 def _merge(base: dict, update: dict) -> dict:

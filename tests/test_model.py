@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import INSTRUCTIONS, synthetic_batch
 from transformers import AutoProcessor, Kosmos2Processor
 
 from vlaops.data import keys
@@ -17,7 +18,6 @@ from vlaops.model import (
     PolicyRuntime,
     TinyKosmosConfig,
     VLAPolicy,
-    build_offline_processor,
     load_processor,
     make_processor,
     merged_state_dict,
@@ -27,7 +27,6 @@ from vlaops.model import (
 from vlaops.train.config import TrainSetupConfig
 from vlaops.train.setup import apply_train_setup, is_checkpointing
 
-INSTRUCTIONS = ["open the drawer", "push the red block left", "turn on the led", "lift the blue block"]
 B, W, C, A, L = 2, 3, 4, 7, 16
 
 
@@ -40,33 +39,13 @@ def small_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return build_offline_processor(INSTRUCTIONS, vocab_size=200)
-
-
 def make_policy(processor, seed: int = 0, **kw) -> VLAPolicy:
     torch.manual_seed(seed)
     return VLAPolicy.build(small_cfg(**kw), len(processor.tokenizer))
 
 
 def make_batch(processor, seed: int = 0, size: int = 224) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    text, text_mask = tokenize(processor, INSTRUCTIONS[:B], L)
-    arm = torch.rand(B, W, C, A - 1, generator=g) * 2 - 1
-    grip = (torch.rand(B, W, C, 1, generator=g) > 0.5).float()
-    mask = torch.ones(B, W, C, dtype=torch.bool)
-    mask[0, -1, 2:] = False  # the first sample's episode ends inside the last frame's chunk
-    return {
-        keys.RGB: torch.randn(B, W, 3, size, size, generator=g),
-        keys.HAND_RGB: torch.randn(B, W, 3, size, size, generator=g),
-        keys.ACTION: torch.cat([arm[:, :, 0], grip[:, :, 0]], -1),
-        keys.ACTION_CHUNK: torch.cat([arm, grip], -1),
-        keys.CHUNK_MASK: mask,
-        keys.TEXT: text,
-        keys.TEXT_MASK: text_mask,
-        keys.RAW_TEXT: INSTRUCTIONS[:B],
-    }
+    return synthetic_batch(processor, B, W, C, L, seed, size)
 
 
 # ---- processor --------------------------------------------------------------------------------------
@@ -207,10 +186,13 @@ def test_masked_chunk_steps_do_not_change_the_loss(processor):
         base = policy(batch)
         changed = dict(batch)
         chunk = batch[keys.ACTION_CHUNK].clone()
-        chunk[0, -1, 2:] = float("nan")  # masked-out steps: anything, even NaN
+        past_end = ~batch[keys.CHUNK_MASK]  # (B, W, C): steps past the episode's end
+        assert past_end.any()
+        chunk[past_end] = float("nan")  # masked-out steps: anything, even NaN
         changed[keys.ACTION_CHUNK] = chunk
         masked = policy(changed)
         chunk2 = batch[keys.ACTION_CHUNK].clone()
+        assert batch[keys.CHUNK_MASK][0, -1, 0]
         chunk2[0, -1, 0, 0] = -chunk2[0, -1, 0, 0] + 0.5  # a valid step: must matter
         changed[keys.ACTION_CHUNK] = chunk2
         unmasked = policy(changed)

@@ -7,54 +7,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import CONF
+from conftest import CONF, SHRINK_MODEL, SHRINK_PIPELINE, path_overrides
 
 from vlaops import tracking
 from vlaops.cli import main
 from vlaops.errors import VlaopsError
 
-TINY = [
-    "sim.tasks=[push_red_left,lift_blue]",
-    "sim.episodes_per_task=3",
-    "sim.num_workers=1",
-    "sim.max_episode_steps=120",
-    "train.max_steps=4",
-    "train.batch_size=2",
-    "train.log_every=2",
-    "train.val_every=2",
-    "train.val_batches=1",
-    "train.save_every=2",
-    "eval.num_chains=2",
-    "eval.chain_length=2",
-    "eval.max_steps_per_subtask=3",
-    "eval.offline_batches=2",
-]
-
-
-def _paths(tmp_path: Path) -> list[str]:
-    return [
-        f"paths.collect_dir={tmp_path}/raw",
-        f"data.raw_dir={tmp_path}/raw",
-        f"data.episodes_dir={tmp_path}/episodes",
-        f"data.calvin_dir={tmp_path}/calvin",
-        f"data.normalized_dir={tmp_path}/normalized",
-        f"paths.model_dir={tmp_path}/models/policy",
-        f"paths.checkpoint_dir={tmp_path}/models/checkpoints",
-        f"paths.reports_dir={tmp_path}/reports",
-        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-        "model.image_size=64",
-        "model.tiny.patch_size=16",
-        "model.window_size=3",
-        "model.fwd_pred_next_n=4",
-        "model.lstm_num_layers=1",
-        "model.lstm_hidden_size=32",
-        "model.head_mlp_dims=[32]",
-        "data.min_episode_len=8",
-    ]
-
-
 def _stage(name: str, tmp_path: Path, *extra: str) -> int:
-    return main([name, "--config-dir", str(CONF), *_paths(tmp_path), *TINY, *extra])
+    return main([name, "--config-dir", str(CONF), *path_overrides(tmp_path), *SHRINK_MODEL, *SHRINK_PIPELINE, *extra])
 
 
 @pytest.fixture(scope="module")

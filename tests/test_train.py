@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from conftest import INSTRUCTIONS, SyntheticWindows
 
 from vlaops.data import keys
 from vlaops.errors import VlaopsError
-from vlaops.model import ModelConfig, VLAPolicy, build_offline_processor, tokenize
+from vlaops.model import ModelConfig, VLAPolicy
 from vlaops.tracking import TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, VAL_LOSS
 from vlaops.train.config import TrainConfig, TrainSetupConfig
 from vlaops.train.checkpoint import latest_checkpoint
@@ -23,43 +23,11 @@ from vlaops.train.loop import (
 )
 from vlaops.train.setup import apply_train_setup
 
-INSTRUCTIONS = ["open the drawer", "push the red block left", "turn on the led", "lift the blue block"]
 W, C, A, L, S = 2, 3, 7, 12, 224
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return build_offline_processor(INSTRUCTIONS, vocab_size=100)
-
-
-class SyntheticWindows(Dataset):
-    """``n`` samples of the exact batch contract (no batch dim), fixed by ``seed``."""
-
-    def __init__(self, processor, n: int, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        text, mask = tokenize(processor, [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(n)], L)
-        self.items = []
-        for i in range(n):
-            arm = torch.rand(W, C, A - 1, generator=g) * 2 - 1
-            grip = (torch.rand(W, C, 1, generator=g) > 0.5).float()
-            chunk_mask = torch.ones(W, C, dtype=torch.bool)
-            chunk_mask[-1, -1] = i % 2 == 0
-            self.items.append({
-                keys.RGB: torch.randn(W, 3, S, S, generator=g),
-                keys.HAND_RGB: torch.randn(W, 3, S, S, generator=g),
-                keys.ACTION: torch.cat([arm[:, 0], grip[:, 0]], -1),
-                keys.ACTION_CHUNK: torch.cat([arm, grip], -1),
-                keys.CHUNK_MASK: chunk_mask,
-                keys.TEXT: text[i],
-                keys.TEXT_MASK: mask[i],
-                keys.RAW_TEXT: INSTRUCTIONS[i % len(INSTRUCTIONS)],
-            })
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
+def windows(processor, n: int, seed: int = 0) -> SyntheticWindows:
+    return SyntheticWindows(processor, n, W, C, L, seed, S)
 
 
 def make_policy(processor, seed: int = 0) -> VLAPolicy:
@@ -89,7 +57,7 @@ def cfg(**kw) -> TrainConfig:
 
 def test_loss_falls_on_a_fixed_batch(processor):
     policy = make_policy(processor)
-    data = SyntheticWindows(processor, 2)
+    data = windows(processor, 2)
     rec = Recorder()
     c = cfg(max_steps=20, val_every=20)
     result = train_policy(policy, make_loader(data, c, shuffle=False), make_loader(data, c, shuffle=False), c, rec, None)
@@ -111,7 +79,7 @@ def test_gradient_clipping_is_applied(processor):
     """SGD without momentum moves parameters by lr x clipped gradient: its norm is at most lr x clip."""
     policy = make_policy(processor)
     before = torch.cat([p.detach().flatten().clone() for p in policy.parameters() if p.requires_grad])
-    data = SyntheticWindows(processor, 2)
+    data = windows(processor, 2)
     c = cfg(max_steps=1, optimizer="sgd", momentum=0.0, learning_rate=1.0, gradient_clip_val=1e-3, lr_scheduler="constant")
     rec = Recorder()
     train_policy(policy, make_loader(data, c, shuffle=False), None, c, rec, None)
@@ -123,7 +91,7 @@ def test_gradient_clipping_is_applied(processor):
 def test_resume_continues_at_the_right_step(processor, tmp_path):
     """6 steps == 4 steps, then a fresh process resuming to 6 (shuffled data, 3 batches an epoch, so the
     resume lands inside the second epoch)."""
-    data = SyntheticWindows(processor, 6)
+    data = windows(processor, 6)
     c = cfg(max_steps=6, save_every=4, lr_scheduler="constant")
     full = make_policy(processor)
     train_policy(full, make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "full")
@@ -151,14 +119,14 @@ def test_resume_continues_at_the_right_step(processor, tmp_path):
 
 
 def test_keep_checkpoints_prunes_old_ones(processor, tmp_path):
-    data = SyntheticWindows(processor, 2)
+    data = windows(processor, 2)
     c = cfg(max_steps=3, save_every=1, keep_checkpoints=2)
     train_policy(make_policy(processor), make_loader(data, c, shuffle=False), None, c, Recorder(), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002", "step_0000003"]
 
 
 def test_validation_is_logged(processor):
-    data = SyntheticWindows(processor, 4)
+    data = windows(processor, 4)
     c = cfg(max_steps=2, val_every=1, val_batches=1)
     rec = Recorder()
     train_policy(make_policy(processor), make_loader(data, c, shuffle=False), make_loader(data, c, shuffle=False), c, rec, None)
@@ -206,7 +174,7 @@ def test_train_config_names_bad_field(kw, field):
 
 
 def test_make_loader_reads_batch_size_and_workers(processor):
-    data = SyntheticWindows(processor, 5)
+    data = windows(processor, 5)
     c = cfg(batch_size=2, num_workers=0)
     loader = make_loader(data, c, shuffle=True)
     assert loader.batch_size == 2 and loader.num_workers == 0 and len(loader) == 2  # drop_last for training
@@ -216,7 +184,7 @@ def test_make_loader_reads_batch_size_and_workers(processor):
 
 def test_bf16_then_fp32_in_one_process(processor):
     """precision acts (bf16 autocast, on CPU here) and a second run may change it."""
-    data = SyntheticWindows(processor, 2)
+    data = windows(processor, 2)
     for precision in ("bf16", "fp32"):
         c = cfg(max_steps=2, train_setup=TrainSetupConfig(precision=precision))
         policy = make_policy(processor)
