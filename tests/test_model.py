@@ -370,6 +370,30 @@ def test_policy_load_and_step(exported):
     assert len(policy._features) == 1
 
 
+def test_encode_is_the_step_without_the_history(exported):
+    """``encode`` (what ``step`` runs, one backbone call) is the backbone over ``images`` and ``text``, and
+    leaves the history alone unless the instruction changes."""
+    out, _ = exported
+    policy = PolicyRuntime.load(out, device="cpu")
+    rng = np.random.default_rng(2)
+    policy.reset()
+    policy.step(_obs(rng), "open the drawer")
+    obs = _obs(rng, nested=True)
+    feat = policy.encode(obs, "open the drawer")
+    assert feat.shape == (1, policy.model.backbone.hidden_size) and len(policy._features) == 1
+    rgb, hand = policy.images(obs)
+    assert rgb.shape == hand.shape == (1, 3, 224, 224)
+    ids, mask = policy.text("open the drawer")
+    assert ids.shape == mask.shape == (1, L)
+    with torch.no_grad():
+        torch.testing.assert_close(feat, policy.model.encode_frames(rgb, hand, ids, mask))
+    action = policy.step(obs, "open the drawer")
+    torch.testing.assert_close(policy._features[-1], feat)  # step appends what encode computes
+    assert len(policy._features) == 2 and action.shape == (7,)
+    policy.encode(obs, "lift the blue block")  # another instruction: the old features no longer apply
+    assert len(policy._features) == 0
+
+
 def test_policy_step_acts_as_the_training_forward_on_the_same_window(exported):
     """The feature cache is an optimisation only: at every step, past the window fill too, the action
     equals the training forward over the last ``window_size`` frames (bench/policy_step.py times it)."""

@@ -193,13 +193,23 @@ class PolicyRuntime:
         self._instruction = None
         self._text = None
 
-    def _set_instruction(self, instruction: str) -> None:
+    def text(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instruction's token ids and mask, (1, L) each, on the device (tokenised once per instruction).
+
+        An instruction other than the current one forgets the history: the cached features were
+        computed with the old text."""
         if instruction != self._instruction:
-            # cached features were computed with the old text: a new instruction starts a new history
             self._features.clear()
             ids, mask = tokenize(self.processor, [instruction], self.cfg.max_text_len)  # (1, L) each
             self._text = (ids.to(self.device), mask.to(self.device))
             self._instruction = instruction
+        return self._text
+
+    def images(self, obs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """obs -> the backbone's image inputs on the device: rgb_static (1, 3, S, S), and rgb_gripper
+        (1, 3, S, S) when the policy uses it, else None (resized and CLIP-normalised as in training)."""
+        rgb = self._image(obs, "rgb_static")
+        return rgb, self._image(obs, "rgb_gripper") if self.cfg.use_hand_rgb else None
 
     def _image(self, obs: dict[str, Any], key: str) -> torch.Tensor:
         img = _camera(obs, key)
@@ -217,12 +227,10 @@ class PolicyRuntime:
         frame's features (1, D): one backbone call, on this frame only.
 
         The history is not touched, except that an instruction other than the current one forgets it
-        (the cached features were computed with the old text).
+        (``text``).
         """
-        self._set_instruction(instruction)
-        rgb = self._image(obs, "rgb_static")  # (1, 3, S, S)
-        hand = self._image(obs, "rgb_gripper") if self.cfg.use_hand_rgb else None
-        ids, mask = self._text
+        ids, mask = self.text(instruction)  # (1, L) each
+        rgb, hand = self.images(obs)  # (1, 3, S, S) each, hand None without use_hand_rgb
         return self.model.encode_frames(rgb, hand, ids, mask)  # (1, D)
 
     @torch.inference_mode()
