@@ -15,10 +15,9 @@ from rosbags.rosbag2 import Reader
 from rosbags.typesys import Stores, get_typestore
 
 from vlaops.eval.chains import evaluate_chains, summarize
-from vlaops.sim import TASKS, SimConfig, TabletopEnv, collect, get_task, run_expert, sample_chain
+from vlaops.sim import TASKS, SimConfig, TabletopEnv, collect, get_task, run_expert, sample_chain, seeded_chains
 from vlaops.sim.expert import ScriptedExpert
 from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT
-from vlaops.stages.evaluate import seeded_chains
 
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])  # stay put, gripper open
 

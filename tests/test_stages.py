@@ -55,6 +55,12 @@ def test_metrics_and_results_follow_calvin(pipeline):
     assert {"avg_len", "sr_1", "sr_2", "offline", "task_sr"} <= set(metrics)
     assert 0.0 <= metrics["avg_len"] <= 2 and metrics["num_chains"] == 2
     assert {"arm_mae", "gripper_accuracy", "baseline_arm_mae", "baseline_gripper_accuracy"} <= set(metrics["offline"])
+    figure_keys = {"avg_len", "sr_1", "sr_2", "avg_len_ci", "sr_1_ci", "sr_2_ci"}
+    assert figure_keys <= set(metrics) and metrics["avg_len_ci"][0] <= metrics["avg_len"] <= metrics["avg_len_ci"][1]
+    assert set(metrics["ablations"]) == {"blank_images", "swap_instruction"}
+    assert set(metrics["references"]) == {"expert", "blind"}
+    assert all(set(fig) == figure_keys for fig in [*metrics["ablations"].values(), *metrics["references"].values()])
+    assert metrics["references"]["expert"]["sr_1"] == 1.0  # two easy chains: the ceiling is reached
     results = json.loads((pipeline / "reports" / "results.json").read_text())
     (entry,) = results.values()
     assert set(entry) == {"avg_seq_len", "chain_sr", "task_info"} and set(entry["chain_sr"]) == {"1", "2"}
@@ -69,6 +75,8 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "4" and run.data.params["model.window_size"] == "3"
     assert {"train/loss", "val/loss", "avg_len", "sr_1", "sr_2", "offline/arm_mae"} <= set(run.data.metrics)
+    assert {"avg_len_ci_low", "sr_2_ci_high", "ablation/blank_images/avg_len", "ablation/swap_instruction/sr_1_ci_low",
+            "reference/expert/sr_2", "reference/blind/avg_len_ci_high", "eval_time_s/policy"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     assert run.data.tags["data_fingerprint"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -89,6 +97,24 @@ def test_checkpoints_of_another_recipe_are_refused(pipeline, capsys):
     assert _stage("train", pipeline, "train.learning_rate=0.0005") == 1
     err = capsys.readouterr().err
     assert "models/checkpoints: holds checkpoints of a different run" in err and "learning_rate" in err
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_window(pipeline, capsys):
+    assert _stage("evaluate", pipeline, "model.window_size=5") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "models/policy/policy_config.json: model.window_size is 3, but the config says model.window_size=5" in err
+
+
+def test_evaluation_does_not_depend_on_the_number_of_workers(pipeline):
+    """The trained runtime (images rendered), its ablations and the references, run in this process and
+    in a pool of two: the same chains, the same steps, the same figures."""
+    runs = {}
+    for workers in (1, 2):
+        assert _stage("evaluate", pipeline, f"eval.num_workers={workers}") == 0
+        runs[workers] = [json.loads((pipeline / "reports" / name).read_text()) for name in ("chains.json", "metrics.json")]
+    (chains_1, metrics_1), (chains_2, metrics_2) = runs[1], runs[2]
+    assert chains_1 == chains_2 and len(chains_1) == 2
+    assert metrics_1 == metrics_2
 
 
 def test_evaluate_without_a_policy_names_the_directory(tmp_path, capsys):

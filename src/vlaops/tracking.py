@@ -35,6 +35,11 @@ AVG_LEN = "avg_len"
 SR_PREFIX = "sr_"  # sr_1 .. sr_5
 TASK_SR_PREFIX = "task_sr/"
 OFFLINE_PREFIX = "offline/"
+CI_SUFFIX = "_ci"  # metrics.json: avg_len_ci = [low, high]; MLflow: avg_len_ci_low, avg_len_ci_high
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+ABLATION_PREFIX = "ablation/"  # ablation/blank_images/avg_len, ablation/swap_instruction/sr_1_ci_low ...
+REFERENCE_PREFIX = "reference/"  # reference/expert/avg_len, reference/blind/sr_1 ...
+EVAL_TIME_PREFIX = "eval_time_s/"  # eval_time_s/policy, eval_time_s/ablation/blank_images ...
 
 
 @dataclass

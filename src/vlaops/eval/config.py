@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
+
+# The names users may list; one home, imported by the ablation and reference modules and the stage.
+# blank_images: both cameras replaced by zeros; swap_instruction: another task's instruction (eval/ablation.py).
+ABLATIONS = ("blank_images", "swap_instruction")
+# expert: the scripted expert (ceiling); blind: instruction + robot state only, never the cameras (floor).
+REFERENCES = ("expert", "blind")
 
 
 @dataclass
 class EvalConfig:
     # CALVIN (evaluation/evaluate_policy.py) runs 1000 chains of 5 with EP_LEN=360 steps per subtask.
     # The embedded default runs fewer, shorter chains so the whole pipeline fits in minutes on a CPU.
-    num_chains: int = 10
+    num_chains: int = 50
     chain_length: int = 5
     max_steps_per_subtask: int = 120
     seed: int = 1000  # chain and scene seeds; distinct from the collect seeds, so no demo is replayed
@@ -17,12 +24,33 @@ class EvalConfig:
     offline_batches: int = 0  # validation batches for the offline action error; 0: the whole split
     batch_size: int = 4
     device: str = "auto"  # auto: cuda when available, else cpu
+    # Chains run in this many worker processes (each with its own simulator and policy); 0 or null: one
+    # per CPU core. Results are merged by chain index, so the metrics do not depend on it.
+    num_workers: Optional[int] = None
+    # The same chains again with the policy's input degraded: it must fall if the policy looks and listens.
+    ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
+    # Reference policies on the same chains: the floor and the ceiling beside every figure.
+    references: list[str] = field(default_factory=lambda: list(REFERENCES))
+    # 95 % percentile intervals of Avg. Len and every SR by resampling the chains with replacement.
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
-        for name in ("num_chains", "chain_length", "max_steps_per_subtask", "batch_size"):
+        for name in ("num_chains", "chain_length", "max_steps_per_subtask", "batch_size", "bootstrap_resamples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)!r}")
         if self.offline_batches < 0:
             raise ValueError(f"eval.offline_batches must be >= 0, got {self.offline_batches!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"eval.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ValueError(f"eval.num_workers must be >= 0 (0 or null: one per CPU core), got {self.num_workers!r}")
+        if not 0.0 < self.confidence < 1.0:
+            raise ValueError(f"eval.confidence must be in (0, 1), got {self.confidence!r}")
+        for key, allowed in (("ablations", ABLATIONS), ("references", REFERENCES)):
+            values = list(getattr(self, key))
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise ValueError(f"eval.{key}: unknown value(s) {unknown}; allowed: {', '.join(allowed)}")
+            if len(set(values)) != len(values):
+                raise ValueError(f"eval.{key}: each value at most once, got {values}")

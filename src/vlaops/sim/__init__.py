@@ -19,6 +19,7 @@ _EXPORTS = {
     "Task": "tasks",
     "get_task": "tasks",
     "sample_chain": "tasks",
+    "seeded_chains": "tasks",
 }
 __all__ = sorted(_EXPORTS)
 

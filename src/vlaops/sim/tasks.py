@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -171,3 +171,29 @@ def sample_chain(rng: np.random.Generator, length: int, task_names: Sequence[str
     if chain is None:
         raise ValueError(f"no feasible chain of {length} tasks from this state among {list(task_names)}")
     return chain
+
+
+class SceneEnv(Protocol):
+    """What :func:`seeded_chains` needs of an environment (``TabletopEnv`` has it)."""
+
+    def reset(self, seed: int) -> dict[str, Any]: ...
+
+    def get_info(self) -> Info: ...
+
+
+def seeded_chains(env: SceneEnv, task_names: Sequence[str], num_chains: int, length: int,
+                  seed: int) -> list[tuple[int, list[str]]]:
+    """``num_chains`` (scene seed, task chain) pairs: the same seed gives the same scenes and chains.
+
+    Chain i is played from ``env.reset(seed + i)``, and its tasks are sampled (one generator seeded by
+    ``seed`` for the whole list) from the state that reset gives, so every chain is feasible from its
+    own scene. Only ``get_info`` is read: an env built with ``render=False`` samples them as well.
+    ValueError (from :func:`sample_chain`) when a scene admits no chain of ``length``.
+    """
+    rng = np.random.default_rng(seed)
+    chains = []
+    for i in range(num_chains):
+        scene_seed = seed + i
+        env.reset(scene_seed)
+        chains.append((scene_seed, sample_chain(rng, length, task_names, env.get_info())))
+    return chains

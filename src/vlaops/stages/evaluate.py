@@ -1,12 +1,15 @@
 """evaluate: models/policy -> CALVIN-style chain success in the simulator + offline action error.
 
-Writes reports/metrics.json (a DVC metric) and CALVIN's reports/results.json, and logs both onto
-the MLflow run that trained the policy.
+The policy, each ablation of it (``eval.ablations``) and each reference policy (``eval.references``)
+play the same seeded chains, spread over ``eval.num_workers`` processes; every figure carries a
+bootstrap interval. Writes reports/metrics.json (a DVC metric), CALVIN's reports/results.json and the
+policy's chains, and logs them onto the MLflow run that trained the policy.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,17 +22,25 @@ from vlaops.config import Config
 from vlaops.data.dataset import CalvinWindowDataset
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
-from vlaops.eval.chains import evaluate_chains, results_json, summarize
+from vlaops.eval.chains import figures, results_json, summarize, summary_table
 from vlaops.eval.offline import offline_action_metrics
-from vlaops.io.calvin import VALIDATION, CalvinSplit
+from vlaops.eval.reference import blind_policy
+from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory, run_chains
+from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
 from vlaops.model import PolicyRuntime, tokenize
-from vlaops.sim import TabletopEnv, get_task, sample_chain
+from vlaops.model.runtime import POLICY_CONFIG_FILE
+from vlaops.sim import TabletopEnv, get_task, seeded_chains
 from vlaops.utils.atomic import write_json
+from vlaops.utils.executor import resolve_workers
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.json"
+CHAINS_FILE = "chains.json"
+# The checkpoint's shape must be the configured one: a window or chunk the config does not describe
+# would make every figure belong to another recipe than the one the params say.
+MATCHING_MODEL_KEYS = ("window_size", "fwd_pred_next_n")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,55 +58,95 @@ def mean_action(normalizer: ActionNormalizer) -> torch.Tensor | None:
     return torch.as_tensor(normalizer.normalize(np.asarray(normalizer.stats["mean"], dtype=np.float32)))
 
 
-def seeded_chains(env: TabletopEnv, tasks: list[str], num_chains: int, length: int, seed: int) -> list[tuple[int, list[str]]]:
-    """(scene seed, task chain) pairs: the same seed gives the same scenes and chains."""
-    rng = np.random.default_rng(seed)
-    chains = []
-    for i in range(num_chains):
-        scene_seed = seed + i
-        env.reset(scene_seed)
-        try:
-            chains.append((scene_seed, sample_chain(rng, length, tasks, env.get_info())))
-        except ValueError as exc:
-            raise VlaopsError(f"eval.chain_length={length}: {exc}") from None
-    return chains
+def check_checkpoint(model_dir: Path, policy: PolicyRuntime, cfg: Config) -> None:
+    """One line naming the key, the file and both values when the export differs from ``cfg.model``."""
+    for key in MATCHING_MODEL_KEYS:
+        saved, configured = getattr(policy.cfg, key), getattr(cfg.model, key)
+        if saved != configured:
+            raise VlaopsError(f"{model_dir / POLICY_CONFIG_FILE}: model.{key} is {saved}, but the config says "
+                              f"model.{key}={configured}; evaluate with model.{key}={saved} or retrain")
+
+
+def flat_figures(prefix: str, fig: dict[str, Any]) -> dict[str, float]:
+    """MLflow names of one run's figures: <prefix>avg_len, <prefix>sr_1, <prefix>avg_len_ci_low ..."""
+    out: dict[str, float] = {}
+    for key, value in fig.items():
+        if key.endswith(tracking.CI_SUFFIX):
+            base = key[: -len(tracking.CI_SUFFIX)]
+            out[f"{prefix}{base}{tracking.CI_LOW}"], out[f"{prefix}{base}{tracking.CI_HIGH}"] = value
+        elif isinstance(value, (int, float)):
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def run(cfg: Config) -> None:
     model_dir, reports_dir = Path(cfg.paths.model_dir), Path(cfg.paths.reports_dir)
-    device = resolve_device(cfg.eval.device)
+    ev = cfg.eval
+    device = resolve_device(ev.device)
     policy = PolicyRuntime.load(model_dir, device)
-    tasks = list(cfg.eval.tasks or cfg.sim.tasks)
+    check_checkpoint(model_dir, policy, cfg)
+    tasks = list(ev.tasks or cfg.sim.tasks)
     for name in tasks:
         try:
             get_task(name)
         except ValueError as exc:
             raise VlaopsError(f"eval.tasks: {exc}") from None
+    instructions = {name: get_task(name).instruction for name in tasks}
+    # Every run to make, in the order of the table: fail on a missing input before any chain is played.
+    policy_factory = RuntimeFactory(str(model_dir), str(device))
+    factories: dict[str, Any] = {"policy": policy_factory}
+    for mode in ev.ablations:
+        factories[f"{tracking.ABLATION_PREFIX}{mode}"] = AblatedFactory(policy_factory, mode, instructions)
+    for name in ev.references:
+        if name == "expert":
+            factories[f"{tracking.REFERENCE_PREFIX}expert"] = ExpertFactory()
+        elif name == "blind":
+            blind = blind_policy(Path(cfg.data.calvin_dir) / TRAINING, cfg.data.trust_pickles)
+            factories[f"{tracking.REFERENCE_PREFIX}blind"] = FixedFactory(blind)
 
     val_split = CalvinSplit(Path(cfg.data.calvin_dir) / VALIDATION, cfg.data.trust_pickles)
     m = policy.cfg
     val_ds = CalvinWindowDataset(val_split, policy.normalizer, partial(tokenize, policy.processor, max_len=m.max_text_len),
                                  m.window_size, m.fwd_pred_next_n, m.image_size, None)
-    offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
+    offline = offline_action_metrics(policy.model, val_ds, ev.batch_size, ev.offline_batches, device,
                                      constant=mean_action(policy.normalizer))
     log.info("offline action metrics on %s: %s", val_split.dir, offline)
+    del policy  # each worker loads its own
 
-    with TabletopEnv(cfg.sim) as env:
-        chains = seeded_chains(env, tasks, cfg.eval.num_chains, cfg.eval.chain_length, cfg.eval.seed)
-        results = evaluate_chains(env, policy, chains, get_task, cfg.eval.max_steps_per_subtask)
-    summary = summarize(results, cfg.eval.chain_length)
+    with TabletopEnv(cfg.sim, render=False) as env:  # the sampler reads the state only
+        try:
+            chains = seeded_chains(env, tasks, ev.num_chains, ev.chain_length, ev.seed)
+        except ValueError as exc:
+            raise VlaopsError(f"eval.chain_length={ev.chain_length}: {exc}") from None
+    workers = resolve_workers(ev.num_workers)
+    results, figs, times = {}, {}, {}
+    for label, factory in factories.items():
+        start = time.perf_counter()
+        results[label] = run_chains(factory, cfg.sim, chains, ev.max_steps_per_subtask, workers, desc=label)
+        times[label] = time.perf_counter() - start
+        figs[label] = figures(results[label], ev.chain_length, ev.bootstrap_resamples, ev.confidence, ev.seed)
+        log.info("%s: Avg. Len %.3f %s in %.1f s (%.2f chains/s, %d workers%s)", label, figs[label][tracking.AVG_LEN],
+                 figs[label][f"{tracking.AVG_LEN}{tracking.CI_SUFFIX}"], times[label], len(chains) / times[label],
+                 workers, "" if factory.needs_images else ", no rendering")
+
+    summary = summarize(results["policy"], ev.chain_length)
     metrics: dict[str, Any] = {
-        tracking.AVG_LEN: summary["avg_seq_len"],
-        **{f"{tracking.SR_PREFIX}{i}": sr for i, sr in summary["chain_sr"].items()},
+        **figs["policy"],
         "num_chains": summary["num_chains"],
-        "chain_length": cfg.eval.chain_length,
+        "chain_length": ev.chain_length,
+        "confidence": ev.confidence,
         "task_sr": {t: v["success"] / v["total"] for t, v in summary["task_info"].items()},
         "offline": offline,
+        "ablations": {label.removeprefix(tracking.ABLATION_PREFIX): fig for label, fig in figs.items()
+                      if label.startswith(tracking.ABLATION_PREFIX)},
+        "references": {label.removeprefix(tracking.REFERENCE_PREFIX): fig for label, fig in figs.items()
+                       if label.startswith(tracking.REFERENCE_PREFIX)},
     }
     write_json(reports_dir / METRICS_FILE, metrics)
     write_json(reports_dir / RESULTS_FILE, results_json(summary, str(model_dir)))
-    write_json(reports_dir / "chains.json", [r.__dict__ for r in results])
-    log.info("Avg. Len %.3f; SR %s", summary["avg_seq_len"], {i: round(v, 3) for i, v in summary["chain_sr"].items()})
+    write_json(reports_dir / CHAINS_FILE, [r.__dict__ for r in results["policy"]])
+    log.info("%d chains of %d, seed %d:\n%s", len(chains), ev.chain_length, ev.seed,
+             summary_table(figs, ev.chain_length, ev.confidence))
 
     run_file = model_dir / tracking.RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
@@ -103,9 +154,12 @@ def run(cfg: Config) -> None:
         log.warning("MLflow run %s of %s is not in %s; logging evaluation to a new run", run_id, model_dir, tracking.tracking_uri(cfg.tracking))
         run_id = None
     with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else {"stage": "evaluate"}) as mlflow:
-        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat: dict[str, float] = {"num_chains": metrics["num_chains"], "chain_length": ev.chain_length}
+        for label, fig in figs.items():
+            flat.update(flat_figures("" if label == "policy" else f"{label}/", fig))
         flat.update({f"{tracking.TASK_SR_PREFIX}{t}": v for t, v in metrics["task_sr"].items()})
         flat.update({f"{tracking.OFFLINE_PREFIX}{k}": v for k, v in offline.items()})
+        flat.update({f"{tracking.EVAL_TIME_PREFIX}{label}": t for label, t in times.items()})
         tracking.log_metrics(mlflow, flat)
         tracking.log_artifact(mlflow, reports_dir / RESULTS_FILE)
         tracking.log_artifact(mlflow, reports_dir / METRICS_FILE)
