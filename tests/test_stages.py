@@ -60,7 +60,6 @@ def test_metrics_and_results_follow_calvin(pipeline):
     assert set(metrics["ablations"]) == {"blank_images", "swap_instruction"}
     assert set(metrics["references"]) == {"expert", "blind"}
     assert all(set(fig) == figure_keys for fig in [*metrics["ablations"].values(), *metrics["references"].values()])
-    assert metrics["references"]["expert"]["sr_1"] == 1.0  # two easy chains: the ceiling is reached
     results = json.loads((pipeline / "reports" / "results.json").read_text())
     (entry,) = results.values()
     assert set(entry) == {"avg_seq_len", "chain_sr", "task_info"} and set(entry["chain_sr"]) == {"1", "2"}
@@ -76,7 +75,8 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     assert run.data.params["train.max_steps"] == "4" and run.data.params["model.window_size"] == "3"
     assert {"train/loss", "val/loss", "avg_len", "sr_1", "sr_2", "offline/arm_mae"} <= set(run.data.metrics)
     assert {"avg_len_ci_low", "sr_2_ci_high", "ablation/blank_images/avg_len", "ablation/swap_instruction/sr_1_ci_low",
-            "reference/expert/sr_2", "reference/blind/avg_len_ci_high", "eval_time_s/policy"} <= set(run.data.metrics)
+            "reference/expert/sr_2", "eval_time_s/policy"} <= set(run.data.metrics)
+    assert {"reference/expert/avg_len_ci_high", "reference/blind/avg_len_ci_high"} <= set(run.data.metrics)
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     assert run.data.tags["data_fingerprint"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}

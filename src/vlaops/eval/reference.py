@@ -58,9 +58,15 @@ def blind_policy(train_dir: Path, trust_pickles: bool) -> StepPolicy:
 
     Imported lazily: it is a separate module that needs only the training split.
     """
-    from vlaops.eval.blind import BlindPolicy
     from vlaops.io.calvin import CalvinSplit
 
+    try:
+        from vlaops.eval.blind import BlindPolicy
+    except ModuleNotFoundError as exc:
+        if exc.name != "vlaops.eval.blind":
+            raise
+        raise VlaopsError("eval.references=blind: this install has no vlaops.eval.blind; "
+                          "drop blind from eval.references") from None
     if not Path(train_dir).is_dir():
         raise VlaopsError(f"eval.references=blind needs the training demonstrations; {train_dir} does not exist "
                           f"(run convert, or drop blind from eval.references)")
