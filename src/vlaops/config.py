@@ -55,6 +55,14 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def __post_init__(self) -> None:
+        # One range for both: a demonstration faster than the training normalisation's clip range is
+        # clipped away in training (RoboVLMs' +-0.65) and no policy can reproduce it (issue 6).
+        limit = min(-self.data.norm_min, self.data.norm_max)
+        if self.sim.expert_max_action > limit:
+            raise ValueError(f"sim.expert_max_action={self.sim.expert_max_action} exceeds the normalisation range "
+                             f"data.norm_min/norm_max=[{self.data.norm_min}, {self.data.norm_max}]; set it <= {limit}")
+
 
 def validate(raw: DictConfig | dict[str, Any], source: str) -> Config:
     """Merge ``raw`` onto the schema and build the typed config; errors name the key and ``source``."""

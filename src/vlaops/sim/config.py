@@ -13,6 +13,9 @@ from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE
 
 #: rosbag2 storage plugins that ``rosbags`` can write.
 STORAGE_PLUGINS = ("sqlite3", "mcap")
+#: The expert's default speed cap (fraction of CALVIN's full relative action, 0.02 m / 0.05 rad per step):
+#: RoboVLMs' arm normalisation range (data.norm_max, robovlms/data/data_utils.py ``normalize_action``).
+EXPERT_MAX_ACTION = 0.65
 
 
 # The tasks collected and evaluated by default, in conf/sim/default.yaml's order (the order in force:
@@ -65,8 +68,18 @@ class SimConfig:
     static_camera_size: int = RGB_STATIC_SIZE
     gripper_camera_size: int = RGB_GRIPPER_SIZE
     storage: str = "sqlite3"
-    # Half-width (m) of the uniform noise added to each block's nominal start position (x and y).
-    position_noise: float = 0.03
+    # The scripted expert's largest arm action, as a teleoperator caps speed: a demonstration faster than
+    # the training normalisation's range (data.norm_min/norm_max, RoboVLMs' +-0.65) is clipped there and
+    # cannot be reproduced by a policy. The top-level config checks it fits inside data.norm_max.
+    expert_max_action: float = EXPERT_MAX_ACTION
+    # Block start poses, sampled per reset: (x, y) uniform over this rectangle of the table (m, robot
+    # base frame), centres at least block_min_separation apart, colours in any arrangement, yaw uniform
+    # in +-block_yaw_range (pi/4 covers every orientation of a cube). Wide enough that a policy must
+    # look at the camera to find a block (a blind nearest-neighbour baseline fails, bench/reference_policies.py).
+    block_x_range: list[float] = field(default_factory=lambda: [0.36, 0.64])
+    block_y_range: list[float] = field(default_factory=lambda: [-0.2, 0.2])
+    block_min_separation: float = 0.1
+    block_yaw_range: float = 0.785
     # Joint states are published this many times per control tick (a realistic multi-rate bag).
     joint_state_rate_factor: int = 4
     # Worker processes for ``collect`` (one task per worker at a time); 1 runs in-process.
@@ -106,8 +119,34 @@ class SimConfig:
             )
         if self.storage not in STORAGE_PLUGINS:
             raise ValueError(f"sim.storage must be one of {list(STORAGE_PLUGINS)}, got {self.storage!r}")
-        if not 0.0 <= self.position_noise <= 0.05:
-            raise ValueError(f"sim.position_noise must be in [0, 0.05] m, got {self.position_noise!r}")
+        if not 0.0 < self.expert_max_action <= 1.0:
+            raise ValueError(f"sim.expert_max_action must be in (0, 1] (a fraction of CALVIN's full relative "
+                             f"action), got {self.expert_max_action!r}")
+        self._check_block_area()
+
+    def _check_block_area(self) -> None:
+        """The sampling area must lie on the table top and hold three blocks at the minimum separation."""
+        from vlaops.sim.layout import BLOCK_HALF, BLOCK_ORDER, TABLE_CENTER, TABLE_HALF_EXTENTS
+
+        for key, axis in (("block_x_range", 0), ("block_y_range", 1)):
+            value = list(getattr(self, key))
+            low_edge = TABLE_CENTER[axis] - TABLE_HALF_EXTENTS[axis] + BLOCK_HALF
+            high_edge = TABLE_CENTER[axis] + TABLE_HALF_EXTENTS[axis] - BLOCK_HALF
+            if len(value) != 2 or not low_edge <= value[0] <= value[1] <= high_edge:
+                raise ValueError(f"sim.{key} must be [low, high] with {low_edge:.3f} <= low <= high <= "
+                                 f"{high_edge:.3f} (on the table top), got {value!r}")
+        if not 2 * BLOCK_HALF * 2**0.5 <= self.block_min_separation <= 0.2:
+            raise ValueError(f"sim.block_min_separation must be in [{2 * BLOCK_HALF * 2**0.5:.3f}, 0.2] m "
+                             f"(blocks may not overlap), got {self.block_min_separation!r}")
+        # Twice the length a row of blocks needs, so that rejection sampling (env.sample_block_poses) finds
+        # a layout in a few tries.
+        span = max(self.block_x_range[1] - self.block_x_range[0], self.block_y_range[1] - self.block_y_range[0])
+        if span < (len(BLOCK_ORDER) - 1) * self.block_min_separation * 2:
+            raise ValueError(f"sim.block_x_range / block_y_range span {span:.3f} m, too small for "
+                             f"{len(BLOCK_ORDER)} blocks {self.block_min_separation} m apart (need at least "
+                             f"{(len(BLOCK_ORDER) - 1) * self.block_min_separation * 2:.3f} m)")
+        if not 0.0 <= self.block_yaw_range <= 3.1416:
+            raise ValueError(f"sim.block_yaw_range must be in [0, pi] rad, got {self.block_yaw_range!r}")
 
     @property
     def substeps(self) -> int:

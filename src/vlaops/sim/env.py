@@ -49,6 +49,32 @@ def validate_action(action: Any) -> np.ndarray:
     return np.clip(arr, -1.0, 1.0)
 
 
+MAX_LAYOUT_TRIES = 1000  # rejection-sampling budget for a block layout (a few tries suffice at the defaults)
+
+
+def sample_block_poses(cfg: SimConfig, rng: np.random.Generator) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """Random start (x, y) and yaw of every block: uniform over ``cfg.block_x_range`` x ``block_y_range``,
+    centres at least ``block_min_separation`` apart (rejection sampling), yaw uniform in +-block_yaw_range.
+
+    Nothing about a block's place is fixed, not even which colour is nearest the robot, so a policy has
+    to find the block it is told about in the image (CALVIN likewise randomises its block positions).
+    """
+    (x0, x1), (y0, y1) = cfg.block_x_range, cfg.block_y_range
+    for _ in range(MAX_LAYOUT_TRIES):
+        xy = rng.uniform([x0, y0], [x1, y1], size=(len(layout.BLOCK_ORDER), 2))  # (3, 2)
+        gaps = np.linalg.norm(xy[:, None] - xy[None], axis=-1)[np.triu_indices(len(xy), 1)]
+        if gaps.min() >= cfg.block_min_separation:
+            break
+    else:
+        raise ValueError(f"no block layout with sim.block_min_separation={cfg.block_min_separation} found in "
+                         f"{MAX_LAYOUT_TRIES} tries over sim.block_x_range={cfg.block_x_range}, "
+                         f"sim.block_y_range={cfg.block_y_range}")
+    yaw = rng.uniform(-cfg.block_yaw_range, cfg.block_yaw_range, size=len(layout.BLOCK_ORDER))
+    names = layout.BLOCK_ORDER
+    return ({n: (float(x), float(y)) for n, (x, y) in zip(names, xy, strict=True)},
+            {n: float(a) for n, a in zip(names, yaw, strict=True)})
+
+
 class TabletopEnv:
     """A PyBullet Franka Panda in front of a table with red, green and blue blocks.
 
@@ -68,20 +94,12 @@ class TabletopEnv:
 
     # --- lifecycle ------------------------------------------------------------------------------
     def reset(self, seed: int) -> dict[str, Any]:
-        """Rebuild the scene for ``seed`` (robot at home, blocks at nominal + uniform noise); return obs.
+        """Rebuild the scene for ``seed`` (robot at home, blocks at random poses); return obs.
 
         The simulation is reset and rebuilt from scratch rather than teleported, so the contact cache of a
         previous episode cannot leak in: the same seed gives bit-identical episodes.
         """
-        rng = np.random.default_rng(seed)
-        noise = self.cfg.position_noise
-        block_xy = {}
-        block_yaw = {}
-        for name in layout.BLOCK_ORDER:
-            nx, ny = layout.BLOCK_NOMINAL_XY[name]
-            dx, dy = rng.uniform(-noise, noise, size=2)
-            block_xy[name] = (nx + float(dx), ny + float(dy))
-            block_yaw[name] = float(rng.uniform(-0.25, 0.25))
+        block_xy, block_yaw = sample_block_poses(self.cfg, np.random.default_rng(seed))
         p.resetSimulation(physicsClientId=self.client)
         p.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.cfg.physics_hz, numSolverIterations=50,
                                     deterministicOverlappingPairs=1, physicsClientId=self.client)

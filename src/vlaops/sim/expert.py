@@ -4,6 +4,11 @@ Each step the expert looks at the current TCP pose and emits CALVIN's relative a
 current waypoint: clip(target - tcp, +-0.02) / 0.02 for position, clip(wrap(target - tcp), +-0.05) / 0.05
 for euler, and +-1 for the gripper. Recorded actions are therefore exactly what ``TabletopEnv.step``
 consumes, and the expert is closed-loop: it corrects whatever the arm failed to track.
+
+Like a teleoperator, the expert does not move at the controller's full speed: position and rotation are
+each scaled down, direction kept, so that no arm value exceeds ``max_action`` (``sim.expert_max_action``,
+0.65 by default: RoboVLMs clips arm actions to [-0.65, 0.65] before training, robovlms/data/data_utils.py
+``normalize_action``, so a faster demonstration is one a policy can never reproduce).
 """
 
 from __future__ import annotations
@@ -15,15 +20,15 @@ from typing import Any
 import numpy as np
 
 from vlaops.io.calvin_spec import GRIPPER_CLOSE, GRIPPER_OPEN, REL_ORN_SCALE, REL_POS_SCALE, wrap_angle
+from vlaops.sim.config import EXPERT_MAX_ACTION
 from vlaops.sim.env import TabletopEnv
-from vlaops.sim.layout import BLOCK_HALF, BLOCK_REST_Z
-from vlaops.sim.tasks import DIRECTIONS, Task, get_task
+from vlaops.sim.layout import BLOCK_REST_Z
+from vlaops.sim.tasks import DIRECTIONS, PUSH_STANDOFF, Task, get_task
 
 # Gripper pointing straight down (roll pi), as at the home pose.
 DOWN_ROLL, DOWN_PITCH = np.pi, 0.0
 SAFE_Z = 0.11  # m: TCP height that clears every block when travelling
 PUSH_Z = 0.02  # m: fingertips just above the table, contact below the block's centre
-PUSH_STANDOFF = BLOCK_HALF + 0.05  # m: start this far from the block centre, behind it
 PUSH_THROUGH = 0.065  # m past the block centre: the block ends up about 10 cm from where it was
 GRASP_Z = BLOCK_REST_Z - 0.003  # m: TCP slightly below the block centre, for a deep, stable grasp
 LIFT_Z = BLOCK_REST_Z + 0.12  # m
@@ -92,8 +97,11 @@ def plan(task: Task, info: dict[str, Any]) -> list[Waypoint]:
 class ScriptedExpert:
     """Closed-loop waypoint follower for one task; ``act(info)`` returns a relative action (7,)."""
 
-    def __init__(self, task: Task | str, info: dict[str, Any]) -> None:
+    def __init__(self, task: Task | str, info: dict[str, Any], max_action: float = EXPERT_MAX_ACTION) -> None:
+        if not 0.0 < max_action <= 1.0:
+            raise ValueError(f"expert max_action must be in (0, 1], got {max_action!r}")
         self.task = get_task(task) if isinstance(task, str) else task
+        self.max_action = float(max_action)
         self.waypoints = plan(self.task, info)
         self._index = 0
         self._waited = 0
@@ -122,12 +130,12 @@ class ScriptedExpert:
                 continue
             if reached:
                 self._waited += 1
-            return self._action(wp, info)
+            return self._action(wp, info, self.max_action)
         wp = self.waypoints[-1]  # finished: hold the last pose
-        return self._action(wp, info)
+        return self._action(wp, info, self.max_action)
 
     @staticmethod
-    def _action(wp: Waypoint, info: dict[str, Any]) -> np.ndarray:
+    def _action(wp: Waypoint, info: dict[str, Any], max_action: float) -> np.ndarray:
         tcp = np.asarray(info["tcp_pos"], dtype=float)
         euler = np.asarray(info["tcp_euler"], dtype=float)
         target_euler = np.array([DOWN_ROLL, DOWN_PITCH, wp.yaw])
@@ -135,6 +143,12 @@ class ScriptedExpert:
         # CALVIN rel_actions: clip(delta pos, +-0.02) / 0.02 and clip(wrap(delta euler), +-0.05) / 0.05.
         rel[:3] = np.clip(wp.pos - tcp, -REL_POS_SCALE, REL_POS_SCALE) / REL_POS_SCALE
         rel[3:6] = np.clip(wrap_angle(target_euler - euler), -REL_ORN_SCALE, REL_ORN_SCALE) / REL_ORN_SCALE
+        # The speed cap: scale the translation (and, separately, the rotation) so its largest component
+        # is at most max_action; the direction of motion is unchanged.
+        for part in (slice(0, 3), slice(3, 6)):
+            peak = float(np.max(np.abs(rel[part])))
+            if peak > max_action:
+                rel[part] *= max_action / peak
         rel[6] = wp.gripper
         return rel
 
@@ -143,16 +157,18 @@ StepCallback = Callable[[dict[str, Any], np.ndarray], None]
 
 
 def run_expert(env: TabletopEnv, task: Task | str, max_steps: int, obs: dict[str, Any] | None = None,
-               on_step: StepCallback | None = None) -> tuple[bool, int, dict[str, Any]]:
+               on_step: StepCallback | None = None,
+               max_action: float | None = None) -> tuple[bool, int, dict[str, Any]]:
     """Run the expert for ``task`` from the env's current state until done or ``max_steps``.
 
     ``on_step(obs, rel_action)`` is called with each observation and the action chosen from it, before
     the action is applied; ``obs`` is the current observation (e.g. from ``reset``), rendered if omitted.
+    ``max_action`` caps the arm actions; None takes the env's ``cfg.expert_max_action``.
     Returns (success by the task oracle, steps taken, info at the end).
     """
     task = get_task(task) if isinstance(task, str) else task
     start = env.get_info()
-    expert = ScriptedExpert(task, start)
+    expert = ScriptedExpert(task, start, env.cfg.expert_max_action if max_action is None else max_action)
     info = start
     steps = 0
     while steps < max_steps and not expert.done:

@@ -34,12 +34,6 @@ BLOCK_COLORS = {
     "blue": (0.12, 0.25, 0.85, 1.0),
     "green": (0.1, 0.7, 0.2, 1.0),
 }
-# Nominal start positions: one row per block, 12 cm apart in x, so a push along y never meets another block.
-BLOCK_NOMINAL_XY = {
-    "red": (0.40, 0.0),
-    "green": (0.52, 0.0),
-    "blue": (0.64, 0.0),
-}
 BLOCK_REST_Z = TABLE_TOP_Z + BLOCK_HALF
 # The reachable strip of table that tasks may push blocks into (y bounds, m).
 WORKSPACE_Y = (-0.25, 0.25)

@@ -45,6 +45,8 @@ EPOCH_NS = 1_700_000_000 * 10**9  # simulated time of the first episode's first 
 EPISODE_SPACING_NS = 1000 * 10**9  # each episode starts 1000 s after the previous one
 ACTION_LATENCY_NS = 10_000_000  # the command of tick k is stamped 10 ms after its observation
 STATIC_FRAME, GRIPPER_FRAME = "static_camera", "gripper_camera"
+# Scenes drawn per allowed expert attempt before collect gives up on a task whose precondition rarely holds.
+MAX_SCENES_PER_ATTEMPT = 10
 STORAGE = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
 
 # Message types of each topic (SimTopics field -> ROS 2 type).
@@ -172,14 +174,19 @@ class BagWriter:
 
 
 def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, episode_id: str,
-                   start_ns: int) -> tuple[bool, EpisodeRecord]:
+                   start_ns: int) -> tuple[bool | None, EpisodeRecord]:
     """Run the expert on ``task_name`` from ``reset(seed)`` and capture what a bag needs.
 
     A task with a ``setup`` (place needs a lifted block) first runs that task's expert unrecorded, the
-    way an operator would stage the scene before pressing record. Returns (success, record).
+    way an operator would stage the scene before pressing record. Returns (success, record); success is
+    None when the scene of ``seed`` does not allow the task at all (e.g. another block stands where a push
+    would go), which is no attempt of the expert's.
     """
     task = get_task(task_name)
     obs = env.reset(seed)
+    first = get_task(task.setup) if task.setup is not None else task
+    if not first.precondition(env.get_info()):
+        return None, EpisodeRecord(episode_id, task.name, task.instruction, seed, start_ns)
     if task.setup is not None:
         render, env.render = env.render, False  # nobody looks at the staging frames
         try:
@@ -207,6 +214,7 @@ def _collect_task(cfg: SimConfig, task_name: str, task_pos: int, out_dir: Path) 
     writer = BagWriter(cfg)
     ids: list[str] = []
     attempts = 0
+    scenes = 0  # seeds drawn, including scenes in which the task is impossible (not attempts)
     with TabletopEnv(cfg) as env:
         while len(ids) < cfg.episodes_per_task:
             if attempts >= cfg.max_attempts_per_task:
@@ -215,12 +223,20 @@ def _collect_task(cfg: SimConfig, task_name: str, task_pos: int, out_dir: Path) 
                     f"in sim.max_attempts_per_task={cfg.max_attempts_per_task} attempts; the expert or the "
                     f"physics settings are broken for this task"
                 )
-            seed = episode_seed(cfg.seed, task_name, attempts)
-            attempts += 1
+            if scenes >= MAX_SCENES_PER_ATTEMPT * cfg.max_attempts_per_task:
+                raise RuntimeError(
+                    f"task {task_name!r}: its precondition held in only {attempts} of {scenes} random scenes; "
+                    f"widen sim.block_x_range / sim.block_y_range or lower sim.block_min_separation"
+                )
+            seed = episode_seed(cfg.seed, task_name, scenes)
+            scenes += 1
             index = len(ids)
             episode_id = f"{task_name}_{index:04d}"
             start_ns = EPOCH_NS + (task_pos * cfg.episodes_per_task + index) * EPISODE_SPACING_NS
             ok, rec = record_episode(env, cfg, task_name, seed, episode_id, start_ns)
+            if ok is None:
+                continue
+            attempts += 1
             if not ok:
                 log.warning("task %s: expert failed on seed %d (attempt %d); not recorded", task_name, seed,
                             attempts)

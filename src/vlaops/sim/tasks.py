@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vlaops.sim.layout import BLOCK_ORDER, BLOCK_REST_Z, TABLE_CENTER, TABLE_HALF_EXTENTS, WORKSPACE_Y
+from vlaops.sim.layout import BLOCK_HALF, BLOCK_ORDER, BLOCK_REST_Z, TABLE_CENTER, TABLE_HALF_EXTENTS, WORKSPACE_Y
 
 Info = dict[str, Any]  # TabletopEnv.get_info()
 
@@ -23,6 +23,17 @@ Info = dict[str, Any]  # TabletopEnv.get_info()
 PUSH_SUCCESS_DISTANCE = 0.06
 # The expert pushes about this far; the chain sampler assumes it when predicting where a block ends up.
 PUSH_NOMINAL_DISTANCE = 0.10
+# The expert lowers its closed fingers this far (m) behind the block centre before pushing (expert.py).
+PUSH_STANDOFF = BLOCK_HALF + 0.05
+# Blocks start anywhere (env.sample_block_poses), so a push is only feasible when nothing stands in its way:
+# no other block within PUSH_CORRIDOR_X (m) across the push line, from PUSH_CORRIDOR_BEHIND behind the block
+# (where the fingers come down) to PUSH_CORRIDOR_AHEAD in front of it (where the pushed block ends up). Two
+# block half-diagonals (7 cm) plus 2 cm for fingers and drift.
+PUSH_CORRIDOR_X = 2 * BLOCK_HALF * np.sqrt(2) + 0.02
+PUSH_CORRIDOR_BEHIND = PUSH_STANDOFF + BLOCK_HALF * np.sqrt(2) + 0.02
+PUSH_CORRIDOR_AHEAD = PUSH_NOMINAL_DISTANCE + 2 * BLOCK_HALF * np.sqrt(2) + 0.02
+# The open fingers (8 cm apart) come down around the block: no other block's centre may be this close (m).
+LIFT_CLEARANCE = 0.09
 # A lift succeeds once the block is held this far (m) above where it started; the expert lifts 12 cm.
 LIFT_SUCCESS_HEIGHT = 0.05
 LIFT_NOMINAL_HEIGHT = 0.12
@@ -61,6 +72,21 @@ def on_table(block: dict[str, Any]) -> bool:
     return inside and abs(z - BLOCK_REST_Z) <= ON_TABLE_Z_TOL and not block.get("grasped", False)
 
 
+def _others(info: Info, block: str) -> list[np.ndarray]:
+    """(x, y) of every other block (2,) each."""
+    return [np.asarray(b["pos"], dtype=float)[:2] for name, b in info["blocks"].items() if name != block]
+
+
+def _push_blocked(info: Info, block: str, sign: float) -> bool:
+    """Another block stands in the corridor the fingers and the pushed block sweep."""
+    bx, by = (float(v) for v in info["blocks"][block]["pos"][:2])
+    for ox, oy in _others(info, block):
+        ahead = (oy - by) * sign
+        if abs(ox - bx) < PUSH_CORRIDOR_X and -PUSH_CORRIDOR_BEHIND <= ahead <= PUSH_CORRIDOR_AHEAD:
+            return True
+    return False
+
+
 def _push(block: str, direction: str) -> Task:
     sign = DIRECTIONS[direction]
 
@@ -71,7 +97,8 @@ def _push(block: str, direction: str) -> Task:
     def precondition(info: Info) -> bool:
         b = info["blocks"][block]
         after = float(b["pos"][1]) + sign * PUSH_NOMINAL_DISTANCE
-        return info["held"] is None and on_table(b) and WORKSPACE_Y[0] <= after <= WORKSPACE_Y[1]
+        return (info["held"] is None and on_table(b) and WORKSPACE_Y[0] <= after <= WORKSPACE_Y[1]
+                and not _push_blocked(info, block, sign))
 
     def predict(info: Info) -> Info:
         out = copy.deepcopy(info)
@@ -90,7 +117,10 @@ def _lift(block: str) -> Task:
         return rise >= LIFT_SUCCESS_HEIGHT and bool(b["grasped"])
 
     def precondition(info: Info) -> bool:
-        return info["held"] is None and on_table(info["blocks"][block])
+        b = info["blocks"][block]
+        xy = np.asarray(b["pos"], dtype=float)[:2]
+        clear = all(np.linalg.norm(o - xy) >= LIFT_CLEARANCE for o in _others(info, block))
+        return info["held"] is None and on_table(b) and clear
 
     def predict(info: Info) -> Info:
         out = copy.deepcopy(info)
