@@ -165,6 +165,18 @@ def test_sample_chain_respects_preconditions(fast_env: TabletopEnv) -> None:
         sample_chain(rng, 2, ["place_red", "place_blue"], info)  # nothing is held at the start
 
 
+def test_seeded_chains_are_reproducible_and_skip_scenes_without_a_chain(fast_env: TabletopEnv) -> None:
+    chains = seeded_chains(fast_env, list(TASKS), num_chains=3, length=5, seed=1000)
+    assert chains == seeded_chains(fast_env, list(TASKS), num_chains=3, length=5, seed=1000)
+    seeds = [seed for seed, _ in chains]
+    assert seeds == sorted(set(seeds)) and seeds[0] >= 1000 and all(len(set(c)) == 5 for _, c in chains)
+    for seed, chain in chains:  # each chain is feasible in its own scene
+        fast_env.reset(seed)
+        assert sample_chain(np.random.default_rng(0), 1, chain[:1], fast_env.get_info()) == chain[:1]
+    with pytest.raises(ValueError, match="only 0 of 3 scenes from seed 5 admit a chain of 1 tasks"):
+        seeded_chains(fast_env, ["place_red"], num_chains=1, length=1, seed=5, max_scenes=3)  # nothing is held
+
+
 def test_expert_completes_a_chain(fast_env: TabletopEnv) -> None:
     fast_env.reset(7)
     chain = sample_chain(np.random.default_rng(7), 5, list(TASKS), fast_env.get_info())

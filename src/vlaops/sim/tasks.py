@@ -211,19 +211,31 @@ class SceneEnv(Protocol):
     def get_info(self) -> Info: ...
 
 
-def seeded_chains(env: SceneEnv, task_names: Sequence[str], num_chains: int, length: int,
-                  seed: int) -> list[tuple[int, list[str]]]:
+def seeded_chains(env: SceneEnv, task_names: Sequence[str], num_chains: int, length: int, seed: int,
+                  max_scenes: int | None = None) -> list[tuple[int, list[str]]]:
     """``num_chains`` (scene seed, task chain) pairs: the same seed gives the same scenes and chains.
 
-    Chain i is played from ``env.reset(seed + i)``, and its tasks are sampled (one generator seeded by
-    ``seed`` for the whole list) from the state that reset gives, so every chain is feasible from its
-    own scene. Only ``get_info`` is read: an env built with ``render=False`` samples them as well.
-    ValueError (from :func:`sample_chain`) when a scene admits no chain of ``length``.
+    Scenes are tried in order from ``env.reset(seed)``, ``env.reset(seed + 1)``, ...; each chain's tasks are
+    sampled (one generator seeded by ``seed`` for the whole list) from the state its reset gives, so every
+    chain is feasible from its own scene. With block start poses random, a scene can admit no chain of
+    ``length`` (blocks in each other's way): it is skipped, as CALVIN samples only feasible sequences
+    (calvin_models/calvin_agent/evaluation/multistep_sequences.py). Only ``get_info`` is read: an env
+    built with ``render=False`` samples them as well. ValueError when fewer than ``num_chains`` of the first
+    ``max_scenes`` scenes (default 10 x num_chains) admit a chain.
     """
     rng = np.random.default_rng(seed)
-    chains = []
-    for i in range(num_chains):
-        scene_seed = seed + i
+    limit = max_scenes if max_scenes is not None else 10 * num_chains
+    chains: list[tuple[int, list[str]]] = []
+    last_error = ""
+    for scene_seed in range(seed, seed + limit):
+        if len(chains) == num_chains:
+            break
         env.reset(scene_seed)
-        chains.append((scene_seed, sample_chain(rng, length, task_names, env.get_info())))
+        try:
+            chains.append((scene_seed, sample_chain(rng, length, task_names, env.get_info())))
+        except ValueError as exc:
+            last_error = str(exc)
+    if len(chains) < num_chains:
+        raise ValueError(f"only {len(chains)} of {limit} scenes from seed {seed} admit a chain of {length} tasks, "
+                         f"{num_chains} needed ({last_error})")
     return chains
