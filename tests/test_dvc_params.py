@@ -132,7 +132,7 @@ def test_train_lists_the_global_seed(dvc):
 def test_the_derivation_sees_what_it_should(composed):
     """The AST walk finds the reads written in the code (so the test above can fail)."""
     reads = stage_reads("evaluate", ["eval", "sim.tasks"], composed)
-    assert {"sim.static_camera_size", "sim.position_noise", "data.calvin_dir", "eval.num_chains", "tracking"} <= reads
+    assert {"sim.static_camera_size", "sim.block_x_range", "data.calvin_dir", "eval.num_chains", "tracking"} <= reads
     assert "data.raw_dir" not in reads and "sim.episodes_per_task" not in reads
     ingest = stage_reads("ingest", ["data.topics"], composed)
     assert {"data.topics", "data.control_hz", "data.on_bad_input", "data.raw_dir"} <= ingest

@@ -38,9 +38,6 @@ log = get_logger(__name__)
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.json"
 CHAINS_FILE = "chains.json"
-# The checkpoint's shape must be the configured one: a window or chunk the config does not describe
-# would make every figure belong to another recipe than the one the params say.
-MATCHING_MODEL_KEYS = ("window_size", "fwd_pred_next_n")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,11 +57,12 @@ def mean_action(normalizer: ActionNormalizer) -> torch.Tensor | None:
 
 def check_checkpoint(model_dir: Path, policy: PolicyRuntime, cfg: Config) -> None:
     """One line naming the key, the file and both values when the export differs from ``cfg.model``."""
-    for key in MATCHING_MODEL_KEYS:
-        saved, configured = getattr(policy.cfg, key), getattr(cfg.model, key)
-        if saved != configured:
+    configured = {"window_size": cfg.model.window_size, "fwd_pred_next_n": cfg.model.fwd_pred_next_n}
+    for key, value in configured.items():
+        saved = getattr(policy.cfg, key)
+        if saved != value:
             raise VlaopsError(f"{model_dir / POLICY_CONFIG_FILE}: model.{key} is {saved}, but the config says "
-                              f"model.{key}={configured}; evaluate with model.{key}={saved} or retrain")
+                              f"model.{key}={value}; evaluate with model.{key}={saved} or retrain")
 
 
 def flat_figures(prefix: str, fig: dict[str, Any]) -> dict[str, float]:
@@ -81,11 +79,10 @@ def flat_figures(prefix: str, fig: dict[str, Any]) -> dict[str, float]:
 
 def run(cfg: Config) -> None:
     model_dir, reports_dir = Path(cfg.paths.model_dir), Path(cfg.paths.reports_dir)
-    ev = cfg.eval
-    device = resolve_device(ev.device)
+    device = resolve_device(cfg.eval.device)
     policy = PolicyRuntime.load(model_dir, device)
     check_checkpoint(model_dir, policy, cfg)
-    tasks = list(ev.tasks or cfg.sim.tasks)
+    tasks = list(cfg.eval.tasks or cfg.sim.tasks)
     for name in tasks:
         try:
             get_task(name)
@@ -95,9 +92,9 @@ def run(cfg: Config) -> None:
     # Every run to make, in the order of the table: fail on a missing input before any chain is played.
     policy_factory = RuntimeFactory(str(model_dir), str(device))
     factories: dict[str, Any] = {"policy": policy_factory}
-    for mode in ev.ablations:
+    for mode in cfg.eval.ablations:
         factories[f"{tracking.ABLATION_PREFIX}{mode}"] = AblatedFactory(policy_factory, mode, instructions)
-    for name in ev.references:
+    for name in cfg.eval.references:
         if name == "expert":
             factories[f"{tracking.REFERENCE_PREFIX}expert"] = ExpertFactory()
         elif name == "blind":
@@ -108,33 +105,33 @@ def run(cfg: Config) -> None:
     m = policy.cfg
     val_ds = CalvinWindowDataset(val_split, policy.normalizer, partial(tokenize, policy.processor, max_len=m.max_text_len),
                                  m.window_size, m.fwd_pred_next_n, m.image_size, None)
-    offline = offline_action_metrics(policy.model, val_ds, ev.batch_size, ev.offline_batches, device,
+    offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
                                      constant=mean_action(policy.normalizer))
     log.info("offline action metrics on %s: %s", val_split.dir, offline)
     del policy  # each worker loads its own
 
     with TabletopEnv(cfg.sim, render=False) as env:  # the sampler reads the state only
         try:
-            chains = seeded_chains(env, tasks, ev.num_chains, ev.chain_length, ev.seed)
+            chains = seeded_chains(env, tasks, cfg.eval.num_chains, cfg.eval.chain_length, cfg.eval.seed)
         except ValueError as exc:
-            raise VlaopsError(f"eval.chain_length={ev.chain_length}: {exc}") from None
-    workers = resolve_workers(ev.num_workers)
+            raise VlaopsError(f"eval.chain_length={cfg.eval.chain_length}: {exc}") from None
+    workers = resolve_workers(cfg.eval.num_workers)
     results, figs, times = {}, {}, {}
     for label, factory in factories.items():
         start = time.perf_counter()
-        results[label] = run_chains(factory, cfg.sim, chains, ev.max_steps_per_subtask, workers, desc=label)
+        results[label] = run_chains(factory, cfg.sim, chains, cfg.eval.max_steps_per_subtask, workers, desc=label)
         times[label] = time.perf_counter() - start
-        figs[label] = figures(results[label], ev.chain_length, ev.bootstrap_resamples, ev.confidence, ev.seed)
+        figs[label] = figures(results[label], cfg.eval.chain_length, cfg.eval.bootstrap_resamples, cfg.eval.confidence, cfg.eval.seed)
         log.info("%s: Avg. Len %.3f %s in %.1f s (%.2f chains/s, %d workers%s)", label, figs[label][tracking.AVG_LEN],
                  figs[label][f"{tracking.AVG_LEN}{tracking.CI_SUFFIX}"], times[label], len(chains) / times[label],
                  workers, "" if factory.needs_images else ", no rendering")
 
-    summary = summarize(results["policy"], ev.chain_length)
+    summary = summarize(results["policy"], cfg.eval.chain_length)
     metrics: dict[str, Any] = {
         **figs["policy"],
         "num_chains": summary["num_chains"],
-        "chain_length": ev.chain_length,
-        "confidence": ev.confidence,
+        "chain_length": cfg.eval.chain_length,
+        "confidence": cfg.eval.confidence,
         "task_sr": {t: v["success"] / v["total"] for t, v in summary["task_info"].items()},
         "offline": offline,
         "ablations": {label.removeprefix(tracking.ABLATION_PREFIX): fig for label, fig in figs.items()
@@ -145,8 +142,8 @@ def run(cfg: Config) -> None:
     write_json(reports_dir / METRICS_FILE, metrics)
     write_json(reports_dir / RESULTS_FILE, results_json(summary, str(model_dir)))
     write_json(reports_dir / CHAINS_FILE, [r.__dict__ for r in results["policy"]])
-    log.info("%d chains of %d, seed %d:\n%s", len(chains), ev.chain_length, ev.seed,
-             summary_table(figs, ev.chain_length, ev.confidence))
+    log.info("%d chains of %d, seed %d:\n%s", len(chains), cfg.eval.chain_length, cfg.eval.seed,
+             summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence))
 
     run_file = model_dir / tracking.RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
@@ -154,7 +151,7 @@ def run(cfg: Config) -> None:
         log.warning("MLflow run %s of %s is not in %s; logging evaluation to a new run", run_id, model_dir, tracking.tracking_uri(cfg.tracking))
         run_id = None
     with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else {"stage": "evaluate"}) as mlflow:
-        flat: dict[str, float] = {"num_chains": metrics["num_chains"], "chain_length": ev.chain_length}
+        flat: dict[str, float] = {"num_chains": metrics["num_chains"], "chain_length": cfg.eval.chain_length}
         for label, fig in figs.items():
             flat.update(flat_figures("" if label == "policy" else f"{label}/", fig))
         flat.update({f"{tracking.TASK_SR_PREFIX}{t}": v for t, v in metrics["task_sr"].items()})
