@@ -7,7 +7,6 @@ the MLflow run that trained the policy.
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ import torch
 
 from vlaops import tracking
 from vlaops.config import Config
-from vlaops.data.dataset import CalvinWindowDataset
+from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.eval.chains import evaluate_chains, results_json, summarize
 from vlaops.eval.offline import offline_action_metrics
 from vlaops.io.calvin import VALIDATION, CalvinSplit
-from vlaops.model import PolicyRuntime, tokenize
+from vlaops.model import PolicyRuntime
 from vlaops.sim import TabletopEnv, get_task, sample_chain
 from vlaops.utils.atomic import write_json
 from vlaops.utils.logging import get_logger
@@ -73,9 +72,7 @@ def run(cfg: Config) -> None:
             raise VlaopsError(f"eval.tasks: {exc}") from None
 
     val_split = CalvinSplit(Path(cfg.data.calvin_dir) / VALIDATION, cfg.data.trust_pickles)
-    m = policy.cfg
-    val_ds = CalvinWindowDataset(val_split, policy.normalizer, partial(tokenize, policy.processor, max_len=m.max_text_len),
-                                 m.window_size, m.fwd_pred_next_n, m.image_size, None)
+    val_ds = make_window_dataset(val_split, policy.normalizer, policy.processor, policy.cfg, None, cfg.data.cache_dir)
     offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
                                      constant=mean_action(policy.normalizer))
     log.info("offline action metrics on %s: %s", val_split.dir, offline)
