@@ -23,6 +23,7 @@ def path_overrides(tmp_path: Path) -> list[str]:
         f"data.episodes_dir={tmp_path}/episodes",
         f"data.calvin_dir={tmp_path}/calvin",
         f"data.normalized_dir={tmp_path}/normalized",
+        f"data.cache_dir={tmp_path}/cache",
         f"paths.model_dir={tmp_path}/models/policy",
         f"paths.checkpoint_dir={tmp_path}/models/checkpoints",
         f"paths.reports_dir={tmp_path}/reports",

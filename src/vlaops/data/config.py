@@ -63,6 +63,12 @@ class DataConfig:
     norm_max: float = 0.65
     # training loader
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Packed frame cache (data/frame_cache.py): each annotated frame decoded and resized once, keyed by the
+    # split's content and model.image_size; None reads the npz files for every sample (RoboVLMs' loader).
+    # Git-ignored and not a DVC output: it is derived from data.calvin_dir and rebuilt whenever that
+    # changes, so tracking it would only double the storage, and DVC deletes a stage's outputs before
+    # running it, which would throw away the reuse the cache exists for.
+    cache_dir: Optional[str] = "data/cache"
 
     def __post_init__(self) -> None:
         if self.on_bad_input not in ("error", "quarantine"):
@@ -71,5 +77,7 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.control_hz <= 0 or self.sync_tolerance_s <= 0:
             raise ValueError("data.control_hz and data.sync_tolerance_s must be > 0")
+        if self.cache_dir is not None and not self.cache_dir.strip():
+            raise ValueError("data.cache_dir must be a directory or null (no cache), got an empty string")
         if not self.norm_min < 0 < self.norm_max:
             raise ValueError(f"data.norm_min < 0 < data.norm_max expected, got {self.norm_min}, {self.norm_max}")

@@ -2,11 +2,16 @@
 
 Each sample is a window of W frames inside one language-annotated span, with the C actions that
 follow every window frame (RoboVLMs' ``fwd_pred_next_n`` chunk), masked past the span's end.
+Images come from the split's packed frame cache (data/frame_cache.py: decoded and resized once) when
+one is given, else from the per-frame npz files as RoboVLMs' loader reads them; both give the same
+bits. :func:`make_window_dataset` is the one construction train and evaluate share.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -15,10 +20,12 @@ from torch.utils.data import Dataset
 
 from vlaops.data import keys
 from vlaops.data.config import AugmentConfig
+from vlaops.data.frame_cache import IMAGE_KEYS, FrameCache, open_frame_cache
 from vlaops.data.normalization import ActionNormalizer
-from vlaops.data.transforms import color_jitter, random_shift, to_model_input
+from vlaops.data.transforms import augment_to_model_input, normalize_uint8, resize_uint8
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import CalvinSplit
+from vlaops.model.config import ModelConfig
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # texts -> ids (B, L), mask (B, L)
 DATA_SOURCE = "calvin_action"
@@ -40,8 +47,12 @@ class CalvinWindowDataset(Dataset):
         chunk_size: int,
         image_size: int,
         augment: AugmentConfig | None = None,
+        frames: FrameCache | None = None,
     ) -> None:
+        if frames is not None and frames.image_size != image_size:
+            raise VlaopsError(f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)")
         self.split = split
+        self.frames = frames
         self.window_size = window_size
         self.chunk_size = chunk_size
         self.image_size = image_size
@@ -63,6 +74,7 @@ class CalvinWindowDataset(Dataset):
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
         self.index = [(k, t) for k, a in enumerate(anns) for t in range(a.end - a.start + 2 - window_size)]
+        self.first_row = [frames.row(a.start) for a in anns] if frames is not None else None  # cache row of each span's start
 
     def __len__(self) -> int:
         return len(self.index)
@@ -71,13 +83,17 @@ class CalvinWindowDataset(Dataset):
         k, t = self.index[idx]
         ann, acts = self.annotations[k], self.actions[k]
         w, c = self.window_size, self.chunk_size
-        frames = [self.split.load_frame(ann.start + t + i, ("rgb_static", "rgb_gripper")) for i in range(w)]
-        rgb = to_model_input(torch.from_numpy(np.stack([f["rgb_static"] for f in frames])), self.image_size)  # (W, 3, S, S)
-        hand = to_model_input(torch.from_numpy(np.stack([f["rgb_gripper"] for f in frames])), self.image_size)
+        if self.frames is not None:  # resized once, at build time: (W, 3, S, S) uint8 slices of the memmaps
+            images = {key: torch.from_numpy(v) for key, v in self.frames.window(self.first_row[k] + t, w).items()}
+        else:  # RoboVLMs' way: one compressed npz per frame, inflated and resized for every sample
+            frames = [self.split.load_frame(ann.start + t + i, IMAGE_KEYS) for i in range(w)]
+            images = {key: resize_uint8(torch.from_numpy(np.stack([f[key] for f in frames])), self.image_size) for key in IMAGE_KEYS}
         if self.augment is not None:
             a = self.augment
-            rgb = color_jitter(random_shift(rgb, a.rgb_pad), a.brightness, a.contrast, a.saturation)
-            hand = color_jitter(random_shift(hand, a.gripper_pad), a.brightness, a.contrast, a.saturation)
+            rgb = augment_to_model_input(images["rgb_static"], a.rgb_pad, a.brightness, a.contrast, a.saturation)  # (W, 3, S, S)
+            hand = augment_to_model_input(images["rgb_gripper"], a.gripper_pad, a.brightness, a.contrast, a.saturation)
+        else:
+            rgb, hand = normalize_uint8(images["rgb_static"]), normalize_uint8(images["rgb_gripper"])  # (W, 3, S, S)
         chunk = np.zeros((w, c, acts.shape[1]), dtype=np.float32)  # (W, C, A)
         mask = np.zeros((w, c), dtype=bool)  # (W, C)
         for i in range(w):
@@ -97,3 +113,30 @@ class CalvinWindowDataset(Dataset):
             keys.DATA_SOURCE: DATA_SOURCE,
         }
 
+
+
+def make_window_dataset(
+    split: CalvinSplit,
+    normalizer: ActionNormalizer,
+    processor: Any,
+    model_cfg: ModelConfig,
+    augment: AugmentConfig | None,
+    cache_dir: str | os.PathLike[str] | None,
+) -> CalvinWindowDataset:
+    """The window dataset of ``split`` as the model ``model_cfg`` reads it (window, chunk, image size,
+    text length), tokenised by ``processor``; images from the frame cache under ``cache_dir`` (built
+    or reused here), or from the npz files when ``cache_dir`` is None. Train and evaluate both call this,
+    so their samples cannot drift apart."""
+    from vlaops.model.processor import tokenize  # lazy: transformers is heavy and the cache does not need it
+
+    frames = open_frame_cache(split, model_cfg.image_size, cache_dir) if cache_dir is not None else None
+    return CalvinWindowDataset(
+        split,
+        normalizer,
+        partial(tokenize, processor, max_len=model_cfg.max_text_len),
+        model_cfg.window_size,
+        model_cfg.fwd_pred_next_n,
+        model_cfg.image_size,
+        augment,
+        frames,
+    )

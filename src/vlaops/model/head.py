@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from vlaops.utils.bf16 import cpu_bf16_lstm_works
+
 
 def _mlp(in_dim: int, dims: list[int], out_dim: int, dropout: float) -> nn.Sequential:
     """Linear-ReLU stack, as RoboVLMs' MLPTanhHead/MLPSigmoidHead (1024, 512, 256) before the output."""
@@ -23,6 +25,10 @@ def _mlp(in_dim: int, dims: list[int], out_dim: int, dropout: float) -> nn.Seque
         prev = d
     layers.append(nn.Linear(prev, out_dim))
     return nn.Sequential(*layers)
+
+
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 class LSTMPolicyHead(nn.Module):
@@ -64,7 +70,13 @@ class LSTMPolicyHead(nn.Module):
         so a runtime window of the last W cached features sees what training saw.
         """
         b, w, _ = features.shape
-        x, _ = self.rnn(features.to(self.rnn.weight_ih_l0.dtype))  # (B, W, H)
+        if features.device.type == "cpu" and _cpu_bf16_autocast() and not cpu_bf16_lstm_works():
+            # oneDNN has no bf16 LSTM on this CPU (utils/bf16.py): the LSTM alone runs in fp32,
+            # the backbone and the MLP heads stay in bf16
+            with torch.autocast("cpu", enabled=False):
+                x, _ = self.rnn(features.float())  # (B, W, H) fp32
+        else:
+            x, _ = self.rnn(features.to(self.rnn.weight_ih_l0.dtype))  # (B, W, H)
         arm = torch.tanh(self.arm(x)).view(b, w, self.fwd_pred_next_n, self.action_dim - 1)  # (B, W, C, A-1)
         gripper = self.gripper(x).view(b, w, self.fwd_pred_next_n, 1)  # (B, W, C, 1) logits
         return arm, gripper

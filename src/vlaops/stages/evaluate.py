@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 from vlaops import tracking
 from vlaops.config import Config
-from vlaops.data.dataset import CalvinWindowDataset
+from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.eval.chains import figures, results_json, summarize, summary_table
@@ -27,7 +26,7 @@ from vlaops.eval.offline import offline_action_metrics
 from vlaops.eval.reference import blind_policy
 from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory, run_chains
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
-from vlaops.model import PolicyRuntime, tokenize
+from vlaops.model import PolicyRuntime
 from vlaops.model.runtime import POLICY_CONFIG_FILE
 from vlaops.sim import TabletopEnv, get_task, seeded_chains
 from vlaops.utils.atomic import write_json
@@ -102,9 +101,7 @@ def run(cfg: Config) -> None:
             factories[f"{tracking.REFERENCE_PREFIX}blind"] = FixedFactory(blind)
 
     val_split = CalvinSplit(Path(cfg.data.calvin_dir) / VALIDATION, cfg.data.trust_pickles)
-    m = policy.cfg
-    val_ds = CalvinWindowDataset(val_split, policy.normalizer, partial(tokenize, policy.processor, max_len=m.max_text_len),
-                                 m.window_size, m.fwd_pred_next_n, m.image_size, None)
+    val_ds = make_window_dataset(val_split, policy.normalizer, policy.processor, policy.cfg, None, cfg.data.cache_dir)
     offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
                                      constant=mean_action(policy.normalizer))
     log.info("offline action metrics on %s: %s", val_split.dir, offline)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import csv
-from functools import partial
 from pathlib import Path
 
 from vlaops import tracking
 from vlaops.config import Config, flatten, to_container
-from vlaops.data.dataset import CalvinWindowDataset
+from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
-from vlaops.model import VLAPolicy, make_processor, save_policy, tokenize
+from vlaops.model import VLAPolicy, make_processor, save_policy
 from vlaops.train.checkpoint import guard_checkpoints
 from vlaops.train.loop import make_loader, train_policy
 from vlaops.train.setup import apply_train_setup
@@ -41,10 +40,8 @@ def run(cfg: Config) -> None:
     train_split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
     val_split = CalvinSplit(calvin_dir / VALIDATION, cfg.data.trust_pickles)
     processor = make_processor(cfg.model, sorted({a.instruction for a in train_split.annotations}))
-    tok = partial(tokenize, processor, max_len=cfg.model.max_text_len)
-    m = cfg.model
-    train_ds = CalvinWindowDataset(train_split, normalizer, tok, m.window_size, m.fwd_pred_next_n, m.image_size, cfg.data.augment)
-    val_ds = CalvinWindowDataset(val_split, normalizer, tok, m.window_size, m.fwd_pred_next_n, m.image_size, None)
+    train_ds = make_window_dataset(train_split, normalizer, processor, cfg.model, cfg.data.augment, cfg.data.cache_dir)
+    val_ds = make_window_dataset(val_split, normalizer, processor, cfg.model, None, cfg.data.cache_dir)
     if len(train_ds) < cfg.train.batch_size:
         raise VlaopsError(f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than train.batch_size={cfg.train.batch_size}")
     fingerprint = {"calvin": dataset_fingerprint(calvin_dir), "normalization": normalizer.to_dict()}

@@ -35,6 +35,7 @@ from vlaops.tracking import (
 )
 from vlaops.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
 from vlaops.train.config import TrainConfig
+from vlaops.utils.bf16 import cpu_bf16_autocast_works
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -53,6 +54,8 @@ def resolve_precision(precision: str) -> str:
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if precision == "fp16" and not torch.cuda.is_available():
         raise VlaopsError("train.train_setup.precision=fp16 needs a CUDA device; use auto, fp32 or bf16")
+    if precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16_autocast_works():
+        raise VlaopsError("train.train_setup.precision=bf16: this CPU cannot run bf16 autocast (a bf16 Linear fails); use auto or fp32")
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
