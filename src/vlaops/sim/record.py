@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_all_start_methods, get_context
@@ -209,40 +210,53 @@ def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, 
     return ok, rec
 
 
+def expert_episodes(env: TabletopEnv, cfg: SimConfig, task_name: str,
+                    task_pos: int = 0) -> Iterator[tuple[int, EpisodeRecord]]:
+    """The seeded, successful expert episodes of one task that ``collect`` records, in order.
+
+    Yields (attempts so far, record) until ``episodes_per_task`` succeeded. Scenes in which the task is
+    impossible are skipped without counting as attempts. RuntimeError past ``max_attempts_per_task``
+    attempts (the expert or the physics is broken) or when the task is feasible in too few scenes.
+    Run on a ``render=False`` env it gives the demonstrations' states and actions without images.
+    """
+    successes = attempts = 0
+    scenes = 0  # seeds drawn, including scenes in which the task is impossible (not attempts)
+    while successes < cfg.episodes_per_task:
+        if attempts >= cfg.max_attempts_per_task:
+            raise RuntimeError(
+                f"task {task_name!r}: only {successes} of {cfg.episodes_per_task} expert episodes succeeded "
+                f"in sim.max_attempts_per_task={cfg.max_attempts_per_task} attempts; the expert or the "
+                f"physics settings are broken for this task"
+            )
+        if scenes >= MAX_SCENES_PER_ATTEMPT * cfg.max_attempts_per_task:
+            raise RuntimeError(
+                f"task {task_name!r}: its precondition held in only {attempts} of {scenes} random scenes; "
+                f"widen sim.block_x_range / sim.block_y_range or lower sim.block_min_separation"
+            )
+        seed = episode_seed(cfg.seed, task_name, scenes)
+        scenes += 1
+        episode_id = f"{task_name}_{successes:04d}"
+        start_ns = EPOCH_NS + (task_pos * cfg.episodes_per_task + successes) * EPISODE_SPACING_NS
+        ok, rec = record_episode(env, cfg, task_name, seed, episode_id, start_ns)
+        if ok is None:
+            continue
+        attempts += 1
+        if not ok:
+            log.warning("task %s: expert failed on seed %d (attempt %d); not recorded", task_name, seed, attempts)
+            continue
+        successes += 1
+        yield attempts, rec
+
+
 def _collect_task(cfg: SimConfig, task_name: str, task_pos: int, out_dir: Path) -> dict[str, Any]:
     """Attempt seeded episodes of one task until ``episodes_per_task`` succeed; write those bags."""
     writer = BagWriter(cfg)
     ids: list[str] = []
     attempts = 0
-    scenes = 0  # seeds drawn, including scenes in which the task is impossible (not attempts)
     with TabletopEnv(cfg) as env:
-        while len(ids) < cfg.episodes_per_task:
-            if attempts >= cfg.max_attempts_per_task:
-                raise RuntimeError(
-                    f"task {task_name!r}: only {len(ids)} of {cfg.episodes_per_task} expert episodes succeeded "
-                    f"in sim.max_attempts_per_task={cfg.max_attempts_per_task} attempts; the expert or the "
-                    f"physics settings are broken for this task"
-                )
-            if scenes >= MAX_SCENES_PER_ATTEMPT * cfg.max_attempts_per_task:
-                raise RuntimeError(
-                    f"task {task_name!r}: its precondition held in only {attempts} of {scenes} random scenes; "
-                    f"widen sim.block_x_range / sim.block_y_range or lower sim.block_min_separation"
-                )
-            seed = episode_seed(cfg.seed, task_name, scenes)
-            scenes += 1
-            index = len(ids)
-            episode_id = f"{task_name}_{index:04d}"
-            start_ns = EPOCH_NS + (task_pos * cfg.episodes_per_task + index) * EPISODE_SPACING_NS
-            ok, rec = record_episode(env, cfg, task_name, seed, episode_id, start_ns)
-            if ok is None:
-                continue
-            attempts += 1
-            if not ok:
-                log.warning("task %s: expert failed on seed %d (attempt %d); not recorded", task_name, seed,
-                            attempts)
-                continue
+        for attempts, rec in expert_episodes(env, cfg, task_name, task_pos):
             writer.write(rec, out_dir)
-            ids.append(episode_id)
+            ids.append(rec.episode_id)
     return {"task": task_name, "attempts": attempts, "successes": len(ids), "episodes": ids}
 
 
