@@ -14,8 +14,10 @@ from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE
 #: rosbag2 storage plugins that ``rosbags`` can write.
 STORAGE_PLUGINS = ("sqlite3", "mcap")
 #: The expert's default speed cap (fraction of CALVIN's full relative action, 0.02 m / 0.05 rad per step):
-#: RoboVLMs' arm normalisation range (data.norm_max, robovlms/data/data_utils.py ``normalize_action``).
-EXPERT_MAX_ACTION = 0.65
+#: just inside RoboVLMs' arm normalisation range (data.norm_max 0.65, robovlms/data/data_utils.py
+#: ``normalize_action``). Not 0.65 itself: the recorded rel actions are recomputed from absolute targets
+#: (io/calvin.rel_actions_from_abs), and float round-off would put ~10 % of them a hair above 0.65.
+EXPERT_MAX_ACTION = 0.64
 
 
 # The tasks collected and evaluated by default, in conf/sim/default.yaml's order (the order in force:

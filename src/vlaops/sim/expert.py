@@ -37,17 +37,29 @@ POS_TOLERANCE = 0.006  # m: a waypoint counts as reached within this distance
 GRIPPER_WAIT_STEPS = 8  # ticks to let the fingers close or open (0.27 s at 30 Hz)
 STALL_STEPS = 4  # a waypoint blocked (e.g. the block touches the table) is given up after this many ticks
 STALL_EPS = 0.001  # m of progress per tick below which the TCP is stalled
+# A waypoint's yaw counts as reached within this (rad): fingers that come down still turning catch a corner
+# of the block (seen in chains, where the previous subtask leaves the hand near the next block).
+YAW_TOLERANCE = 0.05
+YAW_PROGRESS_WEIGHT = 0.1  # m per rad: a turning wrist is progress, not a stall
+FINGERS_CLOSED_WIDTH = 0.01  # m: closed fingers with nothing between them
+FINGERS_OPEN_WIDTH = 2 * 0.04 - 0.005  # m: fingers (nearly) fully open (layout.FINGER_OPEN per finger)
+REPLAN_DISTANCE = 0.01  # m: the block moved this far since planning (still sliding from the last subtask)
 
 
 @dataclass
 class Waypoint:
-    """Move the TCP to ``pos`` with yaw ``yaw`` and the gripper at ``gripper``; then wait ``wait`` ticks."""
+    """Move the TCP to ``pos`` with yaw ``yaw`` and the gripper at ``gripper``; then wait ``wait`` ticks.
+
+    ``settle``: also wait until the fingers are shut (gripper closed) or fully open (gripper open), so a
+    push never starts with open fingers and a grasp never comes down with half-open ones.
+    """
 
     pos: np.ndarray  # (3,)
     yaw: float
     gripper: float
     wait: int = 0
     tolerance: float = POS_TOLERANCE
+    settle: bool = False
 
 
 def _grasp_yaw(block_yaw: float) -> float:
@@ -61,15 +73,17 @@ def plan(task: Task, info: dict[str, Any]) -> list[Waypoint]:
     yaw_now = float(info["tcp_euler"][2])
     block = np.asarray(info["blocks"][task.block]["pos"], dtype=float)
     bx, by = block[0], block[1]
-    grip = GRIPPER_CLOSE if info["held"] is not None else GRIPPER_OPEN
-    # Rise first, so travelling from wherever the previous subtask ended never sweeps through a block.
+    # Rise first, so travelling from wherever the previous subtask ended never sweeps through a block, with
+    # the gripper as it is: opening or closing fingers beside a block (a chain's last push) shoves it.
+    grip = GRIPPER_CLOSE if info["held"] is not None else float(info["gripper_action"])
     rise = Waypoint(np.array([tcp[0], tcp[1], max(tcp[2], SAFE_Z)]), yaw_now, grip)
     if task.kind == "push":
         sign = DIRECTIONS[task.direction]
         start_y = by - sign * PUSH_STANDOFF
         return [
             rise,
-            Waypoint(np.array([bx, start_y, SAFE_Z]), 0.0, GRIPPER_CLOSE),
+            # The fingers close on the way, and must be shut before they come down behind the block.
+            Waypoint(np.array([bx, start_y, SAFE_Z]), 0.0, GRIPPER_CLOSE, settle=True),
             Waypoint(np.array([bx, start_y, PUSH_Z]), 0.0, GRIPPER_CLOSE),
             Waypoint(np.array([bx, by + sign * PUSH_THROUGH, PUSH_Z]), 0.0, GRIPPER_CLOSE),
             Waypoint(np.array([bx, by + sign * PUSH_THROUGH, PUSH_Z + 0.05]), 0.0, GRIPPER_CLOSE,
@@ -79,7 +93,7 @@ def plan(task: Task, info: dict[str, Any]) -> list[Waypoint]:
         yaw = _grasp_yaw(float(info["blocks"][task.block]["euler"][2]))
         return [
             rise,
-            Waypoint(np.array([bx, by, SAFE_Z]), yaw, GRIPPER_OPEN),
+            Waypoint(np.array([bx, by, SAFE_Z]), yaw, GRIPPER_OPEN, settle=True),
             Waypoint(np.array([bx, by, GRASP_Z]), yaw, GRIPPER_OPEN),
             Waypoint(np.array([bx, by, GRASP_Z]), yaw, GRIPPER_CLOSE, wait=GRIPPER_WAIT_STEPS, tolerance=1.0),
             Waypoint(np.array([bx, by, LIFT_Z]), yaw, GRIPPER_CLOSE, tolerance=0.01),
@@ -103,6 +117,7 @@ class ScriptedExpert:
         self.task = get_task(task) if isinstance(task, str) else task
         self.max_action = float(max_action)
         self.waypoints = plan(self.task, info)
+        self._planned_block = self._block_xy(info)
         self._index = 0
         self._waited = 0
         self._stalled = 0
@@ -113,15 +128,35 @@ class ScriptedExpert:
         """All waypoints reached; the episode can end."""
         return self._index >= len(self.waypoints)
 
+    def _block_xy(self, info: dict[str, Any]) -> np.ndarray:
+        return np.asarray(info["blocks"][self.task.block]["pos"], dtype=float)[:2]  # (2,)
+
+    @staticmethod
+    def _fingers_settled(gripper: float, width: float) -> bool:
+        return width <= FINGERS_CLOSED_WIDTH if gripper < 0 else width >= FINGERS_OPEN_WIDTH
+
     def act(self, info: dict[str, Any]) -> np.ndarray:
-        """The relative action (7,) towards the current waypoint, advancing past reached ones."""
+        """The relative action (7,) towards the current waypoint, advancing past reached ones.
+
+        Until the fingers start down towards a push or a grasp (waypoints 0 and 1), the plan follows the
+        block: in a chain, the previous subtask may have left it sliding.
+        """
+        if self.task.kind != "place" and self._index <= 1:
+            if np.linalg.norm(self._block_xy(info) - self._planned_block) > REPLAN_DISTANCE:
+                self.waypoints = [self.waypoints[0]] + plan(self.task, info)[1:]  # keep the first rise
+                self._planned_block = self._block_xy(info)
         tcp = np.asarray(info["tcp_pos"], dtype=float)
+        yaw = float(info["tcp_euler"][2])
         while not self.done:
             wp = self.waypoints[self._index]
             dist = float(np.linalg.norm(wp.pos - tcp))
-            self._stalled = self._stalled + 1 if self._last_dist - dist < STALL_EPS else 0
-            self._last_dist = dist
-            reached = dist <= wp.tolerance or self._stalled >= STALL_STEPS
+            yaw_err = abs(float(wrap_angle(wp.yaw - yaw)))
+            progress = dist + YAW_PROGRESS_WEIGHT * yaw_err
+            self._stalled = self._stalled + 1 if self._last_dist - progress < STALL_EPS else 0
+            self._last_dist = progress
+            reached = (dist <= wp.tolerance and yaw_err <= YAW_TOLERANCE) or self._stalled >= STALL_STEPS
+            if wp.settle and not self._fingers_settled(wp.gripper, float(info["gripper_width"])):
+                reached = False
             if reached and self._waited >= wp.wait:
                 self._index += 1
                 self._waited = 0
