@@ -45,9 +45,9 @@ SHRINK_MODEL = [
     "model.max_text_len=12",
     "data.min_episode_len=8",
 ]
-# ... and of the pipeline around it: two tasks, a few demos, four training steps, two short chains.
+# ... and of the pipeline around it: three tasks, a few demos, four training steps, two short chains.
 SHRINK_PIPELINE = [
-    "sim.tasks=[push_red_left,lift_blue]",
+    "sim.tasks=[push_red_left,lift_blue,place_blue]",  # lift + place: a chain of 2 exists in every random scene
     "sim.episodes_per_task=3",
     "sim.num_workers=1",
     "sim.max_episode_steps=120",

@@ -27,16 +27,17 @@ def pipeline(tmp_path_factory) -> Path:
 
 def test_collect_reports_expert_success(pipeline):
     summary = json.loads((pipeline / "reports" / "collect.json").read_text())
-    assert set(summary["tasks"]) == {"push_red_left", "lift_blue"}
+    assert set(summary["tasks"]) == {"push_red_left", "lift_blue", "place_blue"}
     assert all(v["successes"] == 3 for v in summary["tasks"].values())
     assert sorted(p.name for p in (pipeline / "raw").iterdir()) == [
-        "lift_blue_0000", "lift_blue_0001", "lift_blue_0002", "push_red_left_0000", "push_red_left_0001", "push_red_left_0002",
+        "lift_blue_0000", "lift_blue_0001", "lift_blue_0002", "place_blue_0000", "place_blue_0001", "place_blue_0002",
+        "push_red_left_0000", "push_red_left_0001", "push_red_left_0002",
     ]
 
 
 def test_ingest_keeps_the_sim_task_names(pipeline):
     report = json.loads((pipeline / "episodes" / "ingest_report.json").read_text())
-    assert {e["task"] for e in report["episodes"].values()} == {"push_red_left", "lift_blue"}
+    assert {e["task"] for e in report["episodes"].values()} == {"push_red_left", "lift_blue", "place_blue"}
 
 
 def test_export_holds_everything_policy_load_needs(pipeline):
