@@ -81,6 +81,7 @@ def test_ingest_defaults_to_what_the_simulator_records(tmp_path):
     "overrides",
     [
         ["experiment=lora"],
+        ["experiment=cpu_long"],
         ["experiment=robovlms_kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
         ["model=kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
         ["sim.storage=mcap", "data.on_bad_input=quarantine"],
@@ -96,6 +97,9 @@ def test_experiment_changes_what_it_says():
     assert cfg.train.train_setup.lora_enable and cfg.train.train_setup.freeze_backbone
     cfg = load_config(["experiment=robovlms_kosmos2", "model.pretrained_dir=/w"], CONF)
     assert cfg.train.learning_rate == pytest.approx(2e-5) and cfg.model.lstm_hidden_size == 1024
+    assert cfg.model.lstm_num_layers == 4 and cfg.model.arm_gripper_loss_ratio == pytest.approx(0.01)
+    cfg = load_config(["experiment=cpu_long"], CONF)
+    assert cfg.train.max_steps == 3000 and cfg.model == load_config([], CONF).model
 
 
 def test_kosmos2_without_weights_dir_names_the_key():
