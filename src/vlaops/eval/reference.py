@@ -15,8 +15,10 @@ from typing import Any
 import numpy as np
 
 from vlaops.errors import VlaopsError
+from vlaops.eval.blind import BlindPolicy
 from vlaops.eval.config import REFERENCES
 from vlaops.eval.env import StepPolicy
+from vlaops.io.calvin import CalvinSplit
 from vlaops.sim.expert import ScriptedExpert
 from vlaops.sim.tasks import TASKS
 
@@ -54,19 +56,7 @@ class ExpertPolicy:
 
 
 def blind_policy(train_dir: Path, trust_pickles: bool) -> StepPolicy:
-    """The blind baseline fitted on the training split's demonstrations at ``train_dir``.
-
-    Imported lazily: it is a separate module that needs only the training split.
-    """
-    from vlaops.io.calvin import CalvinSplit
-
-    try:
-        from vlaops.eval.blind import BlindPolicy
-    except ModuleNotFoundError as exc:
-        if exc.name != "vlaops.eval.blind":
-            raise
-        raise VlaopsError("eval.references=blind: this install has no vlaops.eval.blind; "
-                          "drop blind from eval.references") from None
+    """The blind baseline fitted on the training split's demonstrations at ``train_dir``."""
     if not Path(train_dir).is_dir():
         raise VlaopsError(f"eval.references=blind needs the training demonstrations; {train_dir} does not exist "
                           f"(run convert, or drop blind from eval.references)")
