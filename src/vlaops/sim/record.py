@@ -19,7 +19,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_all_start_methods, get_context
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from vlaops.sim.env import TabletopEnv
 from vlaops.sim.expert import run_expert
 from vlaops.sim.tasks import get_task
 from vlaops.utils.atomic import atomic_dir
+from vlaops.utils.executor import start_method
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -281,10 +282,8 @@ def collect(cfg: SimConfig, out_dir: Path) -> dict[str, Any]:
                 results.append(_collect_task(*job))
                 bar.update(1)
         else:
-            # fork where there is one: the parent holds no PyBullet client (each worker opens its own), and
-            # unlike spawn it does not re-import the caller's __main__, which breaks unguarded scripts.
-            method = "fork" if "fork" in get_all_start_methods() else "spawn"
-            with ProcessPoolExecutor(cfg.num_workers, mp_context=get_context(method)) as pool:
+            # the parent holds no PyBullet client (each worker opens its own), so fork is safe where it exists
+            with ProcessPoolExecutor(cfg.num_workers, mp_context=get_context(start_method())) as pool:
                 futures = [pool.submit(_collect_task, *job) for job in jobs]
                 for fut in futures:
                     results.append(fut.result())

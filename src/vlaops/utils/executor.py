@@ -32,7 +32,7 @@ def resolve_workers(num_workers: Optional[int]) -> int:
 
 
 def start_method(needs_spawn: bool = False) -> str:
-    """fork where there is one, as ``sim/record.py`` uses for collect: the children inherit the imported
+    """fork where there is one (collect in ``sim/record.py`` uses it too): the children inherit the imported
     modules instead of re-importing the caller's ``__main__`` (which breaks unguarded scripts). spawn when
     the parent holds state a forked child cannot use (an initialised CUDA context), or where fork is absent."""
     return "spawn" if needs_spawn or "fork" not in get_all_start_methods() else "fork"
