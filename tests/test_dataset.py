@@ -36,3 +36,26 @@ def test_windows_follow_the_batch_contract(calvin_dir, cfg):
     torch.testing.assert_close(batch[keys.ACTION_CHUNK][:, :, 0], batch[keys.ACTION])
     arm = batch[keys.ACTION][..., :6]
     assert arm.abs().max() <= 1.0 and set(batch[keys.ACTION][..., 6].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_padded_windows_end_at_each_span_start_and_carry_no_loss_before_it(calvin_dir, cfg):
+    """``pad_history``: W - 1 more windows per span, the first frame repeated before the span's start (as
+    ``PolicyRuntime`` fills its history at an episode's first step), with the padded positions masked."""
+    split = CalvinSplit(calvin_dir / "training")
+    normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
+    args = (split, normalizer, _tokenize)
+    kw = dict(window_size=3, chunk_size=4, image_size=64, augment=None)
+    plain = CalvinWindowDataset(*args, **kw)
+    padded = CalvinWindowDataset(*args, **kw, pad_history=True)
+    assert len(padded) == len(plain) + 3 * 2
+    first = padded[0]  # ends at the first frame of the first span: [f0, f0, f0]
+    assert all(torch.equal(first[k][i], first[k][2]) for k in (keys.RGB, keys.HAND_RGB) for i in (0, 1))
+    assert first[keys.CHUNK_MASK].tolist() == [[False] * 4, [False] * 4, [True] * 4]
+    second = padded[1]  # [f0, f0, f1]
+    assert second[keys.CHUNK_MASK][:, 0].tolist() == [False, True, True]
+    aligned = plain[0]  # [f0, f1, f2]: the same frames and targets where they overlap
+    torch.testing.assert_close(first[keys.ACTION_CHUNK][2], aligned[keys.ACTION_CHUNK][0])
+    torch.testing.assert_close(second[keys.RGB][1:], aligned[keys.RGB][:2])
+    torch.testing.assert_close(second[keys.ACTION_CHUNK][1:], aligned[keys.ACTION_CHUNK][:2])
+    assert padded[2][keys.CHUNK_MASK].all()  # the first unpadded window is the plain one
+    torch.testing.assert_close(padded[2][keys.RGB], aligned[keys.RGB])

@@ -33,12 +33,12 @@ def _tokenize(texts):
     return ids, (ids > 0).long()
 
 
-def _datasets(calvin_dir: Path, cfg, augment=None):
+def _datasets(calvin_dir: Path, cfg, augment=None, pad_history=False):
     split = CalvinSplit(calvin_dir / "training")
     normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
     frames = open_frame_cache(split, S, cfg.data.cache_dir)
-    cached = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, S, augment, frames)
-    plain = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, S, augment, None)
+    cached = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, S, augment, frames, pad_history)
+    plain = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, S, augment, None, pad_history)
     return cached, plain
 
 
@@ -47,8 +47,9 @@ def _cache_dirs(cache_dir: str) -> list[Path]:
     return sorted(p for p in Path(cache_dir).iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def test_cached_samples_equal_the_npz_path_bit_for_bit(calvin_dir, cfg):
-    cached, plain = _datasets(calvin_dir, cfg)
+@pytest.mark.parametrize("pad_history", [False, True])
+def test_cached_samples_equal_the_npz_path_bit_for_bit(calvin_dir, cfg, pad_history):
+    cached, plain = _datasets(calvin_dir, cfg, pad_history=pad_history)
     assert len(cached) == len(plain) > 0
     for i in [*range(0, len(plain), 5), len(plain) - 1]:  # every span, first and last windows included
         a, b = cached[i], plain[i]

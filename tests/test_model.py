@@ -351,7 +351,7 @@ def test_policy_load_and_step(exported):
         assert action[-1] in (-1.0, 1.0)
         assert np.all(np.abs(action[:6]) <= 0.65 + 1e-9)
         assert len(calls) == i + 1  # one backbone call per step: earlier frames come from the cache
-    assert len(policy._features) == W  # the window is capped
+        assert len(policy._features) == W  # the first frame fills the history (pad_history); then capped
     # the loaded weights are the trained policy's (LoRA merged): same features as the live model
     obs = _obs(rng)
     policy.reset()
@@ -365,9 +365,9 @@ def test_policy_load_and_step(exported):
         live = trained.eval().encode_frames(rgb, hand, *text)
     torch.testing.assert_close(policy._features[-1], live, rtol=1e-4, atol=1e-5)
     assert trained_processor is policy.processor
-    # a new instruction starts a new history
+    # a new instruction starts a new history, filled with its first frame
     policy.step(obs, "open the drawer")
-    assert len(policy._features) == 1
+    assert len(policy._features) == W and all(f is policy._features[0] for f in policy._features)
 
 
 def test_encode_is_the_step_without_the_history(exported):
@@ -380,7 +380,7 @@ def test_encode_is_the_step_without_the_history(exported):
     policy.step(_obs(rng), "open the drawer")
     obs = _obs(rng, nested=True)
     feat = policy.encode(obs, "open the drawer")
-    assert feat.shape == (1, policy.model.backbone.hidden_size) and len(policy._features) == 1
+    assert feat.shape == (1, policy.model.backbone.hidden_size) and len(policy._features) == W
     rgb, hand = policy.images(obs)
     assert rgb.shape == hand.shape == (1, 3, 224, 224)
     ids, mask = policy.text("open the drawer")
@@ -389,18 +389,21 @@ def test_encode_is_the_step_without_the_history(exported):
         torch.testing.assert_close(feat, policy.model.encode_frames(rgb, hand, ids, mask))
     action = policy.step(obs, "open the drawer")
     torch.testing.assert_close(policy._features[-1], feat)  # step appends what encode computes
-    assert len(policy._features) == 2 and action.shape == (7,)
+    assert len(policy._features) == W and action.shape == (7,)
     policy.encode(obs, "lift the blue block")  # another instruction: the old features no longer apply
     assert len(policy._features) == 0
 
 
-def test_policy_step_acts_as_the_training_forward_on_the_same_window(exported):
+@pytest.mark.parametrize("pad_history", [True, False])
+def test_policy_step_acts_as_the_training_forward_on_the_same_window(exported, pad_history):
     """The feature cache is an optimisation only: at every step, past the window fill too, the action
-    equals the training forward over the last ``window_size`` frames (bench/policy_step.py times it)."""
+    equals the training forward over the window training builds there (bench/policy_step.py times it):
+    the first frame repeated to fill it (pad_history), or the frames so far (RoboVLMs' growing history)."""
     from vlaops.data.transforms import to_model_input
 
     out, _ = exported
     policy = PolicyRuntime.load(out, device="cpu")
+    policy.cfg.pad_history = pad_history
     rng = np.random.default_rng(1)
     frames, instruction = [], "push the red block left"
     policy.reset()
@@ -408,7 +411,7 @@ def test_policy_step_acts_as_the_training_forward_on_the_same_window(exported):
         obs = _obs(rng)
         frames.append([to_model_input(torch.from_numpy(obs[k])[None], 224) for k in ("rgb_static", "rgb_gripper")])
         action = policy.step(obs, instruction)
-        window = frames[-W:]
+        window = ([frames[0]] * (W - 1) + frames if pad_history else frames)[-W:]
         text, text_mask = tokenize(policy.processor, [instruction], L)
         batch = {
             keys.RGB: torch.cat([f[0] for f in window])[None],  # (1, w, 3, S, S)

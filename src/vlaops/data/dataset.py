@@ -1,7 +1,9 @@
 """Sliding-window training samples over a CALVIN split, in the RoboVLMs custom-dataset contract.
 
 Each sample is a window of W frames inside one language-annotated span, with the C actions that
-follow every window frame (RoboVLMs' ``fwd_pred_next_n`` chunk), masked past the span's end.
+follow every window frame (RoboVLMs' ``fwd_pred_next_n`` chunk), masked past the span's end. With
+``pad_history`` the span's start also ends W - 1 windows, left-padded by repeating its first frame (the
+padded positions carry no loss), as ``PolicyRuntime`` fills its history at an episode's first step.
 Images come from the split's packed frame cache (data/frame_cache.py: decoded and resized once) when
 one is given, else from the per-frame npz files as RoboVLMs' loader reads them; both give the same
 bits. :func:`make_window_dataset` is the one construction train and evaluate share.
@@ -48,6 +50,7 @@ class CalvinWindowDataset(Dataset):
         image_size: int,
         augment: AugmentConfig | None = None,
         frames: FrameCache | None = None,
+        pad_history: bool = False,
     ) -> None:
         if frames is not None and frames.image_size != image_size:
             raise VlaopsError(f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)")
@@ -57,6 +60,7 @@ class CalvinWindowDataset(Dataset):
         self.chunk_size = chunk_size
         self.image_size = image_size
         self.augment = augment
+        self.pad_history = pad_history
         anns = [a for a in split.annotations if a.end - a.start + 1 >= window_size]
         if not anns:
             raise VlaopsError(
@@ -73,7 +77,9 @@ class CalvinWindowDataset(Dataset):
         texts = sorted({a.instruction for a in anns})
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
-        self.index = [(k, t) for k, a in enumerate(anns) for t in range(a.end - a.start + 2 - window_size)]
+        # (span, offset of the window's first frame); a negative offset is a left-padded window
+        first = 1 - window_size if pad_history else 0
+        self.index = [(k, t) for k, a in enumerate(anns) for t in range(first, a.end - a.start + 2 - window_size)]
         self.first_row = [frames.row(a.start) for a in anns] if frames is not None else None  # cache row of each span's start
 
     def __len__(self) -> int:
@@ -83,11 +89,14 @@ class CalvinWindowDataset(Dataset):
         k, t = self.index[idx]
         ann, acts = self.annotations[k], self.actions[k]
         w, c = self.window_size, self.chunk_size
+        pad = max(0, -t)  # leading positions that repeat the span's first frame
         if self.frames is not None:  # resized once, at build time: (W, 3, S, S) uint8 slices of the memmaps
-            images = {key: torch.from_numpy(v) for key, v in self.frames.window(self.first_row[k] + t, w).items()}
+            images = {key: torch.from_numpy(v) for key, v in self.frames.window(self.first_row[k] + t + pad, w - pad).items()}
         else:  # RoboVLMs' way: one compressed npz per frame, inflated and resized for every sample
-            frames = [self.split.load_frame(ann.start + t + i, IMAGE_KEYS) for i in range(w)]
+            frames = [self.split.load_frame(ann.start + t + i, IMAGE_KEYS) for i in range(pad, w)]
             images = {key: resize_uint8(torch.from_numpy(np.stack([f[key] for f in frames])), self.image_size) for key in IMAGE_KEYS}
+        if pad:
+            images = {key: torch.cat([v[:1].expand(pad, *v.shape[1:]), v]) for key, v in images.items()}  # (W, 3, S, S)
         if self.augment is not None:
             a = self.augment
             rgb = augment_to_model_input(images["rgb_static"], a.rgb_pad, a.brightness, a.contrast, a.saturation)  # (W, 3, S, S)
@@ -96,7 +105,7 @@ class CalvinWindowDataset(Dataset):
             rgb, hand = normalize_uint8(images["rgb_static"]), normalize_uint8(images["rgb_gripper"])  # (W, 3, S, S)
         chunk = np.zeros((w, c, acts.shape[1]), dtype=np.float32)  # (W, C, A)
         mask = np.zeros((w, c), dtype=bool)  # (W, C)
-        for i in range(w):
+        for i in range(pad, w):
             future = acts[t + i : t + i + c]
             chunk[i, : len(future)] = future
             mask[i, : len(future)] = True
@@ -104,7 +113,7 @@ class CalvinWindowDataset(Dataset):
         return {
             keys.RGB: rgb,
             keys.HAND_RGB: hand,
-            keys.ACTION: torch.from_numpy(acts[t : t + w]),
+            keys.ACTION: torch.from_numpy(acts[np.maximum(np.arange(t, t + w), 0)]),
             keys.ACTION_CHUNK: torch.from_numpy(chunk),
             keys.CHUNK_MASK: torch.from_numpy(mask),
             keys.TEXT: ids,
@@ -139,4 +148,5 @@ def make_window_dataset(
         model_cfg.image_size,
         augment,
         frames,
+        model_cfg.pad_history,
     )

@@ -99,6 +99,12 @@ class ModelConfig:
     action_dim: int = 7  # 6 arm dims + gripper
     image_size: int = 224
     use_hand_rgb: bool = True  # feed the gripper camera too (RoboVLMs use_hand_rgb true)
+    # Fill the history at an episode's start by repeating its first frame (LeRobot's and Diffusion
+    # Policy's observation padding), and train on the windows that end there (padded positions carry no
+    # loss). RoboVLMs (false) grows the history from one frame: an episode's first steps then read the
+    # LSTM's first positions, which every window trains on whatever frame it starts at, so the policy can
+    # tell an episode's start (where the arm turns towards its block) only from the image.
+    pad_history: bool = True
     max_text_len: int = 32
     vocab_size: int = 1000  # target size of the Unigram vocabulary trained on the instructions (tiny only)
     lstm_hidden_size: int = 128  # RoboVLMs 1024

@@ -12,7 +12,9 @@ An export directory carries everything needed to act, and nothing from the train
 ``PolicyRuntime`` has the interface CALVIN's evaluator calls (calvin_models/calvin_agent/evaluation/
 evaluate_policy.py: ``model.reset()``, ``model.step(obs, lang_annotation)``). It runs the backbone
 once per step on the new frame, caches earlier frames' features (the backbone is per-frame, so a
-cached feature equals a recomputed one), and runs the LSTM head over the last ``window_size`` of them.
+cached feature equals a recomputed one), and runs the LSTM head over the last ``window_size`` of them;
+with ``pad_history`` an episode's first frame fills the whole window, as the training windows that end
+at a span's start are padded.
 """
 
 from __future__ import annotations
@@ -241,6 +243,8 @@ class PolicyRuntime:
         [norm_min, norm_max] range, gripper -1 (close) or 1 (open).
         """
         feat = self.encode(obs, instruction)  # (1, D): the only backbone call this step
+        if not self._features and self.cfg.pad_history:  # the first frame fills the history, as in training
+            self._features.extend([feat] * (self.window_size - 1))
         self._features.append(feat)
         window = torch.stack(list(self._features), dim=1)  # (1, w, D), w <= window_size
         return self.action_from_features(window)
