@@ -98,6 +98,7 @@ def test_experiment_changes_what_it_says():
     cfg = load_config(["experiment=robovlms_kosmos2", "model.pretrained_dir=/w"], CONF)
     assert cfg.train.learning_rate == pytest.approx(2e-5) and cfg.model.lstm_hidden_size == 1024
     assert cfg.model.lstm_num_layers == 4 and cfg.model.arm_gripper_loss_ratio == pytest.approx(0.01)
+    assert cfg.model.chunk_loss_decay == 1.0 and cfg.model.pad_history is False
     cfg = load_config(["experiment=cpu_long"], CONF)
     assert cfg.train.max_steps == 3000 and cfg.model == load_config([], CONF).model
 

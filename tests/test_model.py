@@ -213,6 +213,21 @@ def test_mse_loss_and_gripper_ratio(processor):
     torch.testing.assert_close(out["loss"], out["arm_loss"] + 0.5 * out["gripper_loss"])
 
 
+def test_chunk_loss_decay_weighs_chunk_step_c_by_decay_to_the_c(processor):
+    """The loss is the weighted mean over the valid (b, w, c) steps, weight decay**c; 1.0 is the plain mean."""
+    batch = make_batch(processor)
+    with torch.no_grad():
+        outs = {d: make_policy(processor, loss="mse", chunk_loss_decay=d).eval()(batch) for d in (1.0, 0.5)}
+    target, mask = batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK].float()  # (B, W, C, A), (B, W, C)
+    per_step = (outs[1.0]["arm"] - target[..., :-1]).pow(2).mean(-1)  # (B, W, C): same weights either way
+    for decay, out in outs.items():
+        weight = mask * decay ** torch.arange(mask.shape[-1], dtype=torch.float32)
+        torch.testing.assert_close(out["arm_loss"], (per_step * weight).sum() / weight.sum())
+    assert not torch.isclose(outs[1.0]["arm_loss"], outs[0.5]["arm_loss"])
+    with pytest.raises(ValueError, match="chunk_loss_decay"):
+        ModelConfig(chunk_loss_decay=0.0)
+
+
 # ---- train_setup -------------------------------------------------------------------------------------
 def _trainable(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

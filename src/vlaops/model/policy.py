@@ -85,15 +85,19 @@ class VLAPolicy(nn.Module):
         """Masked arm Huber/MSE + ratio x gripper BCE (RoboVLMs base_backbone.py ``_get_loss``).
 
         arm (B, W, C, A-1), gripper_logits (B, W, C, 1), target (B, W, C, A), mask (B, W, C) bool.
-        Each loss is the mean over the valid (b, w, c) steps, so a step past the episode end (mask
-        False) neither changes the loss nor gets a gradient, whatever its target holds.
+        Each loss is the mean over the valid (b, w, c) steps, chunk step c weighted ``chunk_loss_decay**c``,
+        so a step past the episode end (mask False) neither changes the loss nor gets a gradient,
+        whatever its target holds.
         """
         keep = mask.bool().unsqueeze(-1)  # (B, W, C, 1)
         # zero the invalid steps' targets first: they may hold anything, even NaN, and a NaN would
         # reach the gradient through the loss's backward even where the result is masked out
         target = torch.where(keep, target.to(arm.dtype), torch.zeros_like(target, dtype=arm.dtype))
         valid = mask.float()  # (B, W, C)
-        denom = valid.sum().clamp(min=1.0)
+        if self.cfg.chunk_loss_decay != 1.0:  # chunk step c weighs decay**c (1.0: RoboVLMs' plain mean)
+            steps = torch.arange(valid.shape[-1], device=valid.device, dtype=valid.dtype)
+            valid = valid * self.cfg.chunk_loss_decay**steps
+        denom = valid.sum().clamp(min=1e-8)
         if self.cfg.loss == "huber":
             arm_err = F.huber_loss(arm, target[..., :-1], reduction="none")  # (B, W, C, A-1)
         else:
