@@ -18,7 +18,7 @@ class EvalConfig:
     # The embedded default runs fewer, shorter chains so the whole pipeline fits in minutes on a CPU.
     num_chains: int = 50
     chain_length: int = 5
-    max_steps_per_subtask: int = 120
+    max_steps_per_subtask: int = 90  # the expert needs at most 56; every failed subtask spends all of them
     seed: int = 1000  # chain and scene seeds; distinct from the collect seeds, so no demo is replayed
     tasks: list[str] = field(default_factory=list)  # empty: every task of sim.tasks
     offline_batches: int = 0  # validation batches for the offline action error; 0: the whole split
