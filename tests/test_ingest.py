@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
-from bagfactory import write_arm_bag
+from bagfactory import PANDA_READY, write_arm_bag
 
 from vlaops.data.ingest import REPORT_FILE, ingest
 from vlaops.errors import VlaopsError
@@ -24,12 +25,12 @@ def test_ingest_syncs_every_stream_to_the_control_rate(cfg, raw_dir, tmp_path):
     # frame k holds image k (value k in the lower half), not the frame before or after
     np.testing.assert_array_equal(ep.rgb_static[:, -1, 0, 0], np.arange(20))
     # joint states arrive at 4x the rate: the held one is the one stamped at the tick itself
-    np.testing.assert_allclose(ep.robot_obs[:, 7], np.linspace(-0.5, 0.5, 7)[0] + 0.01 * np.arange(20))
+    np.testing.assert_allclose(ep.robot_obs[:, 7:14], PANDA_READY + 0.01 * np.arange(20)[:, None])
     assert ep.robot_obs.shape == (20, 15) and ep.scene_obs.shape == (20, 24)
     np.testing.assert_allclose(ep.robot_obs[:, 6], 0.08)  # gripper width = both fingers
     np.testing.assert_allclose(ep.robot_obs[1:, 14], ep.action_abs[:-1, 6])  # previous gripper command
     assert ep.instruction == "push the red block to the left" and ep.task == "push_the_red_block_to_the_left"
-    assert json.loads((out / REPORT_FILE).read_text())["quarantined"] == {}
+    assert json.loads((out / REPORT_FILE).read_text())["quarantined"] == []
 
 
 def test_missing_raw_dir_is_one_clear_error(cfg, tmp_path):
@@ -99,7 +100,9 @@ def test_quarantine_keeps_good_episodes_and_reports_bad_ones(tmp_path):
     write_arm_bag(tmp_path / "raw" / "nocam", omit=("static",))
     report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
     assert list(report["episodes"]) == ["good"]
-    assert "data.topics.rgb_static" in report["quarantined"]["nocam"]
+    [entry] = report["quarantined"]
+    assert entry["recording"] == "nocam" and entry["episode"] == "nocam" and entry["check"] == "missing_stream"
+    assert entry["stream"] == "/camera/static/image_raw" and "data.topics.rgb_static" in entry["reason"]
     on_disk = json.loads((tmp_path / "episodes" / REPORT_FILE).read_text())
     assert on_disk["quarantined"] == report["quarantined"]
 
@@ -128,3 +131,114 @@ def test_reingest_is_byte_identical(cfg, raw_dir, tmp_path):
     assert list(a) == list(b) and REPORT_FILE in a
     assert a == b
     assert "wall_time_s" not in json.loads(a[REPORT_FILE])
+
+
+def _quarantine_cfg(tmp_path, *overrides):
+    from conftest import tiny_config
+
+    return tiny_config(tmp_path, "data.on_bad_input=quarantine", *overrides).data
+
+
+def test_camera_changing_size_is_quarantined_and_the_good_episodes_kept_byte_for_byte(tmp_path):
+    """It used to stop the whole ingest with numpy's 'all input arrays must have the same shape'."""
+    from bagfactory import resize_camera
+
+    cfg = _quarantine_cfg(tmp_path)
+    raw = tmp_path / "raw"
+    write_arm_bag(raw / "a_good", seed=1)
+    write_arm_bag(raw / "c_good", seed=2, storage="mcap")
+    clean = ingest(raw, tmp_path / "clean", cfg)
+    write_arm_bag(raw / "b_resized", tweak=resize_camera(10, 48))
+    mixed = ingest(raw, tmp_path / "mixed", cfg)
+    [entry] = mixed["quarantined"]
+    assert entry["recording"] == "b_resized" and entry["check"] == "frame_size"
+    assert entry["stream"] == "/camera/static/image_raw"
+    assert "frame size changes mid-episode, from (64, 64, 3) to (48, 48, 3) at message 10" in entry["reason"]
+    assert list(mixed["episodes"]) == list(clean["episodes"]) == ["a_good", "c_good"]
+    for name in ("a_good.h5", "c_good.h5"):
+        assert (tmp_path / "mixed" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+
+
+def test_error_mode_is_one_line_naming_recording_topic_and_reason(cfg, tmp_path):
+    from bagfactory import resize_camera
+
+    write_arm_bag(tmp_path / "raw" / "resized", tweak=resize_camera(3, 32))
+    with pytest.raises(VlaopsError) as info:
+        ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
+    line = str(info.value)
+    assert "\n" not in line and line.startswith(str(tmp_path / "raw" / "resized") + ": ")
+    assert "topic '/camera/static/image_raw': frame size changes mid-episode" in line
+    assert not (tmp_path / "episodes").exists()
+
+
+def test_nan_joint_reason_names_the_recording_not_a_temp_file(tmp_path):
+    from bagfactory import set_joint
+
+    cfg = _quarantine_cfg(tmp_path)
+    write_arm_bag(tmp_path / "raw" / "good")
+    write_arm_bag(tmp_path / "raw" / "nan_joint", tweak=set_joint(5, 2, float("nan")))
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
+    [entry] = report["quarantined"]
+    assert entry["check"] == "non_finite" and entry["stream"] == "obs/robot_obs"
+    assert entry["reason"] == "field 'obs/robot_obs' expected finite values, got NaN or inf"
+    text = (tmp_path / "episodes" / REPORT_FILE).read_text()
+    assert ".tmp-" not in text and ".episodes" not in text
+
+
+@pytest.mark.parametrize("tweak, check, stream, reason", [
+    (("set_action", 12, [1e30, 0.0, 0.3, np.pi, 0.0, 0.0, 1.0]), "position_bound", "action/abs[:, 0]",
+     r"1e\+30 m at frame \d+, beyond data.checks.max_abs_position_m=2.0"),
+    (("set_action", 12, [0.4, -0.12, 0.3, 40.0, 0.0, 0.0, 1.0]), "angle_bound", "action/abs[:, 3]",
+     r"40 rad at frame \d+, beyond data.checks.max_abs_angle_rad=6.3"),
+    (("set_action", 12, [0.4, -0.4, 0.3, np.pi, 0.0, 0.0, 1.0]), "action_jump", "action/abs[:, 0:3]",
+     r"the target position jumps [\d.]+ m/s between frames \d+ and \d+, beyond data.checks.max_target_speed_m_s=3.0"),
+    (("set_joint", 7, 3, 0.5), "joint_limits", "obs/robot_obs[:, 10]",
+     r"joint 4 is 0.5 rad at frame \d+, outside data.checks.joint_min/joint_max \[-3.0718, -0.0698\]"),
+    (("stamp_back", "gripper", 9, 0.2), "non_monotonic_stamps", "/camera/gripper/image_raw",
+     r"topic '/camera/gripper/image_raw': message 9 is stamped -0.167 s before the one before it"),
+])
+def test_implausible_recordings_are_quarantined_with_the_check_that_failed(tmp_path, tweak, check, stream, reason):
+    import bagfactory
+
+    cfg = _quarantine_cfg(tmp_path)
+    write_arm_bag(tmp_path / "raw" / "good")
+    write_arm_bag(tmp_path / "raw" / "bad", tweak=getattr(bagfactory, tweak[0])(*tweak[1:]))
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
+    assert list(report["episodes"]) == ["good"]
+    [entry] = report["quarantined"]
+    assert (entry["recording"], entry["episode"], entry["check"], entry["stream"]) == ("bad", "bad", check, stream)
+    assert re.search(reason, entry["reason"]), entry["reason"]
+    assert report["summary"]["quarantined"] == {check: 1}
+
+
+def test_checks_are_configurable(tmp_path):
+    """A bound set to null is not checked; a looser bound admits what the default rejects; stamps going back
+    are sorted when data.checks.monotonic_stamps is false (the earlier behaviour)."""
+    from bagfactory import chain, set_joint, stamp_back
+
+    cfg = _quarantine_cfg(tmp_path, "data.checks.joint_min=null", "data.checks.joint_max=null",
+                          "data.checks.monotonic_stamps=false")
+    write_arm_bag(tmp_path / "raw" / "odd", tweak=chain(set_joint(7, 3, 0.5), stamp_back("gripper", 9, 0.05)))
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
+    assert list(report["episodes"]) == ["odd"] and report["quarantined"] == []
+
+
+def test_check_config_is_validated_at_once(tmp_path):
+    from conftest import tiny_config
+
+    with pytest.raises(Exception, match="data.checks.max_abs_position_m must be > 0 or null"):
+        tiny_config(tmp_path, "data.checks.max_abs_position_m=0")
+    with pytest.raises(Exception, match="data.checks.joint_min/joint_max hold 2 limits, data.arm_joint_names 7 joints"):
+        tiny_config(tmp_path, "data.checks.joint_min=[-1,-1]", "data.checks.joint_max=[1,1]")
+
+
+def test_report_summary_counts_recordings_episodes_frames_and_reasons(tmp_path):
+    from bagfactory import set_joint
+
+    cfg = _quarantine_cfg(tmp_path)
+    write_arm_bag(tmp_path / "raw" / "good", n_frames=24)
+    write_arm_bag(tmp_path / "raw" / "nan", tweak=set_joint(5, 2, float("nan")))
+    (tmp_path / "raw" / "notes.txt").write_text("hello")
+    summary = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)["summary"]
+    assert summary == {"recordings": 3, "episodes": 1, "frames": 24, "hours": round(24 / 30 / 3600, 4),
+                       "quarantined": {"non_finite": 1, "unknown_format": 1}}

@@ -23,6 +23,47 @@ class TopicMap:
     task: Optional[str] = None  # std_msgs/String; None: the task name is derived from the instruction
 
 
+# The Franka Panda's joint limits (rad), from Franka's "Robot and interface specifications" (q_min / q_max):
+# the embedded simulator's arm and the robot data.arm_joint_names names by default.
+PANDA_JOINT_MIN = [-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973]
+PANDA_JOINT_MAX = [2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973]
+
+
+@dataclass
+class CheckConfig:
+    """Plausibility checks ingest runs on every episode before it is kept (``data/plausibility.py``).
+
+    A recording can be readable and still wrong: a commanded action of 1e30, a joint far past its limit,
+    a camera that changes resolution, a clock that jumps back. One such episode would wreck the action
+    statistics and the normalisation every other episode is trained with, so it is quarantined (or stops
+    ingest) with the check that failed. Defaults fit a 7-DOF arm on a table (the Panda of the embedded
+    simulator: its recordings reach 0.67 m, 0.65 m/s target speed and 0.035 m target offset); ``null``
+    turns a bound off. Non-finite values and a frame size changing mid-episode are always errors.
+    """
+
+    max_abs_position_m: Optional[float] = 2.0  # |x|, |y|, |z| of the TCP pose and of the target pose
+    max_abs_angle_rad: Optional[float] = 6.3  # |euler| of the TCP and target pose: any euler convention is within 2 pi
+    max_target_speed_m_s: Optional[float] = 3.0  # target position jump between ticks x control_hz (Panda: 1.7 m/s max)
+    max_target_offset_m: Optional[float] = 0.5  # distance of the target position from the TCP at the same tick
+    joint_min: Optional[list[float]] = field(default_factory=lambda: list(PANDA_JOINT_MIN))  # one per arm joint; null: no limit
+    joint_max: Optional[list[float]] = field(default_factory=lambda: list(PANDA_JOINT_MAX))
+    joint_margin_rad: float = 0.05  # a simulator or a controller overshoots a limit by a little
+    monotonic_stamps: bool = True  # a topic's stamps going back in time is an error; false: sort them by stamp
+
+    def __post_init__(self) -> None:
+        for name in ("max_abs_position_m", "max_abs_angle_rad", "max_target_speed_m_s", "max_target_offset_m"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"data.checks.{name} must be > 0 or null, got {value}")
+        if (self.joint_min is None) != (self.joint_max is None):
+            raise ValueError("data.checks.joint_min and data.checks.joint_max must both be lists or both null")
+        if self.joint_min is not None and self.joint_max is not None:
+            if len(self.joint_min) != len(self.joint_max) or any(lo >= hi for lo, hi in zip(self.joint_min, self.joint_max)):
+                raise ValueError(f"data.checks.joint_min < joint_max expected, one per joint; got {self.joint_min}, {self.joint_max}")
+        if self.joint_margin_rad < 0:
+            raise ValueError(f"data.checks.joint_margin_rad must be >= 0, got {self.joint_margin_rad}")
+
+
 @dataclass
 class AugmentConfig:
     """RoboVLMs' training augmentation: random shift and colour jitter."""
@@ -53,6 +94,7 @@ class DataConfig:
     sync_tolerance_s: float = 0.05  # the newest message of a stream may be at most this old at a tick
     min_episode_len: int = 16
     on_bad_input: str = "error"  # "error": stop at the first bad recording; "quarantine": report and skip it
+    checks: CheckConfig = field(default_factory=CheckConfig)
     # convert
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -79,5 +121,8 @@ class DataConfig:
             raise ValueError("data.control_hz and data.sync_tolerance_s must be > 0")
         if self.cache_dir is not None and not self.cache_dir.strip():
             raise ValueError("data.cache_dir must be a directory or null (no cache), got an empty string")
+        if self.checks.joint_min is not None and len(self.checks.joint_min) != len(self.arm_joint_names):
+            raise ValueError(f"data.checks.joint_min/joint_max hold {len(self.checks.joint_min)} limits, "
+                             f"data.arm_joint_names {len(self.arm_joint_names)} joints")
         if not self.norm_min < 0 < self.norm_max:
             raise ValueError(f"data.norm_min < 0 < data.norm_max expected, got {self.norm_min}, {self.norm_max}")

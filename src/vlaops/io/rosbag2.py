@@ -19,7 +19,8 @@ from PIL import Image
 from rosbags.highlevel import AnyReader, AnyReaderError
 from rosbags.typesys import Stores, get_typestore
 
-from vlaops.errors import VlaopsError
+from vlaops.errors import RecordingError
+from vlaops.io.calvin_spec import SCENE_OBS_DIM
 from vlaops.io.episode import Episode
 from vlaops.io.geometry import quat_to_euler
 from vlaops.io.settings import ReaderSettings
@@ -61,12 +62,25 @@ def source_sha256(path: Path) -> str:
 
 @dataclass
 class _Stream:
-    stamps: list[float] = field(default_factory=list)
+    topic: str
+    stamps: list[float] = field(default_factory=list)  # in the bag's (log time) order
     values: list[Any] = field(default_factory=list)
 
-    def arrays(self) -> tuple[np.ndarray, list[Any]]:
-        order = np.argsort(np.asarray(self.stamps), kind="stable")
-        return np.asarray(self.stamps)[order], [self.values[i] for i in order]
+    def arrays(self, where: str, monotonic: bool) -> tuple[np.ndarray, list[Any]]:
+        """(M,) stamps sorted, and the values in that order.
+
+        monotonic: a stamp earlier than the one before it (a clock that jumped back, a driver that
+        restamped) is an error (data.checks.monotonic_stamps); else the messages are sorted by stamp."""
+        stamps = np.asarray(self.stamps, dtype=np.float64)
+        back = np.flatnonzero(np.diff(stamps) < 0)
+        if monotonic and back.size:
+            i = int(back[0]) + 1
+            raise RecordingError(
+                where, f"topic '{self.topic}': message {i} is stamped {stamps[i] - stamps[i - 1]:.3f} s before the one "
+                f"before it (stamps go back in time; data.checks.monotonic_stamps)", check="non_monotonic_stamps",
+                stream=self.topic)
+        order = np.argsort(stamps, kind="stable")
+        return stamps[order], [self.values[i] for i in order]
 
 
 def _stamp(msg: Any, log_time_ns: int) -> float:
@@ -77,22 +91,30 @@ def _stamp(msg: Any, log_time_ns: int) -> float:
     return log_time_ns * 1e-9
 
 
-def decode_image(msg: Any, where: str) -> np.ndarray:
+def decode_compressed(data: bytes) -> np.ndarray:
+    """JPEG/PNG bytes -> (H, W, 3) uint8; raises OSError or ValueError on bytes no decoder reads."""
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def decode_image(msg: Any, where: str, topic: str) -> np.ndarray:
     """sensor_msgs Image (rgb8/bgr8/rgba8/bgra8/mono8) or CompressedImage -> (H, W, 3) uint8."""
+    def fail(reason: str) -> RecordingError:
+        return RecordingError(where, f"topic '{topic}': {reason}", check="undecodable_image", stream=topic)
+
     if hasattr(msg, "format"):  # CompressedImage
         try:
-            with Image.open(io.BytesIO(bytes(msg.data))) as img:
-                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+            return decode_compressed(bytes(msg.data))
         except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-            raise VlaopsError(f"{where}: cannot decode the compressed image (format '{msg.format}': {exc})") from None
+            raise fail(f"cannot decode the compressed image (format '{msg.format}': {exc})") from None
     channels = {"rgb8": 3, "bgr8": 3, "rgba8": 4, "bgra8": 4, "mono8": 1}
     enc = msg.encoding.lower()
     if enc not in channels:
-        raise VlaopsError(f"{where}: image encoding '{msg.encoding}', expected one of {sorted(channels)}")
+        raise fail(f"image encoding '{msg.encoding}', expected one of {sorted(channels)}")
     c = channels[enc]
     data = np.asarray(msg.data, dtype=np.uint8)
     if data.size != msg.step * msg.height or msg.step < msg.width * c:
-        raise VlaopsError(f"{where}: image data of {data.size} bytes does not match {msg.height}x{msg.step}")
+        raise fail(f"image data of {data.size} bytes does not match {msg.height}x{msg.step}")
     img = data.reshape(msg.height, msg.step)[:, : msg.width * c].reshape(msg.height, msg.width, c)
     if enc.startswith("bgr"):
         img = img[..., [2, 1, 0]]
@@ -114,63 +136,69 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def read_rosbag2(path: Path, cfg: ReaderSettings) -> Episode:
-    """Read one rosbag2 directory into an arm :class:`Episode` synchronised to the action ticks."""
+def rosbag2_episodes(path: Path, cfg: ReaderSettings) -> list[str]:
+    """A rosbag2 directory holds one episode: the directory's name is its id."""
+    return [path.name]
+
+
+def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
+    """Read one rosbag2 directory into an arm :class:`Episode` synchronised to the action ticks.
+
+    Every problem with the data is a :class:`RecordingError` naming the bag, the topic and the check."""
     where = str(path)
     wanted = {name: topic for name in EXPECTED_TYPES if (topic := getattr(cfg.topics, name))}
     try:
         reader = AnyReader([path], default_typestore=_DEFAULT_TYPESTORE)
         reader.open()
-    except (AnyReaderError, FileNotFoundError) as exc:
-        raise VlaopsError(f"{where}: not a readable rosbag2 recording ({exc})") from exc
-    streams: dict[str, _Stream] = {name: _Stream() for name in wanted}
+    except Exception as exc:  # AnyReaderError, a malformed metadata.yaml, a truncated database: all unreadable
+        raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
+                             check="unreadable") from exc
+    streams: dict[str, _Stream] = {name: _Stream(topic) for name, topic in wanted.items()}
     custom = _custom_data(path)
     try:
         if reader.message_count == 0:
-            raise VlaopsError(f"{where}: the bag has no messages")
+            raise RecordingError(where, "the bag has no messages", check="empty")
         present = {c.topic: c.msgtype for c in reader.connections}
         for name, topic in wanted.items():
             if topic not in present:
                 optional = name in ("rgb_gripper", "scene_obs", "task")
                 if optional:
                     continue
-                raise VlaopsError(
-                    f"{where}: mapped topic '{topic}' (data.topics.{name}) is not in the bag; "
-                    f"topics present: {sorted(present)}"
-                )
+                raise RecordingError(
+                    where, f"mapped topic '{topic}' (data.topics.{name}) is not in the bag; topics present: {sorted(present)}",
+                    check="missing_stream", stream=topic)
             if present[topic] not in EXPECTED_TYPES[name]:
-                raise VlaopsError(
-                    f"{where}: topic '{topic}' (data.topics.{name}) has type {present[topic]}, "
-                    f"expected {' or '.join(EXPECTED_TYPES[name])}"
-                )
+                raise RecordingError(
+                    where, f"topic '{topic}' (data.topics.{name}) has type {present[topic]}, "
+                    f"expected {' or '.join(EXPECTED_TYPES[name])}", check="wrong_type", stream=topic)
         by_topic = {topic: name for name, topic in wanted.items()}
         connections = [c for c in reader.connections if c.topic in by_topic]
         for conn, log_time, raw in reader.messages(connections=connections):
             name = by_topic[conn.topic]
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
-            except AnyReaderError as exc:
-                raise VlaopsError(f"{where}: topic '{conn.topic}': undecodable message ({exc})") from exc
+            except Exception as exc:  # AnyReaderError, or a struct/index error on a truncated message
+                raise RecordingError(where, f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
+                                     check="undecodable", stream=conn.topic) from exc
             stream = streams[name]
             stream.stamps.append(_stamp(msg, log_time))
-            stream.values.append(_payload(name, msg, f"{where}: topic '{conn.topic}'", cfg))
+            stream.values.append(_payload(name, msg, where, conn.topic, cfg))
     finally:
         reader.close()
     return _assemble(path, streams, cfg, custom)
 
 
-def _payload(name: str, msg: Any, where: str, cfg: ReaderSettings) -> Any:
+def _payload(name: str, msg: Any, where: str, topic: str, cfg: ReaderSettings) -> Any:
     if name in ("rgb_static", "rgb_gripper"):
-        return decode_image(msg, where)
+        return decode_image(msg, where, topic)
     if name == "joint_states":
         positions = dict(zip(msg.name, np.asarray(msg.position, dtype=np.float64)))
         needed = [*cfg.arm_joint_names, *cfg.gripper_joint_names]
         missing = [j for j in needed if j not in positions]
         if missing:
-            raise VlaopsError(
-                f"{where}: joints {missing} missing (data.arm_joint_names / data.gripper_joint_names); "
-                f"message has {list(msg.name)}"
-            )
+            raise RecordingError(
+                where, f"topic '{topic}': joints {missing} missing (data.arm_joint_names / data.gripper_joint_names); "
+                f"message has {list(msg.name)}", check="missing_joints", stream=topic)
         return np.array([positions[j] for j in needed])
     if name == "tcp_pose":
         p, q = msg.pose.position, msg.pose.orientation
@@ -180,36 +208,57 @@ def _payload(name: str, msg: Any, where: str, cfg: ReaderSettings) -> Any:
     return str(msg.data)  # instruction, task
 
 
+def same_shapes(values: list[np.ndarray], where: str, stream: str, label: str) -> None:
+    """Every frame of one stream has one shape (a camera that changes resolution mid-episode cannot be
+    stacked into one (T, H, W, 3) array, and a policy trained on it would see two cameras)."""
+    shapes = [v.shape for v in values]
+    changed = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
+    if changed is not None:
+        image = len(shapes[0]) == 3
+        raise RecordingError(where, f"{label}: {'frame size' if image else 'array shape'} changes mid-episode, from "
+                             f"{shapes[0]} to {shapes[changed]} at message {changed}",
+                             check="frame_size" if image else "wrong_shape", stream=stream)
+
+
 def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, custom: dict[str, str]) -> Episode:
     where = str(path)
     for name in ("rgb_static", "joint_states", "tcp_pose", "action", "instruction"):
         if not streams[name].stamps:
-            raise VlaopsError(f"{where}: topic '{getattr(cfg.topics, name)}' (data.topics.{name}) has no messages")
-    ticks, actions = streams["action"].arrays()
-    action_abs = np.stack(actions) if actions else np.zeros((0, 7))
+            topic = getattr(cfg.topics, name)
+            raise RecordingError(where, f"topic '{topic}' (data.topics.{name}) has no messages", check="missing_stream",
+                                 stream=topic)
+    monotonic = cfg.checks.monotonic_stamps
+    for stream in streams.values():
+        if stream.values and not isinstance(stream.values[0], str):
+            same_shapes(stream.values, where, stream.topic, f"topic '{stream.topic}'")
+    ticks, actions = streams["action"].arrays(where, monotonic)
+    action_abs = np.stack(actions)
     if action_abs.ndim != 2 or action_abs.shape[1] != 7:
-        raise VlaopsError(f"{where}: topic '{cfg.topics.action}' holds arrays of shape {action_abs.shape[1:]}, expected (7,)")
+        raise RecordingError(where, f"topic '{cfg.topics.action}' holds arrays of shape {action_abs.shape[1:]}, expected (7,)",
+                             check="wrong_shape", stream=cfg.topics.action)
     if len(ticks) > 1:
-        rate = 1.0 / float(np.median(np.diff(ticks)))
+        rate = 1.0 / float(np.median(np.diff(ticks))) if np.median(np.diff(ticks)) > 0 else float("inf")
         if abs(rate - cfg.control_hz) > 0.2 * cfg.control_hz:
-            raise VlaopsError(
-                f"{where}: topic '{cfg.topics.action}' runs at {rate:.1f} Hz, data.control_hz is {cfg.control_hz}"
-            )
+            raise RecordingError(where, f"topic '{cfg.topics.action}' runs at {rate:.1f} Hz, data.control_hz is {cfg.control_hz}",
+                                 check="wrong_rate", stream=cfg.topics.action)
     obs_names = [n for n in ("rgb_static", "rgb_gripper", "joint_states", "tcp_pose", "scene_obs") if streams.get(n) and streams[n].stamps]
-    sorted_streams = {n: streams[n].arrays() for n in obs_names}
+    sorted_streams = {n: streams[n].arrays(where, monotonic) for n in obs_names}
     start = common_start({n: s[0][0] for n, s in sorted_streams.items()}, ticks)
     ticks, action_abs = ticks[start:], action_abs[start:]
     if len(ticks) < cfg.min_episode_len:
-        raise VlaopsError(
-            f"{where}: {len(ticks)} synchronised frames, data.min_episode_len is {cfg.min_episode_len}"
-        )
+        raise RecordingError(where, f"{len(ticks)} synchronised frames, data.min_episode_len is {cfg.min_episode_len}",
+                             check="too_short")
     held: dict[str, np.ndarray] = {}
     for name, (stamps, values) in sorted_streams.items():
+        topic = getattr(cfg.topics, name)
         try:
-            idx = hold_last(stamps, ticks, cfg.sync_tolerance_s, getattr(cfg.topics, name))
+            idx = hold_last(stamps, ticks, cfg.sync_tolerance_s, topic)
         except SyncError as exc:
-            raise VlaopsError(f"{where}: {exc}") from exc
+            raise RecordingError(where, str(exc), check="out_of_sync", stream=topic) from exc
         held[name] = np.stack([values[i] for i in idx])
+    if held.get("scene_obs") is not None and held["scene_obs"].shape[1:] != (SCENE_OBS_DIM,):
+        raise RecordingError(where, f"topic '{cfg.topics.scene_obs}' holds arrays of shape {held['scene_obs'].shape[1:]}, "
+                             f"expected ({SCENE_OBS_DIM},)", check="wrong_shape", stream=cfg.topics.scene_obs)
     n_arm = len(cfg.arm_joint_names)
     joints = held["joint_states"]  # (T, 7 + n_fingers)
     gripper_width = joints[:, n_arm:].sum(axis=1, keepdims=True)
@@ -220,9 +269,6 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     task_values = streams["task"].values if "task" in streams else []
     # the task name: a mapped task topic, else the bag's custom_data 'task', else the instruction
     task = task_values[0] if task_values else custom.get("task") or _slug(instruction)
-    for name in ("rgb_static", "rgb_gripper"):
-        if name in held and len({img.shape for img in held[name]}) > 1:
-            raise VlaopsError(f"{where}: topic '{getattr(cfg.topics, name)}' changes image size mid-episode")
     return Episode(
         episode_id=path.name,
         source=str(path),

@@ -23,6 +23,12 @@ class TopicSettings(Protocol):
     task: Optional[str]
 
 
+class CheckSettings(Protocol):
+    """The plausibility settings a reader applies while it reads (the rest run on the whole episode)."""
+
+    monotonic_stamps: bool
+
+
 class ReaderSettings(Protocol):
     """The ``data.*`` keys a reader reads (their meaning: ``vlaops.data.config.DataConfig``)."""
 
@@ -32,3 +38,4 @@ class ReaderSettings(Protocol):
     control_hz: float
     sync_tolerance_s: float
     min_episode_len: int
+    checks: CheckSettings
