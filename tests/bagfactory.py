@@ -72,16 +72,18 @@ def write_arm_bag(
     empty: bool = False,
     compressed: str | None = None,
     tweak: Callable[[str, int, float, Any], tuple[float, Any] | None] | None = None,
+    version: int = 9,
 ) -> Path:
     """Write one synthetic episode to the rosbag2 directory ``path``; returns ``path``.
 
     ``compressed`` ('png', 'jpeg' or 'broken') records the static camera as CompressedImage.
     ``tweak(key, frame, t, msg)`` breaks it: it returns the (stamp, message) to write instead, or None to
     drop the message; keys 'static', 'gripper', 'joints', 'tcp', 'scene', 'action', 'instruction'.
+    ``version``: the rosbag2 format (8 or 9, what ``rosbags`` writes).
     """
     rng = np.random.default_rng(seed)
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
-    with Writer(path, version=9, storage_plugin=plugin) as writer:
+    with Writer(path, version=version, storage_plugin=plugin) as writer:
         conns = {
             "static": ("/camera/static/image_raw", f"sensor_msgs/msg/{'Compressed' if compressed else ''}Image"),
             "gripper": ("/camera/gripper/image_raw", "sensor_msgs/msg/Image"),
@@ -187,3 +189,17 @@ def chain(*tweaks: Tweak) -> Tweak:
             t, msg = out
         return t, msg
     return tweak
+
+
+def strip_to_database(bag: Path, keep_definitions: bool = True) -> Path:
+    """What a crashed recorder leaves: the bag's .db3 without metadata.yaml; ``keep_definitions=False``
+    also empties the database's message_definitions table (a recorder older than Iron writes none)."""
+    import sqlite3
+
+    (bag / "metadata.yaml").unlink()
+    [db] = bag.glob("*.db3")
+    if not keep_definitions:
+        with sqlite3.connect(db) as con:
+            con.execute("DELETE FROM message_definitions")
+        con.close()
+    return db

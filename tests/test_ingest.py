@@ -242,3 +242,61 @@ def test_report_summary_counts_recordings_episodes_frames_and_reasons(tmp_path):
     summary = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)["summary"]
     assert summary == {"recordings": 3, "episodes": 1, "frames": 24, "hours": round(24 / 30 / 3600, 4),
                        "quarantined": {"non_finite": 1, "unknown_format": 1}}
+
+
+def _same_data(a, b) -> None:
+    for name in ("time", "rgb_static", "rgb_gripper", "robot_obs", "scene_obs", "action_abs"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert (a.instruction, a.task) == (b.instruction, b.task)
+
+
+def test_db3_without_metadata_is_read_from_its_own_topics_table(cfg, tmp_path):
+    """A crashed recorder leaves the .db3 without metadata.yaml: read it (directory or lone file), without
+    writing into the recording, with the configured typestore where the database has no definitions.
+    A lone .mcap file is read the same way."""
+    from bagfactory import strip_to_database
+
+    write_arm_bag(tmp_path / "ref" / "whole", seed=3)
+    write_arm_bag(tmp_path / "raw" / "crashed", seed=3)
+    write_arm_bag(tmp_path / "raw" / "nodefs", seed=3)
+    db = strip_to_database(write_arm_bag(tmp_path / "tmp" / "lone", seed=3))
+    db.rename(tmp_path / "raw" / "lone.db3")
+    mcap = write_arm_bag(tmp_path / "tmp" / "single", seed=3, storage="mcap")
+    next(mcap.glob("*.mcap")).rename(tmp_path / "raw" / "single.mcap")  # one mcap file, as some tools write
+    strip_to_database(tmp_path / "raw" / "crashed")
+    strip_to_database(tmp_path / "raw" / "nodefs", keep_definitions=False)
+    before = sorted(str(p) for p in (tmp_path / "raw").rglob("*"))
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
+    assert sorted(report["episodes"]) == ["crashed", "lone", "nodefs", "single"]
+    assert sorted(str(p) for p in (tmp_path / "raw").rglob("*")) == before  # nothing written beside the recording
+    ingest(tmp_path / "ref", tmp_path / "ref_episodes", cfg.data)
+    whole = read_episode(tmp_path / "ref_episodes" / "whole.h5")
+    for name in ("crashed", "lone", "nodefs", "single"):
+        _same_data(read_episode(tmp_path / "episodes" / f"{name}.h5"), whole)
+
+
+def test_db3_without_definitions_needs_the_right_typestore(tmp_path):
+    from bagfactory import strip_to_database
+
+    cfg = _quarantine_cfg(tmp_path, "data.typestore=empty")
+    write_arm_bag(tmp_path / "raw" / "good")
+    strip_to_database(write_arm_bag(tmp_path / "raw" / "nodefs"), keep_definitions=False)
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
+    assert list(report["episodes"]) == ["good"]  # its definitions are in the bag, the typestore is not needed
+    [entry] = report["quarantined"]
+    assert entry["recording"] == "nodefs" and entry["check"] == "unknown_type", entry
+    assert "the bag holds no definition of sensor_msgs/msg/Image and data.typestore 'empty' has none" in entry["reason"]
+
+
+def test_truncated_db3_without_metadata_is_quarantined_naming_the_recording(tmp_path):
+    from bagfactory import strip_to_database
+
+    cfg = _quarantine_cfg(tmp_path)
+    write_arm_bag(tmp_path / "raw" / "good")
+    db = strip_to_database(write_arm_bag(tmp_path / "raw" / "cut"))
+    db.write_bytes(db.read_bytes()[:3000])
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
+    assert list(report["episodes"]) == ["good"]
+    [entry] = report["quarantined"]
+    assert entry["recording"] == "cut" and entry["check"] == "unreadable", entry
+    assert entry["reason"].startswith("not a readable rosbag2 recording")

@@ -94,6 +94,9 @@ class DataConfig:
     sync_tolerance_s: float = 0.05  # the newest message of a stream may be at most this old at a tick
     min_episode_len: int = 16
     on_bad_input: str = "error"  # "error": stop at the first bad recording; "quarantine": report and skip it
+    # message definitions for bags that carry none (a .db3 without metadata.yaml, older rosbag2): a
+    # rosbags.typesys.Stores value (ros2_humble, ros2_jazzy, ros1_noetic, ...)
+    typestore: str = "ros2_humble"
     checks: CheckConfig = field(default_factory=CheckConfig)
     # convert
     val_fraction: float = 0.2
@@ -121,6 +124,10 @@ class DataConfig:
             raise ValueError("data.control_hz and data.sync_tolerance_s must be > 0")
         if self.cache_dir is not None and not self.cache_dir.strip():
             raise ValueError("data.cache_dir must be a directory or null (no cache), got an empty string")
+        from rosbags.typesys import Stores  # the names rosbags knows; imported here, where they are checked
+
+        if self.typestore not in {s.value for s in Stores}:
+            raise ValueError(f"data.typestore must be one of {sorted(s.value for s in Stores)}, got {self.typestore!r}")
         if self.checks.joint_min is not None and len(self.checks.joint_min) != len(self.arm_joint_names):
             raise ValueError(f"data.checks.joint_min/joint_max hold {len(self.checks.joint_min)} limits, "
                              f"data.arm_joint_names {len(self.arm_joint_names)} joints")

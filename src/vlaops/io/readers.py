@@ -28,7 +28,7 @@ class RecordingReader:
 
 
 READERS: tuple[RecordingReader, ...] = (
-    RecordingReader("rosbag2", "a rosbag2 directory (metadata.yaml + .db3 or .mcap)", is_rosbag2, rosbag2_episodes,
+    RecordingReader("rosbag2", "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), or a lone .db3 / .mcap file", is_rosbag2, rosbag2_episodes,
                     read_rosbag2),
 )
 

@@ -6,6 +6,8 @@ synchronised to the ticks of the action topic (the control rate) by a zero-order
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import re
@@ -16,8 +18,9 @@ from typing import Any
 import numpy as np
 import yaml
 from PIL import Image
-from rosbags.highlevel import AnyReader, AnyReaderError
+from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys.store import Typestore
 
 from vlaops.errors import RecordingError
 from vlaops.io.calvin_spec import SCENE_OBS_DIM
@@ -40,12 +43,50 @@ EXPECTED_TYPES: dict[str, tuple[str, ...]] = {
     "instruction": ("std_msgs/msg/String",),
     "task": ("std_msgs/msg/String",),
 }
-# Bags recorded without message definitions are read with the Humble definitions.
-_DEFAULT_TYPESTORE = get_typestore(Stores.ROS2_HUMBLE)
+
+
+@functools.cache
+def typestore(name: str) -> Typestore:
+    """The message definitions for bags recorded without them (data.typestore, e.g. 'ros2_humble')."""
+    return get_typestore(Stores(name))
+
+
+STORAGE_SUFFIXES = (".db3", ".mcap")
+
+
+def bag_paths(path: Path) -> list[Path] | None:
+    """What ``AnyReader`` opens for the recording at ``path``, or None when it is not a rosbag2 recording.
+
+    A directory with ``metadata.yaml`` is opened as a bag. Without it (the recorder writes it on close, so a
+    crashed recorder leaves only the database), or for a lone ``.db3`` / ``.mcap`` file, the storage files
+    are opened themselves: ``rosbags`` then reads topics, types and counts from the database's own
+    ``topics`` / ``messages`` tables (an mcap from its channels), and the message definitions from the
+    database where it has them (sqlite3 schema 4+, mcap), else from ``data.typestore``. A directory of split
+    files (``<name>_0.db3``, ``<name>_1.db3`` ...) is read as one recording."""
+    if path.is_file():
+        return [path] if path.suffix in STORAGE_SUFFIXES else None
+    if not path.is_dir():
+        return None
+    if (path / "metadata.yaml").is_file():
+        return [path]
+    files = [p for p in path.iterdir() if p.is_file() and p.suffix in STORAGE_SUFFIXES]
+    if not files or len({p.suffix for p in files}) > 1:
+        return None
+    return sorted(files, key=lambda p: (_split_index(p), p.name))  # _10 after _9, not after _1
+
+
+def _split_index(path: Path) -> int:
+    tail = path.stem.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def is_rosbag2(path: Path) -> bool:
-    return path.is_dir() and (path / "metadata.yaml").is_file()
+    return bag_paths(path) is not None
+
+
+def episode_id(path: Path) -> str:
+    """A bag directory's name, or a lone storage file's name without its suffix."""
+    return path.name if path.is_dir() else path.stem
 
 
 def source_sha256(path: Path) -> str:
@@ -137,8 +178,8 @@ def _slug(text: str) -> str:
 
 
 def rosbag2_episodes(path: Path, cfg: ReaderSettings) -> list[str]:
-    """A rosbag2 directory holds one episode: the directory's name is its id."""
-    return [path.name]
+    """A rosbag2 recording holds one episode."""
+    return [episode_id(path)]
 
 
 def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
@@ -147,15 +188,16 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
     Every problem with the data is a :class:`RecordingError` naming the bag, the topic and the check."""
     where = str(path)
     wanted = {name: topic for name in EXPECTED_TYPES if (topic := getattr(cfg.topics, name))}
-    try:
-        reader = AnyReader([path], default_typestore=_DEFAULT_TYPESTORE)
-        reader.open()
-    except Exception as exc:  # AnyReaderError, a malformed metadata.yaml, a truncated database: all unreadable
-        raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
-                             check="unreadable") from exc
     streams: dict[str, _Stream] = {name: _Stream(topic) for name, topic in wanted.items()}
     custom = _custom_data(path)
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            reader = AnyReader(bag_paths(path) or [path], default_typestore=typestore(cfg.typestore))
+            reader.open()
+        except Exception as exc:  # AnyReaderError, a malformed metadata.yaml, a truncated database: all unreadable
+            raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
+                                 check="unreadable") from exc
+        stack.callback(reader.close)
         if reader.message_count == 0:
             raise RecordingError(where, "the bag has no messages", check="empty")
         present = {c.topic: c.msgtype for c in reader.connections}
@@ -171,6 +213,10 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
                 raise RecordingError(
                     where, f"topic '{topic}' (data.topics.{name}) has type {present[topic]}, "
                     f"expected {' or '.join(EXPECTED_TYPES[name])}", check="wrong_type", stream=topic)
+            if present[topic] not in reader.typestore.types:
+                raise RecordingError(
+                    where, f"topic '{topic}' (data.topics.{name}): the bag holds no definition of {present[topic]} "
+                    f"and data.typestore '{cfg.typestore}' has none either", check="unknown_type", stream=topic)
         by_topic = {topic: name for name, topic in wanted.items()}
         connections = [c for c in reader.connections if c.topic in by_topic]
         for conn, log_time, raw in reader.messages(connections=connections):
@@ -183,8 +229,6 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
             stream = streams[name]
             stream.stamps.append(_stamp(msg, log_time))
             stream.values.append(_payload(name, msg, where, conn.topic, cfg))
-    finally:
-        reader.close()
     return _assemble(path, streams, cfg, custom)
 
 
@@ -270,7 +314,7 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     # the task name: a mapped task topic, else the bag's custom_data 'task', else the instruction
     task = task_values[0] if task_values else custom.get("task") or _slug(instruction)
     return Episode(
-        episode_id=path.name,
+        episode_id=episode_id(path),
         source=str(path),
         source_sha256=source_sha256(path),
         source_format=SOURCE_FORMAT,

@@ -38,4 +38,5 @@ class ReaderSettings(Protocol):
     control_hz: float
     sync_tolerance_s: float
     min_episode_len: int
+    typestore: str
     checks: CheckSettings
