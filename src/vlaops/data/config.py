@@ -64,6 +64,65 @@ class CheckConfig:
             raise ValueError(f"data.checks.joint_margin_rad must be >= 0, got {self.joint_margin_rad}")
 
 
+ACTION_EXPRESSIONS = ("absolute_pose", "relative_pose", "absolute_joint")
+
+
+@dataclass
+class Hdf5StreamMap:
+    """Which dataset of a robot HDF5 layout holds which of vlaops' streams (``io/hdf5.py``).
+
+    Keys are relative to one episode: the file's root for ALOHA/ACT, ``data/<demo>`` for robomimic. An
+    image key holds (T, H, W, 3) uint8, or (T, N) uint8 JPEG bytes when a ``compress_len`` dataset sits
+    beside the images (ALOHA's compressed variant). The canonical episode needs the TCP pose and a
+    TCP-pose action; how the file expresses its action says how it is converted:
+    ``absolute_pose`` (target xyz + euler xyz, or + quaternion xyzw), ``relative_pose`` (a controller's
+    delta: xyz and axis-angle in [-1, 1], scaled by relative_pos_scale / relative_rot_scale, or by the
+    controller's output_max in robomimic's ``env_args``), ``absolute_joint`` (joint targets: converting
+    them needs the robot's kinematics, which vlaops does not have, so such a file is refused with that
+    reason rather than given invented poses)."""
+
+    rgb_static: str = "observations/images/top"
+    rgb_gripper: Optional[str] = None  # e.g. observations/images/cam_left_wrist; null: none
+    joints: str = "observations/qpos"
+    joint_columns: Optional[list[int]] = None  # the arm's joints among the key's columns (7); null: all columns
+    gripper: Optional[str] = None  # finger positions; width = sum of |columns|; null: the width is not recorded (0)
+    gripper_columns: Optional[list[int]] = None
+    tcp_pos: Optional[str] = None  # (T, 3) TCP position, m; null: not recorded (an absolute_joint action needs it anyway)
+    tcp_rot: Optional[str] = None  # (T, 4) quaternion xyzw or (T, 3) euler xyz, rad
+    action: str = "action"
+    action_expression: str = "absolute_joint"
+    action_columns: Optional[list[int]] = None  # pose (6 or 7) + gripper (1) among the key's columns; null: all
+    gripper_open_sign: float = 1.0  # the sign of an "open" gripper action in the file (robosuite: -1)
+    relative_pos_scale: float = 0.05  # m per unit of a relative action (robosuite OSC_POSE output_max)
+    relative_rot_scale: float = 0.5  # rad per unit
+    instruction: Optional[str] = None  # used when the file has no 'instruction' attr; null: required in the file
+
+    def __post_init__(self) -> None:
+        if self.action_expression not in ACTION_EXPRESSIONS:
+            raise ValueError(f"action_expression must be one of {ACTION_EXPRESSIONS}, got {self.action_expression!r}")
+        if self.gripper_open_sign not in (1.0, -1.0):
+            raise ValueError(f"gripper_open_sign must be 1 or -1, got {self.gripper_open_sign}")
+
+
+def _robomimic_map() -> Hdf5StreamMap:
+    """robomimic's Panda datasets (robosuite: OSC_POSE delta actions, gripper -1 open)."""
+    return Hdf5StreamMap(
+        rgb_static="obs/agentview_image", rgb_gripper="obs/robot0_eye_in_hand_image",
+        joints="obs/robot0_joint_pos", gripper="obs/robot0_gripper_qpos",
+        tcp_pos="obs/robot0_eef_pos", tcp_rot="obs/robot0_eef_quat",
+        action="actions", action_expression="relative_pose", gripper_open_sign=-1.0,
+    )
+
+
+@dataclass
+class Hdf5Config:
+    """The HDF5 layouts ingest reads, each chosen per file by its content (not its extension):
+    canonical (DESIGN.md, read as it is), ALOHA/ACT and robomimic (mapped by these keys)."""
+
+    aloha: Hdf5StreamMap = field(default_factory=Hdf5StreamMap)
+    robomimic: Hdf5StreamMap = field(default_factory=_robomimic_map)
+
+
 @dataclass
 class AugmentConfig:
     """RoboVLMs' training augmentation: random shift and colour jitter."""
@@ -98,6 +157,7 @@ class DataConfig:
     # rosbags.typesys.Stores value (ros2_humble, ros2_jazzy, ros1_noetic, ...)
     typestore: str = "ros2_humble"
     checks: CheckConfig = field(default_factory=CheckConfig)
+    hdf5: Hdf5Config = field(default_factory=Hdf5Config)
     # convert
     val_fraction: float = 0.2
     split_seed: int = 0

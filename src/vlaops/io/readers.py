@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlaops.io.episode import Episode
+from vlaops.io.hdf5 import hdf5_episodes, is_hdf5, read_hdf5
 from vlaops.io.rosbag2 import is_rosbag2, read_rosbag2, rosbag2_episodes
 from vlaops.io.settings import ReaderSettings
 
@@ -30,6 +31,8 @@ class RecordingReader:
 READERS: tuple[RecordingReader, ...] = (
     RecordingReader("rosbag2", "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), or a lone .db3 / .mcap file", is_rosbag2, rosbag2_episodes,
                     read_rosbag2),
+    RecordingReader("hdf5", "an HDF5 file (canonical, ALOHA/ACT or robomimic layout, told by its content)", is_hdf5,
+                    hdf5_episodes, read_hdf5),
 )
 
 

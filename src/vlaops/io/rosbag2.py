@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-from PIL import Image
 from rosbags.highlevel import AnyReader
 from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
@@ -26,6 +24,7 @@ from vlaops.errors import RecordingError
 from vlaops.io.calvin_spec import SCENE_OBS_DIM
 from vlaops.io.episode import Episode
 from vlaops.io.geometry import quat_to_euler
+from vlaops.io.images import decode_compressed, same_shapes
 from vlaops.io.settings import ReaderSettings
 from vlaops.io.sync import SyncError, common_start, hold_last
 
@@ -130,12 +129,6 @@ def _stamp(msg: Any, log_time_ns: int) -> float:
     if header is not None and (header.stamp.sec or header.stamp.nanosec):
         return header.stamp.sec + header.stamp.nanosec * 1e-9
     return log_time_ns * 1e-9
-
-
-def decode_compressed(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> (H, W, 3) uint8; raises OSError or ValueError on bytes no decoder reads."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(msg: Any, where: str, topic: str) -> np.ndarray:
@@ -250,18 +243,6 @@ def _payload(name: str, msg: Any, where: str, topic: str, cfg: ReaderSettings) -
     if name in ("scene_obs", "action"):
         return np.asarray(msg.data, dtype=np.float64)
     return str(msg.data)  # instruction, task
-
-
-def same_shapes(values: list[np.ndarray], where: str, stream: str, label: str) -> None:
-    """Every frame of one stream has one shape (a camera that changes resolution mid-episode cannot be
-    stacked into one (T, H, W, 3) array, and a policy trained on it would see two cameras)."""
-    shapes = [v.shape for v in values]
-    changed = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
-    if changed is not None:
-        image = len(shapes[0]) == 3
-        raise RecordingError(where, f"{label}: {'frame size' if image else 'array shape'} changes mid-episode, from "
-                             f"{shapes[0]} to {shapes[changed]} at message {changed}",
-                             check="frame_size" if image else "wrong_shape", stream=stream)
 
 
 def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, custom: dict[str, str]) -> Episode:

@@ -7,7 +7,7 @@ here instead of importing ``DataConfig``; ``vlaops.data.config.DataConfig`` sati
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 
 class TopicSettings(Protocol):
@@ -29,6 +29,13 @@ class CheckSettings(Protocol):
     monotonic_stamps: bool
 
 
+class Hdf5Settings(Protocol):
+    """One key map per mapped HDF5 layout (``vlaops.io.hdf5.StreamMap`` each)."""
+
+    aloha: Any
+    robomimic: Any
+
+
 class ReaderSettings(Protocol):
     """The ``data.*`` keys a reader reads (their meaning: ``vlaops.data.config.DataConfig``)."""
 
@@ -40,3 +47,4 @@ class ReaderSettings(Protocol):
     min_episode_len: int
     typestore: str
     checks: CheckSettings
+    hdf5: Hdf5Settings
