@@ -142,10 +142,31 @@ def resize_camera(from_frame: int, size: int) -> Tweak:
     return tweak
 
 
+def set_array(topic_key: str, frame: int, values) -> Tweak:
+    """The Float64MultiArray of ``topic_key`` ('action' or 'scene') at ``frame`` holds ``values``."""
+    def tweak(key, k, t, msg):
+        return (t, _array(values)) if key == topic_key and k == frame else (t, msg)
+    return tweak
+
+
 def set_action(frame: int, values) -> Tweak:
     """The command at ``frame`` holds ``values`` (7, or another length to break the shape)."""
+    return set_array("action", frame, values)
+
+
+def rename_joints(names: list[str]) -> Tweak:
+    """Joint states name their joints ``names`` (a rig whose joints are not data.arm_joint_names)."""
     def tweak(key, k, t, msg):
-        return (t, _array(values)) if key == "action" and k == frame else (t, msg)
+        if key == "joints":
+            msg = T["sensor_msgs/msg/JointState"](header=msg.header, name=names, position=msg.position,
+                                                  velocity=msg.velocity, effort=msg.effort)
+        return t, msg
+    return tweak
+
+
+def set_instruction(text: str) -> Tweak:
+    def tweak(key, k, t, msg):
+        return (t, T["std_msgs/msg/String"](data=text)) if key == "instruction" else (t, msg)
     return tweak
 
 

@@ -100,7 +100,7 @@ def test_one_bad_demo_is_quarantined_alone(tmp_path):
     report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
     assert list(report["episodes"]) == ["lift_demo_0", "lift_demo_3"]
     got = [(q["recording"], q["episode"], q["check"], q["stream"]) for q in report["quarantined"]]
-    assert got == [("lift.hdf5", "lift_demo_1", "non_finite", "action/abs"),
+    assert got == [("lift.hdf5", "demo_1", "non_finite", "action/abs"),
                    ("lift.hdf5", "demo_2", "missing_stream", "obs/agentview_image")]
 
 
@@ -140,7 +140,8 @@ def test_duplicate_episode_ids_are_quarantined(tmp_path, cfg, raw_dir):
     report = ingest(raw2, tmp_path / "second", _cfg(tmp_path))
     assert list(report["episodes"]) == ["ep0"]
     [entry] = report["quarantined"]
-    assert (entry["recording"], entry["episode"], entry["check"]) == ("b.h5", "ep0", "duplicate_episode_id")
+    assert (entry["recording"], entry["episode"], entry["check"]) == ("b.h5", "b", "duplicate_episode_id")
+    assert entry["reason"] == "episode id 'ep0' is already taken by another recording"
 
 
 def test_unknown_hdf5_layout_is_named(cfg, tmp_path):

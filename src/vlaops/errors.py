@@ -19,5 +19,6 @@ class RecordingError(VlaopsError):
 
     def __init__(self, recording: str, reason: str, *, check: str, stream: str | None = None,
                  episode: str | None = None) -> None:
+        reason = " ".join(reason.split())  # one line, even when a library's message spans several (YAML errors)
         super().__init__(f"{recording}: {reason}")
         self.recording, self.reason, self.check, self.stream, self.episode = recording, reason, check, stream, episode

@@ -62,7 +62,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
 
     The report (``ingest_report.json``) is a function of the recordings and the settings only (no
     timings), so re-ingesting the same data gives the same bytes: ``episodes`` {id: facts},
-    ``quarantined`` [{recording, episode, stream, check, reason}] in recording order, ``summary``.
+    ``quarantined`` [{recording, episode, stream, check, reason}] in recording order (``episode`` as the
+    recording lists it: a bag's name, a robomimic demo key; None when the whole file failed), ``summary``.
     """
     if not raw_dir.is_dir():
         raise VlaopsError(f"{raw_dir}: raw data directory not found (data.raw_dir); run collect or point data.raw_dir at your recordings")
@@ -76,7 +77,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
         if cfg.on_bad_input == "error":
             raise exc
         log.warning("quarantined %s", exc)
-        report["quarantined"].append({"recording": entry.name, "episode": exc.episode or key, "stream": exc.stream,
+        # episode: as the recording lists it (a bag's name, a robomimic demo key), None when the whole file failed
+        report["quarantined"].append({"recording": entry.name, "episode": key, "stream": exc.stream,
                                       "check": exc.check, "reason": exc.reason})
 
     with atomic_dir(out_dir) as tmp:
