@@ -152,3 +152,13 @@ def test_unknown_hdf5_layout_is_named(cfg, tmp_path):
         f.create_dataset("foo", data=np.zeros(3))
     with pytest.raises(VlaopsError, match=r"other.h5: an HDF5 file in no layout vlaops reads \(top-level keys \['foo'\]\)"):
         ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
+
+
+def test_hdf5_map_is_validated_at_once(tmp_path):
+    from conftest import tiny_config
+
+    with pytest.raises(VlaopsError, match=r"data.hdf5.aloha.action_expression must be one of \('absolute_pose', "
+                       r"'relative_pose', 'absolute_joint'\), got 'joint'"):
+        tiny_config(tmp_path, "data.hdf5.aloha.action_expression=joint")
+    with pytest.raises(VlaopsError, match=r"data.hdf5.robomimic.gripper_open_sign must be 1 or -1, got 0.5"):
+        tiny_config(tmp_path, "data.hdf5.robomimic.gripper_open_sign=0.5")

@@ -97,11 +97,14 @@ class Hdf5StreamMap:
     relative_rot_scale: float = 0.5  # rad per unit
     instruction: Optional[str] = None  # used when the file has no 'instruction' attr; null: required in the file
 
-    def __post_init__(self) -> None:
+    def check(self, prefix: str) -> None:
+        """Raise ValueError naming ``prefix.<field>`` (Hdf5Config knows which layout this map is)."""
         if self.action_expression not in ACTION_EXPRESSIONS:
-            raise ValueError(f"action_expression must be one of {ACTION_EXPRESSIONS}, got {self.action_expression!r}")
+            raise ValueError(f"{prefix}.action_expression must be one of {ACTION_EXPRESSIONS}, got {self.action_expression!r}")
         if self.gripper_open_sign not in (1.0, -1.0):
-            raise ValueError(f"gripper_open_sign must be 1 or -1, got {self.gripper_open_sign}")
+            raise ValueError(f"{prefix}.gripper_open_sign must be 1 or -1, got {self.gripper_open_sign}")
+        if not (self.relative_pos_scale > 0 and self.relative_rot_scale > 0):
+            raise ValueError(f"{prefix}.relative_pos_scale and relative_rot_scale must be > 0")
 
 
 def _robomimic_map() -> Hdf5StreamMap:
@@ -121,6 +124,10 @@ class Hdf5Config:
 
     aloha: Hdf5StreamMap = field(default_factory=Hdf5StreamMap)
     robomimic: Hdf5StreamMap = field(default_factory=_robomimic_map)
+
+    def __post_init__(self) -> None:
+        self.aloha.check("data.hdf5.aloha")
+        self.robomimic.check("data.hdf5.robomimic")
 
 
 @dataclass
