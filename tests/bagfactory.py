@@ -224,3 +224,16 @@ def strip_to_database(bag: Path, keep_definitions: bool = True) -> Path:
             con.execute("DELETE FROM message_definitions")
         con.close()
     return db
+
+
+def write_ros1_bag(path: Path, **kwargs) -> Path:
+    """The episode of :func:`write_arm_bag` (same knobs) as a ROS1 ``.bag`` file at ``path``, converted with
+    ``rosbags.convert`` (what ``rosbags-convert`` does): ROS1 messages, ROS1 definitions in the bag."""
+    import tempfile
+
+    from rosbags.convert import convert
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_arm_bag(Path(tmp) / "ros2", **kwargs)
+        convert([src], path, "sqlite3", 9, None, "file", TS, get_typestore(Stores.ROS1_NOETIC), [], [], [], [])
+    return path

@@ -300,3 +300,40 @@ def test_truncated_db3_without_metadata_is_quarantined_naming_the_recording(tmp_
     [entry] = report["quarantined"]
     assert entry["recording"] == "cut" and entry["check"] == "unreadable", entry
     assert entry["reason"].startswith("not a readable rosbag2 recording")
+
+
+def test_ros1_bag_is_read_like_its_ros2_twin(cfg, tmp_path):
+    """A ROS1 .bag (written by rosbags' converter from the same episode) gives the same episode data."""
+    from bagfactory import write_ros1_bag
+
+    write_arm_bag(tmp_path / "ref" / "twin", seed=4, compressed="png")
+    (tmp_path / "raw").mkdir()
+    write_ros1_bag(tmp_path / "raw" / "twin.bag", seed=4, compressed="png")
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
+    assert list(report["episodes"]) == ["twin"]
+    ingest(tmp_path / "ref", tmp_path / "ref_episodes", cfg.data)
+    ros1 = read_episode(tmp_path / "episodes" / "twin.h5")
+    assert ros1.source_format == "rosbag1"
+    _same_data(ros1, read_episode(tmp_path / "ref_episodes" / "twin.h5"))
+
+
+def test_split_db3_files_without_metadata_are_one_recording(cfg, tmp_path):
+    """A recorder that splits by size and then crashes leaves <name>_0.db3, <name>_1.db3 ... and no
+    metadata.yaml: they are read together, in split order, as one episode."""
+    from bagfactory import strip_to_database
+
+    def first(key, k, t, msg):
+        return (t, msg) if k < 12 else None
+
+    def second(key, k, t, msg):
+        return (t, msg) if k >= 12 and key != "instruction" else None
+
+    write_arm_bag(tmp_path / "ref" / "rec", seed=5)
+    (tmp_path / "raw" / "rec").mkdir(parents=True)
+    for i, part in enumerate((first, second)):
+        db = strip_to_database(write_arm_bag(tmp_path / "parts" / f"p{i}", seed=5, tweak=part))
+        db.rename(tmp_path / "raw" / "rec" / f"rec_{i}.db3")
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
+    assert list(report["episodes"]) == ["rec"] and report["episodes"]["rec"]["frames"] == 24
+    ingest(tmp_path / "ref", tmp_path / "ref_episodes", cfg.data)
+    _same_data(read_episode(tmp_path / "episodes" / "rec.h5"), read_episode(tmp_path / "ref_episodes" / "rec.h5"))

@@ -1,4 +1,4 @@
-"""Read a ROS2 bag (rosbag2, sqlite3 or mcap) into a canonical :class:`Episode` with ``rosbags``.
+"""Read a ROS2 bag (rosbag2, sqlite3 or mcap) or a ROS1 bag into a canonical :class:`Episode` with ``rosbags``.
 
 No ROS install is needed. Which topic is which stream comes from ``data.topics``; every stream is
 synchronised to the ticks of the action topic (the control rate) by a zero-order hold.
@@ -29,6 +29,7 @@ from vlaops.io.settings import ReaderSettings
 from vlaops.io.sync import SyncError, common_start, hold_last
 
 SOURCE_FORMAT = "rosbag2"
+ROS1_SOURCE_FORMAT = "rosbag1"
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 ARRAY_TYPES = ("std_msgs/msg/Float64MultiArray", "std_msgs/msg/Float32MultiArray")
@@ -51,6 +52,7 @@ def typestore(name: str) -> Typestore:
 
 
 STORAGE_SUFFIXES = (".db3", ".mcap")
+ROS1_SUFFIX = ".bag"  # ROS1 bags carry their message definitions; rosbags reads them without ROS
 
 
 def bag_paths(path: Path) -> list[Path] | None:
@@ -61,9 +63,10 @@ def bag_paths(path: Path) -> list[Path] | None:
     are opened themselves: ``rosbags`` then reads topics, types and counts from the database's own
     ``topics`` / ``messages`` tables (an mcap from its channels), and the message definitions from the
     database where it has them (sqlite3 schema 4+, mcap), else from ``data.typestore``. A directory of split
-    files (``<name>_0.db3``, ``<name>_1.db3`` ...) is read as one recording."""
-    if path.is_file():
-        return [path] if path.suffix in STORAGE_SUFFIXES else None
+    files (``<name>_0.db3``, ``<name>_1.db3`` ...) is read as one recording. A ROS1 ``.bag`` file is read
+    the same way (its types are normalised to the ROS2 names, so ``data.topics`` and the streams are the same)."""
+    if path.is_file():  # a lone rosbag2 storage file, or a ROS1 .bag (AnyReader reads both)
+        return [path] if path.suffix in (*STORAGE_SUFFIXES, ROS1_SUFFIX) else None
     if not path.is_dir():
         return None
     if (path / "metadata.yaml").is_file():
@@ -176,7 +179,7 @@ def rosbag2_episodes(path: Path, cfg: ReaderSettings) -> list[str]:
 
 
 def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
-    """Read one rosbag2 directory into an arm :class:`Episode` synchronised to the action ticks.
+    """Read one rosbag2 recording (or ROS1 bag) into an arm :class:`Episode` synchronised to the action ticks.
 
     Every problem with the data is a :class:`RecordingError` naming the bag, the topic and the check."""
     where = str(path)
@@ -298,7 +301,7 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
         episode_id=episode_id(path),
         source=str(path),
         source_sha256=source_sha256(path),
-        source_format=SOURCE_FORMAT,
+        source_format=ROS1_SOURCE_FORMAT if path.suffix == ROS1_SUFFIX else SOURCE_FORMAT,
         embodiment="arm",
         instruction=instruction,
         task=task,
