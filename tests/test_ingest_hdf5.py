@@ -162,3 +162,20 @@ def test_hdf5_map_is_validated_at_once(tmp_path):
         tiny_config(tmp_path, "data.hdf5.aloha.action_expression=joint")
     with pytest.raises(VlaopsError, match=r"data.hdf5.robomimic.gripper_open_sign must be 1 or -1, got 0.5"):
         tiny_config(tmp_path, "data.hdf5.robomimic.gripper_open_sign=0.5")
+
+
+def test_episode_id_that_is_not_a_file_name_is_refused(tmp_path, cfg, raw_dir):
+    """A canonical file's episode_id attr names the output file: '../x' must not write outside data/episodes."""
+    import h5py
+
+    ingest(raw_dir, tmp_path / "first", cfg.data)
+    raw2 = tmp_path / "raw2"
+    raw2.mkdir()
+    (raw2 / "evil.h5").write_bytes((tmp_path / "first" / "ep0.h5").read_bytes())
+    (raw2 / "good.h5").write_bytes((tmp_path / "first" / "ep1.h5").read_bytes())
+    with h5py.File(raw2 / "evil.h5", "r+") as f:
+        f.attrs["episode_id"] = "../escaped"
+    report = ingest(raw2, tmp_path / "out" / "episodes", _cfg(tmp_path))
+    assert list(report["episodes"]) == ["ep1"] and not (tmp_path / "out" / "escaped.h5").exists()
+    [entry] = report["quarantined"]
+    assert (entry["recording"], entry["check"]) == ("evil.h5", "bad_episode_id")

@@ -9,6 +9,7 @@ episodes around it are written exactly as without it.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
 REPORT_FILE = "ingest_report.json"
+SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 R = TypeVar("R")
 
 
@@ -72,6 +74,7 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
         raise VlaopsError(f"{raw_dir}: raw data directory is empty; expected recordings ({expected_formats()})")
     started = time.perf_counter()
     report: dict[str, Any] = {"raw_dir": str(raw_dir), "episodes": {}, "quarantined": []}
+    seconds = 0.0  # of data kept, each episode at its own control rate
 
     def quarantine(entry: Path, exc: RecordingError, key: str | None) -> None:
         if cfg.on_bad_input == "error":
@@ -99,6 +102,10 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
                 try:
                     episode = _guarded(where_ep, key, lambda: _read_checked(
                         where_ep, cfg, lambda: reader.read(entry, key, cfg)))
+                    if not SAFE_ID.fullmatch(episode.episode_id):  # it names a file in out_dir
+                        raise RecordingError(where_ep, f"episode id {episode.episode_id!r} is not a plain file name "
+                                             "(letters, digits, '.', '_', '-'; not starting with '.')",
+                                             check="bad_episode_id", episode=episode.episode_id)
                     if episode.episode_id in report["episodes"]:
                         raise RecordingError(where_ep, f"episode id '{episode.episode_id}' is already taken by another "
                                              "recording", check="duplicate_episode_id", episode=episode.episode_id)
@@ -106,6 +113,7 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
                     quarantine(entry, exc, key)
                     continue
                 write_episode(tmp / f"{episode.episode_id}.h5", episode)
+                seconds += len(episode) / episode.control_hz
                 report["episodes"][episode.episode_id] = {
                     "source_format": episode.source_format,
                     "frames": len(episode),
@@ -116,7 +124,7 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
         if not report["episodes"]:
             reasons = "; ".join(f"{q['recording']}: {q['reason']}" for q in report["quarantined"])
             raise VlaopsError(f"{raw_dir}: no recording could be ingested; reasons: {reasons}")
-        report["summary"] = summarize(len(entries), report, cfg.control_hz)
+        report["summary"] = summarize(len(entries), report, seconds)
         # No wall time in the report: its bytes are a function of the recordings and the settings, so a
         # forced re-ingest of the same data gives DVC the same hash. Timings go to the log.
         write_json(tmp / REPORT_FILE, report)
@@ -124,14 +132,13 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
     return report
 
 
-def summarize(recordings: int, report: dict[str, Any], control_hz: float) -> dict[str, Any]:
+def summarize(recordings: int, report: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Recordings in, episodes out, quarantined by check, frames and hours of data."""
-    frames = sum(e["frames"] for e in report["episodes"].values())
     return {
         "recordings": recordings,
         "episodes": len(report["episodes"]),
-        "frames": frames,
-        "hours": round(frames / control_hz / 3600.0, 4),
+        "frames": sum(e["frames"] for e in report["episodes"].values()),
+        "hours": round(seconds / 3600.0, 4),
         "quarantined": dict(sorted(Counter(q["check"] for q in report["quarantined"]).items())),
     }
 
