@@ -214,3 +214,15 @@ def test_error_mode_is_one_line_per_broken_recording(corpus, tmp_path, name):
     assert "\n" not in line and line.startswith(f"{raw / name}: "), line
     assert re.search(BROKEN[name][3].lstrip("^"), line), line
     assert not (tmp_path / "episodes").exists()
+
+
+def test_workers_do_not_change_a_byte(corpus, tmp_path):
+    """Two worker processes give the same episodes, report and quarantine order as one."""
+    one = ingest(corpus["raw"], tmp_path / "one", _config(tmp_path, "data.num_workers=1"))
+    two = ingest(corpus["raw"], tmp_path / "two", _config(tmp_path, "data.num_workers=2"))
+    assert one == two and len(one["quarantined"]) == len(BROKEN) + len(MIXED_EXPECTED)
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert not [f for f in files if f.startswith(".")]  # no part file left
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

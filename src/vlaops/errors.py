@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class VlaopsError(Exception):
     """A problem with the user's input, config or data; the CLI prints it as one line and exits 1."""
@@ -20,5 +22,14 @@ class RecordingError(VlaopsError):
     def __init__(self, recording: str, reason: str, *, check: str, stream: str | None = None,
                  episode: str | None = None) -> None:
         reason = " ".join(reason.split())  # one line, even when a library's message spans several (YAML errors)
+        # and the same line in every run: a library's repr of an object names its address (PIL did)
+        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
         super().__init__(f"{recording}: {reason}")
         self.recording, self.reason, self.check, self.stream, self.episode = recording, reason, check, stream, episode
+
+    def __reduce__(self):  # picklable, so a worker process can hand it back (kw-only args defeat the default)
+        return _recording_error, (self.recording, self.reason, self.check, self.stream, self.episode)
+
+
+def _recording_error(recording: str, reason: str, check: str, stream: str | None, episode: str | None) -> RecordingError:
+    return RecordingError(recording, reason, check=check, stream=stream, episode=episode)

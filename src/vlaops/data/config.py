@@ -163,6 +163,7 @@ class DataConfig:
     # message definitions for bags that carry none (a .db3 without metadata.yaml, older rosbag2): a
     # rosbags.typesys.Stores value (ros2_humble, ros2_jazzy, ros1_noetic, ...)
     typestore: str = "ros2_humble"
+    num_workers: int = 0  # processes reading recordings (0: one per core); the output does not depend on it
     checks: CheckConfig = field(default_factory=CheckConfig)
     hdf5: Hdf5Config = field(default_factory=Hdf5Config)
     # convert
@@ -187,6 +188,8 @@ class DataConfig:
             raise ValueError(f"data.on_bad_input must be 'error' or 'quarantine', got {self.on_bad_input!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0: one per core), got {self.num_workers}")
         if self.control_hz <= 0 or self.sync_tolerance_s <= 0:
             raise ValueError("data.control_hz and data.sync_tolerance_s must be > 0")
         if self.cache_dir is not None and not self.cache_dir.strip():

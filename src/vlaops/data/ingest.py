@@ -13,10 +13,9 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-
-from tqdm import tqdm
 
 from vlaops.data.config import DataConfig
 from vlaops.data.plausibility import check_episode
@@ -24,6 +23,7 @@ from vlaops.errors import RecordingError, VlaopsError
 from vlaops.io.episode import Episode, write_episode
 from vlaops.io.readers import expected_formats, find_reader
 from vlaops.utils.atomic import atomic_dir, write_json
+from vlaops.utils.executor import map_ordered, resolve_workers
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -59,13 +59,70 @@ def _read_checked(where: str, cfg: DataConfig, read: Callable[[], Episode]) -> E
     return episode
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What reading one episode of a recording gave: a part file written in the output's temporary
+    directory (``part``, with the report facts), or the RecordingError that quarantines it."""
+
+    key: str | None  # the episode as the recording lists it; None when the whole recording failed
+    episode_id: str | None = None
+    part: str | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: RecordingError | None = None
+
+
+def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
+    """Read, check and write every episode of one recording (in a worker process or in this one).
+
+    Episodes are written as ``.part-<index>-<n>.h5``: the parent names them by episode id in recording
+    order, so duplicates are resolved, and the output is the same whatever the number of workers.
+    With ``data.on_bad_input=error`` the first bad episode raises (the executor re-raises the first failure
+    in recording order)."""
+    index, entry, cfg, tmp = item
+    where = str(entry)
+    reader = find_reader(entry)
+    try:
+        if reader is None:
+            raise RecordingError(where, f"not a recording vlaops can read; expected {expected_formats()}",
+                                 check="unknown_format")
+        keys = _guarded(where, None, lambda: reader.episodes(entry, cfg))
+    except RecordingError as exc:
+        if cfg.on_bad_input == "error":
+            raise
+        return [_Outcome(None, error=exc)]
+    outcomes = []
+    for n, key in enumerate(keys):
+        # a file of several episodes (robomimic) names the one at fault
+        where_ep = where if len(keys) == 1 else f"{entry} episode '{key}'"
+        try:
+            episode = _guarded(where_ep, key, lambda: _read_checked(where_ep, cfg, lambda: reader.read(entry, key, cfg)))
+            if not SAFE_ID.fullmatch(episode.episode_id):  # it names a file in out_dir
+                raise RecordingError(where_ep, f"episode id {episode.episode_id!r} is not a plain file name "
+                                     "(letters, digits, '.', '_', '-'; not starting with '.')",
+                                     check="bad_episode_id", episode=episode.episode_id)
+        except RecordingError as exc:
+            if cfg.on_bad_input == "error":
+                raise
+            outcomes.append(_Outcome(key, error=exc))
+            continue
+        part = f".part-{index:06d}-{n:06d}.h5"
+        write_episode(tmp / part, episode)
+        facts = {"source_format": episode.source_format, "frames": len(episode), "instruction": episode.instruction,
+                 "task": episode.task, "source_sha256": episode.source_sha256}
+        outcomes.append(_Outcome(key, episode.episode_id, part, facts, len(episode) / episode.control_hz))
+    return outcomes
+
+
 def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
     """Read every recording in ``raw_dir`` and write ``out_dir/<episode_id>.h5`` plus a report.
 
-    The report (``ingest_report.json``) is a function of the recordings and the settings only (no
-    timings), so re-ingesting the same data gives the same bytes: ``episodes`` {id: facts},
-    ``quarantined`` [{recording, episode, stream, check, reason}] in recording order (``episode`` as the
-    recording lists it: a bag's name, a robomimic demo key; None when the whole file failed), ``summary``.
+    Recordings are read by ``data.num_workers`` processes (0: one per core) through the executor seam and
+    merged in recording order, so the output does not depend on the number of workers. The report
+    (``ingest_report.json``) is a function of the recordings and the settings only (no timings), so
+    re-ingesting the same data gives the same bytes: ``episodes`` {id: facts}, ``quarantined``
+    [{recording, episode, stream, check, reason}] in recording order (``episode`` as the recording lists
+    it: a bag's name, a robomimic demo key; None when the whole file failed), ``summary``.
     """
     if not raw_dir.is_dir():
         raise VlaopsError(f"{raw_dir}: raw data directory not found (data.raw_dir); run collect or point data.raw_dir at your recordings")
@@ -75,52 +132,33 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
     started = time.perf_counter()
     report: dict[str, Any] = {"raw_dir": str(raw_dir), "episodes": {}, "quarantined": []}
     seconds = 0.0  # of data kept, each episode at its own control rate
+    workers = resolve_workers(cfg.num_workers)
 
     def quarantine(entry: Path, exc: RecordingError, key: str | None) -> None:
         if cfg.on_bad_input == "error":
             raise exc
         log.warning("quarantined %s", exc)
-        # episode: as the recording lists it (a bag's name, a robomimic demo key), None when the whole file failed
         report["quarantined"].append({"recording": entry.name, "episode": key, "stream": exc.stream,
                                       "check": exc.check, "reason": exc.reason})
 
     with atomic_dir(out_dir) as tmp:
-        for entry in tqdm(entries, desc="ingest", unit="rec", disable=None):
-            where = str(entry)
-            reader = find_reader(entry)
-            try:
-                if reader is None:
-                    raise RecordingError(where, f"not a recording vlaops can read; expected {expected_formats()}",
-                                         check="unknown_format")
-                keys = _guarded(where, None, lambda: reader.episodes(entry, cfg))
-            except RecordingError as exc:
-                quarantine(entry, exc, None)
-                continue
-            for key in keys:
-                # a file of several episodes (robomimic) names the one at fault
-                where_ep = where if len(keys) == 1 else f"{entry} episode '{key}'"
-                try:
-                    episode = _guarded(where_ep, key, lambda: _read_checked(
-                        where_ep, cfg, lambda: reader.read(entry, key, cfg)))
-                    if not SAFE_ID.fullmatch(episode.episode_id):  # it names a file in out_dir
-                        raise RecordingError(where_ep, f"episode id {episode.episode_id!r} is not a plain file name "
-                                             "(letters, digits, '.', '_', '-'; not starting with '.')",
-                                             check="bad_episode_id", episode=episode.episode_id)
-                    if episode.episode_id in report["episodes"]:
-                        raise RecordingError(where_ep, f"episode id '{episode.episode_id}' is already taken by another "
-                                             "recording", check="duplicate_episode_id", episode=episode.episode_id)
-                except RecordingError as exc:
-                    quarantine(entry, exc, key)
+        items = [(i, entry, cfg, tmp) for i, entry in enumerate(entries)]
+        results = map_ordered(_read_recording, items, workers, desc="ingest", unit="rec")
+        for entry, outcomes in zip(entries, results):
+            for out in outcomes:
+                if out.error is not None:
+                    quarantine(entry, out.error, out.key)
                     continue
-                write_episode(tmp / f"{episode.episode_id}.h5", episode)
-                seconds += len(episode) / episode.control_hz
-                report["episodes"][episode.episode_id] = {
-                    "source_format": episode.source_format,
-                    "frames": len(episode),
-                    "instruction": episode.instruction,
-                    "task": episode.task,
-                    "source_sha256": episode.source_sha256,
-                }
+                if out.episode_id in report["episodes"]:
+                    (tmp / out.part).unlink()
+                    where = str(entry) if len(outcomes) == 1 else f"{entry} episode '{out.key}'"
+                    quarantine(entry, RecordingError(where, f"episode id '{out.episode_id}' is already taken by another "
+                                                     "recording", check="duplicate_episode_id", episode=out.episode_id),
+                               out.key)
+                    continue
+                (tmp / out.part).rename(tmp / f"{out.episode_id}.h5")
+                report["episodes"][out.episode_id] = out.facts
+                seconds += out.seconds
         if not report["episodes"]:
             reasons = "; ".join(f"{q['recording']}: {q['reason']}" for q in report["quarantined"])
             raise VlaopsError(f"{raw_dir}: no recording could be ingested; reasons: {reasons}")
@@ -128,7 +166,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
         # No wall time in the report: its bytes are a function of the recordings and the settings, so a
         # forced re-ingest of the same data gives DVC the same hash. Timings go to the log.
         write_json(tmp / REPORT_FILE, report)
-    log.info("ingest summary (%.1f s):\n%s", time.perf_counter() - started, summary_table(report["summary"]))
+    log.info("ingest summary (%.1f s, %d workers):\n%s", time.perf_counter() - started, workers,
+             summary_table(report["summary"]))
     return report
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from vlaops.errors import RecordingError
 
@@ -15,7 +15,11 @@ def decode_compressed(data: bytes) -> np.ndarray:
 
     Bytes after the image's end marker are ignored, so a zero-padded row (ALOHA's compressed layout pads
     every frame to the longest) decodes as the image it holds."""
-    with Image.open(io.BytesIO(data)) as img:
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message names the BytesIO's address: not the same in two runs
+        raise ValueError(f"no image format PIL recognises in {len(data)} bytes") from None
+    with img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
