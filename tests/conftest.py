@@ -44,6 +44,7 @@ SHRINK_MODEL = [
     "model.tiny.latent_query_num=4",
     "model.max_text_len=12",
     "data.min_episode_len=8",
+    "data.num_workers=1",  # ingest in this process: tiny data, and the machine is shared (tests/test_ingest_corpus.py checks 2)
 ]
 # ... and of the pipeline around it: three tasks, a few demos, four training steps, two short chains.
 SHRINK_PIPELINE = [

@@ -23,6 +23,113 @@ class TopicMap:
     task: Optional[str] = None  # std_msgs/String; None: the task name is derived from the instruction
 
 
+# The Franka Panda's joint limits (rad), from Franka's "Robot and interface specifications" (q_min / q_max):
+# the embedded simulator's arm and the robot data.arm_joint_names names by default.
+PANDA_JOINT_MIN = [-2.8973, -1.7628, -2.8973, -3.0718, -2.8973, -0.0175, -2.8973]
+PANDA_JOINT_MAX = [2.8973, 1.7628, 2.8973, -0.0698, 2.8973, 3.7525, 2.8973]
+
+
+@dataclass
+class CheckConfig:
+    """Plausibility checks ingest runs on every episode before it is kept (``data/plausibility.py``).
+
+    A recording can be readable and still wrong: a commanded action of 1e30, a joint far past its limit,
+    a camera that changes resolution, a clock that jumps back. One such episode would wreck the action
+    statistics and the normalisation every other episode is trained with, so it is quarantined (or stops
+    ingest) with the check that failed. Defaults fit a 7-DOF arm on a table (the Panda of the embedded
+    simulator: its recordings reach 0.67 m, 0.65 m/s target speed and 0.035 m target offset); ``null``
+    turns a bound off. Non-finite values and a frame size changing mid-episode are always errors.
+    """
+
+    max_abs_position_m: Optional[float] = 2.0  # |x|, |y|, |z| of the TCP pose and of the target pose
+    max_abs_angle_rad: Optional[float] = 6.3  # |euler| of the TCP and target pose: any euler convention is within 2 pi
+    max_target_speed_m_s: Optional[float] = 3.0  # target position jump between ticks x control_hz (Panda: 1.7 m/s max)
+    max_target_offset_m: Optional[float] = 0.5  # distance of the target position from the TCP at the same tick
+    joint_min: Optional[list[float]] = field(default_factory=lambda: list(PANDA_JOINT_MIN))  # one per arm joint; null: no limit
+    joint_max: Optional[list[float]] = field(default_factory=lambda: list(PANDA_JOINT_MAX))
+    joint_margin_rad: float = 0.05  # a simulator or a controller overshoots a limit by a little
+    monotonic_stamps: bool = True  # a topic's stamps going back in time is an error; false: sort them by stamp
+
+    def __post_init__(self) -> None:
+        for name in ("max_abs_position_m", "max_abs_angle_rad", "max_target_speed_m_s", "max_target_offset_m"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"data.checks.{name} must be > 0 or null, got {value}")
+        if (self.joint_min is None) != (self.joint_max is None):
+            raise ValueError("data.checks.joint_min and data.checks.joint_max must both be lists or both null")
+        if self.joint_min is not None and self.joint_max is not None:
+            if len(self.joint_min) != len(self.joint_max) or any(lo >= hi for lo, hi in zip(self.joint_min, self.joint_max)):
+                raise ValueError(f"data.checks.joint_min < joint_max expected, one per joint; got {self.joint_min}, {self.joint_max}")
+        if self.joint_margin_rad < 0:
+            raise ValueError(f"data.checks.joint_margin_rad must be >= 0, got {self.joint_margin_rad}")
+
+
+ACTION_EXPRESSIONS = ("absolute_pose", "relative_pose", "absolute_joint")
+
+
+@dataclass
+class Hdf5StreamMap:
+    """Which dataset of a robot HDF5 layout holds which of vlaops' streams (``io/hdf5.py``).
+
+    Keys are relative to one episode: the file's root for ALOHA/ACT, ``data/<demo>`` for robomimic. An
+    image key holds (T, H, W, 3) uint8, or (T, N) uint8 JPEG bytes when a ``compress_len`` dataset sits
+    beside the images (ALOHA's compressed variant). The canonical episode needs the TCP pose and a
+    TCP-pose action; how the file expresses its action says how it is converted:
+    ``absolute_pose`` (target xyz + euler xyz, or + quaternion xyzw), ``relative_pose`` (a controller's
+    delta: xyz and axis-angle in [-1, 1], scaled by relative_pos_scale / relative_rot_scale, or by the
+    controller's output_max in robomimic's ``env_args``), ``absolute_joint`` (joint targets: converting
+    them needs the robot's kinematics, which vlaops does not have, so such a file is refused with that
+    reason rather than given invented poses)."""
+
+    rgb_static: str = "observations/images/top"
+    rgb_gripper: Optional[str] = None  # e.g. observations/images/cam_left_wrist; null: none
+    joints: str = "observations/qpos"
+    joint_columns: Optional[list[int]] = None  # the arm's joints among the key's columns (7); null: all columns
+    gripper: Optional[str] = None  # finger positions; width = sum of |columns|; null: the width is not recorded (0)
+    gripper_columns: Optional[list[int]] = None
+    tcp_pos: Optional[str] = None  # (T, 3) TCP position, m; null: not recorded (an absolute_joint action needs it anyway)
+    tcp_rot: Optional[str] = None  # (T, 4) quaternion xyzw or (T, 3) euler xyz, rad
+    action: str = "action"
+    action_expression: str = "absolute_joint"
+    action_columns: Optional[list[int]] = None  # pose (6 or 7) + gripper (1) among the key's columns; null: all
+    gripper_open_sign: float = 1.0  # the sign of an "open" gripper action in the file (robosuite: -1)
+    relative_pos_scale: float = 0.05  # m per unit of a relative action (robosuite OSC_POSE output_max)
+    relative_rot_scale: float = 0.5  # rad per unit
+    instruction: Optional[str] = None  # used when the file has no 'instruction' attr; null: required in the file
+
+    def check(self, prefix: str) -> None:
+        """Raise ValueError naming ``prefix.<field>`` (Hdf5Config knows which layout this map is)."""
+        if self.action_expression not in ACTION_EXPRESSIONS:
+            raise ValueError(f"{prefix}.action_expression must be one of {ACTION_EXPRESSIONS}, got {self.action_expression!r}")
+        if self.gripper_open_sign not in (1.0, -1.0):
+            raise ValueError(f"{prefix}.gripper_open_sign must be 1 or -1, got {self.gripper_open_sign}")
+        if not (self.relative_pos_scale > 0 and self.relative_rot_scale > 0):
+            raise ValueError(f"{prefix}.relative_pos_scale and relative_rot_scale must be > 0")
+
+
+def _robomimic_map() -> Hdf5StreamMap:
+    """robomimic's Panda datasets (robosuite: OSC_POSE delta actions, gripper -1 open)."""
+    return Hdf5StreamMap(
+        rgb_static="obs/agentview_image", rgb_gripper="obs/robot0_eye_in_hand_image",
+        joints="obs/robot0_joint_pos", gripper="obs/robot0_gripper_qpos",
+        tcp_pos="obs/robot0_eef_pos", tcp_rot="obs/robot0_eef_quat",
+        action="actions", action_expression="relative_pose", gripper_open_sign=-1.0,
+    )
+
+
+@dataclass
+class Hdf5Config:
+    """The HDF5 layouts ingest reads, each chosen per file by its content (not its extension):
+    canonical (DESIGN.md, read as it is), ALOHA/ACT and robomimic (mapped by these keys)."""
+
+    aloha: Hdf5StreamMap = field(default_factory=Hdf5StreamMap)
+    robomimic: Hdf5StreamMap = field(default_factory=_robomimic_map)
+
+    def __post_init__(self) -> None:
+        self.aloha.check("data.hdf5.aloha")
+        self.robomimic.check("data.hdf5.robomimic")
+
+
 @dataclass
 class AugmentConfig:
     """RoboVLMs' training augmentation: random shift and colour jitter."""
@@ -53,6 +160,12 @@ class DataConfig:
     sync_tolerance_s: float = 0.05  # the newest message of a stream may be at most this old at a tick
     min_episode_len: int = 16
     on_bad_input: str = "error"  # "error": stop at the first bad recording; "quarantine": report and skip it
+    # message definitions for bags that carry none (a .db3 without metadata.yaml, older rosbag2): a
+    # rosbags.typesys.Stores value (ros2_humble, ros2_jazzy, ros1_noetic, ...)
+    typestore: str = "ros2_humble"
+    num_workers: int = 0  # processes reading recordings (0: one per core); the output does not depend on it
+    checks: CheckConfig = field(default_factory=CheckConfig)
+    hdf5: Hdf5Config = field(default_factory=Hdf5Config)
     # convert
     val_fraction: float = 0.2
     split_seed: int = 0
@@ -75,9 +188,18 @@ class DataConfig:
             raise ValueError(f"data.on_bad_input must be 'error' or 'quarantine', got {self.on_bad_input!r}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 (0: one per core), got {self.num_workers}")
         if self.control_hz <= 0 or self.sync_tolerance_s <= 0:
             raise ValueError("data.control_hz and data.sync_tolerance_s must be > 0")
         if self.cache_dir is not None and not self.cache_dir.strip():
             raise ValueError("data.cache_dir must be a directory or null (no cache), got an empty string")
+        from rosbags.typesys import Stores  # the names rosbags knows; imported here, where they are checked
+
+        if self.typestore not in {s.value for s in Stores}:
+            raise ValueError(f"data.typestore must be one of {sorted(s.value for s in Stores)}, got {self.typestore!r}")
+        if self.checks.joint_min is not None and len(self.checks.joint_min) != len(self.arm_joint_names):
+            raise ValueError(f"data.checks.joint_min/joint_max hold {len(self.checks.joint_min)} limits, "
+                             f"data.arm_joint_names {len(self.arm_joint_names)} joints")
         if not self.norm_min < 0 < self.norm_max:
             raise ValueError(f"data.norm_min < 0 < data.norm_max expected, got {self.norm_min}, {self.norm_max}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from vlaops.errors import VlaopsError
+from vlaops.errors import RecordingError, VlaopsError
 from vlaops.io.calvin_spec import ACTION_DIM, ROBOT_OBS_DIM, SCENE_OBS_DIM
 from vlaops.utils.atomic import atomic_file
 
@@ -48,10 +48,15 @@ class Episode:
         return int(self.time.shape[0])
 
     def validate(self, where: str) -> None:
-        """Check shapes, dtypes and values; raise VlaopsError naming ``where`` and the field."""
+        """Check shapes, dtypes and values; raise a RecordingError naming ``where`` and the field.
+
+        ``where`` is what the user knows the data by: ingest passes the recording (not the temporary
+        file it is about to write), convert the episode file it reads."""
 
         def fail(name: str, expected: str, got: object) -> None:
-            raise VlaopsError(f"{where}: field '{name}' expected {expected}, got {got}")
+            check = "non_finite" if expected == "finite values" else "episode_contract"
+            raise RecordingError(where, f"field '{name}' expected {expected}, got {got}", check=check,
+                                 stream=name, episode=self.episode_id)
 
         if self.embodiment not in EMBODIMENTS:
             fail("embodiment", f"one of {EMBODIMENTS}", repr(self.embodiment))
@@ -62,6 +67,8 @@ class Episode:
         t = len(self)
         if t < 2:
             fail("time", "at least 2 synchronised frames", t)
+        if not np.all(np.isfinite(self.time)):
+            fail("time", "finite values", "NaN or inf")
         if np.any(np.diff(self.time) <= 0):
             fail("time", "strictly increasing stamps", "a non-increasing step")
         images = {"rgb_static": self.rgb_static, "rgb_gripper": self.rgb_gripper}

@@ -10,20 +10,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlaops.io.episode import Episode
-from vlaops.io.rosbag2 import is_rosbag2, read_rosbag2
+from vlaops.io.hdf5 import hdf5_episodes, is_hdf5, read_hdf5
+from vlaops.io.rosbag2 import is_rosbag2, read_rosbag2, rosbag2_episodes
 from vlaops.io.settings import ReaderSettings
 
 
 @dataclass(frozen=True)
 class RecordingReader:
+    """One recording format. A recording holds one or more episodes (a bag one, a robomimic file many):
+    ``episodes`` lists their keys, ``read`` reads one, so one bad episode is reported on its own and the
+    others of the same file are kept. Both raise :class:`vlaops.errors.RecordingError` on bad data."""
+
     name: str
     description: str
     matches: Callable[[Path], bool]
-    read: Callable[[Path, ReaderSettings], Episode]  # settings: DataConfig satisfies ReaderSettings
+    episodes: Callable[[Path, ReaderSettings], list[str]]  # settings: DataConfig satisfies ReaderSettings
+    read: Callable[[Path, str, ReaderSettings], Episode]
 
 
 READERS: tuple[RecordingReader, ...] = (
-    RecordingReader("rosbag2", "a rosbag2 directory (metadata.yaml + .db3 or .mcap)", is_rosbag2, read_rosbag2),
+    RecordingReader("rosbag2", "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), a lone .db3 / .mcap file, or a ROS1 .bag", is_rosbag2, rosbag2_episodes,
+                    read_rosbag2),
+    RecordingReader("hdf5", "an HDF5 file (canonical, ALOHA/ACT or robomimic layout, told by its content)", is_hdf5,
+                    hdf5_episodes, read_hdf5),
 )
 
 

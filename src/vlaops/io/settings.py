@@ -7,7 +7,7 @@ here instead of importing ``DataConfig``; ``vlaops.data.config.DataConfig`` sati
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 
 class TopicSettings(Protocol):
@@ -23,6 +23,19 @@ class TopicSettings(Protocol):
     task: Optional[str]
 
 
+class CheckSettings(Protocol):
+    """The plausibility settings a reader applies while it reads (the rest run on the whole episode)."""
+
+    monotonic_stamps: bool
+
+
+class Hdf5Settings(Protocol):
+    """One key map per mapped HDF5 layout (``vlaops.io.hdf5.StreamMap`` each)."""
+
+    aloha: Any
+    robomimic: Any
+
+
 class ReaderSettings(Protocol):
     """The ``data.*`` keys a reader reads (their meaning: ``vlaops.data.config.DataConfig``)."""
 
@@ -32,3 +45,6 @@ class ReaderSettings(Protocol):
     control_hz: float
     sync_tolerance_s: float
     min_episode_len: int
+    typestore: str
+    checks: CheckSettings
+    hdf5: Hdf5Settings
