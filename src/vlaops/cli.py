@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
 from vlaops.config import DEFAULT_CONFIG_DIR, Config, compose, dump_params, load_config, load_params
-from vlaops.errors import VlaopsError
+from vlaops.errors import Terminated, VlaopsError
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
 
@@ -75,8 +77,16 @@ def run_stage(name: str, cfg: Config) -> None:
     log.info("%s finished in %.1fs", name, time.perf_counter() - started)
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
+    # SIGTERM unwinds like Ctrl-C (an exception), so atomic outputs drop their temporaries and the
+    # MLflow run is closed as KILLED; Python's default would end the process on the spot, like kill -9
+    handle = threading.current_thread() is threading.main_thread()  # Python allows handlers only there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handle else None
     try:
         if args.command == "params":
             _write_params(args)
@@ -86,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     except VlaopsError as exc:
         print(f"vlaops {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"vlaops {args.command}: interrupted; no partial outputs were kept", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is KILLED", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
