@@ -1,0 +1,42 @@
+"""Configured paths checked in a stage's first second, before any long work.
+
+Why: an output path under a file, or in a read-only place, used to surface as an OSError traceback
+after the work was done (a whole training lost at ``save_policy``). Each check names the config key the
+path came from, so the one-line error says what to change.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vlaops.errors import VlaopsError
+
+
+def check_writable(key: str, path: str | os.PathLike[str], value: str | None = None) -> None:
+    """``path`` (from config key ``key``, whose value ``value`` defaults to the path) can be created or
+    replaced by this user: its nearest existing ancestor is a writable directory, an existing ``path``
+    is a directory, and its parent is writable (outputs are replaced by a rename)."""
+    path = Path(path)
+    where = f"{key}={value if value is not None else path}"
+    if path.exists() and not path.is_dir():
+        raise VlaopsError(f"{where}: {path} is a file, not a directory")
+    parent = path if path.exists() else path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise VlaopsError(f"{where}: {parent} is a file, so the directory cannot be created")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise VlaopsError(f"{where}: {parent} is not writable by this user")
+    if path.exists() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise VlaopsError(f"{where}: {path.parent} is not writable by this user (outputs are replaced by a rename)")
+
+
+def check_input_dir(key: str, path: str | os.PathLike[str]) -> None:
+    """``path`` (config key ``key``) is an existing, readable directory."""
+    path = Path(path)
+    if not path.is_dir():
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise VlaopsError(f"{key}={path}: {what}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise VlaopsError(f"{key}={path}: not readable by this user")
