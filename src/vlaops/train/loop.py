@@ -162,7 +162,7 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, max_batche
     return {k: v / max(n, 1) for k, v in sums.items()} if n else {}
 
 
-def _cycle(loader: Any, accelerator: Accelerator, start_batch: int) -> Iterator[Any]:
+def _cycle(loader: Any, start_batch: int) -> Iterator[Any]:
     """Endless batches, epoch after epoch, starting ``start_batch`` (per-process) batches into the sequence.
 
     Epoch e's order and augmentations depend on (seed, e, index) only (:class:`EpochSampler`), so a
@@ -268,7 +268,7 @@ def train_policy(
             log_metrics({VAL_LOSS: val["loss"], VAL_ARM_LOSS: val["arm_loss"], VAL_GRIPPER_LOSS: val["gripper_loss"]}, step)
 
     model.train()
-    batches = _cycle(train_loader, accelerator, start_batch=step * cfg.gradient_accumulation_steps)
+    batches = _cycle(train_loader, start_batch=step * cfg.gradient_accumulation_steps)
     window: dict[str, list[float]] = {"loss": [], "arm_loss": [], "gripper_loss": [], "grad_norm": []}
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
