@@ -15,12 +15,12 @@ from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
 from vlaops.model import VLAPolicy, make_processor, save_policy
-from vlaops.train.checkpoint import guard_checkpoints, latest_checkpoint, lock_checkpoints, read_trainer_state
+from vlaops.train.checkpoint import guard_checkpoints, latest_checkpoint, lock_checkpoints, read_trainer_state, verify_checkpoint
 from vlaops.train.loop import CALLER_STATE, make_loader, train_policy
 from vlaops.train.setup import apply_train_setup
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
-from vlaops.utils.paths import check_input_dir, check_writable
+from vlaops.utils.paths import check_input_dir, check_outputs
 
 log = get_logger(__name__)
 CURVE_FILE = "train_curve.csv"
@@ -40,10 +40,7 @@ def run(cfg: Config) -> None:
     calvin_dir, normalized_dir = Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir)
     checkpoint_dir = Path(cfg.paths.checkpoint_dir)
     # fail fast: where it writes, then data, normaliser and processor, before any model is built
-    for key, path in (("paths.model_dir", cfg.paths.model_dir), ("paths.checkpoint_dir", checkpoint_dir),
-                      ("paths.reports_dir", cfg.paths.reports_dir), ("data.cache_dir", cfg.data.cache_dir)):
-        if path is not None:
-            check_writable(key, path)
+    check_outputs(cfg, "train")
     tracking.check_store(cfg.tracking)
     check_input_dir("data.calvin_dir", calvin_dir)
     check_input_dir("data.normalized_dir", normalized_dir)
@@ -74,6 +71,8 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
     tags = {"stage": "train", "data_fingerprint": fingerprint["calvin"], "git_commit": tracking.git_commit() or "unknown"}
     # a resume continues the run it interrupted: the same MLflow run, the curve up to its checkpoint
     resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None:  # before its run id is trusted to re-open a run (train_policy checks it for itself too)
+        verify_checkpoint(resume, cfg.train.trust_checkpoint)
     previous = read_trainer_state(resume).get(CALLER_STATE, {}) if resume is not None else {}
     run_id = previous.get("mlflow_run_id")
     if run_id is not None and not (cfg.tracking.enabled and tracking.run_exists(cfg.tracking, run_id)):
