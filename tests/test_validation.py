@@ -57,3 +57,13 @@ def test_an_unknown_experiment_lists_the_options(capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "Could not find 'experiment/nosuch'" in line
     assert line.endswith("available options in 'experiment': cpu_long, lora, robovlms_kosmos2")
+
+
+def test_vlaops_check_runs_every_stages_checks(tmp_path, a_file, capsys):
+    """`vlaops check`: the config, every stage's outputs and the store, with no data read and no model built."""
+    assert main(["check", "--config-dir", str(CONF), *path_overrides(tmp_path)]) == 0
+    assert main(["check", "--config-dir", str(CONF), *path_overrides(tmp_path), f"data.normalized_dir={a_file}/n"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"vlaops check: error: data.normalized_dir={a_file}/n: {a_file} is a file" in line
+    assert main(["check", "--config-dir", str(CONF), *path_overrides(tmp_path), f"tracking.uri=sqlite:///{a_file}/x.db"]) == 1
+    assert "tracking.uri=sqlite:///" in capsys.readouterr().err

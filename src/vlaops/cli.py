@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Robot recordings -> CALVIN -> a fine-tuned Kosmos-2 + LSTM policy. "
         "Each command is one DVC stage; trailing key=value arguments are Hydra overrides.",
     )
-    parser.add_argument("command", choices=[*STAGES, "params"], help="a pipeline stage, or 'params' to write params.yaml from conf/")
+    parser.add_argument("command", choices=[*STAGES, "params", "check"],
+                        help="a pipeline stage; 'params' to write params.yaml from conf/; 'check' to check every "
+                             "stage's output paths and the tracking store in seconds, before a long run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=50 model=kosmos2")
     parser.add_argument("--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/")
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
@@ -77,6 +79,17 @@ def run_stage(name: str, cfg: Config) -> None:
     log.info("%s finished in %.1fs", name, time.perf_counter() - started)
 
 
+def check_all(cfg: Config) -> None:
+    """What every stage checks in its first second, for the whole pipeline at once: the config (already
+    validated by loading it), every output path writable, the tracking store usable."""
+    from vlaops.tracking import check_store
+    from vlaops.utils.paths import check_outputs
+
+    keys = sorted({key for stage in STAGES for key in check_outputs(cfg, stage)})
+    check_store(cfg.tracking)
+    log.info("config valid; %d output paths writable (%s); tracking store usable", len(keys), ", ".join(keys))
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
@@ -92,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             _write_params(args)
             return 0
         cfg = load_params(args.params, args.overrides) if args.params else load_config(args.overrides, args.config_dir)
+        if args.command == "check":
+            check_all(cfg)
+            return 0
         run_stage(args.command, cfg)
     except VlaopsError as exc:
         print(f"vlaops {args.command}: error: {exc}", file=sys.stderr)

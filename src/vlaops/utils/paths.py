@@ -9,8 +9,35 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from vlaops.errors import VlaopsError
+
+# What each stage writes, by config key: one table for the stage's own first-second check and for
+# `vlaops check`, which runs them all before a pipeline is started.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "collect": ("paths.collect_dir", "paths.reports_dir"),
+    "ingest": ("data.episodes_dir",),
+    "convert": ("data.calvin_dir",),
+    "normalize": ("data.normalized_dir",),
+    "train": ("paths.model_dir", "paths.checkpoint_dir", "paths.reports_dir", "data.cache_dir"),
+    "evaluate": ("paths.reports_dir", "data.cache_dir"),
+}
+
+
+def config_value(cfg: Any, key: str) -> Any:
+    """``cfg.a.b`` for ``key`` "a.b"."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_outputs(cfg: Any, stage: str) -> list[str]:
+    """Check every output path of ``stage`` (STAGE_OUTPUTS) writable; returns the keys checked."""
+    keys = [k for k in STAGE_OUTPUTS[stage] if config_value(cfg, k) is not None]  # data.cache_dir may be off
+    for key in keys:
+        check_writable(key, config_value(cfg, key))
+    return keys
 
 
 def check_writable(key: str, path: str | os.PathLike[str], value: str | None = None) -> None:
