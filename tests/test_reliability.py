@@ -47,7 +47,7 @@ def run_stage(stage: str, tmp_path: Path, *extra: str) -> subprocess.CompletedPr
                           preexec_fn=_default_sigint)
 
 
-def start_and_signal(cmd: list[str], ready: callable, sig: int, timeout: float = 300, meanwhile: callable = None) -> subprocess.CompletedProcess:
+def start_and_signal(cmd: list[str], ready: callable, sig: int, timeout: float = 900, meanwhile: callable = None) -> subprocess.CompletedProcess:
     """Start ``cmd``, send it ``sig`` as soon as ``ready()`` is true (after ``meanwhile(pid)``, if given),
     wait for it to end."""
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
