@@ -43,7 +43,7 @@ def _default_sigint() -> None:
 
 
 def run_stage(stage: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(stage_cmd(stage, tmp_path, *extra), env=_env(), capture_output=True, text=True, timeout=600,
+    return subprocess.run(stage_cmd(stage, tmp_path, *extra), env=_env(), capture_output=True, text=True, timeout=1800,
                           preexec_fn=_default_sigint)
 
 
