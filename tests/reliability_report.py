@@ -60,9 +60,15 @@ def _case_id(case: ET.Element) -> str:
 
 
 def _outcome(case: ET.Element) -> str:
+    """passed | skipped | FAILED: <the first line of pytest's message> | ERROR: <...>"""
     for tag, word in (("failure", "FAILED"), ("error", "ERROR"), ("skipped", "skipped")):
-        if case.find(tag) is not None:
-            return word
+        found = case.find(tag)
+        if found is not None:
+            why = (found.get("message") or "").strip().splitlines()
+            if not why or word == "skipped":
+                return word
+            line = why[0] if len(why[0]) <= 160 else f"{why[0][:70]} ... {why[0][-70:]}"  # head and tail
+            return f"{word}: {line.replace('|', '/')}"
     return "passed"
 
 
@@ -93,7 +99,7 @@ def render(found: dict[str, tuple[str, float]], when: str) -> str:
                 result = "not run"
             else:
                 outcomes = [found[n][0] for n in nodes]
-                worst = next((o for o in ("FAILED", "ERROR", "skipped") if o in outcomes), "passed")
+                worst = next((o for w in ("FAILED", "ERROR", "skipped") for o in outcomes if o.startswith(w)), "passed")
                 seconds = sum(found[n][1] for n in nodes)
                 result = f"{worst} ({len(nodes)} case{'s' if len(nodes) > 1 else ''}, {seconds:.0f} s)"
             lines.append(f"| {guarantee if i == 0 else ''} | `{test}` | {result} |")
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(render(found, ", ".join(stamps)))
     print(f"wrote {REPORT}")
-    failed = [n for n, (o, _) in found.items() if o in ("FAILED", "ERROR")]
+    failed = [n for n, (o, _) in found.items() if o.startswith(("FAILED", "ERROR"))]
     return 1 if failed else 0
 
 
