@@ -169,8 +169,10 @@ class SyntheticWindows:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
+    def __getitem__(self, i) -> dict:  # an index or a SampleKey (what make_loader's sampler yields)
+        from vlaops.data.sampling import as_key
+
+        return self.items[as_key(i).index]
 
 
 def synthetic_batch(processor, n: int, window: int, chunk: int, text_len: int, seed: int = 0, size: int = 224) -> dict:

@@ -89,3 +89,25 @@ def test_convert_without_episodes_is_named(cfg, tmp_path):
     with pytest.raises(VlaopsError, match=r"episodes: no canonical episodes \(\*.h5\) found; run ingest first"):
         convert(tmp_path / "episodes", tmp_path / "calvin", cfg.data)
     assert not (tmp_path / "calvin").exists()
+
+
+def test_convert_bytes_do_not_depend_on_where_the_data_lives(cfg, raw_dir, tmp_path):
+    """The same recordings stored in two places, ingested and converted into two places: every byte of
+    the two CALVIN outputs is equal, and so is the data fingerprint (it hashes content, not locations)."""
+    import shutil
+
+    from vlaops.data.convert import convert
+    from vlaops.data.ingest import ingest
+
+    outs = []
+    for where in ("here", "elsewhere/deeper"):
+        raw = tmp_path / where / "raw"
+        shutil.copytree(raw_dir, raw)
+        ingest(raw, tmp_path / where / "episodes", cfg.data)
+        convert(tmp_path / where / "episodes", tmp_path / where / "calvin", cfg.data)
+        outs.append(tmp_path / where / "calvin")
+    trees = [{str(p.relative_to(o)): p.read_bytes() for p in sorted(o.rglob("*")) if p.is_file()} for o in outs]
+    assert trees[0].keys() == trees[1].keys() and len(trees[0]) > 50
+    assert [k for k in trees[0] if trees[0][k] != trees[1][k]] == []
+    assert str(tmp_path) not in trees[0][calvin.PROVENANCE].decode()
+    assert calvin.dataset_fingerprint(outs[0]) == calvin.dataset_fingerprint(outs[1])

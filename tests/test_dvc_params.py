@@ -137,3 +137,9 @@ def test_the_derivation_sees_what_it_should(composed):
     ingest = stage_reads("ingest", ["data.topics"], composed)
     assert {"data.topics", "data.control_hz", "data.on_bad_input", "data.raw_dir"} <= ingest
     assert all(k.startswith("data.") for k in ingest)
+
+
+def test_train_checkpoints_persist_so_a_killed_train_resumes(dvc):
+    """Without ``persist: true`` DVC deletes the checkpoint directory before it runs the stage."""
+    (entry,) = [o for o in dvc["train"]["outs"] if isinstance(o, dict) and "${paths.checkpoint_dir}" in o]
+    assert entry["${paths.checkpoint_dir}"] == {"cache": False, "persist": True}

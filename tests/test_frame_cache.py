@@ -21,6 +21,7 @@ from vlaops.data import keys
 from vlaops.data.dataset import CalvinWindowDataset, make_window_dataset
 from vlaops.data.frame_cache import FRAME_IDS_FILE, META_FILE, annotated_frame_ids, open_frame_cache
 from vlaops.data.normalization import ActionNormalizer
+from vlaops.data.sampling import SampleKey
 from vlaops.data.transforms import CLIP_MEAN, CLIP_STD, augment_to_model_input, normalize_uint8, resize_uint8, to_model_input
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import CalvinSplit, write_split_metadata
@@ -59,12 +60,17 @@ def test_cached_samples_equal_the_npz_path_bit_for_bit(calvin_dir, cfg, pad_hist
 
 
 def test_augmentation_stays_per_sample_on_cached_frames(calvin_dir, cfg):
+    """The augmentation of a sample is a function of its key (seed, epoch, index) alone: the same key gives
+    the same bits from the cache and from the npz files, whatever the global generator did; another epoch
+    or seed draws anew."""
     cached, plain = _datasets(calvin_dir, cfg, augment=cfg.data.augment)
+    key = SampleKey(5, epoch=2, seed=7)
     torch.manual_seed(3)
-    first = cached[5][keys.RGB]
-    torch.manual_seed(3)
-    assert torch.equal(first, plain[5][keys.RGB])  # same draw, same input bits: same output
-    assert not torch.equal(cached[5][keys.RGB], first)  # a new draw per sample
+    first = cached[key][keys.RGB]
+    torch.manual_seed(4)
+    assert torch.equal(first, plain[key][keys.RGB])  # same key, same input bits: same output
+    assert not torch.equal(cached[key._replace(epoch=3)][keys.RGB], first)  # a new draw per epoch ...
+    assert not torch.equal(cached[key._replace(seed=8)][keys.RGB], first)  # ... and per seed
 
 
 def test_cached_frame_is_what_the_runtime_feeds_the_model(calvin_dir, cfg):

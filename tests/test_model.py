@@ -472,3 +472,16 @@ def test_pretrained_dir_loads_locally(processor, tmp_path):
         torch.testing.assert_close(loaded.backbone.model.state_dict()[k], v, msg=k)
     with pytest.raises(VlaopsError, match="vocab_size"):
         VLAPolicy.build(cfg, len(proc.tokenizer) + 1)
+
+
+def test_a_truncated_weights_file_is_named(exported, tmp_path):
+    import shutil
+
+    from vlaops.model.runtime import load_policy_model
+
+    broken = tmp_path / "policy"
+    shutil.copytree(exported[0], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(VlaopsError, match=rf"^{broken}/model.safetensors: not a readable safetensors file"):
+        load_policy_model(broken)

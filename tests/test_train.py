@@ -111,7 +111,7 @@ def test_resume_continues_at_the_right_step(processor, tmp_path):
     assert result["resumed_from_step"] == 4 and result["steps"] == 6
     assert [s for s, _ in rec.series(TRAIN_LOSS)] == [5, 6]
     for (name, p_full), (_, p_res) in zip(full.state_dict().items(), resumed.state_dict().items()):
-        torch.testing.assert_close(p_res, p_full, rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(p_res, p_full), name  # exact: the same bits as the uninterrupted run
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["step_0000004", "step_0000006"]
 
     # a finished run resumes to nothing
@@ -225,3 +225,42 @@ def test_bf16_then_fp32_in_one_process(processor):
         assert all(p.dtype == torch.float32 for p in policy.parameters())  # master weights stay fp32
         out = policy(next(iter(make_loader(data, c, shuffle=False))))  # the autocast wrapper is gone
         assert out["arm"].dtype == torch.float32
+
+
+def test_only_checkpoints_vlaops_wrote_are_resumed(processor, tmp_path, caplog):
+    """A checkpoint carries vlaops' manifest (sha256 of every file); one without it, or altered since, is
+    refused with one line unless train.trust_checkpoint. Nothing is saved for a pickle load: the
+    scheduler state is JSON in trainer_state.json, not Accelerate's custom_checkpoint_0.pkl."""
+    import json
+    import shutil
+
+    from vlaops.train.checkpoint import MANIFEST_FILE
+
+    data = windows(processor, 2)
+    c = cfg(max_steps=2, save_every=2)
+    train_policy(make_policy(processor), make_loader(data, c, shuffle=False), None, c, Recorder(), tmp_path / "ok")
+    ckpt = tmp_path / "ok" / "step_0000002"
+    assert {p.name for p in ckpt.glob("*.pkl")} == {"random_states_0.pkl"}  # loaded with weights_only=True
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())["sha256"]
+    assert {"model.safetensors", "optimizer.bin", "trainer_state.json"} <= set(manifest)
+    longer = cfg(max_steps=3, save_every=2)
+
+    def resume(name: str, conf: TrainConfig) -> dict:
+        return train_policy(make_policy(processor), make_loader(data, conf, shuffle=False), None, conf, Recorder(), tmp_path / name)
+
+    foreign = tmp_path / "foreign" / "step_0000002"
+    shutil.copytree(ckpt, foreign)
+    (foreign / MANIFEST_FILE).unlink()
+    with pytest.raises(VlaopsError, match=r"foreign/step_0000002: no vlaops_manifest.json.*train.trust_checkpoint=true"):
+        resume("foreign", longer)
+    altered = tmp_path / "altered" / "step_0000002"
+    shutil.copytree(ckpt, altered)
+    with (altered / "optimizer.bin").open("ab") as handle:
+        handle.write(b"\0")
+    (altered / "custom_checkpoint_0.pkl").write_bytes(b"not ours")
+    with pytest.raises(VlaopsError, match=r"differs from its manifest \(changed \['optimizer.bin'\].*unlisted \['custom_checkpoint_0.pkl'\]"):
+        resume("altered", longer)
+    trusted = cfg(max_steps=3, save_every=2, trust_checkpoint=True)
+    assert resume("foreign", trusted)["resumed_from_step"] == 2  # the user vouches for it
+    assert "loading it because train.trust_checkpoint=true" in caplog.text
+    assert resume("ok", longer)["resumed_from_step"] == 2

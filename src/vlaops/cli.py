@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import yaml
 
 from vlaops.config import DEFAULT_CONFIG_DIR, Config, compose, dump_params, load_config, load_params
-from vlaops.errors import VlaopsError
+from vlaops.errors import Terminated, VlaopsError
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
 
@@ -43,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Robot recordings -> CALVIN -> a fine-tuned Kosmos-2 + LSTM policy. "
         "Each command is one DVC stage; trailing key=value arguments are Hydra overrides.",
     )
-    parser.add_argument("command", choices=[*STAGES, "params"], help="a pipeline stage, or 'params' to write params.yaml from conf/")
+    parser.add_argument("command", choices=[*STAGES, "params", "check"],
+                        help="a pipeline stage; 'params' to write params.yaml from conf/; 'check' to check every "
+                             "stage's output paths and the tracking store in seconds, before a long run")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=50 model=kosmos2")
     parser.add_argument("--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/")
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
@@ -75,20 +79,47 @@ def run_stage(name: str, cfg: Config) -> None:
     log.info("%s finished in %.1fs", name, time.perf_counter() - started)
 
 
+def check_all(cfg: Config) -> None:
+    """What every stage checks in its first second, for the whole pipeline at once: the config (already
+    validated by loading it), every output path writable, the tracking store usable."""
+    from vlaops.tracking import check_store
+    from vlaops.utils.paths import check_outputs
+
+    keys = sorted({key for stage in STAGES for key in check_outputs(cfg, stage)})
+    check_store(cfg.tracking)
+    log.info("config valid; %d output paths writable (%s); tracking store usable", len(keys), ", ".join(keys))
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
+    # SIGTERM unwinds like Ctrl-C (an exception), so atomic outputs drop their temporaries and the
+    # MLflow run is closed as KILLED; Python's default would end the process on the spot, like kill -9
+    handle = threading.current_thread() is threading.main_thread()  # Python allows handlers only there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handle else None
     try:
         if args.command == "params":
             _write_params(args)
             return 0
         cfg = load_params(args.params, args.overrides) if args.params else load_config(args.overrides, args.config_dir)
+        if args.command == "check":
+            check_all(cfg)
+            return 0
         run_stage(args.command, cfg)
     except VlaopsError as exc:
         print(f"vlaops {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"vlaops {args.command}: interrupted; no partial outputs were kept", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        name = signal.Signals(signum).name
+        print(f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is KILLED", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -106,6 +106,10 @@ def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[st
                 f"{config_dir}: config key '{unknown.group(1)}' does not exist (misspelt? "
                 f"'+{unknown.group(1)}=...' would add it, and the schema would then reject it)"
             ) from None
+        options = re.search(r"Available options in '([^']+)':\n((?:\t[^\n]*\n?)*)", str(exc))
+        if options:  # Hydra lists the options one per line; keep them all on the one line
+            names = ", ".join(o.strip() for o in options.group(2).splitlines() if o.strip())
+            raise VlaopsError(f"{config_dir}: {lines[0]}; available options in '{options.group(1)}': {names or 'none'}") from None
         raise VlaopsError(f"{config_dir}: {' '.join(lines[:2])}") from None
 
 

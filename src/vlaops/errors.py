@@ -33,3 +33,16 @@ class RecordingError(VlaopsError):
 
 def _recording_error(recording: str, reason: str, check: str, stream: str | None, episode: str | None) -> RecordingError:
     return RecordingError(recording, reason, check=check, stream=stream, episode=episode)
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a cancelled CI job, ``docker stop``, a killed DVC experiment).
+
+    A BaseException like KeyboardInterrupt (SIGINT), so ``except Exception`` blocks do not swallow it
+    and every ``finally`` and context manager on the way out runs: temporaries are removed and the
+    MLflow run is closed as KILLED. ``vlaops.cli`` installs the handler that raises it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum

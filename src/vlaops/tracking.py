@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from vlaops.errors import Terminated, VlaopsError
+from vlaops.utils.locks import file_lock
+from vlaops.utils.paths import check_writable
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -85,9 +88,47 @@ def _mlflow(cfg: TrackingConfig):  # imported lazily: mlflow takes seconds to im
     return mlflow
 
 
+SQLITE = "sqlite:///"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len(SQLITE):].split("?", 1)[0]) if uri.startswith(SQLITE) else None
+
+
+def check_store(cfg: TrackingConfig) -> None:
+    """Fail fast: a sqlite store must be creatable (or an existing writable file); the error names
+    ``tracking.uri``. Other stores (a server) are checked when the run opens."""
+    db = _sqlite_path(tracking_uri(cfg)) if cfg.enabled else None
+    if db is None:
+        return
+    if db.exists() and (not db.is_file() or not os.access(db, os.R_OK | os.W_OK)):
+        raise VlaopsError(f"tracking.uri={tracking_uri(cfg)}: {db} is not a readable and writable file")
+    check_writable("tracking.uri", db.parent, tracking_uri(cfg))
+
+
+@contextlib.contextmanager
+def store_setup_lock(cfg: TrackingConfig) -> Iterator[None]:
+    """Serialise opening a sqlite store: MLflow creates and migrates the schema on first use, and two
+    processes doing that at once fail (``duplicate column name: step``), as do two creating the same
+    experiment. Held only while a run is opened, never while it is logged to. Other stores: no lock."""
+    uri = tracking_uri(cfg)
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(file_lock(db.with_name(f".{db.name}.lock"), wait=True))
+        except OSError as exc:
+            raise VlaopsError(f"tracking.uri={uri}: cannot create the store's directory or lock file ({exc.strerror}: {exc.filename})") from None
+        yield
+
+
 @contextlib.contextmanager
 def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
-    """Open (or re-open, by ``run_id``) an MLflow run; it ends FAILED if the block raises.
+    """Open (or re-open, by ``run_id``) an MLflow run; it ends KILLED on SIGINT/SIGTERM, FAILED if the
+    block raises anything else.
 
     Yields the ``mlflow`` module, or None when tracking is disabled, so callers log through
     :func:`log_metrics` and friends which accept None.
@@ -97,14 +138,18 @@ def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | N
         return
     mlflow = _mlflow(cfg)
     run_name = None
-    if run_id is None:  # a new run; re-opening one keeps its name and tags
-        mlflow.set_experiment(cfg.experiment_name)
-        run_name = cfg.run_name or default_run_name()
-        tags = {**dvc_tags(), **(tags or {})}
-    active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
+    with store_setup_lock(cfg):
+        if run_id is None:  # a new run; re-opening one keeps its name and tags
+            mlflow.set_experiment(cfg.experiment_name)
+            run_name = cfg.run_name or default_run_name()
+            tags = {**dvc_tags(), **(tags or {})}
+        active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
     log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
     try:
         yield mlflow
+    except (KeyboardInterrupt, Terminated):  # SIGINT, SIGTERM: stopped from outside, not a failure
+        mlflow.end_run(status="KILLED")
+        raise
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
@@ -119,7 +164,8 @@ def run_exists(cfg: TrackingConfig, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        _mlflow(cfg).get_run(run_id)
+        with store_setup_lock(cfg):
+            _mlflow(cfg).get_run(run_id)
         return True
     except MlflowException:
         return False

@@ -89,7 +89,10 @@ def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
                     collected[key].append(frames[key])
                 provenance["episodes"][ep_id] = {
                     "split": split, "start": start, "end": frame_id - 1,
-                    "source": ep.source, "source_sha256": ep.source_sha256, "has_gripper_camera": ep.rgb_gripper is not None,
+                    # the recording's name and content hash, not its absolute path: the output (and the data
+                    # fingerprint hashed from it) must not change when the raw data moves
+                    "source_name": Path(ep.source).name, "source_sha256": ep.source_sha256,
+                    "has_gripper_camera": ep.rgb_gripper is not None,
                 }
             if train_stats is None:
                 train_stats = calvin.statistics_yaml(*(np.concatenate(collected[k]) for k in ("robot_obs", "scene_obs", "actions")))

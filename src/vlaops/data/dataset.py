@@ -24,6 +24,7 @@ from vlaops.data import keys
 from vlaops.data.config import AugmentConfig
 from vlaops.data.frame_cache import IMAGE_KEYS, FrameCache, open_frame_cache
 from vlaops.data.normalization import ActionNormalizer
+from vlaops.data.sampling import SampleKey, as_key, sample_generator
 from vlaops.data.transforms import augment_to_model_input, normalize_uint8, resize_uint8
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import CalvinSplit
@@ -37,7 +38,10 @@ class CalvinWindowDataset(Dataset):
     """Windows of ``window_size`` frames; actions normalised by the shared :class:`ActionNormalizer`.
 
     Samples collate with torch's default collation: tensors stack along a new batch dim, the two
-    string keys become lists of length B.
+    string keys become lists of length B. A sample is addressed by a :class:`SampleKey` (what the
+    training sampler yields) or a plain index (epoch 0, seed 0); its augmentation draws from a generator
+    derived from the key alone, so the same key gives the same bits in any process, at any time
+    (data/sampling.py says why resume needs that).
     """
 
     def __init__(
@@ -85,8 +89,9 @@ class CalvinWindowDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
-        k, t = self.index[idx]
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        key = as_key(key)
+        k, t = self.index[key.index]
         ann, acts = self.annotations[k], self.actions[k]
         w, c = self.window_size, self.chunk_size
         pad = max(0, -t)  # leading positions that repeat the span's first frame
@@ -98,9 +103,9 @@ class CalvinWindowDataset(Dataset):
         if pad:
             images = {key: torch.cat([v[:1].expand(pad, *v.shape[1:]), v]) for key, v in images.items()}  # (W, 3, S, S)
         if self.augment is not None:
-            a = self.augment
-            rgb = augment_to_model_input(images["rgb_static"], a.rgb_pad, a.brightness, a.contrast, a.saturation)  # (W, 3, S, S)
-            hand = augment_to_model_input(images["rgb_gripper"], a.gripper_pad, a.brightness, a.contrast, a.saturation)
+            a, g = self.augment, sample_generator(key)
+            rgb = augment_to_model_input(images["rgb_static"], a.rgb_pad, a.brightness, a.contrast, a.saturation, g)  # (W, 3, S, S)
+            hand = augment_to_model_input(images["rgb_gripper"], a.gripper_pad, a.brightness, a.contrast, a.saturation, g)
         else:
             rgb, hand = normalize_uint8(images["rgb_static"]), normalize_uint8(images["rgb_gripper"])  # (W, 3, S, S)
         chunk = np.zeros((w, c, acts.shape[1]), dtype=np.float32)  # (W, C, A)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import Kosmos2Config
 
@@ -148,7 +149,10 @@ def load_policy_model(path: str | os.PathLike[str], device: str | torch.device =
         raise VlaopsError(f"{path / POLICY_CONFIG_FILE}: bad model config ({exc})") from exc
     kcfg = Kosmos2Config.from_dict(_read_json(path / BACKBONE_CONFIG_FILE))
     policy = VLAPolicy(cfg, KosmosBackbone.from_kosmos_config(kcfg, cfg.use_hand_rgb))
-    state = load_file(str(path / WEIGHTS_FILE))
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+    except (SafetensorError, OSError) as exc:  # truncated, corrupt or unreadable: say which file
+        raise VlaopsError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}); re-export the policy") from None
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as exc:

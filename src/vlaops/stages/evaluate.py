@@ -31,6 +31,7 @@ from vlaops.model.runtime import POLICY_CONFIG_FILE
 from vlaops.sim import TabletopEnv, get_task, seeded_chains
 from vlaops.utils.atomic import write_json
 from vlaops.utils.executor import resolve_workers
+from vlaops.utils.paths import check_outputs
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -78,6 +79,8 @@ def flat_figures(prefix: str, fig: dict[str, Any]) -> dict[str, float]:
 
 def run(cfg: Config) -> None:
     model_dir, reports_dir = Path(cfg.paths.model_dir), Path(cfg.paths.reports_dir)
+    check_outputs(cfg, "evaluate")  # before a single chain is played
+    tracking.check_store(cfg.tracking)
     device = resolve_device(cfg.eval.device)
     policy = PolicyRuntime.load(model_dir, device)
     check_checkpoint(model_dir, policy, cfg)

@@ -3,8 +3,11 @@
 from pathlib import Path
 
 from vlaops.config import Config
+from vlaops.utils.paths import check_input_dir, check_outputs
 from vlaops.data.action_stats import normalize
 
 
 def run(cfg: Config) -> None:
+    check_input_dir("data.calvin_dir", cfg.data.calvin_dir)
+    check_outputs(cfg, "normalize")
     normalize(Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir), cfg.data)

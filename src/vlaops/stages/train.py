@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
 
 from vlaops import tracking
 from vlaops.config import Config, flatten, to_container
@@ -12,11 +15,12 @@ from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
 from vlaops.model import VLAPolicy, make_processor, save_policy
-from vlaops.train.checkpoint import guard_checkpoints
-from vlaops.train.loop import make_loader, train_policy
+from vlaops.train.checkpoint import guard_checkpoints, latest_checkpoint, lock_checkpoints, read_trainer_state, verify_checkpoint
+from vlaops.train.loop import CALLER_STATE, make_loader, train_policy
 from vlaops.train.setup import apply_train_setup
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
+from vlaops.utils.paths import check_input_dir, check_outputs
 
 log = get_logger(__name__)
 CURVE_FILE = "train_curve.csv"
@@ -34,8 +38,12 @@ def _write_curve(path: Path, rows: dict[int, dict[str, float]]) -> None:
 
 def run(cfg: Config) -> None:
     calvin_dir, normalized_dir = Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir)
-    model_dir, checkpoint_dir = Path(cfg.paths.model_dir), Path(cfg.paths.checkpoint_dir)
-    # fail fast: data, normaliser and processor before any model is built
+    checkpoint_dir = Path(cfg.paths.checkpoint_dir)
+    # fail fast: where it writes, then data, normaliser and processor, before any model is built
+    check_outputs(cfg, "train")
+    tracking.check_store(cfg.tracking)
+    check_input_dir("data.calvin_dir", calvin_dir)
+    check_input_dir("data.normalized_dir", normalized_dir)
     normalizer = ActionNormalizer.load(normalized_dir / NORMALIZATION_FILE)
     train_split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
     val_split = CalvinSplit(calvin_dir / VALIDATION, cfg.data.trust_pickles)
@@ -45,26 +53,47 @@ def run(cfg: Config) -> None:
     if len(train_ds) < cfg.train.batch_size:
         raise VlaopsError(f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than train.batch_size={cfg.train.batch_size}")
     fingerprint = {"calvin": dataset_fingerprint(calvin_dir), "normalization": normalizer.to_dict()}
-    recipe = {"config": {k: v for k, v in to_container(cfg).items() if k in ("seed", "model", "train", "data")}, "data": fingerprint["calvin"]}
-    guard_checkpoints(checkpoint_dir, recipe)
+    recipe_cfg = {k: v for k, v in to_container(cfg).items() if k in ("seed", "model", "train", "data")}
+    recipe_cfg["train"].pop("trust_checkpoint")  # how to load, not what was trained
+    recipe = {"config": recipe_cfg, "data": fingerprint["calvin"]}
+    with lock_checkpoints(checkpoint_dir):
+        guard_checkpoints(checkpoint_dir, recipe)
+        _train(cfg, processor, normalizer, train_ds, val_ds, fingerprint)
 
+
+def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: Dataset, val_ds: Dataset, fingerprint: dict[str, Any]) -> None:
+    """Build, train (resuming the checkpoint directory's newest checkpoint) and export the policy."""
+    model_dir, checkpoint_dir = Path(cfg.paths.model_dir), Path(cfg.paths.checkpoint_dir)
     policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
     counts = apply_train_setup(policy, cfg.train.train_setup)
     log.info("%d training windows, %d validation windows; parameters: %s", len(train_ds), len(val_ds), counts)
 
     tags = {"stage": "train", "data_fingerprint": fingerprint["calvin"], "git_commit": tracking.git_commit() or "unknown"}
-    curve: dict[int, dict[str, float]] = {}
-    with tracking.run(cfg.tracking, tags=tags) as mlflow:
-        tracking.log_params(mlflow, flatten(to_container(cfg)))
-        tracking.log_metrics(mlflow, {f"params/{k}": float(v) for k, v in counts.items()})
+    # a resume continues the run it interrupted: the same MLflow run, the curve up to its checkpoint
+    resume = latest_checkpoint(checkpoint_dir)
+    if resume is not None:  # before its run id is trusted to re-open a run (train_policy checks it for itself too)
+        verify_checkpoint(resume, cfg.train.trust_checkpoint)
+    previous = read_trainer_state(resume).get(CALLER_STATE, {}) if resume is not None else {}
+    run_id = previous.get("mlflow_run_id")
+    if run_id is not None and not (cfg.tracking.enabled and tracking.run_exists(cfg.tracking, run_id)):
+        log.warning("%s: MLflow run %s of the checkpoint is not in %s; starting a new run", resume, run_id, tracking.tracking_uri(cfg.tracking))
+        run_id = None
+    curve: dict[int, dict[str, float]] = {int(step): row for step, row in previous.get("curve", {}).items()}
+    with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else tags) as mlflow:
+        if run_id is None:
+            tracking.log_params(mlflow, flatten(to_container(cfg)))
+            tracking.log_metrics(mlflow, {f"params/{k}": float(v) for k, v in counts.items()})
 
         def log_metrics(metrics: dict[str, float], step: int) -> None:
             tracking.log_metrics(mlflow, metrics, step)
             curve.setdefault(step, {}).update(metrics)
 
+        def caller_state() -> dict:
+            return {"mlflow_run_id": tracking.active_run_id(mlflow), "curve": {str(k): v for k, v in sorted(curve.items())}}
+
         result = train_policy(
             policy, make_loader(train_ds, cfg.train, shuffle=True), make_loader(val_ds, cfg.train, shuffle=False),
-            cfg.train, log_metrics, checkpoint_dir,
+            cfg.train, log_metrics, checkpoint_dir, caller_state,
         )
         tracking.log_metrics(mlflow, {f"final/{k}": v for k, v in result.items()})
         run_info = {"run_id": tracking.active_run_id(mlflow), "tracking_uri": tracking.tracking_uri(cfg.tracking) if mlflow else None}

@@ -81,6 +81,9 @@ class TrainConfig:
     val_batches: int = 8
     save_every: int = 200  # checkpoint interval in optimizer steps; <= 0 saves none
     keep_checkpoints: int = 2  # newest checkpoints kept in checkpoint_dir
+    # resume a checkpoint without vlaops' manifest (or one that fails it): loading a checkpoint can run
+    # code, so only checkpoints vlaops wrote and hashed itself are resumed by default
+    trust_checkpoint: bool = False
     train_setup: TrainSetupConfig = field(default_factory=TrainSetupConfig)
 
     def __post_init__(self) -> None:

@@ -1,10 +1,16 @@
-"""The training loop: Accelerate, from one CPU to many GPUs, resumable.
+"""The training loop: Accelerate, from one CPU to many GPUs, resumable exactly.
 
 What RoboVLMs' recipe declares and then drops, this loop does: gradient clipping at
 ``gradient_clip_val`` (``accelerator.clip_grad_norm_``), the optimizer chosen by name, and a cosine that
 ends at ``min_lr_scale * learning_rate``. Checkpoints (``vlaops.train.checkpoint``) are atomic, so a
 SIGKILL leaves the previous one whole; a restart resumes from the newest one.
-"""
+
+Resume is exact (the same weights, bit for bit, as an uninterrupted run on the same machine) because
+the data path holds no random state of its own: the sampler's order is a function of (seed, epoch) and
+each sample's augmentation a function of (seed, epoch, index) (``vlaops.data.sampling``), so the loader
+prefetching a batch before a checkpoint is taken changes nothing; resuming skips to (epoch, position).
+The global generators (dropout) are saved with the checkpoint; the loader draws its worker base seed
+from a private generator, never from them."""
 
 from __future__ import annotations
 
@@ -18,10 +24,12 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.data_loader import get_sampler
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from vlaops.data.sampling import EpochSampler
 from vlaops.errors import VlaopsError
 from vlaops.tracking import (
     TRAIN_ARM_LOSS,
@@ -33,7 +41,7 @@ from vlaops.tracking import (
     VAL_GRIPPER_LOSS,
     VAL_LOSS,
 )
-from vlaops.train.checkpoint import latest_checkpoint, read_trainer_state, save_checkpoint
+from vlaops.train.checkpoint import TRAINER_STATE_FILE, latest_checkpoint, read_trainer_state, save_checkpoint, verify_checkpoint
 from vlaops.train.config import TrainConfig
 from vlaops.utils.bf16 import cpu_bf16_autocast_works
 from vlaops.utils.logging import get_logger
@@ -41,6 +49,7 @@ from vlaops.utils.logging import get_logger
 log = get_logger(__name__)
 
 MetricsFn = Callable[[dict[str, float], int], None]
+CALLER_STATE = "caller"  # trainer_state.json key of what train_policy's caller asked to keep
 
 
 # ---- construction: each from its config keys, in one place -------------------------------------------
@@ -60,8 +69,8 @@ def resolve_precision(precision: str) -> str:
 
 
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The one Accelerator of a run. A seedable sampler makes each epoch's order a function of
-    (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
+    """The one Accelerator of a run. The loaders carry their own :class:`EpochSampler`, so Accelerate's
+    seedable sampler (which replaces only torch's RandomSampler) is not used."""
     mixed = resolve_precision(cfg.train_setup.precision)
     # AcceleratorState is a process-wide singleton that refuses a second, different mixed_precision;
     # forget the previous run's (the distributed PartialState is kept) so one process can train twice
@@ -70,17 +79,23 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        # no "generator" sync: our loaders draw nothing from the global generators that needs syncing
+        rng_types=[],
     )
 
 
 def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, drop_last: bool | None = None) -> DataLoader:
     """A DataLoader with the config's ``batch_size`` and ``num_workers``; training drops the last
-    partial batch (steady step time), validation keeps it."""
+    partial batch (steady step time), validation keeps it.
+
+    The dataset is indexed by :class:`vlaops.data.sampling.SampleKey` (an :class:`EpochSampler` seeded by
+    ``cfg.seed``); the loader's own generator (it draws the worker base seed at every pass) is private,
+    so iterating the loader leaves the global generators, and so dropout after a resume, untouched."""
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
-        shuffle=shuffle,
+        sampler=EpochSampler(len(dataset), cfg.seed, shuffle),
+        generator=torch.Generator().manual_seed(cfg.seed),
         num_workers=cfg.num_workers,
         drop_last=shuffle if drop_last is None else drop_last,
         persistent_workers=cfg.num_workers > 0,
@@ -147,26 +162,29 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, max_batche
     return {k: v / max(n, 1) for k, v in sums.items()} if n else {}
 
 
-def _cycle(loader: Any, accelerator: Accelerator, start_batch: int) -> Iterator[Any]:
-    """Endless batches, epoch after epoch, starting ``start_batch`` batches into the sequence.
+def _cycle(loader: Any, start_batch: int) -> Iterator[Any]:
+    """Endless batches, epoch after epoch, starting ``start_batch`` (per-process) batches into the sequence.
 
-    With the seedable sampler, epoch e's order depends on (seed, e) only, so skipping within the
-    current epoch reproduces an uninterrupted run's order after a resume."""
-    try:
-        per_epoch = len(loader)
-    except TypeError:  # iterable dataset: no epochs to line up, start afresh
-        per_epoch = 0
-    epoch, skip = (divmod(start_batch, per_epoch) if per_epoch else (0, 0))
+    Epoch e's order and augmentations depend on (seed, e, index) only (:class:`EpochSampler`), so a
+    resume starts the sampler ``skip x batch_size x num_processes`` samples into its epoch (every
+    process's batches of the skipped steps) and sees exactly what an uninterrupted run would have seen;
+    nothing is fetched and thrown away."""
+    sampler = get_sampler(loader)
+    if not isinstance(sampler, EpochSampler):
+        raise ValueError("the training loader must come from vlaops.train.loop.make_loader (an EpochSampler)")
+    per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError("the training loader yields no batch (dataset smaller than batch_size with drop_last?)")
+    epoch, skip = divmod(start_batch, per_epoch)
+    batch_size = loader.total_batch_size if hasattr(loader, "total_batch_size") else loader.batch_size
     while True:
-        if hasattr(loader, "set_epoch"):
+        if hasattr(loader, "set_epoch"):  # Accelerate's loader passes it on to the sampler
             loader.set_epoch(epoch)
-        current = accelerator.skip_first_batches(loader, skip) if skip else loader
-        got = False
-        for batch in current:
-            got = True
-            yield batch
-        if not got and not skip:
-            raise ValueError("the training loader yielded no batch (dataset smaller than batch_size with drop_last?)")
+        else:
+            sampler.set_epoch(epoch)
+        if skip:
+            sampler.start_at(epoch, skip * batch_size)
+        yield from loader
         skip = 0
         epoch += 1
 
@@ -178,13 +196,16 @@ def train_policy(
     cfg: TrainConfig,
     log_metrics: MetricsFn,
     checkpoint_dir: Path | None,
+    caller_state: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Train ``policy`` (already through ``apply_train_setup``) for ``cfg.max_steps`` optimizer steps.
 
     ``policy(batch)`` must return a dict with ``loss``, ``arm_loss``, ``gripper_loss``. The policy is
     trained in place. Seed before building the policy for reproducible initial weights; this seeds
     the loop (dropout, sampler). Returns final_train_loss, best/last val loss, steps, wall_time_s,
-    steps_per_s, resumed_from_step.
+    steps_per_s, resumed_from_step. ``caller_state()`` (JSON) is saved in every checkpoint's
+    trainer state under ``CALLER_STATE`` (the stage keeps its MLflow run id and curve there, so a resume
+    continues both).
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     set_seed(cfg.seed)
@@ -193,8 +214,9 @@ def train_policy(
     optimizer = build_optimizer(params, cfg)
     # not passed through prepare(): Accelerate would step it num_processes times per optimizer step;
     # our schedule is in optimizer steps, whatever the number of processes
+    # not registered with accelerator.register_for_checkpointing either: Accelerate pickles custom
+    # objects and loads them back with weights_only=False; its state is JSON in trainer_state.json
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    accelerator.register_for_checkpointing(scheduler)
     if val_loader is not None:
         model, optimizer, train_loader, val_loader = accelerator.prepare(policy, optimizer, train_loader, val_loader)
     else:
@@ -204,8 +226,12 @@ def train_policy(
     step, best_val, last_val, last_train = 0, float("inf"), float("nan"), float("nan")
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        verify_checkpoint(resume, cfg.trust_checkpoint)
         state = read_trainer_state(resume)
+        if "scheduler" not in state:
+            raise VlaopsError(f"{resume / TRAINER_STATE_FILE}: no scheduler state (a checkpoint of an older vlaops); delete it to start afresh")
+        accelerator.load_state(str(resume))  # safetensors, and torch.load with weights_only=True
+        scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         best_val = float(state.get("best_val_loss", best_val))
         last_val = float(state.get("last_val_loss", last_val))
@@ -225,6 +251,8 @@ def train_policy(
             "best_val_loss": best_val,
             "last_val_loss": last_val,
             "last_train_loss": last_train,
+            "scheduler": scheduler.state_dict(),
+            CALLER_STATE: caller_state() if caller_state is not None else {},
         }
 
     def validate() -> None:
@@ -240,7 +268,7 @@ def train_policy(
             log_metrics({VAL_LOSS: val["loss"], VAL_ARM_LOSS: val["arm_loss"], VAL_GRIPPER_LOSS: val["gripper_loss"]}, step)
 
     model.train()
-    batches = _cycle(train_loader, accelerator, start_batch=step * cfg.gradient_accumulation_steps)
+    batches = _cycle(train_loader, start_batch=step * cfg.gradient_accumulation_steps)
     window: dict[str, list[float]] = {"loss": [], "arm_loss": [], "gripper_loss": [], "grad_norm": []}
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)

@@ -12,6 +12,11 @@ import os
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def is_rank_zero() -> bool:
+    """The main process of a distributed run (or the only process): the one that writes shared files."""
+    return _rank() == 0
+
+
 def _rank() -> int:
     for var in ("RANK", "LOCAL_RANK"):
         if var in os.environ:
