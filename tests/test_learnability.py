@@ -63,7 +63,7 @@ def test_a_policy_overfit_on_one_demonstration_replays_it_in_closed_loop(tmp_pat
 
     provenance = json.loads((tmp_path / "calvin" / "vlaops_dataset.json").read_text())
     (trained,) = [e for e in provenance["episodes"].values() if e["split"] == "training"]
-    metadata = yaml.safe_load((Path(trained["source"]) / "metadata.yaml").read_text())
+    metadata = yaml.safe_load((Path(cfg.data.raw_dir) / trained["source_name"] / "metadata.yaml").read_text())
     seed = int(metadata["rosbag2_bagfile_information"]["custom_data"]["seed"])
 
     policy = PolicyRuntime.load(cfg.paths.model_dir)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -31,11 +33,13 @@ B, W, C, A, L = 2, 3, 4, 7, 16
 
 
 def small_cfg(**kw) -> ModelConfig:
+    """Kosmos-2's 224 px (the tests' images) with 32 px patches: the default's 7x7 patch grid."""
     base = dict(
         window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=2,
-        head_mlp_dims=[32], vocab_size=200,
+        head_mlp_dims=[32], vocab_size=200, image_size=224,
     )
     base.update(kw)
+    base["tiny"] = dataclasses.replace(base.get("tiny") or TinyKosmosConfig(), patch_size=32)
     return ModelConfig(**base)
 
 
