@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from vlaops.data.config import DataConfig
-from vlaops.io import calvin_spec, rosbag2
+from vlaops.io import calvin_spec, images, rosbag2
 from vlaops.io.calvin import rel_actions_from_abs
 from vlaops.io.settings import ReaderSettings, TopicSettings
 
@@ -46,8 +46,8 @@ def test_calvin_spec_is_a_leaf():
 def test_every_import_is_absolute_and_io_is_the_stdlib():
     relative = [f"{p.relative_to(SRC)}: {'.' * level}{module}" for p in SRC.rglob("*.py") for level, module in _imports(p) if level]
     assert relative == []
-    # rosbag2.py decodes CompressedImage with ``import io`` -> io.BytesIO: it must be the standard library's
-    assert rosbag2.io is stdlib_io
+    # io/images.py decodes CompressedImage with ``import io`` -> io.BytesIO: it must be the standard library's
+    assert images.io is stdlib_io
 
 
 def test_data_config_satisfies_the_reader_settings():

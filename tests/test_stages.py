@@ -100,6 +100,26 @@ def test_checkpoints_of_another_recipe_are_refused(pipeline, capsys):
     assert "models/checkpoints: holds checkpoints of a different run" in err and "learning_rate" in err
 
 
+def test_under_dvc_another_recipe_sets_the_checkpoints_aside(tmp_path, monkeypatch):
+    """Under DVC the checkpoints persist (a killed train resumes), so ``dvc exp run -S`` with other params
+    must start afresh: the other recipe's checkpoints move to previous/ rather than stopping the run."""
+    from vlaops.train.checkpoint import PREVIOUS_DIR, RUN_CONFIG_FILE, guard_checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    guard_checkpoints(ckpt, {"config": {"train": {"learning_rate": 1e-3}}})
+    (ckpt / "step_0000010").mkdir()
+    (ckpt / "step_0000010" / "trainer_state.json").write_text("{}")
+    other = {"config": {"train": {"learning_rate": 5e-4}}}
+    with pytest.raises(VlaopsError, match="holds checkpoints of a different run"):
+        guard_checkpoints(ckpt, other)
+    assert (ckpt / "step_0000010").is_dir()  # refused: nothing moved
+    guard_checkpoints(ckpt, other, set_aside=True)
+    assert not (ckpt / "step_0000010").exists() and (ckpt / PREVIOUS_DIR / "step_0000010" / "trainer_state.json").is_file()
+    assert json.loads((ckpt / RUN_CONFIG_FILE).read_text()) == other
+    assert json.loads((ckpt / PREVIOUS_DIR / RUN_CONFIG_FILE).read_text())["config"]["train"]["learning_rate"] == 1e-3
+
+
 def test_evaluate_refuses_a_checkpoint_of_another_window(pipeline, capsys):
     assert _stage("evaluate", pipeline, "model.window_size=5") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -128,5 +148,5 @@ def test_train_without_normalisation_names_the_stage_to_run(tmp_path):
 
     from vlaops.stages import train
 
-    with pytest.raises(VlaopsError, match="run the normalize stage first"):
+    with pytest.raises(VlaopsError, match=r"data.calvin_dir=.*: does not exist \(run the convert stage first"):
         train.run(tiny_config(tmp_path))

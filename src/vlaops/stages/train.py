@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def run(cfg: Config) -> None:
     recipe_cfg["train"].pop("trust_checkpoint")  # how to load, not what was trained
     recipe = {"config": recipe_cfg, "data": fingerprint["calvin"]}
     with lock_checkpoints(checkpoint_dir):
-        guard_checkpoints(checkpoint_dir, recipe)
+        guard_checkpoints(checkpoint_dir, recipe, set_aside="DVC_STAGE" in os.environ)  # DVC sets it for every stage
         _train(cfg, processor, normalizer, train_ds, val_ds, fingerprint)
 
 

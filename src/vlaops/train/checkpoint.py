@@ -38,6 +38,7 @@ TRAINER_STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "vlaops_manifest.json"  # sha256 of every file of a checkpoint, written by vlaops only
 MANIFEST_FORMAT = 1
 RUN_CONFIG_FILE = "run_config.json"  # in the checkpoint dir: what the checkpoints were trained with
+PREVIOUS_DIR = "previous"  # under DVC, the checkpoints of the last different recipe (guard_checkpoints)
 
 
 def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -73,17 +74,32 @@ def lock_checkpoints(checkpoint_dir: Path) -> Iterator[None]:
         ) from None
 
 
-def guard_checkpoints(checkpoint_dir: Path, recipe: dict[str, Any]) -> None:
-    """Resume only the same recipe: a checkpoint of another config is an error, never a silent mix."""
+def guard_checkpoints(checkpoint_dir: Path, recipe: dict[str, Any], set_aside: bool = False) -> None:
+    """Resume only the same recipe: a checkpoint of another config is never silently mixed in.
+
+    A plain run refuses with one line. Under DVC (``set_aside``: the stage runs with ``DVC_STAGE`` set)
+    the checkpoint output is ``persist: true`` so that a killed train resumes, and a ``dvc exp run -S``
+    with other params is a new run: the other recipe's checkpoints move to ``previous/`` (replacing an
+    older set there), as DVC's own clean-up would have removed them without ``persist``.
+    """
     stamp = checkpoint_dir / RUN_CONFIG_FILE
     if stamp.is_file():
         previous = json.loads(stamp.read_text())
         if previous != recipe:
             diff = sorted(_differing_keys(previous, recipe))
-            raise VlaopsError(
-                f"{checkpoint_dir}: holds checkpoints of a different run (differs in {diff[:5]}); "
-                f"delete it to start afresh, or set paths.checkpoint_dir elsewhere"
-            )
+            if not set_aside:
+                raise VlaopsError(
+                    f"{checkpoint_dir}: holds checkpoints of a different run (differs in {diff[:5]}); "
+                    f"delete it to start afresh, or set paths.checkpoint_dir elsewhere"
+                )
+            aside = checkpoint_dir / PREVIOUS_DIR
+            shutil.rmtree(aside, ignore_errors=True)
+            aside.mkdir()
+            for p in sorted(checkpoint_dir.iterdir()):
+                if CHECKPOINT_PATTERN.match(p.name) or p.name == RUN_CONFIG_FILE:
+                    p.rename(aside / p.name)
+            log.warning("%s: checkpoints of a different run (differs in %s) moved to %s; training starts afresh",
+                        checkpoint_dir, diff[:5], aside)
     write_json(stamp, recipe)
 
 

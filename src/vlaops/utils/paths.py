@@ -64,6 +64,8 @@ def check_input_dir(key: str, path: str | os.PathLike[str]) -> None:
     path = Path(path)
     if not path.is_dir():
         what = "is not a directory" if path.exists() else "does not exist"
-        raise VlaopsError(f"{key}={path}: {what}")
+        producer = next((stage for stage, keys in STAGE_OUTPUTS.items() if key in keys), None)
+        hint = f" (run the {producer} stage first: dvc repro {producer})" if producer and not path.exists() else ""
+        raise VlaopsError(f"{key}={path}: {what}{hint}")
     if not os.access(path, os.R_OK | os.X_OK):
         raise VlaopsError(f"{key}={path}: not readable by this user")
