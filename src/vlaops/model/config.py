@@ -118,15 +118,15 @@ class ModelConfig:
     loss: str = "huber"
     # RoboVLMs 0.01 (model=kosmos2), for a pretrained backbone. On the first simulator (blocks in a row)
     # 0.01 left the gripper at the constant baseline (accuracy 0.755 against 0.750) and 0.1 learnt it.
-    # The gripper term also competes with the arm for the backbone: at 0.1 the next action's x-y (where the
-    # block is) was not learnt at all (validation R^2 -0.05; window 1, batch 32, 200 steps), at 0.03 it was
-    # (0.50) with the gripper still learnt (accuracy 0.93).
+    # The gripper term also competes with the arm for the backbone: on data of an earlier simulator the
+    # next action's x-y was learnt at 0.03 (with chunk_loss_decay 0.5) and not at 0.1, the gripper still
+    # learnt (accuracy 0.93); not reproduced on the current simulator (docs/results.md).
     arm_gripper_loss_ratio: float = 0.03
     # Weight of chunk step c in the loss: chunk_loss_decay**c (RoboVLMs: 1.0, a plain mean over the chunk).
     # The runtime executes step 0 only; with a plain mean the later steps (less predictable: when the
-    # arm stops, turns or closes) dominate the gradient, and from scratch the immediate action is learnt
-    # slowly. Measured (window 1, batch 32, 200 steps): validation R^2 of the next action's x-y from one
-    # frame -0.02 at 1.0, 0.35 at 0.5 (a loss on step 0 alone: 0.28).
+    # arm stops, turns or closes) dominate the gradient. On data of an earlier simulator (blocks in a
+    # row) 0.5 with gripper ratio 0.03 taught the next action's x-y where 1.0 did not; on the current
+    # simulator neither did in 200 steps (bench/learning_signal.py, docs/results.md): re-measure.
     chunk_loss_decay: float = 0.5
 
     def __post_init__(self) -> None:

@@ -60,8 +60,8 @@ class TrainConfig:
 
     seed: int = 0
     max_steps: int = 600
-    # 16 windows (128 frames): at 4 the tiny model never learnt where the block is (validation R^2 of the
-    # next action's x-y about 0 after 600 steps, at window 1 too); scenes per step matter, not frames.
+    # 16 windows (128 frames): on data of an earlier simulator 4 scenes a step never taught where the
+    # block is and 16 did (docs/results.md); on the current one that is not yet shown.
     batch_size: int = 16
     # RoboVLMs fine-tunes pretrained Kosmos-2 at 2e-5. The tiny default starts from random weights and
     # at 2e-5 its loss barely moves in a few hundred steps; 1e-3 makes it fall within ~20 steps (a test
