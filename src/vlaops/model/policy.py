@@ -94,9 +94,8 @@ class VLAPolicy(nn.Module):
         # reach the gradient through the loss's backward even where the result is masked out
         target = torch.where(keep, target.to(arm.dtype), torch.zeros_like(target, dtype=arm.dtype))
         valid = mask.float()  # (B, W, C)
-        if self.cfg.chunk_loss_decay != 1.0:  # chunk step c weighs decay**c (1.0: RoboVLMs' plain mean)
-            steps = torch.arange(valid.shape[-1], device=valid.device, dtype=valid.dtype)
-            valid = valid * self.cfg.chunk_loss_decay**steps
+        steps = torch.arange(valid.shape[-1], device=valid.device, dtype=valid.dtype)  # (C,)
+        valid = valid * self.cfg.chunk_loss_decay**steps  # chunk step c weighs decay**c (1.0: RoboVLMs' plain mean)
         denom = valid.sum().clamp(min=1e-8)
         if self.cfg.loss == "huber":
             arm_err = F.huber_loss(arm, target[..., :-1], reduction="none")  # (B, W, C, A-1)
