@@ -1,0 +1,253 @@
+"""Training cost of the policy: step time, samples/s, peak memory and model FLOPs utilisation (MFU).
+
+One optimiser step of ``VLAPolicy`` (Kosmos-2 + action token + LSTM head) on a synthetic batch of
+``train.batch_size`` windows of ``model.window_size`` frames, built and stepped the way the training loop
+does it (``build_accelerator`` for the precision, ``apply_train_setup`` for what trains,
+``build_optimizer``, gradient clipping). Two recipes per run: a full fine-tune (the train_setup defaults)
+and LoRA (``experiment=lora``'s flags: backbone frozen, adapters on the text decoder). Random weights: the
+cost does not depend on them, so the real 1.66 B-parameter Kosmos-2 needs no download (``--size real``).
+
+FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one forward + backward without
+activation checkpointing (recomputation is not model work), so MFU = counted FLOPs per step / step time
+/ the accelerator's dense bf16 peak. A bf16 8192^3 matrix product measured in the same run is printed
+beside it as what this device reaches on plain matrix work.
+
+    python bench/train_step.py                                          # the tiny default on CPU
+    python bench/train_step.py --size real --device cuda                # Kosmos-2 size, batch 4 x window 8, bf16
+    python bench/train_step.py --size real --device cpu --steps 1 --warmup 0 --modes lora train.batch_size=1
+
+Overrides are Hydra overrides of conf/. Prints a table and writes reports/bench/train_step[_<size>_<device>].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlaops.config import load_config
+from vlaops.data import keys
+from vlaops.model import VLAPolicy
+from vlaops.train.loop import build_accelerator, build_optimizer
+from vlaops.train.setup import _set_checkpointing, apply_train_setup
+from vlaops.utils.atomic import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# microsoft/kosmos-2-patch14-224's architecture (its config.json) and RoboVLMs' head, as overrides of the
+# tiny model so that the same construction path builds it with random weights
+REAL_SIZE = [
+    "model.tiny.text_embed_dim=2048", "model.tiny.text_layers=24", "model.tiny.text_attention_heads=32",
+    "model.tiny.text_ffn_dim=8192", "model.tiny.vision_hidden_size=1024", "model.tiny.vision_layers=24",
+    "model.tiny.vision_attention_heads=16", "model.tiny.vision_intermediate_size=4096", "model.tiny.patch_size=14",
+    "model.tiny.latent_query_num=64", "model.image_size=224", "model.lstm_hidden_size=1024",
+    "model.lstm_num_layers=4", "model.head_mlp_dims=[1024,512,256]", "train.batch_size=4",
+]
+REAL_VOCAB = 65037  # the Kosmos-2 tokenizer (sentencepiece + the grounding tags)
+
+# dense bf16 tensor-core peak (no sparsity) from the vendors' data sheets, by device name
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+MODES: dict[str, dict[str, Any]] = {
+    # train_setup defaults: vision tower, resampler, text decoder, token embeddings, action token, head
+    "full": {},
+    # experiment=lora as shipped: LoRA on the text decoder; by RoboVLMs' flags the vision tower, resampler
+    # and token embeddings still train (train_vision, train_text_embedding default true)
+    "lora": {"freeze_backbone": True, "lora_enable": True, "lora_r": 8, "lora_alpha": 16},
+    # LoRA with the vision tower and token embeddings frozen: only adapters, resampler, action token, head
+    "lora_frozen": {"freeze_backbone": True, "lora_enable": True, "lora_r": 8, "lora_alpha": 16,
+                    "train_vision": False, "train_text_embedding": False},
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_FLOPS.items():  # "H100 PCIe" before "H100"
+        if key in name:
+            return value
+    return None
+
+
+def synthetic_batch(cfg, vocab_size: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
+    """The training batch contract (vlaops.data.keys) with random content of the configured shapes."""
+    g = torch.Generator().manual_seed(seed)
+    b, w, c, a, s = cfg.train.batch_size, cfg.model.window_size, cfg.model.fwd_pred_next_n, cfg.model.action_dim, cfg.model.image_size
+    length = cfg.model.max_text_len
+    text_mask = torch.zeros(b, length, dtype=torch.long)
+    text_mask[:, : min(16, length)] = 1  # an instruction of ~16 tokens, padded to max_text_len
+    action = torch.rand(b, w, c, a, generator=g) * 2 - 1
+    action[..., -1] = (action[..., -1] > 0).float()
+    batch = {
+        keys.RGB: torch.randn(b, w, 3, s, s, generator=g),
+        keys.HAND_RGB: torch.randn(b, w, 3, s, s, generator=g),
+        keys.TEXT: torch.randint(3, vocab_size, (b, length), generator=g) * text_mask,
+        keys.TEXT_MASK: text_mask,
+        keys.ACTION_CHUNK: action,
+        keys.CHUNK_MASK: torch.ones(b, w, c, dtype=torch.bool),
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device) -> float | None:
+    """What this device reaches on a plain bf16 8192^3 product (mean of 10 after 3 warm-ups)."""
+    if device.type != "cuda":
+        return None
+    x = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        x @ x
+    sync(device)
+    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+def bench_mode(cfg, mode: str, vocab_size: int, device: torch.device, steps: int, warmup: int, checkpointing: bool,
+               profile: bool = False) -> dict[str, Any]:
+    """Build the policy for one recipe on ``device``, count its FLOPs, then time ``steps`` optimiser steps."""
+    for key, value in MODES[mode].items():
+        setattr(cfg.train.train_setup, key, value)
+    cfg.train.train_setup.gradient_checkpointing = False  # FLOPs are counted without recomputation
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    with device:  # random init straight on the device: a 1.6 B model initialised on the CPU takes minutes
+        model = VLAPolicy.build(cfg.model, vocab_size=vocab_size)
+    counts = apply_train_setup(model, cfg.train.train_setup)
+    accelerator = build_accelerator(cfg.train)
+    optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.train)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    batch = synthetic_batch(cfg, vocab_size, device, cfg.seed)
+
+    def step() -> float:
+        out = model(batch)
+        accelerator.backward(out["loss"])
+        accelerator.clip_grad_norm_(model.parameters(), cfg.train.gradient_clip_val)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(out["loss"].detach())
+
+    step()  # the optimiser state exists from here on: the FLOP count and the timing see a steady step
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(batch)
+        accelerator.backward(out["loss"])
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops()
+    if checkpointing:
+        _set_checkpointing(accelerator.unwrap_model(model).backbone.model, True)
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if profile:  # where one step's time goes, by operator (self time on the device, else on the CPU)
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            step()
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = step()  # float(): waits for the step to finish on the device
+        times.append(time.perf_counter() - start)
+    step_s = sorted(times)[len(times) // 2]
+    samples = cfg.train.batch_size
+    result = {
+        "mode": mode,
+        "gradient_checkpointing": checkpointing,
+        "params_total": counts["params_total"],
+        "params_trainable": counts["params_trainable"],
+        "step_s_median": round(step_s, 4),
+        "step_s_min": round(min(times), 4),
+        "step_s_max": round(max(times), 4),
+        "samples_per_s": round(samples / step_s, 2),
+        "frames_per_s": round(samples * cfg.model.window_size / step_s, 1),
+        "model_tflop_per_step": round(flops / 1e12, 3),
+        "achieved_tflops": round(flops / step_s / 1e12, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "precision": accelerator.mixed_precision,
+        "last_loss": round(loss, 4),
+    }
+    peak = peak_flops(device)
+    result["mfu"] = round(flops / step_s / peak, 4) if peak else None
+    del model, optimizer, accelerator, batch
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "real"], default="tiny", help="real: Kosmos-2 1.66 B + RoboVLMs' head, batch 4")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["full", "lora", "lora_frozen"])
+    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per mode (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--checkpointing", action="store_true", help="time with Kosmos-2's activation checkpointing on")
+    parser.add_argument("--profile", action="store_true", help="print one step's operators by device time (torch.profiler)")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. train.batch_size=8")
+    args = parser.parse_args()
+
+    overrides = (REAL_SIZE if args.size == "real" else []) + args.overrides
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench/train_step.py: --device cuda but torch sees no CUDA device")
+    results = []
+    for mode in args.modes:
+        cfg = load_config(overrides, ROOT / "conf")
+        vocab = REAL_VOCAB if args.size == "real" else cfg.model.vocab_size
+        results.append(bench_mode(cfg, mode, vocab, device, args.steps, args.warmup, args.checkpointing, args.profile))
+        r = results[-1]
+        print(f"{args.size} {mode:4s}: {r['step_s_median'] * 1000:9.1f} ms/step  {r['samples_per_s']:7.2f} samples/s  "
+              f"{r['achieved_tflops']:7.2f} TFLOP/s  MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
+              f"peak {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} GiB  "
+              f"trainable {r['params_trainable'] / 1e6:.1f} M of {r['params_total'] / 1e6:.1f} M", flush=True)
+    cfg = load_config(overrides, ROOT / "conf")
+    matmul = matmul_tflops(device)
+    if matmul is not None:
+        print(f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: {peak_flops(device) or '-'})")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    report = {
+        "benchmark": "train_step",
+        "size": args.size,
+        "batch_size": cfg.train.batch_size,
+        "window_size": cfg.model.window_size,
+        "image_size": cfg.model.image_size,
+        "use_hand_rgb": cfg.model.use_hand_rgb,
+        "results": results,
+        "matmul_bf16_tflops": round(matmul, 1) if matmul is not None else None,
+        "peak_bf16_flops": peak_flops(device),
+        "overrides": overrides,
+        "device": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
+    out = args.out or ROOT / "reports" / "bench" / ("train_step.json" if args.size == "tiny" and device.type == "cpu"
+                                                   else f"train_step_{args.size}_{device.type}.json")
+    write_json(out, report)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
