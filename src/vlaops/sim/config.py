@@ -74,6 +74,10 @@ class SimConfig:
     # the training normalisation's range (data.norm_min/norm_max, RoboVLMs' +-0.65) is clipped there and
     # cannot be reproduced by a policy. The top-level config checks it fits inside data.norm_max.
     expert_max_action: float = EXPERT_MAX_ACTION
+    # DART noise: the recorded demonstrations execute the expert's arm action plus N(0, this) per
+    # dimension (in the env's [-1, 1] units) and record the expert's own action, so they hold recoveries
+    # from the drift a policy's errors cause (sim/expert.py run_expert). 0: the clean expert.
+    expert_action_noise: float = 0.0
     # Block start poses, sampled per reset: (x, y) uniform over this rectangle of the table (m, robot
     # base frame), centres at least block_min_separation apart, colours in any arrangement, yaw uniform
     # in +-block_yaw_range (pi/4 covers every orientation of a cube). Wide enough that a policy must
@@ -124,6 +128,9 @@ class SimConfig:
         if not 0.0 < self.expert_max_action <= 1.0:
             raise ValueError(f"sim.expert_max_action must be in (0, 1] (a fraction of CALVIN's full relative "
                              f"action), got {self.expert_max_action!r}")
+        if not 0.0 <= self.expert_action_noise < 1.0:
+            raise ValueError(f"sim.expert_action_noise must be in [0, 1) (a standard deviation in the env's [-1, 1] "
+                             f"action units), got {self.expert_action_noise!r}")
         self._check_block_area()
 
     def _check_block_area(self) -> None:

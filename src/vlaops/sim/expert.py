@@ -193,14 +193,22 @@ StepCallback = Callable[[dict[str, Any], np.ndarray], None]
 
 def run_expert(env: TabletopEnv, task: Task | str, max_steps: int, obs: dict[str, Any] | None = None,
                on_step: StepCallback | None = None,
-               max_action: float | None = None) -> tuple[bool, int, dict[str, Any]]:
+               max_action: float | None = None,
+               action_noise: float = 0.0,
+               rng: np.random.Generator | None = None) -> tuple[bool, int, dict[str, Any]]:
     """Run the expert for ``task`` from the env's current state until done or ``max_steps``.
 
     ``on_step(obs, rel_action)`` is called with each observation and the action chosen from it, before
     the action is applied; ``obs`` is the current observation (e.g. from ``reset``), rendered if omitted.
     ``max_action`` caps the arm actions; None takes the env's ``cfg.expert_max_action``.
+    ``action_noise`` > 0 executes the expert's arm action plus Gaussian noise of that standard deviation
+    (drawn from ``rng``) while ``on_step`` still sees the expert's own action: DART (Laskey et al. 2017).
+    The arm drifts off the expert's path and the closed-loop expert steers it back, so the
+    demonstrations show the recoveries that a policy's own small errors will need.
     Returns (success by the task oracle, steps taken, info at the end).
     """
+    if action_noise > 0 and rng is None:
+        raise ValueError("run_expert: action_noise > 0 needs an rng (the noise must be reproducible)")
     task = get_task(task) if isinstance(task, str) else task
     start = env.get_info()
     expert = ScriptedExpert(task, start, env.cfg.expert_max_action if max_action is None else max_action)
@@ -213,7 +221,11 @@ def run_expert(env: TabletopEnv, task: Task | str, max_steps: int, obs: dict[str
         if on_step is not None:
             obs = obs if obs is not None else env.observe()
             on_step(obs, action)
-        obs = env.step(action)
+        executed = action
+        if action_noise > 0:
+            executed = action.copy()
+            executed[:6] = np.clip(action[:6] + rng.normal(0.0, action_noise, 6), -1.0, 1.0)
+        obs = env.step(executed)
         info = env.get_info()
         steps += 1
     return task.success(start, info), steps, info

@@ -205,7 +205,9 @@ def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, 
     def on_step(o: dict[str, Any], rel: np.ndarray) -> None:
         rec.frames.append(Frame(env.tick - tick0, o, env.rel_to_abs(rel)))
 
-    ok, _, _ = run_expert(env, task, cfg.max_episode_steps, obs=obs, on_step=on_step)
+    noise_rng = np.random.default_rng([seed, 1]) if cfg.expert_action_noise > 0 else None
+    ok, _, _ = run_expert(env, task, cfg.max_episode_steps, obs=obs, on_step=on_step,
+                          action_noise=cfg.expert_action_noise, rng=noise_rng)
     t0 = tick0 / cfg.control_hz
     rec.joint_samples = [(t - t0, q, dq) for t, q, dq in env.joint_samples[samples0:]]
     return ok, rec
