@@ -210,18 +210,19 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/train_step.py: --device cuda but torch sees no CUDA device")
+    matmul = matmul_tflops(device)  # the baseline of this run: plain matrix work on the same device
     results = []
     for mode in args.modes:
         cfg = load_config(overrides, ROOT / "conf")
         vocab = REAL_VOCAB if args.size == "real" else cfg.model.vocab_size
         results.append(bench_mode(cfg, mode, vocab, device, args.steps, args.warmup, args.checkpointing, args.profile))
         r = results[-1]
+        r["fraction_of_matmul"] = round(r["achieved_tflops"] / matmul, 3) if matmul else None
         print(f"{args.size} {mode:4s}: {r['step_s_median'] * 1000:9.1f} ms/step  {r['samples_per_s']:7.2f} samples/s  "
-              f"{r['achieved_tflops']:7.2f} TFLOP/s  MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
+              f"{r['achieved_tflops']:7.2f} TFLOP/s ({r['fraction_of_matmul'] or '-'} of matmul)  MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
               f"peak {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} GiB  "
               f"trainable {r['params_trainable'] / 1e6:.1f} M of {r['params_total'] / 1e6:.1f} M", flush=True)
     cfg = load_config(overrides, ROOT / "conf")
-    matmul = matmul_tflops(device)
     if matmul is not None:
         print(f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: {peak_flops(device) or '-'})")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
