@@ -148,3 +148,21 @@ def test_cli_params_check(tmp_path, monkeypatch):
     stale = tmp_path / "params.yaml"
     stale.write_text("seed: 1\n")
     assert main(["params", "--check", "--params", str(stale)]) == 1
+
+
+def test_cli_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path, capsys):
+    out_dir = tmp_path / "never-written"
+    assert main(["train", "--cfg", "job", "train.max_steps=7", f"paths.model_dir={out_dir}", "--config-dir", str(CONF)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["max_steps"] == 7
+    assert printed["model"]["window_size"] == load_config([], CONF).model.window_size
+    assert not out_dir.exists()
+
+
+def test_cli_help_lists_config_groups_and_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help", "--config-dir", str(CONF)])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "experiment: cpu_long, lora, robovlms_kosmos2" in help_text
+    assert "model: kosmos2, tiny" in help_text

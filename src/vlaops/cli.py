@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import random
 import signal
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from vlaops.config import DEFAULT_CONFIG_DIR, Config, compose, dump_params, load_config, load_params
+from vlaops.config import DEFAULT_CONFIG_DIR, Config, compose, dump_params, load_config, load_params, to_container
 from vlaops.errors import Terminated, VlaopsError
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
@@ -39,11 +40,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _config_groups(config_dir: str | os.PathLike[str]) -> str:
+    """The config groups of ``config_dir`` and their options, for ``--help`` (Hydra's own help lists them)."""
+    root = Path(config_dir)
+    if not root.is_dir():
+        return f"(no config directory {root}: run from the project root or pass --config-dir)"
+    lines = ["config groups (override one with group=option, e.g. experiment=cpu_long):"]
+    for group in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if options:
+            lines.append(f"  {group.name}: {', '.join(options)}")
+    lines.append("any key of the composed config: key=value (see 'vlaops <command> --cfg job')")
+    return "\n".join(lines)
+
+
+def _parser(config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlaops",
         description="Robot recordings -> CALVIN -> a fine-tuned Kosmos-2 + LSTM policy. "
         "Each command is one DVC stage; trailing key=value arguments are Hydra overrides.",
+        epilog=_config_groups(config_dir),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("command", choices=[*STAGES, "params", "check"],
                         help="a pipeline stage; 'params' to write params.yaml from conf/; 'check' to check every "
@@ -52,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/")
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
     parser.add_argument("--check", action="store_true", help="with 'params': fail if params.yaml differs from conf/ instead of writing it")
+    parser.add_argument("--cfg", choices=["job"], help="print the composed config the command would run with (YAML) and exit, as Hydra's --cfg job")
     return parser
 
 
@@ -95,7 +113,10 @@ def _raise_terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_intermixed_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # the epilog lists the groups of the config dir this call will use
+    config_dir = argv[argv.index("--config-dir") + 1] if "--config-dir" in argv[:-1] else DEFAULT_CONFIG_DIR
+    args = _parser(config_dir).parse_intermixed_args(argv)
     # SIGTERM unwinds like Ctrl-C (an exception), so atomic outputs drop their temporaries and the
     # MLflow run is closed as KILLED; Python's default would end the process on the spot, like kill -9
     handle = threading.current_thread() is threading.main_thread()  # Python allows handlers only there
@@ -105,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             _write_params(args)
             return 0
         cfg = load_params(args.params, args.overrides) if args.params else load_config(args.overrides, args.config_dir)
+        if args.cfg == "job":
+            print(yaml.safe_dump(to_container(cfg), sort_keys=False), end="")
+            return 0
         if args.command == "check":
             check_all(cfg)
             return 0
