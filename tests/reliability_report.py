@@ -32,10 +32,14 @@ GUARANTEES: list[tuple[str, list[str]]] = [
      "no temporaries, the previous output untouched",
      [f"{R}test_a_signalled_train_ends_killed_without_leftovers",
       f"{R}test_a_signalled_convert_keeps_the_old_output_and_no_temporary",
+      f"{R}test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run[15]",
+      f"{R}test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running",
       "tests/test_atomic.py::test_a_failing_block_leaves_the_old_output_and_no_temporary"]),
     ("After SIGKILL the next run sweeps its output's stale temporaries (and logs it); a live writer's are kept; "
      "the rerun's output is byte-identical to a clean run's",
      [f"{R}test_after_sigkill_the_rerun_sweeps_the_stale_temporary_and_matches_a_clean_run",
+      f"{R}test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run[9]",
+      f"{R}test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running",
       "tests/test_atomic.py::test_a_live_writers_temporary_is_kept_a_dead_ones_is_swept"]),
     ("Only checkpoints vlaops wrote (manifest of sha256) are resumed unless train.trust_checkpoint; no "
      "pickled custom state is saved or loaded",
@@ -47,10 +51,18 @@ GUARANTEES: list[tuple[str, list[str]]] = [
     ("Validation before cost: output paths, inputs and the tracking store are checked first, the error names "
      "the config key and path; a truncated model.safetensors names the file; experiment=nosuch lists the options",
      ["tests/test_validation.py", "tests/test_model.py::test_a_truncated_weights_file_is_named"]),
-    ("Deterministic bytes: convert's output and the data fingerprint do not depend on where the data lives",
-     ["tests/test_convert.py::test_convert_bytes_do_not_depend_on_where_the_data_lives"]),
+    ("Deterministic bytes: convert's output and the data fingerprint do not depend on where the data lives; "
+     "ingest's report, collect's summary and the exported policy hold no wall time",
+     ["tests/test_convert.py::test_convert_bytes_do_not_depend_on_where_the_data_lives",
+      "tests/test_ingest.py::test_reingest_is_byte_identical",
+      "tests/test_sim.py::test_collect_writes_readable_bags",
+      "tests/test_stages.py::test_export_holds_everything_policy_load_needs"]),
+    ("Bad input: every recording of the broken-recording corpus is quarantined with its reason (or one line with "
+     "on_bad_input=error), never a traceback, and the good episodes beside it are byte-identical",
+     ["tests/test_ingest_corpus.py"]),
     ("Permissions: outputs get the user's umask permissions, not the temporaries' 0700/0600",
-     ["tests/test_atomic.py::test_outputs_get_the_umask_permissions_not_the_temporaries"]),
+     ["tests/test_atomic.py::test_outputs_get_the_umask_permissions_not_the_temporaries",
+      "tests/test_frame_cache.py::test_cache_gets_the_umask_permissions"]),
 ]
 
 

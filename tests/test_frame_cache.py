@@ -154,6 +154,20 @@ def test_built_once_then_reused(calvin_dir, cfg):
     assert other.built and val.built and len(_cache_dirs(cfg.data.cache_dir)) == 3
 
 
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_cache_gets_the_umask_permissions(calvin_dir, cfg, mask):
+    """A cache on shared storage is readable by the group as any file the user makes (not mkdtemp's 0700)."""
+    import stat
+
+    old = os.umask(mask)
+    try:
+        cache = open_frame_cache(CalvinSplit(calvin_dir / "training"), S, cfg.data.cache_dir)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(cache.dir.stat().st_mode) == 0o777 & ~mask
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask for p in cache.dir.iterdir())
+
+
 def test_the_factory_reuses_the_cache_or_reads_npz_without_one(calvin_dir, cfg):
     from vlaops.model import make_processor
 

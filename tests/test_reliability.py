@@ -63,6 +63,10 @@ def start_and_signal(cmd: list[str], ready: callable, sig: int, timeout: float =
         if meanwhile is not None:
             meanwhile(proc.pid)
             assert proc.poll() is None, "the process ended while the test was busy; make it run longer"
+        while sig != signal.SIGKILL and not _catches(proc.pid, sig):  # under load the imports take seconds
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the process never installed its {signal.Signals(sig).name} handler")
+            time.sleep(0.005)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -70,6 +74,16 @@ def start_and_signal(cmd: list[str], ready: callable, sig: int, timeout: float =
             proc.kill()
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (Linux: the SigCgt mask in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # no /proc: assume it does, as before
+    mask = next(int(line.split()[1], 16) for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
 
 
 def _runs(db: Path) -> list:
@@ -201,6 +215,91 @@ def test_after_sigkill_the_rerun_sweeps_the_stale_temporary_and_matches_a_clean_
     assert f"removed {stale}" in rerun.stderr and "left by an interrupted run" in rerun.stderr
     assert _temps(tmp_path) == []
     assert _tree(out) == _tree(calvin_dir)  # byte for byte what an uninterrupted convert wrote
+
+
+def _ingest_started(out: Path):
+    return lambda: any(out.parent.glob(f".{out.name}.tmp-*/*"))
+
+
+@pytest.fixture
+def many_bags(tmp_path: Path) -> Path:
+    """Enough recordings that ingest runs for seconds: a signal lands while it writes its temporary."""
+    from bagfactory import write_arm_bag
+
+    raw = tmp_path / "many_raw"
+    for i in range(16):
+        write_arm_bag(raw / f"ep{i:02d}", n_frames=60, static_size=128, seed=i,
+                      instruction="push the red block to the left" if i % 2 else "lift the blue block")
+    return raw
+
+
+@pytest.mark.slow  # three ingests of 16 recordings in subprocesses
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run(many_bags, tmp_path, sig):
+    """Killed while it writes: the previous complete episodes stay untouched, exit 128+signal with one
+    line (SIGTERM) and no temporary; after SIGKILL the rerun sweeps the stale temporary. Either way the
+    rerun's episodes are byte-identical to an uninterrupted ingest's."""
+    out = tmp_path / "episodes"
+    raw = f"data.raw_dir={many_bags}"
+    first = run_stage("ingest", tmp_path, raw, f"data.episodes_dir={tmp_path}/clean")
+    assert first.returncode == 0, first.stderr[-3000:]
+    clean = _tree(tmp_path / "clean")
+    import shutil
+
+    shutil.copytree(many_bags / "ep00", tmp_path / "one_raw" / "ep00")
+    old = run_stage("ingest", tmp_path, f"data.raw_dir={tmp_path}/one_raw")  # an older, smaller output at `out`
+    assert old.returncode == 0, old.stderr[-3000:]
+    before = _tree(out)
+    killed = start_and_signal(stage_cmd("ingest", tmp_path, raw), _ingest_started(out), sig)
+    assert _tree(out) == before  # the previous complete output, untouched
+    if sig == signal.SIGKILL:
+        assert killed.returncode == -signal.SIGKILL
+        (stale,) = [p for p in _temps(tmp_path) if p.parent == tmp_path]  # (and whatever it held)
+    else:
+        assert killed.returncode == 128 + sig, killed.stderr[-3000:]
+        _one_line_error(killed.stderr, f"stopped by {signal.Signals(sig).name}")
+        assert _temps(tmp_path) == []
+    rerun = run_stage("ingest", tmp_path, raw)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    if sig == signal.SIGKILL:
+        assert f"removed {stale}" in rerun.stderr
+    assert _temps(tmp_path) == []
+    assert _tree(out) == clean
+
+
+EVAL_LONG = ["eval.num_chains=4", "eval.max_steps_per_subtask=40", "eval.ablations=[]", "eval.references=[expert]"]
+
+
+@pytest.mark.slow  # a training and three evaluations in subprocesses
+def test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running(calvin_dir, tmp_path):
+    """SIGTERM while the chains run: exit 143 with one line, the previous reports untouched, no
+    temporary, no MLflow run left RUNNING. SIGKILL later on: the rerun's reports are byte-identical to
+    the first evaluation's (same seed, same checkpoint)."""
+    trained = run_stage("train", tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    first = run_stage("evaluate", tmp_path, *EVAL_LONG)
+    assert first.returncode == 0, first.stderr[-3000:]
+    reports = tmp_path / "reports"
+    names = ("metrics.json", "results.json", "chains.json")
+    before = {n: (reports / n).read_bytes() for n in names}
+    started = time.monotonic()  # 8 s: past the imports and the offline metrics, into the chains
+    term = start_and_signal(stage_cmd("evaluate", tmp_path, *EVAL_LONG),
+                            lambda: time.monotonic() - started > 8, signal.SIGTERM)
+    assert term.returncode == 128 + signal.SIGTERM, term.stderr[-3000:]
+    _one_line_error(term.stderr, "stopped by SIGTERM")
+    assert {n: (reports / n).read_bytes() for n in names} == before
+    assert _temps(tmp_path) == []
+    assert all(r.info.status != "RUNNING" for r in _runs(tmp_path / "mlflow.db"))
+    started = time.monotonic()
+    killed = start_and_signal(stage_cmd("evaluate", tmp_path, *EVAL_LONG),
+                              lambda: time.monotonic() - started > 12, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert {n: (reports / n).read_bytes() for n in names} == before
+    rerun = run_stage("evaluate", tmp_path, *EVAL_LONG)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _temps(tmp_path) == []
+    assert {n: (reports / n).read_bytes() for n in names} == before
+    assert all(r.info.status != "RUNNING" for r in _runs(tmp_path / "mlflow.db"))
 
 
 # ---- concurrency -------------------------------------------------------------------------------------

@@ -308,7 +308,7 @@ def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
     summary = collect(cfg, tmp_path)
     assert summary["episodes"] == ["push_blue_right_0000", "place_green_0000"]
     assert summary["tasks"]["push_blue_right"] == {"attempts": 1, "successes": 1, "success_rate": 1.0}
-    assert summary["wall_time_s"] > 0
+    assert set(summary) == {"tasks", "episodes"}  # reports/collect.json is a DVC metric: no wall time in it
     ts = get_typestore(Stores.ROS2_HUMBLE)
     topics = cfg.topics
     for episode in summary["episodes"]:

@@ -47,6 +47,8 @@ def test_export_holds_everything_policy_load_needs(pipeline):
     cfg = json.loads((export / "train_config.json").read_text())
     assert cfg["train"]["max_steps"] == 4 and cfg["model"]["window_size"] == 3
     assert json.loads((export / "data_fingerprint.json").read_text())["calvin"]
+    result = json.loads((export / "train_result.json").read_text())
+    assert result["steps"] == 4 and not {"wall_time_s", "steps_per_s"} & set(result)  # a DVC output: no wall time
     policy = PolicyRuntime.load(export)
     assert policy.cfg.fwd_pred_next_n == 4
 

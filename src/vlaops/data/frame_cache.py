@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from vlaops.data.transforms import resize_uint8
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import CalvinSplit
+from vlaops.utils.atomic import current_umask
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -212,6 +213,7 @@ def open_frame_cache(split: CalvinSplit, image_size: int, cache_dir: str | os.Pa
             shutil.rmtree(final)
         log.info("frame cache %s: building %d frames of %s at %d px (once per split content)", final, len(frame_ids), split.dir, image_size)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename: shared caches stay readable
         try:
             _build(split, frame_ids, image_size, key, tmp)
             os.replace(tmp, final)

@@ -139,9 +139,10 @@ def run(cfg: Config) -> None:
         "references": {label.removeprefix(tracking.REFERENCE_PREFIX): fig for label, fig in figs.items()
                        if label.startswith(tracking.REFERENCE_PREFIX)},
     }
-    write_json(reports_dir / METRICS_FILE, metrics)
-    write_json(reports_dir / RESULTS_FILE, results_json(summary, str(model_dir)))
+    # metrics.json last: it is the DVC metric, so a kill between the three leaves the stage not done
     write_json(reports_dir / CHAINS_FILE, [r.__dict__ for r in results["policy"]])
+    write_json(reports_dir / RESULTS_FILE, results_json(summary, str(model_dir)))
+    write_json(reports_dir / METRICS_FILE, metrics)
     log.info("%d chains of %d, seed %d:\n%s", len(chains), cfg.eval.chain_length, cfg.eval.seed,
              summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence))
 

@@ -25,6 +25,7 @@ from vlaops.utils.paths import check_input_dir, check_outputs
 
 log = get_logger(__name__)
 CURVE_FILE = "train_curve.csv"
+TIMING_KEYS = ("wall_time_s", "steps_per_s")  # of train_policy's result: logged, never written into the policy
 
 
 def _write_curve(path: Path, rows: dict[int, dict[str, float]]) -> None:
@@ -100,7 +101,9 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
         run_info = {"run_id": tracking.active_run_id(mlflow), "tracking_uri": tracking.tracking_uri(cfg.tracking) if mlflow else None}
         save_policy(
             model_dir, policy, processor, normalizer, cfg.model,
-            extra={"train_config": to_container(cfg), "data_fingerprint": fingerprint, "train_result": result,
+            # no wall time in the policy (a DVC output): it stays in the log and in MLflow's final/* metrics
+            extra={"train_config": to_container(cfg), "data_fingerprint": fingerprint,
+                   "train_result": {k: v for k, v in result.items() if k not in TIMING_KEYS},
                    Path(tracking.RUN_FILE).stem: run_info},
         )
         _write_curve(Path(cfg.paths.reports_dir) / CURVE_FILE, curve)

@@ -74,8 +74,14 @@ def map_ordered(
                 for fut in futures:  # by index: the merge order is the item order
                     out.append(fut.result())
                     bar.update(1)
-            except BaseException:
+            except Exception:
                 pool.shutdown(wait=True, cancel_futures=True)  # a failure stops the work not yet started
+                raise
+            except BaseException:  # SIGTERM (Terminated) or Ctrl-C: stop now, not after the running items
+                workers_alive = list(getattr(pool, "_processes", {}).values())
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in workers_alive:
+                    proc.terminate()
                 raise
             return out
     finally:
