@@ -67,13 +67,33 @@ def start_and_signal(cmd: list[str], ready: callable, sig: int, timeout: float =
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the process never installed its {signal.Signals(sig).name} handler")
             time.sleep(0.005)
+        children = _children(proc.pid)  # e.g. a stage's worker pool: it must not outlive the stage, even SIGKILLed
         proc.send_signal(sig)
+        proc.wait(timeout=120)
+        deadline_children = time.monotonic() + 30
+        while (alive := [c for c in children if _alive(c)]) and time.monotonic() < deadline_children:
+            time.sleep(0.1)
+        assert not alive, f"worker processes {alive} outlived the {signal.Signals(sig).name}-ed stage"
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _catches(pid: int, sig: int) -> bool:

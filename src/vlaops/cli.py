@@ -26,6 +26,7 @@ from vlaops.config import DEFAULT_CONFIG_DIR, Config, compose, dump_params, load
 from vlaops.errors import Terminated, VlaopsError
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
+from vlaops.utils.signals import signal_arrived
 
 log = get_logger(__name__)
 STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
@@ -109,7 +110,16 @@ def check_all(cfg: Config) -> None:
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated(signum)
+    signal_arrived(signum)
+
+
+def _quiet_swallowed_signal(unraisable: "sys.UnraisableHookArgs") -> None:
+    """Python prints an exception raised where it cannot propagate (a C callback, ``__del__``) as
+    "Exception ignored ... Traceback"; for our Terminated that is the signal, which the work loops honour
+    at their next item (``utils.signals.raise_if_signalled``): no traceback for the user."""
+    if isinstance(unraisable.exc_value, (Terminated, KeyboardInterrupt)):
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLflow run is closed as KILLED; Python's default would end the process on the spot, like kill -9
     handle = threading.current_thread() is threading.main_thread()  # Python allows handlers only there
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if handle else None
+    sys.unraisablehook = _quiet_swallowed_signal
     try:
         if args.command == "params":
             _write_params(args)

@@ -16,6 +16,7 @@ import numpy as np
 from vlaops.errors import RecordingError, VlaopsError
 from vlaops.io.calvin_spec import ACTION_DIM, ROBOT_OBS_DIM, SCENE_OBS_DIM
 from vlaops.utils.atomic import atomic_file
+from vlaops.utils.signals import signals_deferred
 
 FORMAT_VERSION = 1
 ARM_ACTION_DIM = ACTION_DIM  # action/abs: target tcp xyz, target tcp euler xyz, gripper ±1 (CALVIN's "actions")
@@ -115,7 +116,9 @@ def write_episode(path: str | os.PathLike[str], episode: Episode) -> None:
     """Validate and write ``episode`` to ``path`` atomically."""
     path = Path(path)
     episode.validate(str(path))
-    with atomic_file(path, "wb") as handle, h5py.File(handle, "w") as f:
+    # h5py writes through the file object's Python methods: a signal handler raising inside one would be
+    # swallowed and leave HDF5 half-flushed (a crash at exit); the signal waits for the file to be closed
+    with atomic_file(path, "wb") as handle, signals_deferred(), h5py.File(handle, "w") as f:
         f.attrs["format_version"] = FORMAT_VERSION
         for name in _ATTRS:
             f.attrs[name] = getattr(episode, name)

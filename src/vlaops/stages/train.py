@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from pathlib import Path
 from typing import Any
 
+import torch
+from accelerate import PartialState
 from torch.utils.data import Dataset
 
 from vlaops import tracking
@@ -58,12 +61,18 @@ def run(cfg: Config) -> None:
     recipe_cfg = {k: v for k, v in to_container(cfg).items() if k in ("seed", "model", "train", "data")}
     recipe_cfg["train"].pop("trust_checkpoint")  # how to load, not what was trained
     recipe = {"config": recipe_cfg, "data": fingerprint["calvin"]}
+    # a distributed launch (torchrun, accelerate launch): the main process owns the shared files, the
+    # MLflow run and the export; the others train their shard of each batch
+    state = PartialState(cpu=not torch.cuda.is_available())
     with lock_checkpoints(checkpoint_dir):
-        guard_checkpoints(checkpoint_dir, recipe, set_aside="DVC_STAGE" in os.environ)  # DVC sets it for every stage
-        _train(cfg, processor, normalizer, train_ds, val_ds, fingerprint)
+        if state.is_main_process:
+            guard_checkpoints(checkpoint_dir, recipe, set_aside="DVC_STAGE" in os.environ)  # DVC sets it for every stage
+        state.wait_for_everyone()
+        _train(cfg, processor, normalizer, train_ds, val_ds, fingerprint, state.is_main_process)
 
 
-def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: Dataset, val_ds: Dataset, fingerprint: dict[str, Any]) -> None:
+def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: Dataset, val_ds: Dataset,
+           fingerprint: dict[str, Any], is_main: bool = True) -> None:
     """Build, train (resuming the checkpoint directory's newest checkpoint) and export the policy."""
     model_dir, checkpoint_dir = Path(cfg.paths.model_dir), Path(cfg.paths.checkpoint_dir)
     policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
@@ -81,7 +90,8 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
         log.warning("%s: MLflow run %s of the checkpoint is not in %s; starting a new run", resume, run_id, tracking.tracking_uri(cfg.tracking))
         run_id = None
     curve: dict[int, dict[str, float]] = {int(step): row for step, row in previous.get("curve", {}).items()}
-    with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else tags) as mlflow:
+    opened = tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else tags) if is_main else contextlib.nullcontext()
+    with opened as mlflow:
         if run_id is None:
             tracking.log_params(mlflow, flatten(to_container(cfg)))
             tracking.log_metrics(mlflow, {f"params/{k}": float(v) for k, v in counts.items()})
@@ -97,6 +107,8 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
             policy, make_loader(train_ds, cfg.train, shuffle=True), make_loader(val_ds, cfg.train, shuffle=False),
             cfg.train, log_metrics, checkpoint_dir, caller_state,
         )
+        if not is_main:
+            return
         tracking.log_metrics(mlflow, {f"final/{k}": v for k, v in result.items()})
         run_info = {"run_id": tracking.active_run_id(mlflow), "tracking_uri": tracking.tracking_uri(cfg.tracking) if mlflow else None}
         save_policy(

@@ -79,6 +79,9 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # without CUDA, cpu=True is what makes Accelerate join a torchrun/mpirun launch as one of its
+        # processes (MULTI_CPU, gloo); without it every process would train alone on the same outputs
+        cpu=not torch.cuda.is_available(),
         # no "generator" sync: our loaders draw nothing from the global generators that needs syncing
         rng_types=[],
     )
@@ -162,6 +165,17 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, max_batche
     return {k: v / max(n, 1) for k, v in sums.items()} if n else {}
 
 
+def _epoch_sampler(loader: Any) -> EpochSampler | None:
+    """The :class:`EpochSampler` under ``loader``, however Accelerate wrapped it (one process: the loader's
+    sampler; several: inside the ``BatchSamplerShard`` around the batch sampler)."""
+    candidates = [get_sampler(loader), getattr(loader, "sampler", None)]
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    while batch_sampler is not None:
+        candidates.append(getattr(batch_sampler, "sampler", None))
+        batch_sampler = getattr(batch_sampler, "batch_sampler", None)
+    return next((c for c in candidates if isinstance(c, EpochSampler)), None)
+
+
 def _cycle(loader: Any, start_batch: int) -> Iterator[Any]:
     """Endless batches, epoch after epoch, starting ``start_batch`` (per-process) batches into the sequence.
 
@@ -169,8 +183,8 @@ def _cycle(loader: Any, start_batch: int) -> Iterator[Any]:
     resume starts the sampler ``skip x batch_size x num_processes`` samples into its epoch (every
     process's batches of the skipped steps) and sees exactly what an uninterrupted run would have seen;
     nothing is fetched and thrown away."""
-    sampler = get_sampler(loader)
-    if not isinstance(sampler, EpochSampler):
+    sampler = _epoch_sampler(loader)
+    if sampler is None:
         raise ValueError("the training loader must come from vlaops.train.loop.make_loader (an EpochSampler)")
     per_epoch = len(loader)
     if per_epoch == 0:
@@ -292,12 +306,16 @@ def train_policy(
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            last_train = _mean(window["loss"])
+            # every process's mean over the window, averaged across processes (one collective per log step)
+            means = torch.tensor([_mean(window[k]) for k in ("loss", "arm_loss", "gripper_loss", "grad_norm")],
+                                 device=accelerator.device)
+            loss, arm_loss, gripper_loss, grad = accelerator.reduce(means, reduction="mean").tolist()
+            last_train = loss
             metrics = {
-                TRAIN_LOSS: last_train,
-                TRAIN_ARM_LOSS: _mean(window["arm_loss"]),
-                TRAIN_GRIPPER_LOSS: _mean(window["gripper_loss"]),
-                TRAIN_GRAD_NORM: _mean(window["grad_norm"]),
+                TRAIN_LOSS: loss,
+                TRAIN_ARM_LOSS: arm_loss,
+                TRAIN_GRIPPER_LOSS: gripper_loss,
+                TRAIN_GRAD_NORM: grad,
                 TRAIN_LR: scheduler.get_last_lr()[0],
             }
             bar.set_postfix(loss=f"{last_train:.4f}")
