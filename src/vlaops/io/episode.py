@@ -125,16 +125,19 @@ def write_episode(path: str | os.PathLike[str], episode: Episode) -> None:
         f.attrs["control_hz"] = float(episode.control_hz)
         for key, value in episode.extra_attrs.items():
             f.attrs[f"extra/{key}"] = value
-        f.create_dataset("time", data=episode.time.astype(np.float64))
+        # track_times=False: HDF5 would stamp each dataset with its creation time, and the same episode
+        # written a second later would differ in bytes (and in DVC's hash)
+        f.create_dataset("time", data=episode.time.astype(np.float64), track_times=False)
         for key, attr in _DATASETS.items():
             value = getattr(episode, attr)
             if value is None:
                 continue
             if value.dtype == np.uint8:
                 # per-frame chunks: convert reads frame by frame
-                f.create_dataset(key, data=value, chunks=(1, *value.shape[1:]), compression="gzip", compression_opts=4)
+                f.create_dataset(key, data=value, chunks=(1, *value.shape[1:]), compression="gzip", compression_opts=4,
+                                 track_times=False)
             else:
-                f.create_dataset(key, data=value.astype(np.float64))
+                f.create_dataset(key, data=value.astype(np.float64), track_times=False)
 
 
 def read_episode(path: str | os.PathLike[str]) -> Episode:
