@@ -109,9 +109,8 @@ def test_convert_bytes_do_not_depend_on_where_the_data_lives(cfg, raw_dir, tmp_p
         convert(tmp_path / where / "episodes", tmp_path / where / "calvin", cfg.data)
         normalize(tmp_path / where / "calvin", tmp_path / where / "normalized", cfg.data)
         outs.append(tmp_path / where / "calvin")
-    # normalize's output too, byte for byte. Not yet ingest's: its .h5 files carry HDF5 object timestamps of
-    # the groups (datasets are written with track_times=False) and ingest_report.json names each recording
-    # with the raw directory it was given
+    # normalize's output too, byte for byte. Not yet ingest's: each episode's `source` attribute and
+    # ingest_report.json name the recording with the raw directory it was given (an absolute path here)
     for stage_dir in ("normalized",):
         a, b = (tmp_path / where / stage_dir for where in ("here", "elsewhere/deeper"))
         tree_a = {str(p.relative_to(a)): p.read_bytes() for p in sorted(a.rglob("*")) if p.is_file() and p.name != "ingest_report.json"}
