@@ -17,16 +17,13 @@ import shutil
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
-from tqdm import tqdm
 
 from vlaops.sim import layout, scene
 from vlaops.sim.config import SimConfig
@@ -34,7 +31,7 @@ from vlaops.sim.env import TabletopEnv
 from vlaops.sim.expert import run_expert
 from vlaops.sim.tasks import get_task
 from vlaops.utils.atomic import atomic_dir
-from vlaops.utils.executor import start_method
+from vlaops.utils.executor import map_ordered
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -251,6 +248,10 @@ def expert_episodes(env: TabletopEnv, cfg: SimConfig, task_name: str,
         yield attempts, rec
 
 
+def _collect_job(job: tuple[SimConfig, str, int, Path]) -> dict[str, Any]:
+    return _collect_task(*job)
+
+
 def _collect_task(cfg: SimConfig, task_name: str, task_pos: int, out_dir: Path) -> dict[str, Any]:
     """Attempt seeded episodes of one task until ``episodes_per_task`` succeed; write those bags."""
     writer = BagWriter(cfg)
@@ -277,19 +278,8 @@ def collect(cfg: SimConfig, out_dir: Path) -> dict[str, Any]:
     log.info("collecting %d x %d episodes (%s storage) into %s", len(cfg.tasks), cfg.episodes_per_task,
              cfg.storage, out_dir)
     jobs = [(cfg, name, pos, out_dir) for pos, name in enumerate(cfg.tasks)]
-    results: list[dict[str, Any]] = []
-    with tqdm(total=len(jobs), desc="collect", unit="task", disable=None) as bar:
-        if cfg.num_workers == 1:
-            for job in jobs:
-                results.append(_collect_task(*job))
-                bar.update(1)
-        else:
-            # the parent holds no PyBullet client (each worker opens its own), so fork is safe where it exists
-            with ProcessPoolExecutor(cfg.num_workers, mp_context=get_context(start_method())) as pool:
-                futures = [pool.submit(_collect_task, *job) for job in jobs]
-                for fut in futures:
-                    results.append(fut.result())
-                    bar.update(1)
+    # the parent holds no PyBullet client (each worker opens its own), so fork is safe where it exists
+    results = map_ordered(_collect_job, jobs, cfg.num_workers, desc="collect", unit="task")
     # the summary is a DVC metric (reports/collect.json): its bytes depend on the seed only, the time goes to the log
     summary: dict[str, Any] = {"tasks": {}, "episodes": []}
     for res in results:

@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-from accelerate import PartialState
 from torch.utils.data import Dataset
 
 from vlaops import tracking
@@ -20,7 +18,7 @@ from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
 from vlaops.model import VLAPolicy, make_processor, save_policy
 from vlaops.train.checkpoint import guard_checkpoints, latest_checkpoint, lock_checkpoints, read_trainer_state, verify_checkpoint
-from vlaops.train.loop import CALLER_STATE, make_loader, train_policy
+from vlaops.train.loop import CALLER_STATE, make_loader, process_state, train_policy
 from vlaops.train.setup import apply_train_setup
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
@@ -63,7 +61,7 @@ def run(cfg: Config) -> None:
     recipe = {"config": recipe_cfg, "data": fingerprint["calvin"]}
     # a distributed launch (torchrun, accelerate launch): the main process owns the shared files, the
     # MLflow run and the export; the others train their shard of each batch
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     with lock_checkpoints(checkpoint_dir):
         if state.is_main_process:
             guard_checkpoints(checkpoint_dir, recipe, set_aside="DVC_STAGE" in os.environ)  # DVC sets it for every stage

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.data_loader import get_sampler
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
@@ -68,6 +68,17 @@ def resolve_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
+def _cpu_launch() -> bool:
+    """Without CUDA, Accelerate's ``cpu=True`` is what makes a process join a torchrun / accelerate launch
+    (MULTI_CPU, gloo); without it every process would train alone on the same outputs."""
+    return not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """This process's place in a launch (one process, or one of a torchrun / accelerate launch)."""
+    return PartialState(cpu=_cpu_launch())
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
     """The one Accelerator of a run. The loaders carry their own :class:`EpochSampler`, so Accelerate's
     seedable sampler (which replaces only torch's RandomSampler) is not used."""
@@ -79,9 +90,7 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(
         mixed_precision=mixed,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        # without CUDA, cpu=True is what makes Accelerate join a torchrun/mpirun launch as one of its
-        # processes (MULTI_CPU, gloo); without it every process would train alone on the same outputs
-        cpu=not torch.cuda.is_available(),
+        cpu=_cpu_launch(),
         # no "generator" sync: our loaders draw nothing from the global generators that needs syncing
         rng_types=[],
     )
