@@ -109,13 +109,13 @@ def test_convert_bytes_do_not_depend_on_where_the_data_lives(cfg, raw_dir, tmp_p
         convert(tmp_path / where / "episodes", tmp_path / where / "calvin", cfg.data)
         normalize(tmp_path / where / "calvin", tmp_path / where / "normalized", cfg.data)
         outs.append(tmp_path / where / "calvin")
-    # normalize's output too, byte for byte. Not yet ingest's: each episode's `source` attribute and
-    # ingest_report.json name the recording with the raw directory it was given (an absolute path here)
-    for stage_dir in ("normalized",):
+    # ingest's and normalize's outputs too, byte for byte (report included)
+    for stage_dir in ("episodes", "normalized"):
         a, b = (tmp_path / where / stage_dir for where in ("here", "elsewhere/deeper"))
-        tree_a = {str(p.relative_to(a)): p.read_bytes() for p in sorted(a.rglob("*")) if p.is_file() and p.name != "ingest_report.json"}
-        tree_b = {str(p.relative_to(b)): p.read_bytes() for p in sorted(b.rglob("*")) if p.is_file() and p.name != "ingest_report.json"}
+        tree_a = {str(p.relative_to(a)): p.read_bytes() for p in sorted(a.rglob("*")) if p.is_file()}
+        tree_b = {str(p.relative_to(b)): p.read_bytes() for p in sorted(b.rglob("*")) if p.is_file()}
         assert tree_a and tree_a == tree_b, stage_dir
+        assert not [name for name, data in tree_a.items() if str(tmp_path).encode() in data], stage_dir
     trees = [{str(p.relative_to(o)): p.read_bytes() for p in sorted(o.rglob("*")) if p.is_file()} for o in outs]
     assert trees[0].keys() == trees[1].keys() and len(trees[0]) > 50
     assert [k for k in trees[0] if trees[0][k] != trees[1][k]] == []

@@ -72,6 +72,14 @@ class _Outcome:
     error: RecordingError | None = None
 
 
+def _relative_source(source: str, entry: Path) -> str:
+    """The recording named from the raw directory (``bag_0003``, ``lift.hdf5 episode 'demo_2'``), not by
+    the absolute path it was read from: the episode's bytes must not change when the data moves (DVC
+    hashes them). A canonical file's own ``source`` (provenance written by an earlier ingest) is kept."""
+    prefix = str(entry)
+    return entry.name + source[len(prefix):] if source.startswith(prefix) else source
+
+
 def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
     """Read, check and write every episode of one recording (in a worker process or in this one).
 
@@ -97,6 +105,7 @@ def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
         where_ep = where if len(keys) == 1 else f"{entry} episode '{key}'"
         try:
             episode = _guarded(where_ep, key, lambda: _read_checked(where_ep, cfg, lambda: reader.read(entry, key, cfg)))
+            episode.source = _relative_source(episode.source, entry)
             if not SAFE_ID.fullmatch(episode.episode_id):  # it names a file in out_dir
                 raise RecordingError(where_ep, f"episode id {episode.episode_id!r} is not a plain file name "
                                      "(letters, digits, '.', '_', '-'; not starting with '.')",
@@ -130,7 +139,9 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
     if not entries:
         raise VlaopsError(f"{raw_dir}: raw data directory is empty; expected recordings ({expected_formats()})")
     started = time.perf_counter()
-    report: dict[str, Any] = {"raw_dir": str(raw_dir), "episodes": {}, "quarantined": []}
+    # recordings are named relative to raw_dir, which the report does not hold: its bytes do not depend on
+    # where the data lives
+    report: dict[str, Any] = {"episodes": {}, "quarantined": []}
     seconds = 0.0  # of data kept, each episode at its own control rate
     workers = resolve_workers(cfg.num_workers)
 
