@@ -51,7 +51,8 @@ GUARANTEES: list[tuple[str, list[str]]] = [
     ("Validation before cost: output paths, inputs and the tracking store are checked first, the error names "
      "the config key and path; a truncated model.safetensors names the file; experiment=nosuch lists the options",
      ["tests/test_validation.py", "tests/test_model.py::test_a_truncated_weights_file_is_named"]),
-    ("Deterministic bytes: convert's output and the data fingerprint do not depend on where the data lives; "
+    ("Deterministic bytes: ingest's, convert's and normalize's outputs and the data fingerprint do not depend on "
+     "where the data lives (each stage run into two directories, every byte compared); collect reruns to the same bytes; "
      "ingest's report, collect's summary and the exported policy hold no wall time",
      ["tests/test_convert.py::test_convert_bytes_do_not_depend_on_where_the_data_lives",
       "tests/test_ingest.py::test_reingest_is_byte_identical",
