@@ -6,8 +6,10 @@ dvc.yaml lists only some of its keys, the reads are the ``cfg.<key>`` / ``self.c
 library modules that receive it (``LIBRARY`` below). A key a stage reads must be in its ``params:`` (or
 be a path interpolated into its deps/outs), and a listed key must be read: a missing one means
 `dvc repro` would not re-run the stage when it changes; a stale one re-runs it for nothing. Not counted:
-``to_container(cfg)`` (the whole config recorded as provenance in MLflow and the export) and the global
-``seed`` (``vlaops.cli`` seeds every stage; only train's output depends on it, and train lists it).
+``to_container(cfg)`` (the whole config recorded as provenance in MLflow and the export), the global
+``seed`` (``vlaops.cli`` seeds every stage; only train's output depends on it, and train lists it), and
+``tracking`` (where results are recorded, not what is computed: changing the run name or the store must
+not retrain; test_tracking_is_no_stage_param).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from vlaops.config import compose
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "vlaops"
 STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
+NOT_PARAMS = "tracking"  # read by train and evaluate, but it says where results go, not what they are
 
 # stage -> {sub-config handed to the library whole: the modules that read it as ``cfg`` / ``self.cfg``}
 LIBRARY: dict[str, dict[str, list[str]]] = {
@@ -93,7 +96,7 @@ def stage_reads(stage: str, listed: list[str], composed: dict) -> set[str]:
         trimmed = ".".join(parts)
         if parts and (trimmed == key or not isinstance(_node(composed, trimmed), dict)):
             out.add(trimmed)
-    return out - {"seed"}
+    return {k for k in out if k != "seed" and not _covers(NOT_PARAMS, k)}
 
 
 @pytest.fixture(scope="module")
@@ -132,11 +135,17 @@ def test_train_lists_the_global_seed(dvc):
 def test_the_derivation_sees_what_it_should(composed):
     """The AST walk finds the reads written in the code (so the test above can fail)."""
     reads = stage_reads("evaluate", ["eval", "sim.tasks"], composed)
-    assert {"sim.static_camera_size", "sim.block_x_range", "data.calvin_dir", "eval.num_chains", "tracking"} <= reads
+    assert {"sim.static_camera_size", "sim.block_x_range", "data.calvin_dir", "eval.num_chains"} <= reads
+    assert "tracking" in _chains(SRC / "stages" / "evaluate.py", ("cfg",))  # read, and deliberately not a param
     assert "data.raw_dir" not in reads and "sim.episodes_per_task" not in reads
     ingest = stage_reads("ingest", ["data.topics"], composed)
     assert {"data.topics", "data.control_hz", "data.on_bad_input", "data.raw_dir"} <= ingest
     assert all(k.startswith("data.") for k in ingest)
+
+
+def test_tracking_is_no_stage_param(dvc):
+    """`dvc exp run -S tracking.run_name=x` (or another store) must not re-run train or evaluate."""
+    assert not [s for s, spec in dvc.items() for p in spec.get("params", []) if _covers(NOT_PARAMS, p)]
 
 
 def test_train_checkpoints_persist_so_a_killed_train_resumes(dvc):

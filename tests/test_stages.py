@@ -20,8 +20,11 @@ def _stage(name: str, tmp_path: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Path:
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    for stage in ("collect", "ingest", "convert", "normalize", "train", "evaluate"):
-        assert _stage(stage, tmp_path) == 0, stage
+    with pytest.MonkeyPatch.context() as mp:  # system metrics sampled often enough for a short training
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+        for stage in ("collect", "ingest", "convert", "normalize", "train", "evaluate"):
+            assert _stage(stage, tmp_path) == 0, stage
     return tmp_path
 
 
@@ -84,6 +87,39 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     assert run.data.tags["data_fingerprint"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"results.json", "train_config.json", "metrics.json"} <= artifacts
+    # artifacts beside the store, not in ./mlruns of whatever the working directory was
+    assert exp.artifact_location == (pipeline / tracking.ARTIFACTS_DIR).as_uri()
+    assert (pipeline / tracking.ARTIFACTS_DIR / run.info.run_id / "artifacts" / "results.json").is_file()
+    # counts and settings are params or tags, true measurements are metrics
+    assert int(run.data.params["params_trainable"]) > 0 and not any(m.startswith("params") for m in run.data.metrics)
+    assert "num_chains" not in run.data.metrics and run.data.tags["eval.num_chains"] == "2"
+    assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40  # the tests run in a git checkout
+    assert any(m.startswith("system/cpu_utilization") for m in run.data.metrics)
+    # the splits as MLflow datasets: name, digest, source and the vlaops fingerprint
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"calvin/training", "calvin/validation"}
+    training = inputs["calvin/training"]
+    assert {t.key: t.value for t in training.tags}["mlflow.data.context"] == "training"
+    assert {t.key: t.value for t in training.tags}["vlaops.data_fingerprint"] == run.data.tags["data_fingerprint"]
+    assert training.dataset.digest != inputs["calvin/validation"].dataset.digest
+    assert str(pipeline / "calvin" / "training") in training.dataset.source
+
+
+def test_the_store_is_the_project_roots(tmp_path, monkeypatch):
+    """A relative sqlite store is the project root's: $DVC_ROOT (DVC points it at the parent repository for a
+    queued or --temp experiment), else the nearest directory holding dvc.yaml, whatever the working directory."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path / "sub" / "deeper")
+    cfg = tracking.TrackingConfig()
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert tracking.artifact_root(cfg) == (tmp_path / "mlartifacts").as_uri()
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "sub"))
+    assert tracking.tracking_uri(tracking.TrackingConfig(uri="sqlite:///runs/m.db?timeout=5")) == f"sqlite:///{tmp_path}/sub/runs/m.db?timeout=5"
+    assert tracking.tracking_uri(tracking.TrackingConfig(uri="sqlite:////abs/m.db")) == "sqlite:////abs/m.db"
+    assert tracking.artifact_root(tracking.TrackingConfig(uri="http://127.0.0.1:5000")) is None
 
 
 def test_runs_are_named_after_the_dvc_experiment(monkeypatch):

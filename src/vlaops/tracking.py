@@ -22,7 +22,8 @@ from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_URI = "sqlite:///mlflow.db"  # relative: to the project root (project_root), as any relative store
+ARTIFACTS_DIR = "mlartifacts"  # the artifact root of experiments vlaops creates, beside the sqlite store
 RUN_FILE = "mlflow_run.json"  # written beside the exported policy
 
 # Metric names: one home, imported by the training loop, the stages and the tests.
@@ -48,14 +49,49 @@ EVAL_TIME_PREFIX = "eval_time_s/"  # eval_time_s/policy, eval_time_s/ablation/bl
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative path is the project root's
     experiment_name: str = "vlaops"
     run_name: Optional[str] = None  # None: the DVC experiment's name under `dvc exp run`, else run-<UTC time>
+    system_metrics: bool = True  # CPU, memory, disk (and GPU where pynvml sees one) sampled every 10 s into the run
+
+
+SQLITE = "sqlite:///"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len(SQLITE):].split("?", 1)[0]) if uri.startswith(SQLITE) else None
+
+
+def project_root() -> Path:
+    """The directory whose MLflow store every run of the project reaches.
+
+    DVC sets ``DVC_ROOT`` for each stage it runs, and for a queued or ``--temp`` experiment (run in a
+    copy under ``.dvc/tmp/exps``) it points at the parent repository: so ``dvc repro``, ``dvc exp run
+    --queue`` and a plain ``vlaops`` call all log to one store, and no run is lost with a temporary copy.
+    Outside DVC: the nearest directory at or above the working directory holding ``dvc.yaml``, else the
+    working directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if (d / "dvc.yaml").is_file()), cwd)
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
-    """Config beats the environment, the environment beats the default: one answer, logged once."""
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """Config beats the environment, the environment beats the default: one answer, logged once.
+    A relative sqlite path is made absolute against :func:`project_root`."""
+    uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    path, sep, query = uri[len(SQLITE):].partition("?")
+    if uri.startswith(SQLITE) and not Path(path).is_absolute():
+        uri = f"{SQLITE}{project_root() / path}{sep}{query}"
+    return uri
+
+
+def artifact_root(cfg: TrackingConfig) -> str | None:
+    """Where experiments vlaops creates keep their artifacts: ``mlartifacts/`` beside a sqlite store
+    (MLflow's own default, ``./mlruns`` of whatever the working directory is, scatters them); None for
+    another store (a server decides)."""
+    db = _sqlite_path(tracking_uri(cfg))
+    return None if db is None else (db.parent / ARTIFACTS_DIR).as_uri()
 
 
 def git_commit() -> str | None:
@@ -88,11 +124,6 @@ def _mlflow(cfg: TrackingConfig):  # imported lazily: mlflow takes seconds to im
     return mlflow
 
 
-SQLITE = "sqlite:///"
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len(SQLITE):].split("?", 1)[0]) if uri.startswith(SQLITE) else None
 
 
 def check_store(cfg: TrackingConfig) -> None:
@@ -140,10 +171,12 @@ def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | N
     run_name = None
     with store_setup_lock(cfg):
         if run_id is None:  # a new run; re-opening one keeps its name and tags
+            if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
+                mlflow.create_experiment(cfg.experiment_name, artifact_location=artifact_root(cfg))
             mlflow.set_experiment(cfg.experiment_name)
             run_name = cfg.run_name or default_run_name()
             tags = {**dvc_tags(), **(tags or {})}
-        active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
+        active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, log_system_metrics=cfg.system_metrics)
     log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
     try:
         yield mlflow
@@ -179,6 +212,30 @@ def log_params(mlflow: Any, params: dict[str, Any]) -> None:
     keys = sorted(items)
     for i in range(0, len(keys), 100):  # MLflow's batch limit
         mlflow.log_params({k: items[k] for k in keys[i : i + 100]})
+
+
+def log_tags(mlflow: Any, tags: dict[str, Any]) -> None:
+    """Facts about a run that are not measurements (counts, settings of one stage); unlike params they
+    may change when a stage re-opens the run."""
+    if mlflow is not None and tags:
+        mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_datasets(mlflow: Any, splits: dict[str, Path], fingerprint: str) -> None:
+    """Each split as an MLflow dataset input (the run page's Dataset column): name ``calvin/<split>``,
+    source its directory, digest derived from the data fingerprint and the split's name (the same data
+    gives the same digest wherever it lives), the full vlaops fingerprint as a tag, context the split."""
+    if mlflow is None:
+        return
+    import hashlib
+
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    for split, path in splits.items():
+        digest = hashlib.sha256(f"{fingerprint}/{split}".encode()).hexdigest()[:16]
+        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=f"calvin/{split}", digest=digest)
+        mlflow.log_input(dataset, context=split, tags={"vlaops.data_fingerprint": fingerprint})
 
 
 def log_metrics(mlflow: Any, metrics: dict[str, float], step: int | None = None) -> None:

@@ -152,7 +152,8 @@ def run(cfg: Config) -> None:
         log.warning("MLflow run %s of %s is not in %s; logging evaluation to a new run", run_id, model_dir, tracking.tracking_uri(cfg.tracking))
         run_id = None
     with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else {"stage": "evaluate"}) as mlflow:
-        flat: dict[str, float] = {"num_chains": metrics["num_chains"], "chain_length": cfg.eval.chain_length}
+        tracking.log_tags(mlflow, {"eval.num_chains": metrics["num_chains"], "eval.chain_length": cfg.eval.chain_length})
+        flat: dict[str, float] = {}
         for label, fig in figs.items():
             flat.update(flat_figures("" if label == "policy" else f"{label}/", fig))
         flat.update({f"{tracking.TASK_SR_PREFIX}{t}": v for t, v in metrics["task_sr"].items()})

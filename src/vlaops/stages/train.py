@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,13 @@ def run(cfg: Config) -> None:
     check_input_dir("data.calvin_dir", calvin_dir)
     check_input_dir("data.normalized_dir", normalized_dir)
     normalizer = ActionNormalizer.load(normalized_dir / NORMALIZATION_FILE)
+    # the head's action space is the data's (an arm's 6 + gripper, a base's 3 + action_type classes); the
+    # export's policy_config.json keeps it, so inference rebuilds the same head
+    action_dim, action_classes = normalizer.head_space()
+    if (cfg.model.action_dim, cfg.model.action_classes) != (action_dim, action_classes):
+        log.info("policy head from the data (%s): model.action_dim=%d, model.action_classes=%d",
+                 normalized_dir / NORMALIZATION_FILE, action_dim, action_classes)
+    cfg.model = dataclasses.replace(cfg.model, action_dim=action_dim, action_classes=action_classes)
     train_split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
     val_split = CalvinSplit(calvin_dir / VALIDATION, cfg.data.trust_pickles)
     processor = make_processor(cfg.model, sorted({a.instruction for a in train_split.annotations}))
@@ -77,7 +85,9 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
     counts = apply_train_setup(policy, cfg.train.train_setup)
     log.info("%d training windows, %d validation windows; parameters: %s", len(train_ds), len(val_ds), counts)
 
-    tags = {"stage": "train", "data_fingerprint": fingerprint["calvin"], "git_commit": tracking.git_commit() or "unknown"}
+    commit = tracking.git_commit()
+    tags = {"stage": "train", "data_fingerprint": fingerprint["calvin"], "git_commit": commit or "unknown",
+            **({"mlflow.source.git.commit": commit} if commit else {})}
     # a resume continues the run it interrupted: the same MLflow run, the curve up to its checkpoint
     resume = latest_checkpoint(checkpoint_dir)
     if resume is not None:  # before its run id is trusted to re-open a run (train_policy checks it for itself too)
@@ -92,7 +102,9 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
     with opened as mlflow:
         if run_id is None:
             tracking.log_params(mlflow, flatten(to_container(cfg)))
-            tracking.log_metrics(mlflow, {f"params/{k}": float(v) for k, v in counts.items()})
+            tracking.log_params(mlflow, counts)  # params_total, params_trainable...: counts, not measurements
+            tracking.log_datasets(mlflow, {TRAINING: Path(cfg.data.calvin_dir) / TRAINING,
+                                           VALIDATION: Path(cfg.data.calvin_dir) / VALIDATION}, fingerprint["calvin"])
 
         def log_metrics(metrics: dict[str, float], step: int) -> None:
             tracking.log_metrics(mlflow, metrics, step)
