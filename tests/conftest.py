@@ -180,3 +180,24 @@ def synthetic_batch(processor, n: int, window: int, chunk: int, text_len: int, s
     from torch.utils.data import default_collate
 
     return default_collate(list(SyntheticWindows(processor, n, window, chunk, text_len, seed, size)))
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """A policy exported as ``train`` exports it (the shrunk tiny config, untrained random weights, the
+    simulator's instructions in the processor, the composed config beside it), for tests that load one."""
+    import torch
+
+    from vlaops.config import to_container
+    from vlaops.data.normalization import ActionNormalizer
+    from vlaops.model import VLAPolicy, build_offline_processor, save_policy
+    from vlaops.sim.tasks import TASKS, get_task
+
+    tmp = tmp_path_factory.mktemp("tiny_policy")
+    cfg = tiny_config(tmp)
+    processor = build_offline_processor([get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size,
+                                        image_size=cfg.model.image_size)
+    torch.manual_seed(0)
+    policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
+    return save_policy(cfg.paths.model_dir, policy, processor, ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max),
+                       cfg.model, extra={"train_config": to_container(cfg)})

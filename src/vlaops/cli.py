@@ -63,14 +63,24 @@ def _parser(config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR) -> argparse
         epilog=_config_groups(config_dir),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=[*STAGES, "params", "check"],
+    parser.add_argument("command", choices=[*STAGES, "params", "check", "inspect", "serve"],
                         help="a pipeline stage; 'params' to write params.yaml from conf/; 'check' to check every "
-                             "stage's output paths and the tracking store in seconds, before a long run")
+                             "stage's output paths and the tracking store in seconds, before a long run; 'serve' to "
+                             "serve the policy in paths.model_dir over HTTP (serve.host, serve.port; not a stage)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=50 model=kosmos2")
     parser.add_argument("--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/")
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
     parser.add_argument("--check", action="store_true", help="with 'params': fail if params.yaml differs from conf/ instead of writing it")
     parser.add_argument("--cfg", choices=["job"], help="print the composed config the command would run with (YAML) and exit, as Hydra's --cfg job")
+    inspect = parser.add_argument_group(
+        "inspect PATH (not a stage)",
+        "what to check before spending GPU hours: 'vlaops inspect PATH [key=value ...]' summarises a directory of\n"
+        "recordings (read as ingest reads them, with the data.* settings), canonical episodes or a CALVIN split:\n"
+        "episodes, frames, tasks, instruction counts, action ranges per dimension, image sizes, control rate,\n"
+        "and the recordings that cannot be read, with the reason")
+    inspect.add_argument("--sheet", metavar="PNG", help="draw a contact sheet there: first / middle / last frame of a few episodes, per camera")
+    inspect.add_argument("--episodes", metavar="N", type=int, default=6, help="episodes on the contact sheet (default: 6)")
+    inspect.add_argument("--json", metavar="FILE", help="also write the summary to FILE as JSON")
     return parser
 
 
@@ -109,6 +119,31 @@ def check_all(cfg: Config) -> None:
     log.info("config valid; %d output paths writable (%s); tracking store usable", len(keys), ", ".join(keys))
 
 
+def _inspect_path(args: argparse.Namespace) -> str:
+    """``vlaops inspect PATH key=value ...``: PATH is the one argument that is not a Hydra override; it is
+    taken out of ``args.overrides`` so the rest compose the config."""
+    paths = [a for a in args.overrides if "=" not in a or Path(a).exists()]
+    if len(paths) != 1:
+        raise VlaopsError(f"expected one PATH (a directory of recordings, episodes or a CALVIN split), got {paths or 'none'}")
+    args.overrides.remove(paths[0])
+    return paths[0]
+
+
+def inspect_data(path: str, cfg: Config, args: argparse.Namespace) -> None:
+    """Print the summary of ``path`` (``vlaops.data.inspect``), write ``--sheet`` and ``--json``; a dataset
+    of which no episode can be read is an error, after the table has said why."""
+    from vlaops.data.inspect import inspect_path, summary_table
+    from vlaops.utils.atomic import write_json
+
+    summary = inspect_path(Path(path), cfg.data, sheet=args.sheet, sheet_episodes=args.episodes)
+    print(summary_table(summary))
+    if args.json:
+        write_json(args.json, summary)
+        log.info("wrote %s", args.json)
+    if not summary["episodes"]:
+        raise VlaopsError(f"{path}: no episode could be read ({len(summary['unreadable'])} unreadable, listed above)")
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     signal_arrived(signum)
 
@@ -136,12 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "params":
             _write_params(args)
             return 0
+        path = _inspect_path(args) if args.command == "inspect" else None
         cfg = load_params(args.params, args.overrides) if args.params else load_config(args.overrides, args.config_dir)
         if args.cfg == "job":
             print(yaml.safe_dump(to_container(cfg), sort_keys=False), end="")
             return 0
         if args.command == "check":
             check_all(cfg)
+            return 0
+        if path is not None:
+            inspect_data(path, cfg, args)
+            return 0
+        if args.command == "serve":
+            from vlaops.serve.app import serve
+
+            serve(cfg.paths.model_dir, cfg.serve)
             return 0
         run_stage(args.command, cfg)
     except VlaopsError as exc:

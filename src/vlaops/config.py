@@ -28,6 +28,7 @@ from vlaops.data.config import DataConfig
 from vlaops.errors import VlaopsError
 from vlaops.eval.config import EvalConfig
 from vlaops.model.config import ModelConfig
+from vlaops.serve.config import ServeConfig
 from vlaops.sim.config import SimConfig
 from vlaops.tracking import TrackingConfig
 from vlaops.train.config import TrainConfig
@@ -54,6 +55,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         # One range for both: a demonstration faster than the training normalisation's clip range is
