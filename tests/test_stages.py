@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from conftest import CONF, SHRINK_MODEL, SHRINK_PIPELINE, path_overrides
 
-from vlaops import tracking
+from vlaops import plots, tracking
 from vlaops.cli import main
 from vlaops.errors import VlaopsError
 
@@ -86,7 +86,10 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     assert run.data.tags["data_fingerprint"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"results.json", "train_config.json", "metrics.json"} <= artifacts
+    assert {"results.json", "train_config.json", "metrics.json", "plots"} <= artifacts
+    logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert logged == {*plots.TRAIN_PLOTS, *plots.EVAL_PLOTS}
+    assert all((pipeline / "reports" / plots.PLOTS_DIR / name).stat().st_size > 10_000 for name in logged)
     # artifacts beside the store, not in ./mlruns of whatever the working directory was
     assert exp.artifact_location == (pipeline / tracking.ARTIFACTS_DIR).as_uri()
     assert (pipeline / tracking.ARTIFACTS_DIR / run.info.run_id / "artifacts" / "results.json").is_file()

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlaops import tracking
+from vlaops import plots, tracking
 from vlaops.config import Config
 from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import ActionNormalizer
@@ -24,6 +24,7 @@ from vlaops.errors import VlaopsError
 from vlaops.eval.chains import figures, results_json, summarize, summary_table
 from vlaops.eval.offline import offline_action_metrics
 from vlaops.eval.reference import blind_policy
+from vlaops.eval.trajectories import action_dims, validation_trajectories
 from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory, run_chains
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
 from vlaops.model import PolicyRuntime
@@ -108,6 +109,8 @@ def run(cfg: Config) -> None:
     offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
                                      constant=mean_action(policy.normalizer))
     log.info("offline action metrics on %s: %s", val_split.dir, offline)
+    trajectories = validation_trajectories(policy.model, val_ds, cfg.eval.plot_episodes, cfg.eval.batch_size, device)
+    dims = action_dims(policy.model)
     del policy  # each worker loads its own
 
     with TabletopEnv(cfg.sim, render=False) as env:  # the sampler reads the state only
@@ -139,7 +142,13 @@ def run(cfg: Config) -> None:
         "references": {label.removeprefix(tracking.REFERENCE_PREFIX): fig for label, fig in figs.items()
                        if label.startswith(tracking.REFERENCE_PREFIX)},
     }
-    # metrics.json last: it is the DVC metric, so a kill between the three leaves the stage not done
+    plots_dir = reports_dir / plots.PLOTS_DIR
+    figure_files = [
+        plots.save(plots.sr_by_chain_length(figs, cfg.eval.chain_length, cfg.eval.confidence), plots_dir / plots.SR_BY_LENGTH),
+        plots.save(plots.task_success(summary["task_info"]), plots_dir / plots.TASK_SUCCESS),
+        plots.save(plots.action_trajectories(trajectories, dims), plots_dir / plots.TRAJECTORIES),
+    ]
+    # metrics.json last: it is the DVC metric, so a kill before it leaves the stage not done
     write_json(reports_dir / CHAINS_FILE, [r.__dict__ for r in results["policy"]])
     write_json(reports_dir / RESULTS_FILE, results_json(summary, str(model_dir)))
     write_json(reports_dir / METRICS_FILE, metrics)
@@ -162,3 +171,5 @@ def run(cfg: Config) -> None:
         tracking.log_metrics(mlflow, flat)
         tracking.log_artifact(mlflow, reports_dir / RESULTS_FILE)
         tracking.log_artifact(mlflow, reports_dir / METRICS_FILE)
+        for path in figure_files:
+            tracking.log_artifact(mlflow, path, plots.PLOTS_DIR)

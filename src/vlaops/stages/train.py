@@ -11,7 +11,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from vlaops import tracking
+from vlaops import plots, tracking
 from vlaops.config import Config, flatten, to_container
 from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
@@ -131,3 +131,7 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
         _write_curve(Path(cfg.paths.reports_dir) / CURVE_FILE, curve)
         tracking.log_artifact(mlflow, model_dir / "train_config.json")
         tracking.log_artifact(mlflow, Path(cfg.paths.reports_dir) / CURVE_FILE)
+        plots_dir = Path(cfg.paths.reports_dir) / plots.PLOTS_DIR
+        for name, fig in ((plots.LOSS, plots.loss_curves(curve, tracking.TRAIN_LOSS, tracking.VAL_LOSS)),
+                          (plots.LEARNING_RATE, plots.learning_rate(curve, tracking.TRAIN_LR))):
+            tracking.log_artifact(mlflow, plots.save(fig, plots_dir / name), plots.PLOTS_DIR)
