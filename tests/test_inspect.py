@@ -121,6 +121,13 @@ def test_episodes_and_calvin_summaries_equal_the_files(cfg, converted, tmp_path)
     split = inspect_path(calvin_dir / "validation", cfg.data)
     assert split["kind"] == "calvin_split" and split["episodes"] == 1 and split["frames"] == 20
 
+    # an episode recorded without a gripper camera (convert fills its frames with zeros) has no gripper size
+    stamp = json.loads((calvin_dir / calvin.PROVENANCE).read_text())
+    stamp["episodes"][last]["has_gripper_camera"] = False
+    (calvin_dir / calvin.PROVENANCE).write_text(json.dumps(stamp))
+    split = inspect_path(calvin_dir / "validation", cfg.data, sheet=sheet, sheet_episodes=1)
+    assert split["cameras"] == {"rgb_static": {"200x200": 1}} and split["sheet"]["cameras"] == ["rgb_static"]
+
     # a missing frame file: its episode is listed with the file and the reason, the others are summarised
     (calvin_dir / "training" / calvin.FRAME_FILE.format(5)).unlink()
     split = inspect_path(calvin_dir / "training", cfg.data)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -298,15 +298,26 @@ def _inspect_episodes(tally: _Tally, path: Path, cfg: DataConfig, n_sheet: int) 
     _tally_episodes(tally, _read_canonical, lambda i, sample: (files[i], sample), len(files), n_sheet, cfg.num_workers)
 
 
-def _calvin_provenance(root: Path) -> tuple[dict[tuple[str, int, int], str], str]:
-    """(split, start, end) -> episode id, and the embodiment, from convert's provenance stamp when there is
-    one; a real CALVIN dataset has none: an arm's, its rows then named by their frame range."""
+@dataclass
+class _Provenance:
+    """What convert's provenance stamp adds to a CALVIN dataset: episode ids by (split, start, end), the
+    rows whose gripper camera convert filled with zeros (the episode had none), the embodiment. A real
+    CALVIN dataset has no stamp: an arm's, its rows named by their frame range, both cameras real."""
+
+    ids: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    no_gripper: set[tuple[str, int, int]] = field(default_factory=set)
+    embodiment: str = "arm"
+
+
+def _calvin_provenance(root: Path) -> _Provenance:
     try:
-        provenance = json.loads((root / calvin.PROVENANCE).read_text())
-        ids = {(e["split"], int(e["start"]), int(e["end"])): ep_id for ep_id, e in provenance["episodes"].items()}
-        return ids, str(provenance.get("embodiment", "arm"))
+        stamp = json.loads((root / calvin.PROVENANCE).read_text())
+        rows = {(e["split"], int(e["start"]), int(e["end"])): (ep_id, e) for ep_id, e in stamp["episodes"].items()}
+        return _Provenance({key: ep_id for key, (ep_id, _) in rows.items()},
+                           {key for key, (_, e) in rows.items() if e.get("has_gripper_camera") is False},
+                           str(stamp.get("embodiment", "arm")))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}, "arm"
+        return _Provenance()
 
 
 def _calvin_episode(split: calvin.CalvinSplit, start: int,
@@ -330,7 +341,7 @@ def _inspect_calvin(tally: _Tally, path: Path, kind: str, cfg: DataConfig, n_she
     root = path.parent if kind == CALVIN_SPLIT else path
     names = [path.name] if kind == CALVIN_SPLIT else [s for s in calvin.SPLITS if _is_calvin_split(path / s)]
     splits = [(name, calvin.CalvinSplit(root / name, trust_pickles=cfg.trust_pickles)) for name in names]
-    ids, embodiment = _calvin_provenance(root)
+    stamp = _calvin_provenance(root)
     for name, split in splits:
         before = (tally.episodes, tally.frames)
         for start, end in tqdm(split.ep_start_end_ids.tolist(), desc=f"inspect {name}", unit="ep", disable=None):
@@ -339,10 +350,12 @@ def _inspect_calvin(tally: _Tally, path: Path, kind: str, cfg: DataConfig, n_she
             except RecordingError as exc:
                 recording = Path(exc.recording)
                 recording = recording.relative_to(root) if recording.is_relative_to(root) else recording
-                tally.unreadable.append(Unreadable(str(recording), ids.get((name, start, end), f"frames {start}-{end}"),
-                                                   exc.check, exc.stream, exc.reason))
+                episode = stamp.ids.get((name, start, end), f"frames {start}-{end}")
+                tally.unreadable.append(Unreadable(str(recording), episode, exc.check, exc.stream, exc.reason))
                 continue
-            tally.add_frames(end - start + 1, actions, sizes, embodiment, None)  # CALVIN records no control rate
+            if (name, start, end) in stamp.no_gripper:
+                del sizes["rgb_gripper"]  # zeros, not a camera
+            tally.add_frames(end - start + 1, actions, sizes, stamp.embodiment, None)  # CALVIN records no control rate
         for ann in split.annotations:
             tally.add_language(ann.task, ann.instruction)
         tally.splits[name] = {"episodes": tally.episodes - before[0], "frames": tally.frames - before[1],
@@ -350,14 +363,15 @@ def _inspect_calvin(tally: _Tally, path: Path, kind: str, cfg: DataConfig, n_she
     windows = [(name, split, ann) for name, split in splits for ann in split.annotations]
     for i in spread(len(windows), n_sheet):
         name, split, ann = windows[i]
-        label = ids.get((name, ann.start, ann.end), f"frames {ann.start}-{ann.end}")
+        label = stamp.ids.get((name, ann.start, ann.end), f"frames {ann.start}-{ann.end}")
         label = f"{label} ({name})" if kind == CALVIN_ROOT else label
         try:
             loaded = [_guarded(name, None, lambda: split.load_frame(ann.start + k, CAMERAS))
                       for k in sample_indices(ann.end - ann.start + 1)]
         except RecordingError:
             continue  # its episode is listed as unreadable above
-        tally.rows.append(SheetRow(f"{label}: {ann.instruction}", {cam: [f[cam] for f in loaded] for cam in CAMERAS}))
+        cameras = [cam for cam in CAMERAS if not (cam == "rgb_gripper" and (name, ann.start, ann.end) in stamp.no_gripper)]
+        tally.rows.append(SheetRow(f"{label}: {ann.instruction}", {cam: [f[cam] for f in loaded] for cam in cameras}))
 
 
 def inspect_path(path: str | Path, cfg: DataConfig, sheet: str | Path | None = None,
