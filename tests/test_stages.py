@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from conftest import CONF, SHRINK_MODEL, SHRINK_PIPELINE, path_overrides
 
@@ -90,6 +91,7 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
     assert logged == {*plots.TRAIN_PLOTS, *plots.EVAL_PLOTS}
     assert all((pipeline / "reports" / plots.PLOTS_DIR / name).stat().st_size > 10_000 for name in logged)
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "videos")} == {"chain_000.gif", "chain_001.gif"}
     # artifacts beside the store, not in ./mlruns of whatever the working directory was
     assert exp.artifact_location == (pipeline / tracking.ARTIFACTS_DIR).as_uri()
     assert (pipeline / tracking.ARTIFACTS_DIR / run.info.run_id / "artifacts" / "results.json").is_file()
@@ -106,6 +108,27 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     assert {t.key: t.value for t in training.tags}["vlaops.data_fingerprint"] == run.data.tags["data_fingerprint"]
     assert training.dataset.digest != inputs["calvin/validation"].dataset.digest
     assert str(pipeline / "calvin" / "training") in training.dataset.source
+
+
+def test_rollout_videos_show_the_scored_chains(pipeline):
+    """The first eval.videos chains as GIFs: one frame per 2 control steps of the chain that was scored
+    (the replay gives the same steps), with a caption band under the static camera."""
+    from PIL import Image
+
+    index = json.loads((pipeline / "reports" / "videos" / "index.json").read_text())
+    chains = json.loads((pipeline / "reports" / "chains.json").read_text())
+    assert [v["file"] for v in index] == ["chain_000.gif", "chain_001.gif"]
+    for video, chain in zip(index, chains):
+        assert video["same_as_scored"] and (video["seed"], video["steps"], video["completed"]) == (chain["seed"], chain["steps"], chain["completed"])
+        with Image.open(pipeline / "reports" / "videos" / video["file"]) as gif:
+            assert gif.format == "GIF" and gif.n_frames == (sum(chain["steps"]) + 1) // 2
+            assert gif.size == (200, 236)
+            frames = []
+            for i in (0, gif.n_frames - 1):
+                gif.seek(i)
+                frames.append(np.asarray(gif.convert("RGB")))
+            assert frames[0][:200].std() > 5  # the camera, not a blank frame
+            assert (frames[0][200:] < 128).any()  # the caption is written
 
 
 def test_the_store_is_the_project_roots(tmp_path, monkeypatch):

@@ -28,11 +28,18 @@ class ChainResult:
     steps: list[int] = field(default_factory=list)  # steps used per attempted subtask
 
 
-def rollout(env: EvalEnv, policy: StepPolicy, task: TaskOracle, obs: dict[str, Any], max_steps: int) -> tuple[bool, int, dict[str, Any]]:
-    """One subtask: returns (success, steps used, last observation)."""
+OnStep = Callable[[dict[str, Any], int], None]  # (observation the policy saw, subtask index) -> None
+
+
+def rollout(env: EvalEnv, policy: StepPolicy, task: TaskOracle, obs: dict[str, Any], max_steps: int,
+            on_step: OnStep | None = None, subtask: int = 0) -> tuple[bool, int, dict[str, Any]]:
+    """One subtask: returns (success, steps used, last observation). ``on_step`` sees every observation
+    the policy is given (the rollout videos record them)."""
     policy.reset()
     start_info = env.get_info()
     for step in range(1, max_steps + 1):
+        if on_step is not None:
+            on_step(obs, subtask)
         action = policy.step(obs, task.instruction)
         obs = env.step(action)
         if task.success(start_info, env.get_info()):
@@ -47,6 +54,7 @@ def run_chain(
     names: Sequence[str],
     get_task: Callable[[str], TaskOracle],
     max_steps: int,
+    on_step: OnStep | None = None,
 ) -> ChainResult:
     """One chain from ``env.reset(seed)``: its subtasks in order, stopping at the first failure.
 
@@ -55,8 +63,8 @@ def run_chain(
     """
     obs = env.reset(seed)
     result = ChainResult(seed=seed, tasks=list(names), completed=0)
-    for name in names:
-        success, steps, obs = rollout(env, policy, get_task(name), obs, max_steps)
+    for i, name in enumerate(names):
+        success, steps, obs = rollout(env, policy, get_task(name), obs, max_steps, on_step, i)
         result.steps.append(steps)
         if not success:
             break

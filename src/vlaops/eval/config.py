@@ -24,6 +24,7 @@ class EvalConfig:
     offline_batches: int = 0  # validation batches for the offline action error; 0: the whole split
     batch_size: int = 4
     plot_episodes: int = 3  # validation episodes drawn in reports/plots/action_trajectories.png
+    videos: int = 2  # the first N chains played again and saved as GIFs in reports/videos/ (0: none)
     device: str = "auto"  # auto: cuda when available, else cpu
     # Chains run in this many worker processes (each with its own simulator and policy); 0 or null: one
     # per CPU core. Results are merged by chain index, so the metrics do not depend on it.
@@ -37,8 +38,9 @@ class EvalConfig:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:
-        if self.plot_episodes < 0:
-            raise ValueError(f"eval.plot_episodes must be >= 0, got {self.plot_episodes}")
+        for name in ("plot_episodes", "videos"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"eval.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("num_chains", "chain_length", "max_steps_per_subtask", "batch_size", "bootstrap_resamples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name} must be >= 1, got {getattr(self, name)!r}")

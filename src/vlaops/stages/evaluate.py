@@ -25,6 +25,7 @@ from vlaops.eval.chains import figures, results_json, summarize, summary_table
 from vlaops.eval.offline import offline_action_metrics
 from vlaops.eval.reference import blind_policy
 from vlaops.eval.trajectories import action_dims, validation_trajectories
+from vlaops.eval.videos import write_videos
 from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory, run_chains
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
 from vlaops.model import PolicyRuntime
@@ -39,6 +40,7 @@ log = get_logger(__name__)
 METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.json"
 CHAINS_FILE = "chains.json"
+VIDEOS_DIR = "videos"  # chain_NNN.gif + index.json (eval/videos.py)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,6 +131,12 @@ def run(cfg: Config) -> None:
                  figs[label][f"{tracking.AVG_LEN}{tracking.CI_SUFFIX}"], times[label], len(chains) / times[label],
                  workers, "" if factory.needs_images else ", no rendering")
 
+    videos_dir = reports_dir / VIDEOS_DIR
+    n_videos = min(cfg.eval.videos, len(chains))
+    videos = write_videos(policy_factory, cfg.sim, chains[:n_videos], results["policy"][:n_videos],
+                          cfg.eval.max_steps_per_subtask, videos_dir)
+    if videos:
+        log.info("rollout videos of %d chains in %s", len(videos), videos_dir)
     summary = summarize(results["policy"], cfg.eval.chain_length)
     metrics: dict[str, Any] = {
         **figs["policy"],
@@ -173,3 +181,5 @@ def run(cfg: Config) -> None:
         tracking.log_artifact(mlflow, reports_dir / METRICS_FILE)
         for path in figure_files:
             tracking.log_artifact(mlflow, path, plots.PLOTS_DIR)
+        for video in videos:
+            tracking.log_artifact(mlflow, videos_dir / video["file"], VIDEOS_DIR)
