@@ -237,7 +237,9 @@ def running_server(app: FastAPI, cfg: ServeConfig | None = None, log_level: str 
     import uvicorn
 
     cfg = cfg or ServeConfig(port=0)
-    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not the default 0: asyncio sets TCP_NODELAY only on connections accepted from such a
+    # socket, and without it each response (headers, then body: two writes) waits 40 ms for a delayed ACK
+    sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((cfg.host, cfg.port))
     server = uvicorn.Server(_uvicorn_config(app, cfg, log_level))

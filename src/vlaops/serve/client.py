@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -68,6 +69,14 @@ class PolicyClient:
         if self._conn is None or time.monotonic() - self._last_used > self.reconnect_after_s:
             self._disconnect()
             self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.connect()
+            except OSError as exc:
+                self._disconnect()
+                raise VlaopsError(f"policy server http://{self.host}:{self.port}: cannot connect ({exc})") from exc
+            # http.client sends the headers and the body in two writes: with Nagle's algorithm on, the body
+            # waits for the server's delayed ACK of the headers (40 ms on Linux) on every request
+            self._conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         payload = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if payload is not None else {}
         try:
