@@ -237,3 +237,173 @@ def write_ros1_bag(path: Path, **kwargs) -> Path:
         src = write_arm_bag(Path(tmp) / "ros2", **kwargs)
         convert([src], path, "sqlite3", 9, None, "file", TS, get_typestore(Stores.ROS1_NOETIC), [], [], [], [])
     return path
+
+
+# ---- other teams' rigs: the TCP pose on /tf, their own message types, one long recording -------------
+def rewrite_bag(
+    dst: Path,
+    sources: list[tuple[Path, float]],
+    drop_topics: tuple[str, ...] = (),
+    convert: dict[str, tuple[str, Callable[[Any, float], Any]]] | None = None,
+    extra: dict[str, tuple[str, list[tuple[float, Any]]]] | None = None,
+    typestore=TS,
+    storage: str = "sqlite3",
+) -> Path:
+    """A new bag at ``dst`` from the messages of the rosbag2 bags ``sources`` [(bag, offset s)], each shifted
+    by its offset (log times and header stamps): one long recording from several episodes. ``convert``
+    {topic: (new type, fn(msg, log time s) -> new msg)} re-types a topic (a team's own message);
+    ``extra`` {topic: (type, [(log time s, msg)])} adds topics (/tf); ``typestore`` serialises them all."""
+    from rosbags.rosbag2 import Reader
+
+    convert, extra = convert or {}, extra or {}
+    types: dict[str, str] = {}
+    messages: list[tuple[float, str, Any]] = []
+    for src, offset in sources:
+        with Reader(src) as reader:
+            for conn, stamp_ns, raw in reader.messages():
+                if conn.topic in drop_topics:
+                    continue
+                msg, t = TS.deserialize_cdr(raw, conn.msgtype), stamp_ns * 1e-9 + offset
+                if offset and hasattr(msg, "header"):
+                    old = msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+                    msg.header = _header(old + offset, msg.header.frame_id)
+                msgtype = conn.msgtype
+                if conn.topic in convert:
+                    msgtype, fn = convert[conn.topic]
+                    msg = fn(msg, t)
+                types[conn.topic] = msgtype
+                messages.append((t, conn.topic, msg))
+    for topic, (msgtype, stamped) in extra.items():
+        types[topic] = msgtype
+        messages.extend((t, topic, msg) for t, msg in stamped)
+    messages.sort(key=lambda m: m[0])  # stable: the sources' order among equal times
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    with Writer(dst, version=9, storage_plugin=plugin) as writer:
+        conns = {topic: writer.add_connection(topic, msgtype, typestore=typestore) for topic, msgtype in types.items()}
+        for t, topic, msg in messages:
+            writer.write(conns[topic], int(round(t * 1e9)), typestore.serialize_cdr(msg, types[topic]))
+    return dst
+
+
+def _quat_z(angle: float) -> np.ndarray:
+    return np.array([0.0, 0.0, np.sin(angle / 2), np.cos(angle / 2)])
+
+
+# The transform tree of write_tf_bag, parent -> child: (xyz, quaternion xyzw). world holds the arm's base and
+# a table; the arm's last link moves (/tf), the hand and its TCP are fixed to it (/tf_static, as
+# robot_state_publisher publishes fixed joints), and a camera hangs off the table.
+TF_STATIC = {
+    ("world", "panda_link0"): (np.array([0.1, -0.2, 0.75]), _quat_z(0.3)),
+    ("world", "table"): (np.array([0.5, 0.0, 0.7]), _quat_z(-0.2)),
+    ("panda_link7", "panda_hand"): (np.array([0.0, 0.0, 0.107]), _quat_z(-np.pi / 4)),
+    ("panda_hand", "panda_hand_tcp"): (np.array([0.0, 0.0, 0.1034]), np.array([1.0, 0.0, 0.0, 0.0])),
+    ("table", "camera_link"): (np.array([0.0, 0.6, 0.5]), _quat_z(1.0)),
+}
+
+
+def tf_link7(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """panda_link0 -> panda_link7 at frame ``k``: a moving arm (xyz, quaternion xyzw)."""
+    axis = np.array([0.3, -0.5, 1.0]) / np.linalg.norm([0.3, -0.5, 1.0])
+    angle = 0.4 + 0.05 * k
+    return np.array([0.35 + 0.01 * k, -0.01 * k, 0.45]), np.concatenate([axis * np.sin(angle / 2), [np.cos(angle / 2)]])
+
+
+def _transform(parent: str, child: str, t: float, xyz, quat):
+    return T["geometry_msgs/msg/TransformStamped"](
+        header=_header(t, parent), child_frame_id=child,
+        transform=T["geometry_msgs/msg/Transform"](
+            translation=T["geometry_msgs/msg/Vector3"](x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
+            rotation=T["geometry_msgs/msg/Quaternion"](x=float(quat[0]), y=float(quat[1]), z=float(quat[2]),
+                                                        w=float(quat[3]))))
+
+
+def write_tf_bag(path: Path, n_frames: int = 16, static: dict | None = None, tf_until: int | None = None,
+                 tool_parent: str = "panda_link0", **kwargs) -> Path:
+    """The episode of :func:`write_arm_bag` (its knobs in ``kwargs``) with no /tcp_pose: the TCP is on /tf.
+
+    /tf carries ``tool_parent`` -> panda_link7 (:func:`tf_link7`) at 4x the control rate, the joint states'
+    rate (frame k's value from the frame's stamp on, stamped like a driver's); /tf_static carries ``static``
+    (default TF_STATIC) once, before the episode, with stamp 0 as static transforms often have. ``tf_until``:
+    /tf stops after that frame (a driver that died)."""
+    import tempfile
+
+    hz = kwargs.get("hz", 30.0)
+    static = TF_STATIC if static is None else static
+    moving = []
+    for k in range(n_frames if tf_until is None else tf_until + 1):
+        for sub in range(4):
+            ts = EPOCH + k / hz + sub / (4 * hz)
+            link7 = _transform(tool_parent, "panda_link7", ts, *tf_link7(k))
+            moving.append((ts, T["tf2_msgs/msg/TFMessage"](transforms=[link7])))
+    latched = T["tf2_msgs/msg/TFMessage"](transforms=[_transform(p, c, 0.0, *v) for (p, c), v in static.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_arm_bag(Path(tmp) / "src", n_frames=n_frames, omit=("tcp",), **kwargs)
+        return rewrite_bag(path, [(src, 0.0)], extra={
+            "/tf": ("tf2_msgs/msg/TFMessage", moving),
+            "/tf_static": ("tf2_msgs/msg/TFMessage", [(EPOCH - 0.5, latched)] if static else []),
+        })
+
+
+# A team's own messages: the arm command and state of a rig whose driver is not a ROS standard one.
+ARM_COMMAND = "std_msgs/Header header\nfloat64[6] target  # tcp xyz, euler xyz\nfloat64 gripper\n"
+ARM_STATE = "std_msgs/Header header\nfloat64[7] q\nFingers fingers\n"
+FINGERS = "float64 left\nfloat64 right\n"
+CUSTOM_MSGS = {"my_pkg/msg/ArmCommand": ARM_COMMAND, "my_pkg/msg/ArmState": ARM_STATE, "my_pkg/msg/Fingers": FINGERS}
+
+
+def custom_typestore():
+    """The standard ROS2 types plus CUSTOM_MSGS: what the team's recorder had."""
+    from rosbags.typesys import get_types_from_msg
+
+    store = get_typestore(Stores.ROS2_HUMBLE)
+    types = {}
+    for name, text in CUSTOM_MSGS.items():
+        types.update(get_types_from_msg(text, name))
+    store.register(types)
+    return store
+
+
+def write_custom_msg_bag(path: Path, definitions: str = "none", **kwargs) -> Path:
+    """The episode of :func:`write_arm_bag` with /action as my_pkg/msg/ArmCommand and /joint_states as
+    my_pkg/msg/ArmState. ``definitions``: 'all' (the bag carries every definition), 'standard' (all but the
+    team's own: a recorder that lacked the package), 'none' (a recorder older than Iron writes none)."""
+    import sqlite3
+    import tempfile
+
+    store = custom_typestore()
+    c = store.types
+
+    def command(msg, t):
+        return c["my_pkg/msg/ArmCommand"](header=_header(t, "panda_link0"), target=np.asarray(msg.data[:6]),
+                                          gripper=float(msg.data[6]))
+
+    def state(msg, t):
+        fingers = c["my_pkg/msg/Fingers"](left=float(msg.position[7]), right=float(msg.position[8]))
+        return c["my_pkg/msg/ArmState"](header=msg.header, q=np.asarray(msg.position[:7]), fingers=fingers)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write_arm_bag(Path(tmp) / "src", **kwargs)
+        rewrite_bag(path, [(src, 0.0)], typestore=store, convert={
+            "/action": ("my_pkg/msg/ArmCommand", command), "/joint_states": ("my_pkg/msg/ArmState", state)})
+    if definitions != "all":
+        [db] = path.glob("*.db3")
+        with sqlite3.connect(db) as con:
+            own_only = " WHERE topic_type LIKE 'my_pkg/%'" if definitions == "standard" else ""
+            con.execute("DELETE FROM message_definitions" + own_only)
+        con.close()
+    return path
+
+
+def write_long_bag(path: Path, parts: list[dict], pause_s: float = 0.0, hz: float = 30.0, storage: str = "sqlite3") -> Path:
+    """One long recording of several episodes of :func:`write_arm_bag` (``parts``: their knobs, n_frames
+    and instruction among them), each starting where the one before ended plus ``pause_s`` (the robot
+    idle, nothing commanded), each with its instruction message at its start."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sources, offset = [], 0.0
+        for i, part in enumerate(parts):
+            src = write_arm_bag(Path(tmp) / f"part{i}", hz=hz, **part)
+            sources.append((src, offset))
+            offset += part.get("n_frames", 24) / hz + pause_s
+        return rewrite_bag(path, sources, storage=storage)

@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 from bagfactory import (JOINTS, chain, drop, rename_joints, resize_camera, set_action, set_array, set_instruction,
-                        set_joint, stamp_back, strip_to_database, write_arm_bag)
+                        set_joint, stamp_back, strip_to_database, write_arm_bag, write_custom_msg_bag)
 from h5factory import ALOHA_POSE_OVERRIDES, write_aloha, write_robomimic
 
 from vlaops.data.ingest import REPORT_FILE, ingest
@@ -50,6 +50,11 @@ def _truncated_lone_db3(path: Path) -> None:
     db = strip_to_database(write_arm_bag(path.parent / ".work" / path.stem))
     _truncate(db, 4000)
     db.rename(path)
+
+
+def _bad_sidecar(path: Path) -> None:
+    write_arm_bag(path)
+    (path / "instruction.json").write_text('{"instruction": "open the')
 
 
 def _unknown_layout(path: Path) -> None:
@@ -100,6 +105,10 @@ BROKEN: dict[str, tuple[Callable[[Path], None], str, str | None, str]] = {
     "b20_truncated_lone.db3": (_truncated_lone_db3, "unreadable", None, r"^not a readable rosbag2 recording"),
     "b21_blank_instruction": (_bag(tweak=set_instruction("   ")), "episode_contract", "instruction",
                               r"field 'instruction' expected a non-empty instruction"),
+    "b22_malformed_sidecar": (_bad_sidecar, "bad_sidecar", "b22_malformed_sidecar/instruction.json",
+                              r"^sidecar 'b22_malformed_sidecar/instruction.json': not valid JSON"),
+    "b23_own_message_types": (lambda p: write_custom_msg_bag(p, definitions="standard"), "wrong_type", "/joint_states",
+                              r"has type my_pkg/msg/ArmState, expected sensor_msgs/msg/JointState \(or set data.fields"),
     "h01_aloha_bimanual_joints.hdf5": (lambda p: write_aloha(p, pose=False), "missing_stream", "observations/ee_pos",
                                        r"key 'observations/ee_pos' \(data.hdf5.aloha.tcp_pos\) is not in the file"),
     "h02_aloha_nan_qpos.hdf5": (lambda p: write_aloha(p, break_="nan_qpos"), "non_finite", "obs/robot_obs",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -130,6 +131,45 @@ class Hdf5Config:
         self.robomimic.check("data.hdf5.robomimic")
 
 
+TCP_SOURCES = ("pose", "tf")
+
+
+@dataclass
+class TfConfig:
+    """The TCP pose from the transform tree (``data.tcp_source: tf``): the chain of tf2_msgs/TFMessage
+    transforms from ``base_frame`` to ``tool_frame`` (through any intermediate frames, static ones from
+    ``static_topic`` included), composed at every control tick. Many rigs publish no PoseStamped of the
+    tool, but every ROS arm driver publishes /tf."""
+
+    topic: str = "/tf"
+    static_topic: Optional[str] = "/tf_static"  # null: the rig publishes no static transforms
+    base_frame: Optional[str] = None  # e.g. panda_link0: the frame the TCP pose (and the action) is in
+    tool_frame: Optional[str] = None  # e.g. panda_hand_tcp
+
+
+@dataclass
+class MessageFields:
+    """Where a stream's numbers are in a message of the team's own type (``data.custom_msgs``): field paths
+    (``target``, ``pose.position.x``) whose values, concatenated in order, give the stream. null: the
+    stream's topic has the standard type (``data.topics`` says which)."""
+
+    action: Optional[list[str]] = None  # 7 values: target tcp xyz, euler xyz, gripper ±1
+    joint_states: Optional[list[str]] = None  # data.arm_joint_names' positions, then data.gripper_joint_names'
+
+
+SPLIT_MODES = ("none", "instruction", "gap")
+
+
+@dataclass
+class SplitConfig:
+    """How one bag is cut into episodes: ``none`` (the bag is one episode), ``instruction`` (each message
+    on data.topics.instruction starts one) or ``gap`` (no action message for more than ``gap_s`` ends one).
+    The episodes of a cut bag are ``<bag>_000``, ``<bag>_001`` ... in time order."""
+
+    by: str = "none"
+    gap_s: float = 1.0
+
+
 @dataclass
 class AugmentConfig:
     """RoboVLMs' training augmentation: random shift and colour jitter."""
@@ -163,6 +203,17 @@ class DataConfig:
     # message definitions for bags that carry none (a .db3 without metadata.yaml, older rosbag2): a
     # rosbags.typesys.Stores value (ros2_humble, ros2_jazzy, ros1_noetic, ...)
     typestore: str = "ros2_humble"
+    # message types of the team's own packages, {type name: .msg text}, for bags that carry no definitions
+    # (ROS1-converted, a .db3 without them, a recorder that lacked the package); data.fields says where
+    # the numbers are
+    custom_msgs: dict[str, str] = field(default_factory=dict)
+    fields: MessageFields = field(default_factory=MessageFields)
+    tcp_source: str = "pose"  # "pose": data.topics.tcp_pose (PoseStamped); "tf": composed from data.tf
+    tf: TfConfig = field(default_factory=TfConfig)
+    # the instruction when data.topics.instruction gives none: a sidecar <recording>.json (or
+    # <bag dir>/instruction.json) with {"instruction": ..., "task": ...} first, then this; null: required
+    default_instruction: Optional[str] = None
+    split: SplitConfig = field(default_factory=SplitConfig)
     num_workers: int = 0  # processes reading recordings (0: one per core); the output does not depend on it
     checks: CheckConfig = field(default_factory=CheckConfig)
     hdf5: Hdf5Config = field(default_factory=Hdf5Config)
@@ -201,5 +252,29 @@ class DataConfig:
         if self.checks.joint_min is not None and len(self.checks.joint_min) != len(self.arm_joint_names):
             raise ValueError(f"data.checks.joint_min/joint_max hold {len(self.checks.joint_min)} limits, "
                              f"data.arm_joint_names {len(self.arm_joint_names)} joints")
+        self._check_ros_reading()
         if not self.norm_min < 0 < self.norm_max:
             raise ValueError(f"data.norm_min < 0 < data.norm_max expected, got {self.norm_min}, {self.norm_max}")
+
+    def _check_ros_reading(self) -> None:
+        """data.tcp_source / tf / split / fields / custom_msgs, each error naming its key."""
+        if self.tcp_source not in TCP_SOURCES:
+            raise ValueError(f"data.tcp_source must be one of {TCP_SOURCES}, got {self.tcp_source!r}")
+        if self.tcp_source == "tf" and not (self.tf.base_frame and self.tf.tool_frame):
+            raise ValueError("data.tcp_source is 'tf': data.tf.base_frame and data.tf.tool_frame must name the frames, "
+                             f"got {self.tf.base_frame!r} and {self.tf.tool_frame!r}")
+        if self.split.by not in SPLIT_MODES:
+            raise ValueError(f"data.split.by must be one of {SPLIT_MODES}, got {self.split.by!r}")
+        if not self.split.gap_s > 0:
+            raise ValueError(f"data.split.gap_s must be > 0, got {self.split.gap_s}")
+        for name in ("action", "joint_states"):
+            paths = getattr(self.fields, name)
+            if paths is not None and (not paths or not all(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", p) for p in paths)):
+                raise ValueError(f"data.fields.{name} must be a non-empty list of field paths like 'target' or "
+                                 f"'pose.position.x', got {paths}")
+        if self.default_instruction is not None and not self.default_instruction.strip():
+            raise ValueError("data.default_instruction must be an instruction or null, got a blank string")
+        if self.custom_msgs:
+            from vlaops.io.rosbag2 import typestore  # parses and registers data.custom_msgs, naming the bad one
+
+            typestore(self.typestore, tuple(sorted(self.custom_msgs.items())))

@@ -21,7 +21,7 @@ from vlaops.data.config import DataConfig
 from vlaops.data.plausibility import check_episode
 from vlaops.errors import RecordingError, VlaopsError
 from vlaops.io.episode import Episode, write_episode
-from vlaops.io.readers import expected_formats, find_reader
+from vlaops.io.readers import expected_formats, find_reader, sidecars
 from vlaops.utils.atomic import atomic_dir, write_json
 from vlaops.utils.executor import map_ordered, resolve_workers
 from vlaops.utils.logging import get_logger
@@ -136,6 +136,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
     if not raw_dir.is_dir():
         raise VlaopsError(f"{raw_dir}: raw data directory not found (data.raw_dir); run collect or point data.raw_dir at your recordings")
     entries = sorted(p for p in raw_dir.iterdir() if not p.name.startswith("."))
+    claimed = sidecars(entries)  # a bag's instruction sidecar is read with the bag, not as a recording
+    entries = [p for p in entries if p not in claimed]
     if not entries:
         raise VlaopsError(f"{raw_dir}: raw data directory is empty; expected recordings ({expected_formats()})")
     started = time.perf_counter()

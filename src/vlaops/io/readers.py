@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlaops.io.episode import Episode
 from vlaops.io.hdf5 import hdf5_episodes, is_hdf5, read_hdf5
-from vlaops.io.rosbag2 import is_rosbag2, read_rosbag2, rosbag2_episodes
+from vlaops.io.rosbag2 import is_rosbag2, read_rosbag2, rosbag2_episodes, sidecar_paths
 from vlaops.io.settings import ReaderSettings
 
 
@@ -26,11 +26,13 @@ class RecordingReader:
     matches: Callable[[Path], bool]
     episodes: Callable[[Path, ReaderSettings], list[str]]  # settings: DataConfig satisfies ReaderSettings
     read: Callable[[Path, str, ReaderSettings], Episode]
+    # files beside the recording that belong to it (a bag's instruction sidecar): not recordings of their own
+    sidecars: Callable[[Path], list[Path]] = lambda path: []
 
 
 READERS: tuple[RecordingReader, ...] = (
     RecordingReader("rosbag2", "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), a lone .db3 / .mcap file, or a ROS1 .bag", is_rosbag2, rosbag2_episodes,
-                    read_rosbag2),
+                    read_rosbag2, sidecar_paths),
     RecordingReader("hdf5", "an HDF5 file (canonical, ALOHA/ACT or robomimic layout, told by its content)", is_hdf5,
                     hdf5_episodes, read_hdf5),
 )
@@ -39,6 +41,11 @@ READERS: tuple[RecordingReader, ...] = (
 def find_reader(path: Path) -> RecordingReader | None:
     """The reader that claims ``path``, or None when no format matches."""
     return next((r for r in READERS if r.matches(path)), None)
+
+
+def sidecars(entries: list[Path]) -> set[Path]:
+    """The entries that are another entry's sidecar (``bag_0003.json`` beside ``bag_0003/``)."""
+    return {side for entry in entries if (reader := find_reader(entry)) is not None for side in reader.sidecars(entry)}
 
 
 def expected_formats() -> str:

@@ -1,14 +1,20 @@
 """Read a ROS2 bag (rosbag2, sqlite3 or mcap) or a ROS1 bag into a canonical :class:`Episode` with ``rosbags``.
 
 No ROS install is needed. Which topic is which stream comes from ``data.topics``; every stream is
-synchronised to the ticks of the action topic (the control rate) by a zero-order hold.
+synchronised to the ticks of the action topic (the control rate) by a zero-order hold. For rigs unlike the
+simulator: the TCP pose composed from /tf (``data.tcp_source``, ``data.tf``; ``vlaops.io.tf``), a team's own
+message types (``data.custom_msgs``, ``data.fields``), the instruction from a sidecar file or a default
+(``data.default_instruction``), and one long bag cut into episodes (``data.split``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +23,8 @@ from typing import Any
 import numpy as np
 import yaml
 from rosbags.highlevel import AnyReader
-from rosbags.typesys import Stores, get_typestore
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+from rosbags.typesys.base import Nodetype
 from rosbags.typesys.store import Typestore
 
 from vlaops.errors import RecordingError
@@ -27,6 +34,7 @@ from vlaops.io.geometry import quat_to_euler
 from vlaops.io.images import decode_compressed, same_shapes
 from vlaops.io.settings import ReaderSettings
 from vlaops.io.sync import SyncError, common_start, hold_last
+from vlaops.io.tf import TfTree
 
 SOURCE_FORMAT = "rosbag2"
 ROS1_SOURCE_FORMAT = "rosbag1"
@@ -45,10 +53,81 @@ EXPECTED_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+TF_TYPE = "tf2_msgs/msg/TFMessage"
+TF_STREAMS = {"tf": "data.tf.topic", "tf_static": "data.tf.static_topic"}  # read when data.tcp_source is 'tf'
+
+
 @functools.cache
-def typestore(name: str) -> Typestore:
-    """The message definitions for bags recorded without them (data.typestore, e.g. 'ros2_humble')."""
-    return get_typestore(Stores(name))
+def typestore(name: str, custom_msgs: tuple[tuple[str, str], ...] = ()) -> Typestore:
+    """The message definitions for bags recorded without them: data.typestore (e.g. 'ros2_humble') plus the
+    team's own types, data.custom_msgs as sorted (type name, .msg text) pairs.
+
+    A .msg text that does not parse, names a type no store defines, or redefines a standard type is a
+    ValueError naming its ``data.custom_msgs`` key: DataConfig calls this when the config is loaded, so
+    it fails before any recording is opened."""
+    store = get_typestore(Stores(name))
+    if custom_msgs:
+        types = custom_types(custom_msgs, store)
+        try:
+            store.register(types)
+        except Exception as exc:  # rosbags' TypesysError: a type already present with another definition
+            raise ValueError(f"data.custom_msgs: {' '.join(str(exc).split())} (data.typestore '{name}' defines it)") from None
+    return store
+
+
+def _referenced(desc: tuple[Any, Any]) -> str | None:
+    """The message type a field of a parse tree refers to (through arrays and sequences); None: a base type."""
+    node, detail = desc
+    if node == Nodetype.NAME:
+        return detail
+    if node in (Nodetype.ARRAY, Nodetype.SEQUENCE):
+        return _referenced(detail[0])
+    return None
+
+
+def custom_types(custom_msgs: tuple[tuple[str, str], ...], store: Typestore) -> dict[str, Any]:
+    """data.custom_msgs parsed with rosbags (``get_types_from_msg``): {type name: parse tree}."""
+    types: dict[str, Any] = {}
+    for type_name, text in custom_msgs:
+        key = f"data.custom_msgs['{type_name}']"
+        if not re.fullmatch(r"[A-Za-z]\w*/msg/[A-Za-z]\w*", type_name):
+            raise ValueError(f"{key}: a message type is named <package>/msg/<Name>, got {type_name!r}")
+        try:
+            types.update(get_types_from_msg(text, type_name))
+        except Exception as exc:  # rosbags' TypesysError, with the unparsed rest of the text on its last line
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise ValueError(f"{key}: not a valid .msg definition (cannot parse {lines[-1].strip()!r})") from None
+    for type_name, (_consts, fields) in types.items():
+        for field_name, desc in fields:
+            ref = _referenced(desc)
+            if ref is not None and ref not in types and ref not in store.types:
+                raise ValueError(f"data.custom_msgs['{type_name}']: field '{field_name}' has type {ref}, which neither "
+                                 "data.custom_msgs nor data.typestore defines")
+    return types
+
+
+def _custom_msgs(cfg: ReaderSettings) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(dict(cfg.custom_msgs).items()))
+
+
+def _register_custom(reader: AnyReader, cfg: ReaderSettings) -> None:
+    """Add data.custom_msgs (and the types they use) to an open reader's typestore where the bag lacks them.
+
+    AnyReader takes every definition from the bag when the bag has any, and the default typestore only
+    when it has none; a recorder that lacked the team's package writes the standard types' definitions
+    but an empty one for its own, so those are added here, before any message is read."""
+    if not cfg.custom_msgs:
+        return
+    defaults = typestore(cfg.typestore, _custom_msgs(cfg)).fielddefs
+    todo, missing = [name for name, _ in _custom_msgs(cfg)], {}
+    while todo:
+        name = todo.pop()
+        if name in missing or name in reader.typestore.types or name not in defaults:
+            continue
+        missing[name] = defaults[name]
+        todo.extend(ref for _field, desc in defaults[name][1] if (ref := _referenced(desc)))
+    if missing:
+        reader.typestore.register(missing)
 
 
 STORAGE_SUFFIXES = (".db3", ".mcap")
@@ -174,23 +253,178 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
+SIDECAR_NAME = "instruction.json"
+
+
+def sidecar_paths(path: Path) -> list[Path]:
+    """The instruction sidecars of the recording at ``path`` that exist: ``<recording>.json`` beside it
+    (``bag_0003.json``, ``run.json`` for ``run.db3``) and, in a bag directory, ``instruction.json``.
+
+    Ingest does not read them as recordings of their own."""
+    candidates = [path.parent / f"{episode_id(path)}.json"]
+    if path.is_dir():
+        candidates.append(path / SIDECAR_NAME)
+    return [p for p in candidates if p.is_file()]
+
+
+def read_sidecar(path: Path) -> dict[str, str]:
+    """{'instruction', 'task'} (either or both) from the recording's sidecar; {} when it has none.
+
+    An instruction written down after the recording, for rigs that publish none. A sidecar that is not
+    such a JSON object is a RecordingError naming it (check ``bad_sidecar``)."""
+    found = sidecar_paths(path)
+    if not found:
+        return {}
+    names = [str(p.relative_to(path.parent)) for p in found]
+    if len(found) > 1:
+        raise RecordingError(str(path), f"two instruction sidecars, '{names[0]}' and '{names[1]}': keep one",
+                             check="bad_sidecar", stream=names[0])
+
+    def bad(reason: str) -> RecordingError:
+        return RecordingError(str(path), f"sidecar '{names[0]}': {reason}", check="bad_sidecar", stream=names[0])
+
+    try:
+        data = json.loads(found[0].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise bad(f'holds a {type(data).__name__}, expected an object {{"instruction": ..., "task": ...}}')
+    picked = {k: data[k] for k in ("instruction", "task") if k in data}
+    if not picked:
+        raise bad(f"has neither 'instruction' nor 'task' (keys: {sorted(data)})")
+    for k, v in picked.items():
+        if not isinstance(v, str) or not v.strip():
+            raise bad(f"'{k}' must be a non-empty string, got {v!r}")
+    return {k: v.strip() for k, v in picked.items()}
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One episode of a bag cut by data.split: the action ticks stamped in [lo, hi)."""
+
+    key: str
+    lo: float
+    hi: float
+
+
+def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
+    """The episodes of a bag cut by data.split.by ('instruction' or 'gap'), from its action and instruction
+    stamps only (a light pass: no image is read).
+
+    ``instruction``: each instruction message starts an episode that lasts until the next one (commands
+    before the first instruction belong to none). ``gap``: an episode ends where no action message comes
+    for more than data.split.gap_s. A bag without the messages to cut by is one episode ``<bag>_000``,
+    and reading it says what is missing. Keys are ``<bag>_<index>``, in time order: stable across runs."""
+    where = str(path)
+    topics = {"action": cfg.topics.action, "instruction": cfg.topics.instruction}
+    streams = {name: _Stream(topic) for name, topic in topics.items()}
+    with contextlib.ExitStack() as stack:
+        try:
+            reader = AnyReader(bag_paths(path) or [path], default_typestore=typestore(cfg.typestore, _custom_msgs(cfg)))
+            reader.open()
+            _register_custom(reader, cfg)
+        except Exception as exc:  # as in read_rosbag2: whatever stops the bag from opening makes it unreadable
+            raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
+                                 check="unreadable") from exc
+        stack.callback(reader.close)
+        by_topic = {topic: name for name, topic in topics.items()}
+        connections = [c for c in reader.connections if c.topic in by_topic and c.msgtype in reader.typestore.types]
+        for conn, log_time, raw in reader.messages(connections=connections):
+            try:
+                msg = reader.deserialize(raw, conn.msgtype)
+            except Exception as exc:
+                raise RecordingError(where, f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
+                                     check="undecodable", stream=conn.topic) from exc
+            streams[by_topic[conn.topic]].stamps.append(_stamp(msg, log_time))
+            streams[by_topic[conn.topic]].values.append(None)
+    ticks = streams["action"].arrays(where, cfg.checks.monotonic_stamps)[0]
+    if cfg.split.by == "instruction":
+        starts = streams["instruction"].arrays(where, cfg.checks.monotonic_stamps)[0]
+    else:
+        starts = ticks[np.concatenate([[0], np.flatnonzero(np.diff(ticks) > cfg.split.gap_s) + 1])] if len(ticks) else ticks
+    if not len(starts):
+        return [_Segment(f"{episode_id(path)}_000", -math.inf, math.inf)]
+    bounds = [*starts.tolist(), math.inf]
+    return [_Segment(f"{episode_id(path)}_{i:03d}", bounds[i], bounds[i + 1]) for i in range(len(starts))]
+
+
 def rosbag2_episodes(path: Path, cfg: ReaderSettings) -> list[str]:
-    """A rosbag2 recording holds one episode."""
-    return [episode_id(path)]
+    """A rosbag2 recording holds one episode, or several when data.split.by cuts it."""
+    if cfg.split.by == "none":
+        return [episode_id(path)]
+    return [seg.key for seg in _segments(path, cfg)]
+
+
+def _window(path: Path, key: str, cfg: ReaderSettings) -> _Segment | None:
+    """The segment ``key`` names in a cut bag; None when bags are not cut (the whole bag is the episode)."""
+    if cfg.split.by == "none":
+        return None
+    segments = {seg.key: seg for seg in _segments(path, cfg)}
+    if key not in segments:
+        raise RecordingError(str(path), f"no episode '{key}' in the bag (data.split.by '{cfg.split.by}' cuts it into "
+                             f"{list(segments)})", check="unknown_episode", episode=key)
+    return segments[key]
+
+
+def _in_window(name: str, stamp: float, window: _Segment, tolerance: float) -> bool:
+    """Whether a message belongs to the episode of ``window``: an action stamped in [lo, hi); an
+    observation from lo - data.sync_tolerance_s on (a stream silent at the start of an episode trims its
+    first ticks, as at the start of a bag); every instruction and task (picked per episode later)."""
+    if name in ("instruction", "task"):
+        return True
+    if name == "action":
+        return window.lo <= stamp < window.hi
+    return window.lo - tolerance <= stamp < window.hi
+
+
+def _at_start(stream: _Stream, window: _Segment, where: str, monotonic: bool) -> Any:
+    """A stream's value for the episode of ``window``: the newest message stamped at or before its start,
+    else the first one within it; None when there is neither."""
+    if not stream.stamps:
+        return None
+    stamps, values = stream.arrays(where, monotonic)
+    before = np.flatnonzero(stamps <= window.lo)
+    if before.size:
+        return values[int(before[-1])]
+    inside = np.flatnonzero(stamps < window.hi)
+    return values[int(inside[0])] if inside.size else None
+
+
+def _expected_types(name: str, cfg: ReaderSettings) -> tuple[str, ...] | None:
+    """The message types a stream's topic may have; None: any (data.fields says where its numbers are)."""
+    if name in TF_STREAMS:
+        return (TF_TYPE,)
+    if name in ("action", "joint_states") and getattr(cfg.fields, name):
+        return None
+    return EXPECTED_TYPES[name]
+
+
+def _config_key(name: str) -> str:
+    return TF_STREAMS.get(name, f"data.topics.{name}")
 
 
 def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
     """Read one rosbag2 recording (or ROS1 bag) into an arm :class:`Episode` synchronised to the action ticks.
 
-    Every problem with the data is a :class:`RecordingError` naming the bag, the topic and the check."""
+    ``key`` is one of ``rosbag2_episodes``: the bag's name, or one episode of a bag cut by data.split (only
+    its messages are decoded). Every problem with the data is a :class:`RecordingError` naming the bag,
+    the topic and the check."""
     where = str(path)
+    window = _window(path, key, cfg)  # this episode's stamps in a bag cut by data.split; None: the whole bag
+    sidecar = read_sidecar(path)
+    fallback_instruction = sidecar.get("instruction") or cfg.default_instruction
     wanted = {name: topic for name in EXPECTED_TYPES if (topic := getattr(cfg.topics, name))}
-    streams: dict[str, _Stream] = {name: _Stream(topic) for name, topic in wanted.items()}
+    if cfg.tcp_source == "tf":  # the TCP pose is composed from the transform tree, not read from a pose topic
+        del wanted["tcp_pose"]
+        wanted.update({name: topic for name, topic in (("tf", cfg.tf.topic), ("tf_static", cfg.tf.static_topic)) if topic})
+    streams: dict[str, _Stream] = {name: _Stream(topic) for name, topic in wanted.items() if name not in TF_STREAMS}
+    tree = TfTree(cfg.tf.topic, cfg.tf.static_topic, where)
     custom = _custom_data(path)
     with contextlib.ExitStack() as stack:
         try:
-            reader = AnyReader(bag_paths(path) or [path], default_typestore=typestore(cfg.typestore))
+            reader = AnyReader(bag_paths(path) or [path], default_typestore=typestore(cfg.typestore, _custom_msgs(cfg)))
             reader.open()
+            _register_custom(reader, cfg)
         except Exception as exc:  # AnyReaderError, a malformed metadata.yaml, a truncated database: all unreadable
             raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
                                  check="unreadable") from exc
@@ -200,20 +434,24 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
         present = {c.topic: c.msgtype for c in reader.connections}
         for name, topic in wanted.items():
             if topic not in present:
-                optional = name in ("rgb_gripper", "scene_obs", "task")
+                optional = name in ("rgb_gripper", "scene_obs", "task", "tf_static") or (
+                    name == "instruction" and fallback_instruction is not None)  # a sidecar or data.default_instruction
                 if optional:
                     continue
                 raise RecordingError(
-                    where, f"mapped topic '{topic}' (data.topics.{name}) is not in the bag; topics present: {sorted(present)}",
+                    where, f"mapped topic '{topic}' ({_config_key(name)}) is not in the bag; topics present: {sorted(present)}",
                     check="missing_stream", stream=topic)
-            if present[topic] not in EXPECTED_TYPES[name]:
+            expected = _expected_types(name, cfg)
+            if expected is not None and present[topic] not in expected:
+                fields_hint = f" (or set data.fields.{name} for a custom type)" if name in ("action", "joint_states") else ""
                 raise RecordingError(
-                    where, f"topic '{topic}' (data.topics.{name}) has type {present[topic]}, "
-                    f"expected {' or '.join(EXPECTED_TYPES[name])}", check="wrong_type", stream=topic)
+                    where, f"topic '{topic}' ({_config_key(name)}) has type {present[topic]}, "
+                    f"expected {' or '.join(expected)}{fields_hint}", check="wrong_type", stream=topic)
             if present[topic] not in reader.typestore.types:
                 raise RecordingError(
-                    where, f"topic '{topic}' (data.topics.{name}): the bag holds no definition of {present[topic]} "
-                    f"and data.typestore '{cfg.typestore}' has none either", check="unknown_type", stream=topic)
+                    where, f"topic '{topic}' ({_config_key(name)}): the bag holds no definition of {present[topic]} "
+                    f"and data.typestore '{cfg.typestore}' has none, nor data.custom_msgs", check="unknown_type",
+                    stream=topic)
         by_topic = {topic: name for name, topic in wanted.items()}
         connections = [c for c in reader.connections if c.topic in by_topic]
         for conn, log_time, raw in reader.messages(connections=connections):
@@ -223,15 +461,52 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
             except Exception as exc:  # AnyReaderError, or a struct/index error on a truncated message
                 raise RecordingError(where, f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
                                      check="undecodable", stream=conn.topic) from exc
+            if name in TF_STREAMS:
+                tree.add(msg, name == "tf_static", log_time)
+                continue
+            stamp = _stamp(msg, log_time)
+            if window is not None and not _in_window(name, stamp, window, cfg.sync_tolerance_s):
+                continue  # another episode's message: not decoded
             stream = streams[name]
-            stream.stamps.append(_stamp(msg, log_time))
+            stream.stamps.append(stamp)
             stream.values.append(_payload(name, msg, where, conn.topic, cfg))
-    return _assemble(path, streams, cfg, custom)
+    return _assemble(path, streams, cfg, custom, key=key, window=window, sidecar=sidecar, tree=tree)
+
+
+def _fields(msg: Any, paths: list[str], where: str, topic: str, key: str) -> np.ndarray:
+    """The numbers at ``paths`` (dotted field paths) of a message, concatenated: (N,) float64."""
+    parts = []
+    for path in paths:
+        value = msg
+        for attr in path.split("."):
+            if not dataclasses.is_dataclass(value) or not hasattr(value, attr):
+                fields = dataclasses.fields(value) if dataclasses.is_dataclass(value) else ()
+                have = [f.name for f in fields if not f.name.startswith("_")]  # not rosbags' __msgtype__
+                raise RecordingError(
+                    where, f"topic '{topic}': {msg.__msgtype__} has no field '{path}' ({key}); its fields: {have}",
+                    check="missing_field", stream=topic)
+            value = getattr(value, attr)
+        try:
+            parts.append(np.asarray(value, dtype=np.float64).reshape(-1))
+        except (TypeError, ValueError):
+            raise RecordingError(where, f"topic '{topic}': field '{path}' ({key}) holds {type(value).__name__}, "
+                                 "expected numbers", check="wrong_type", stream=topic) from None
+    return np.concatenate(parts)
 
 
 def _payload(name: str, msg: Any, where: str, topic: str, cfg: ReaderSettings) -> Any:
     if name in ("rgb_static", "rgb_gripper"):
         return decode_image(msg, where, topic)
+    if name == "action" and cfg.fields.action:
+        return _fields(msg, list(cfg.fields.action), where, topic, "data.fields.action")
+    if name == "joint_states" and cfg.fields.joint_states:  # the team's own joint message: positions in order
+        values = _fields(msg, list(cfg.fields.joint_states), where, topic, "data.fields.joint_states")
+        needed = len(cfg.arm_joint_names) + len(cfg.gripper_joint_names)
+        if values.shape != (needed,):
+            raise RecordingError(
+                where, f"topic '{topic}': data.fields.joint_states gives {values.size} values, expected {needed} "
+                "(data.arm_joint_names, then data.gripper_joint_names)", check="wrong_shape", stream=topic)
+        return values
     if name == "joint_states":
         positions = dict(zip(msg.name, np.asarray(msg.position, dtype=np.float64)))
         needed = [*cfg.arm_joint_names, *cfg.gripper_joint_names]
@@ -249,9 +524,20 @@ def _payload(name: str, msg: Any, where: str, topic: str, cfg: ReaderSettings) -
     return str(msg.data)  # instruction, task
 
 
-def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, custom: dict[str, str]) -> Episode:
+def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, custom: dict[str, str], *, key: str,
+              window: _Segment | None, sidecar: dict[str, str], tree: TfTree) -> Episode:
+    """The streams read from the bag (those of ``window``'s episode in a cut bag) -> the synchronised
+    Episode. The TCP pose is the tf chain data.tf.base_frame -> tool_frame when data.tcp_source is 'tf'.
+    The instruction: the instruction topic's (in a cut bag, the one in force at the episode's start),
+    else the sidecar's, else data.default_instruction."""
     where = str(path)
+    fallback_instruction = sidecar.get("instruction") or cfg.default_instruction
+    if window is not None and not streams["action"].stamps:
+        raise RecordingError(where, f"0 synchronised frames, data.min_episode_len is {cfg.min_episode_len}",
+                             check="too_short")
     for name in ("rgb_static", "joint_states", "tcp_pose", "action", "instruction"):
+        if name not in streams or (name == "instruction" and fallback_instruction is not None):
+            continue  # the TCP pose from tf; an instruction from the sidecar or the default
         if not streams[name].stamps:
             topic = getattr(cfg.topics, name)
             raise RecordingError(where, f"topic '{topic}' (data.topics.{name}) has no messages", check="missing_stream",
@@ -272,7 +558,10 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
                                  check="wrong_rate", stream=cfg.topics.action)
     obs_names = [n for n in ("rgb_static", "rgb_gripper", "joint_states", "tcp_pose", "scene_obs") if streams.get(n) and streams[n].stamps]
     sorted_streams = {n: streams[n].arrays(where, monotonic) for n in obs_names}
-    start = common_start({n: s[0][0] for n, s in sorted_streams.items()}, ticks)
+    starts = {n: s[0][0] for n, s in sorted_streams.items()}
+    if cfg.tcp_source == "tf" and (first := tree.first_stamp(cfg.tf.base_frame, cfg.tf.tool_frame)) is not None:
+        starts["tf"] = first
+    start = common_start(starts, ticks)
     ticks, action_abs = ticks[start:], action_abs[start:]
     if len(ticks) < cfg.min_episode_len:
         raise RecordingError(where, f"{len(ticks)} synchronised frames, data.min_episode_len is {cfg.min_episode_len}",
@@ -285,6 +574,8 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
         except SyncError as exc:
             raise RecordingError(where, str(exc), check="out_of_sync", stream=topic) from exc
         held[name] = np.stack([values[i] for i in idx])
+    if cfg.tcp_source == "tf":
+        held["tcp_pose"] = tree.pose_at(cfg.tf.base_frame, cfg.tf.tool_frame, ticks, cfg.sync_tolerance_s, monotonic)
     if held.get("scene_obs") is not None and held["scene_obs"].shape[1:] != (SCENE_OBS_DIM,):
         raise RecordingError(where, f"topic '{cfg.topics.scene_obs}' holds arrays of shape {held['scene_obs'].shape[1:]}, "
                              f"expected ({SCENE_OBS_DIM},)", check="wrong_shape", stream=cfg.topics.scene_obs)
@@ -294,13 +585,27 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     # CALVIN's robot_obs[14] is the gripper action in force when the frame was taken: the previous command.
     prev_gripper = np.concatenate([action_abs[:1, 6], action_abs[:-1, 6]])[:, None]
     robot_obs = np.concatenate([held["tcp_pose"], gripper_width, joints[:, :n_arm], prev_gripper], axis=1)
-    instruction = streams["instruction"].values[0].strip()
-    task_values = streams["task"].values if "task" in streams else []
-    # the task name: a mapped task topic, else the bag's custom_data 'task', else the instruction
-    task = task_values[0] if task_values else custom.get("task") or _slug(instruction)
+    def topic_value(name: str) -> str | None:
+        stream = streams.get(name)
+        if stream is None or not stream.values:
+            return None
+        return stream.values[0] if window is None else _at_start(stream, window, where, monotonic)
+
+    # topic > sidecar > data.default_instruction: a recorded message says what the operator asked at the time
+    instruction = topic_value("instruction")
+    if instruction is None:
+        instruction = fallback_instruction
+    if instruction is None:  # a cut bag's episode before any instruction message, with nothing to fall back on
+        raise RecordingError(
+            where, f"no instruction: no message on '{cfg.topics.instruction}' (data.topics.instruction) at or after the "
+            "episode's start, no sidecar, and data.default_instruction is null", check="no_instruction",
+            stream=cfg.topics.instruction)
+    instruction = instruction.strip()
+    # the task name: a mapped task topic, else the sidecar's, else the bag's custom_data 'task', else the instruction
+    task = topic_value("task") or sidecar.get("task") or custom.get("task") or _slug(instruction)
     return Episode(
-        episode_id=episode_id(path),
-        source=str(path),
+        episode_id=episode_id(path) if window is None else key,
+        source=str(path) if window is None else f"{path} episode '{key}'",
         source_sha256=source_sha256(path),
         source_format=ROS1_SOURCE_FORMAT if path.suffix == ROS1_SUFFIX else SOURCE_FORMAT,
         embodiment="arm",

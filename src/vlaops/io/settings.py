@@ -29,6 +29,29 @@ class CheckSettings(Protocol):
     monotonic_stamps: bool
 
 
+class TfSettings(Protocol):
+    """Where the TCP pose comes from when ``tcp_source`` is ``tf``: the transform chain base -> tool."""
+
+    topic: str
+    static_topic: Optional[str]
+    base_frame: Optional[str]
+    tool_frame: Optional[str]
+
+
+class FieldSettings(Protocol):
+    """Field paths of a stream recorded in a custom message type; None: the standard type."""
+
+    action: Optional[list[str]]
+    joint_states: Optional[list[str]]
+
+
+class SplitSettings(Protocol):
+    """How one bag is cut into episodes (none, instruction, gap)."""
+
+    by: str
+    gap_s: float
+
+
 class Hdf5Settings(Protocol):
     """One key map per mapped HDF5 layout (``vlaops.io.hdf5.StreamMap`` each)."""
 
@@ -46,5 +69,11 @@ class ReaderSettings(Protocol):
     sync_tolerance_s: float
     min_episode_len: int
     typestore: str
+    custom_msgs: dict[str, str]
+    fields: FieldSettings
+    tcp_source: str
+    tf: TfSettings
+    default_instruction: Optional[str]
+    split: SplitSettings
     checks: CheckSettings
     hdf5: Hdf5Settings
