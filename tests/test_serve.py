@@ -242,3 +242,43 @@ def test_cli_serve_fails_fast_on_a_missing_policy(tmp_path, capsys):
     code = main(["serve", f"paths.model_dir={tmp_path}/absent", "serve.port=0", "serve.device=cpu"])
     assert code == 1
     assert "policy directory not found" in capsys.readouterr().err
+
+
+def test_vlaops_serve_command_serves_until_sigterm(tiny_policy_dir, runtime, tmp_path):
+    """The real command: ``vlaops serve`` binds serve.host/serve.port itself, answers a step equal to the
+    in-process runtime's (another process, the same machine and thread count), and stops cleanly on SIGTERM."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "vlaops.cli", "serve", f"paths.model_dir={tiny_policy_dir}",
+                             "serve.host=127.0.0.1", f"serve.port={port}", "serve.device=cpu"],
+                            cwd=Path(__file__).parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = PolicyClient(f"http://127.0.0.1:{port}")
+        for _ in range(1200):  # until it listens (importing torch and loading the policy)
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                facts = client.health()
+                break
+            except Exception:
+                time.sleep(0.1)
+        else:
+            pytest.fail(f"vlaops serve did not answer: {(tmp_path / 'serve.log').read_text()}")
+        assert facts["model_dir"] == str(tiny_policy_dir) and facts["device"] == "cpu"
+        obs = {"rgb_static": STATIC, "rgb_gripper": GRIPPER}
+        assert np.array_equal(client.step(obs, INSTRUCTION), local_twin(runtime).step(obs, INSTRUCTION))
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code == 0, (tmp_path / "serve.log").read_text()

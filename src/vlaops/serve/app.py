@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from vlaops.errors import VlaopsError
+from vlaops.errors import Terminated, VlaopsError
 from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE
 from vlaops.serve.codec import decode_image
 from vlaops.serve.config import ServeConfig
@@ -269,7 +269,7 @@ def resolve_device(name: str) -> str:
 
 def serve(model_dir: str | Path, cfg: ServeConfig) -> None:
     """Load the export at ``model_dir`` (a bad one fails here, before the port is opened) and serve it
-    until SIGINT/SIGTERM (uvicorn finishes the requests in flight)."""
+    until SIGINT/SIGTERM (uvicorn finishes the requests in flight; then ``vlaops serve`` exits 0)."""
     import uvicorn
 
     from vlaops.model import PolicyRuntime
@@ -278,4 +278,8 @@ def serve(model_dir: str | Path, cfg: ServeConfig) -> None:
     server = PolicyServer(runtime, cfg, model_dir)
     log.info("serving %s on http://%s:%d (%s; at most %d sessions, dropped after %g s idle)",
              model_dir, cfg.host, cfg.port, runtime.device, cfg.max_sessions, cfg.session_idle_s)
-    uvicorn.Server(_uvicorn_config(create_app(server), cfg, "info")).run()
+    try:
+        uvicorn.Server(_uvicorn_config(create_app(server), cfg, "info")).run()
+    except (KeyboardInterrupt, Terminated):
+        pass  # uvicorn finished the requests in flight, then re-raised the signal it caught: a server's normal stop
+    log.info("stopped serving %s", model_dir)
