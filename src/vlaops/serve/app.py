@@ -48,6 +48,9 @@ from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
 
+# what ``PolicyRuntime.step`` returns, as /health states it
+ARM_ACTION = "(7,) relative, CALVIN units: xyz x 0.02 m, euler xyz x 0.05 rad, gripper 1 open / -1 close"
+MOBILE_BASE_ACTION = "(4,) linear_x m/s, linear_y m/s, angular_z rad/s, action_type class id"
 CAMERA_SHAPES = {"rgb_static": (RGB_STATIC_SIZE, RGB_STATIC_SIZE, 3), "rgb_gripper": (RGB_GRIPPER_SIZE, RGB_GRIPPER_SIZE, 3)}
 
 
@@ -141,7 +144,7 @@ class PolicyServer:
             "use_hand_rgb": m.use_hand_rgb,
             "pad_history": m.pad_history,
             "cameras": {k: list(v) for k, v in self.cameras.items()},
-            "action": "relative, CALVIN units: xyz x 0.02 m, euler xyz x 0.05 rad, gripper 1 open / -1 close",
+            "action": (MOBILE_BASE_ACTION if getattr(m, "action_classes", 0) else ARM_ACTION),
             **self.sessions.summary(),
         }
 
@@ -170,7 +173,6 @@ class PolicyServer:
             except VlaopsError as exc:
                 raise BadRequest(422, "observation", f"observation: {exc}") from None
             session.steps += 1
-            session.instruction = request.instruction
         return {"session_id": session.id, "step": session.steps, "action": action.tolist()}
 
     def reset(self, session_id: str) -> dict[str, Any]:

@@ -41,7 +41,6 @@ class Session:
     policy: StepPolicy  # this session's own window; the model weights are shared
     last_used: float
     steps: int = 0  # steps since the last reset
-    instruction: str | None = None
 
 
 class SessionStore:
