@@ -17,8 +17,9 @@ session 404. Other sessions go on being served.
 
 Concurrency: uvicorn runs one process; FastAPI runs each request in its thread pool, and one inference
 lock lets one step run at a time, whatever its session. A step is compute-bound and already uses every
-intra-op thread (or the GPU), so two at once would gain nothing, and the shared model and tokenizer
-(whose Rust backend refuses concurrent use: "Already borrowed") stay consistent; each session's window
+intra-op thread (or the GPU), so two at once would gain nothing, and the shared tokenizer needs it:
+transformers resets the Rust tokenizer's truncation and padding on every call, and a second thread doing
+so mid-encode raises "RuntimeError: Already borrowed" (huggingface/tokenizers#537). Each session's window
 is its own ``PolicyRuntime`` over the shared weights, so sessions cannot see each other's frames.
 """
 
