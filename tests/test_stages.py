@@ -131,6 +131,52 @@ def test_rollout_videos_show_the_scored_chains(pipeline):
             assert (frames[0][200:] < 128).any()  # the caption is written
 
 
+def test_the_policy_is_a_registered_mlflow_model(pipeline):
+    """train logs the export as a pyfunc (as code, no pickle) with a signature and an input example and
+    registers it; its predict over an episode equals PolicyRuntime.step frame by frame, bit for bit."""
+    import pandas as pd
+
+    from vlaops.io.calvin import VALIDATION, CalvinSplit
+    from vlaops.model import PolicyRuntime, mlflow_model
+
+    uri = f"sqlite:///{pipeline}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    (version,) = client.search_model_versions("name='vlaops-policy'")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "vlaops"])
+    assert version.run_id == run.info.run_id
+    assert version.tags["avg_len"] == f"{run.data.metrics['avg_len']:.4f}"  # evaluate tagged the version
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/vlaops-policy/{version.version}")
+    assert [c.name for c in model.metadata.signature.inputs.inputs] == ["instruction", "rgb_static", "rgb_gripper"]
+    split = CalvinSplit(pipeline / "calvin" / VALIDATION)
+    ann = split.annotations[0]
+    frames = [split.load_frame(i, ("rgb_static", "rgb_gripper")) for i in range(ann.start, ann.start + 4)]
+    table = pd.DataFrame([{"instruction": ann.instruction, "rgb_static": mlflow_model.png_bytes(f["rgb_static"]),
+                           "rgb_gripper": mlflow_model.png_bytes(f["rgb_gripper"])} for f in frames])
+    served = model.predict(table)
+    runtime = PolicyRuntime.load(pipeline / "models" / "policy")
+    runtime.reset()
+    direct = np.stack([runtime.step(f, ann.instruction) for f in frames])
+    assert list(served.columns) == list(mlflow_model.ARM_ACTION_COLUMNS)
+    np.testing.assert_array_equal(served.to_numpy(), direct)
+
+
+def test_evaluate_takes_a_registered_model(pipeline, tmp_path, capsys):
+    """paths.model_dir=models:/<name>/<version> evaluates the registered policy; a version that does not
+    exist is one line naming it."""
+    reports = tmp_path / "reports"
+    store = f"tracking.uri=sqlite:///{pipeline}/mlflow.db"
+    assert _stage("evaluate", pipeline, "paths.model_dir=models:/vlaops-policy/1", f"paths.reports_dir={reports}", store,
+                  "eval.ablations=[]", "eval.references=[]", "eval.videos=0") == 0
+    results = json.loads((reports / "results.json").read_text())
+    assert list(results) == ["models:/vlaops-policy/1"]
+    assert results == {"models:/vlaops-policy/1": json.loads((pipeline / "reports" / "results.json").read_text()).popitem()[1]}
+    capsys.readouterr()
+    assert _stage("evaluate", pipeline, "paths.model_dir=models:/vlaops-policy/7", f"paths.reports_dir={reports}", store) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models:/vlaops-policy/7" in err[0] and "no such registered policy" in err[0]
+
 def test_the_store_is_the_project_roots(tmp_path, monkeypatch):
     """A relative sqlite store is the project root's: $DVC_ROOT (DVC points it at the parent repository for a
     queued or --temp experiment), else the nearest directory holding dvc.yaml, whatever the working directory."""

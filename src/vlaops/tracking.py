@@ -7,6 +7,7 @@ run, so ``mlflow ui`` shows training and evaluation of an experiment on one row.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import subprocess
 import time
@@ -35,6 +36,8 @@ TRAIN_GRAD_NORM = "train/grad_norm"
 VAL_LOSS = "val/loss"
 VAL_ARM_LOSS = "val/arm_loss"
 VAL_GRIPPER_LOSS = "val/gripper_loss"
+BEST_VAL_LOSS = "best/val_loss"  # a sweep's parent run: the lowest val/loss of its jobs (vlaops.sweep)
+SWEEP_VAL_LOSS = "sweep/val_loss"  # ... and each job's, one point per job number
 AVG_LEN = "avg_len"
 SR_PREFIX = "sr_"  # sr_1 .. sr_5
 TASK_SR_PREFIX = "task_sr/"
@@ -53,6 +56,8 @@ class TrackingConfig:
     experiment_name: str = "vlaops"
     run_name: Optional[str] = None  # None: the DVC experiment's name under `dvc exp run`, else run-<UTC time>
     system_metrics: bool = True  # CPU, memory, disk (and GPU where pynvml sees one) sampled every 10 s into the run
+    log_model: bool = True  # the exported policy as an MLflow model (pyfunc) in the train run
+    registered_model: Optional[str] = "vlaops-policy"  # and registered under this name; None: not registered
 
 
 SQLITE = "sqlite:///"
@@ -156,10 +161,28 @@ def store_setup_lock(cfg: TrackingConfig) -> Iterator[None]:
         yield
 
 
+# (parent run id, tags) that new runs opened by run() nest under: set by nested_under, for a sweep's jobs
+_PARENT: contextvars.ContextVar[tuple[str, dict[str, str]] | None] = contextvars.ContextVar("vlaops_parent_run", default=None)
+
+
 @contextlib.contextmanager
-def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Any]:
+def nested_under(parent_run_id: str | None, tags: dict[str, Any] | None = None) -> Iterator[None]:
+    """Inside the block every new run that :func:`run` opens (a sweep job's train run) is a child of
+    ``parent_run_id`` (MLflow's nested runs) and carries ``tags``; a re-opened run keeps its place.
+    None (tracking disabled): nothing changes."""
+    token = _PARENT.set(None if parent_run_id is None else (parent_run_id, {k: str(v) for k, v in (tags or {}).items()}))
+    try:
+        yield
+    finally:
+        _PARENT.reset(token)
+
+
+@contextlib.contextmanager
+def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None) -> Iterator[Any]:
     """Open (or re-open, by ``run_id``) an MLflow run; it ends KILLED on SIGINT/SIGTERM, FAILED if the
-    block raises anything else.
+    block raises anything else. A new run is nested under ``parent_run_id`` (or the run of an enclosing
+    :func:`nested_under`), which must be running.
 
     Yields the ``mlflow`` module, or None when tracking is disabled, so callers log through
     :func:`log_metrics` and friends which accept None.
@@ -169,14 +192,17 @@ def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | N
         return
     mlflow = _mlflow(cfg)
     run_name = None
+    enclosing = _PARENT.get()  # a sweep's parent run, running in this process
     with store_setup_lock(cfg):
         if run_id is None:  # a new run; re-opening one keeps its name and tags
             if mlflow.get_experiment_by_name(cfg.experiment_name) is None:
                 mlflow.create_experiment(cfg.experiment_name, artifact_location=artifact_root(cfg))
             mlflow.set_experiment(cfg.experiment_name)
             run_name = cfg.run_name or default_run_name()
-            tags = {**dvc_tags(), **(tags or {})}
-        active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, log_system_metrics=cfg.system_metrics)
+            parent_run_id = parent_run_id or (enclosing[0] if enclosing else None)
+            tags = {**dvc_tags(), **(enclosing[1] if enclosing else {}), **(tags or {})}
+        active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, log_system_metrics=cfg.system_metrics,
+                                  nested=parent_run_id is not None or enclosing is not None, parent_run_id=parent_run_id)
     log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
     try:
         yield mlflow
@@ -246,3 +272,70 @@ def log_metrics(mlflow: Any, metrics: dict[str, float], step: int | None = None)
 def log_artifact(mlflow: Any, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
     if mlflow is not None and Path(path).exists():
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+MODELS_URI = "models:/"
+MODEL_NAME = "policy"  # the logged model's name in the run
+
+
+def log_policy_model(mlflow: Any, cfg: TrackingConfig, model_dir: Path, signature: Any, example: Any) -> str | None:
+    """Log the export directory as a pyfunc model (``vlaops.model.mlflow_model``, as code, no pickle) and
+    register it under ``tracking.registered_model``; returns the registered version, or None."""
+    if mlflow is None or not cfg.log_model:
+        return None
+    import torch
+    import transformers
+    from mlflow import pyfunc
+
+    from vlaops.model import mlflow_model
+
+    info = pyfunc.log_model(
+        name=MODEL_NAME, python_model=mlflow_model.__file__, artifacts={mlflow_model.POLICY_ARTIFACT: str(model_dir)},
+        signature=signature, input_example=example, registered_model_name=cfg.registered_model,
+        # what loading it needs besides vlaops itself, pinned to what trained it (no inference: it imports the model)
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}", "pillow", "pandas"],
+    )
+    version = getattr(info, "registered_model_version", None)
+    if version is not None:
+        log.info("registered the policy as %s%s/%s", MODELS_URI, cfg.registered_model, version)
+    return None if version is None else str(version)
+
+
+@contextlib.contextmanager
+def policy_dir(cfg: TrackingConfig, model_dir: str) -> Iterator[Path]:
+    """``paths.model_dir`` as a local export directory: a directory as it is, or a registered model
+    (``models:/<name>/<version>``) downloaded from the tracking store for the duration of the block."""
+    if not str(model_dir).startswith(MODELS_URI):
+        yield Path(model_dir)
+        return
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from vlaops.model import mlflow_model
+
+    mlflow = _mlflow(cfg)
+    with tempfile.TemporaryDirectory(prefix="vlaops-model-") as tmp:
+        try:
+            with store_setup_lock(cfg):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model_dir), dst_path=tmp))
+        except (MlflowException, OSError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise VlaopsError(f"paths.model_dir={model_dir}: no such registered policy in {tracking_uri(cfg)} ({first})") from None
+        policy = local / "artifacts" / mlflow_model.POLICY_ARTIFACT
+        if not policy.is_dir():
+            raise VlaopsError(f"paths.model_dir={model_dir}: not a vlaops policy (no artifacts/{mlflow_model.POLICY_ARTIFACT} in the model)")
+        log.info("evaluating %s (downloaded to %s)", model_dir, policy)
+        yield policy
+
+
+def tag_model_versions(mlflow: Any, cfg: TrackingConfig, run_id: str | None, tags: dict[str, Any]) -> list[str]:
+    """Tag every registered version made from ``run_id`` (its evaluation metrics, on the registry's page)."""
+    if mlflow is None or run_id is None or not cfg.registered_model:
+        return []
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name='{cfg.registered_model}' and run_id='{run_id}'")
+    for v in versions:
+        for key, value in tags.items():
+            client.set_model_version_tag(v.name, v.version, key, str(value))
+    return [str(v.version) for v in versions]

@@ -81,9 +81,16 @@ def flat_figures(prefix: str, fig: dict[str, Any]) -> dict[str, float]:
 
 
 def run(cfg: Config) -> None:
-    model_dir, reports_dir = Path(cfg.paths.model_dir), Path(cfg.paths.reports_dir)
+    """Evaluate the policy of ``paths.model_dir``: an export directory, or a registered model
+    (``models:/<name>/<version>``, downloaded from the tracking store for the run)."""
     check_outputs(cfg, "evaluate")  # before a single chain is played
     tracking.check_store(cfg.tracking)
+    with tracking.policy_dir(cfg.tracking, cfg.paths.model_dir) as model_dir:
+        _evaluate(cfg, model_dir)
+
+
+def _evaluate(cfg: Config, model_dir: Path) -> None:
+    reports_dir = Path(cfg.paths.reports_dir)
     device = resolve_device(cfg.eval.device)
     policy = PolicyRuntime.load(model_dir, device)
     check_checkpoint(model_dir, policy, cfg)
@@ -158,7 +165,7 @@ def run(cfg: Config) -> None:
     ]
     # metrics.json last: it is the DVC metric, so a kill before it leaves the stage not done
     write_json(reports_dir / CHAINS_FILE, [r.__dict__ for r in results["policy"]])
-    write_json(reports_dir / RESULTS_FILE, results_json(summary, str(model_dir)))
+    write_json(reports_dir / RESULTS_FILE, results_json(summary, str(cfg.paths.model_dir)))
     write_json(reports_dir / METRICS_FILE, metrics)
     log.info("%d chains of %d, seed %d:\n%s", len(chains), cfg.eval.chain_length, cfg.eval.seed,
              summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence))
@@ -183,3 +190,8 @@ def run(cfg: Config) -> None:
             tracking.log_artifact(mlflow, path, plots.PLOTS_DIR)
         for video in videos:
             tracking.log_artifact(mlflow, videos_dir / video["file"], VIDEOS_DIR)
+        headline = {k: v for k, v in figs["policy"].items() if k == tracking.AVG_LEN or k.startswith(tracking.SR_PREFIX)}
+        versions = tracking.tag_model_versions(mlflow, cfg.tracking, tracking.active_run_id(mlflow),
+                                               {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in headline.items()})
+        if versions:
+            log.info("tagged %s version(s) %s with the evaluation", cfg.tracking.registered_model, ", ".join(versions))

@@ -17,7 +17,8 @@ from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
-from vlaops.model import VLAPolicy, make_processor, save_policy
+from vlaops.io.episode import BASE_ACTION_NAMES
+from vlaops.model import VLAPolicy, make_processor, mlflow_model, save_policy
 from vlaops.train.checkpoint import guard_checkpoints, latest_checkpoint, lock_checkpoints, read_trainer_state, verify_checkpoint
 from vlaops.train.loop import CALLER_STATE, make_loader, process_state, train_policy
 from vlaops.train.setup import apply_train_setup
@@ -131,6 +132,10 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
         _write_curve(Path(cfg.paths.reports_dir) / CURVE_FILE, curve)
         tracking.log_artifact(mlflow, model_dir / "train_config.json")
         tracking.log_artifact(mlflow, Path(cfg.paths.reports_dir) / CURVE_FILE)
+        use_hand = policy.cfg.use_hand_rgb
+        columns = mlflow_model.action_columns(normalizer.head_space()[0], tuple(BASE_ACTION_NAMES) if policy.cfg.action_classes else None)
+        tracking.log_policy_model(mlflow, cfg.tracking, model_dir, mlflow_model.signature(use_hand, columns),
+                                  mlflow_model.input_example(val_ds.split, use_hand) if mlflow is not None else None)
         plots_dir = Path(cfg.paths.reports_dir) / plots.PLOTS_DIR
         for name, fig in ((plots.LOSS, plots.loss_curves(curve, tracking.TRAIN_LOSS, tracking.VAL_LOSS)),
                           (plots.LEARNING_RATE, plots.learning_rate(curve, tracking.TRAIN_LR))):
