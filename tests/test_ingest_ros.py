@@ -326,3 +326,20 @@ def test_split_settings_are_checked(tmp_path):
         ros_config(tmp_path, "data.split.by=time")
     with pytest.raises(VlaopsError, match=r"data.split.gap_s must be > 0, got 0.0"):
         ros_config(tmp_path, "data.split.gap_s=0")
+
+
+def test_cut_bag_is_read_about_twice_not_once_per_episode(tmp_path, monkeypatch):
+    """The bag is indexed once (stamps and log times of every mapped message), then each episode reads its
+    own log-time range: a long recording cut into many episodes costs about two passes, not one per episode."""
+    from rosbags.highlevel import AnyReader
+
+    parts = [dict(n_frames=9, instruction=f"task {i}", seed=i, **SMALL) for i in range(6)]
+    bag = write_long_bag(tmp_path / "raw" / "session", parts)
+    with AnyReader([bag]) as reader:
+        total = reader.message_count
+    calls = []
+    original = AnyReader.deserialize
+    monkeypatch.setattr(AnyReader, "deserialize", lambda self, raw, typ: calls.append(typ) or original(self, raw, typ))
+    report = ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path, "data.split.by=instruction"))
+    assert len(report["episodes"]) == 6
+    assert total < len(calls) < 2.5 * total, (len(calls), total)

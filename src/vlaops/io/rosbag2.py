@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -298,26 +299,46 @@ def read_sidecar(path: Path) -> dict[str, str]:
     return {k: v.strip() for k, v in picked.items()}
 
 
+# streams read per episode of a cut bag, by log-time range; the instruction, task and tf topics (small
+# messages, and the newest instruction or static transform may be far before an episode) are read whole
+WINDOWED = ("rgb_static", "rgb_gripper", "joint_states", "tcp_pose", "scene_obs", "action")
+
+
 @dataclass(frozen=True)
 class _Segment:
-    """One episode of a bag cut by data.split: the action ticks stamped in [lo, hi)."""
+    """One episode of a bag cut by data.split: the action ticks stamped in [lo, hi).
+
+    [start_ns, stop_ns) is the log-time range that holds every WINDOWED message the episode reads (the bag
+    is indexed once), so each episode's read asks the bag for its own range and a long bag is deserialised
+    about twice in all, not once per episode; None: the whole bag."""
 
     key: str
     lo: float
     hi: float
+    start_ns: int | None = None
+    stop_ns: int | None = None
+
+
+_SEGMENTS: dict[tuple[Any, ...], list[_Segment]] = {}  # per process: ingest lists a bag's episodes, then reads each
 
 
 def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
-    """The episodes of a bag cut by data.split.by ('instruction' or 'gap'), from its action and instruction
-    stamps only (a light pass: no image is read).
+    """The episodes of a bag cut by data.split.by ('instruction' or 'gap'), from one pass over its action,
+    instruction and observation stamps (no image decoded), cached for the reads that follow.
 
     ``instruction``: each instruction message starts an episode that lasts until the next one (commands
     before the first instruction belong to none). ``gap``: an episode ends where no action message comes
     for more than data.split.gap_s. A bag without the messages to cut by is one episode ``<bag>_000``,
     and reading it says what is missing. Keys are ``<bag>_<index>``, in time order: stable across runs."""
     where = str(path)
-    topics = {"action": cfg.topics.action, "instruction": cfg.topics.instruction}
-    streams = {name: _Stream(topic) for name, topic in topics.items()}
+    topics = {name: topic for name in (*WINDOWED, "instruction") if (topic := getattr(cfg.topics, name))}
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    cache_key = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+                 tuple(topics.items()), cfg.split.by, cfg.split.gap_s, cfg.sync_tolerance_s,
+                 cfg.checks.monotonic_stamps, cfg.typestore, _custom_msgs(cfg))
+    if cache_key in _SEGMENTS:
+        return _SEGMENTS[cache_key]
+    streams = {name: _Stream(topic) for name, topic in topics.items()}  # values: the messages' log times (ns)
     with contextlib.ExitStack() as stack:
         try:
             reader = AnyReader(bag_paths(path) or [path], default_typestore=typestore(cfg.typestore, _custom_msgs(cfg)))
@@ -329,23 +350,53 @@ def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
         stack.callback(reader.close)
         by_topic = {topic: name for name, topic in topics.items()}
         connections = [c for c in reader.connections if c.topic in by_topic and c.msgtype in reader.typestore.types]
-        for conn, log_time, raw in reader.messages(connections=connections):
+        for conn, log_time, raw in reader.messages(connections=connections) if connections else ():
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
             except Exception as exc:
                 raise RecordingError(where, f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
                                      check="undecodable", stream=conn.topic) from exc
             streams[by_topic[conn.topic]].stamps.append(_stamp(msg, log_time))
-            streams[by_topic[conn.topic]].values.append(None)
-    ticks = streams["action"].arrays(where, cfg.checks.monotonic_stamps)[0]
+            streams[by_topic[conn.topic]].values.append(log_time)
+    empty = _Stream("")
+    ticks = streams.get("action", empty).arrays(where, cfg.checks.monotonic_stamps)[0]
     if cfg.split.by == "instruction":
-        starts = streams["instruction"].arrays(where, cfg.checks.monotonic_stamps)[0]
+        starts = streams.get("instruction", empty).arrays(where, cfg.checks.monotonic_stamps)[0]
     else:
         starts = ticks[np.concatenate([[0], np.flatnonzero(np.diff(ticks) > cfg.split.gap_s) + 1])] if len(ticks) else ticks
     if not len(starts):
-        return [_Segment(f"{episode_id(path)}_000", -math.inf, math.inf)]
-    bounds = [*starts.tolist(), math.inf]
-    return [_Segment(f"{episode_id(path)}_{i:03d}", bounds[i], bounds[i + 1]) for i in range(len(starts))]
+        segments = [_Segment(f"{episode_id(path)}_000", -math.inf, math.inf)]
+    else:
+        bounds = [*starts.tolist(), math.inf]
+        segments = [_log_range(_Segment(f"{episode_id(path)}_{i:03d}", bounds[i], bounds[i + 1]), streams, cfg)
+                    for i in range(len(starts))]
+    while len(_SEGMENTS) >= 8:
+        del _SEGMENTS[next(iter(_SEGMENTS))]
+    _SEGMENTS[cache_key] = segments
+    return segments
+
+
+def _log_range(seg: _Segment, streams: dict[str, _Stream], cfg: ReaderSettings) -> _Segment:
+    """``seg`` with the log-time range of the WINDOWED messages its episode keeps (``_in_window``)."""
+    logs = [log for name, stream in streams.items() if name in WINDOWED
+            for stamp, log in zip(stream.stamps, stream.values) if _in_window(name, stamp, seg, cfg.sync_tolerance_s)]
+    start, stop = (min(logs), max(logs) + 1) if logs else (0, 0)
+    return _Segment(seg.key, seg.lo, seg.hi, start, stop)
+
+
+def _messages(reader: AnyReader, connections: list[Any], names: dict[str, str], window: _Segment | None) -> Any:
+    """(connection, log time, raw) of ``connections``: all of them, or for one episode of a cut bag the
+    WINDOWED topics' messages in its log-time range and the others' whole."""
+    if window is None or window.start_ns is None:
+        return reader.messages(connections=connections) if connections else iter(())
+    ranged = [c for c in connections if names[c.topic] in WINDOWED]
+    whole = [c for c in connections if names[c.topic] not in WINDOWED]
+    parts = []
+    if ranged and window.stop_ns > window.start_ns:
+        parts.append(reader.messages(connections=ranged, start=window.start_ns, stop=window.stop_ns))
+    if whole:
+        parts.append(reader.messages(connections=whole))
+    return itertools.chain(*parts)
 
 
 def rosbag2_episodes(path: Path, cfg: ReaderSettings) -> list[str]:
@@ -454,7 +505,7 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
                     stream=topic)
         by_topic = {topic: name for name, topic in wanted.items()}
         connections = [c for c in reader.connections if c.topic in by_topic]
-        for conn, log_time, raw in reader.messages(connections=connections):
+        for conn, log_time, raw in _messages(reader, connections, by_topic, window):
             name = by_topic[conn.topic]
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
