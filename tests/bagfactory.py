@@ -239,6 +239,101 @@ def write_ros1_bag(path: Path, **kwargs) -> Path:
     return path
 
 
+# ---- a mobile base (data.embodiment=mobile_base) ----------------------------------------------------
+BASE_LABELS = ["drive", "turn", "stop"]
+
+
+def base_commands(n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`write_base_bag` commands: (n, 3) [linear_x m/s, linear_y m/s, angular_z rad/s] and (n,)
+    class ids into BASE_LABELS: a third driving (vx rising), a third turning (wz), a third stopped."""
+    k = np.arange(n_frames)
+    phase = np.minimum(3 * k // n_frames, 2)  # 0 drive, 1 turn, 2 stop
+    vel = np.zeros((n_frames, 3))
+    vel[phase == 0, 0] = 0.2 + 0.01 * k[phase == 0]
+    vel[phase == 0, 1] = 0.05 * np.sin(k[phase == 0])
+    vel[phase == 1, 0] = 0.1
+    vel[phase == 1, 2] = 0.8 - 0.02 * k[phase == 1]
+    return vel, phase
+
+
+def _twist(v, stamped: bool, t: float):
+    twist = T["geometry_msgs/msg/Twist"](
+        linear=T["geometry_msgs/msg/Vector3"](x=float(v[0]), y=float(v[1]), z=0.0),
+        angular=T["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=float(v[2])))
+    return T["geometry_msgs/msg/TwistStamped"](header=_header(t, "base_link"), twist=twist) if stamped else twist
+
+
+def write_base_bag(
+    path: Path,
+    n_frames: int = 18,
+    instruction: str = "drive to the red door",
+    stamped: bool = False,
+    class_as_int: bool = False,
+    storage: str = "sqlite3",
+    static_size: int = 48,
+    gripper: bool = False,
+    hz: float = 10.0,
+    tweak: Tweak | None = None,
+) -> Path:
+    """One synthetic mobile-base episode: a static camera (and a gripper camera with ``gripper``) at ``hz``,
+    velocity commands 10 ms after each frame as geometry_msgs/Twist (``stamped``: TwistStamped, its header
+    stamp 5 ms before the log time), and the action_type published only when it changes, as std_msgs/String
+    labels (``class_as_int``: std_msgs/Int32 class ids). Commands: :func:`base_commands`. ``tweak(key,
+    frame, t, msg)`` as for :func:`write_arm_bag`, keys 'static', 'gripper', 'cmd_vel', 'action_type',
+    'instruction'."""
+    vel, phase = base_commands(n_frames)
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    with Writer(path, version=9, storage_plugin=plugin) as writer:
+        conns = {
+            "static": ("/front_camera/image_raw", "sensor_msgs/msg/Image"),
+            "cmd_vel": ("/cmd_vel", f"geometry_msgs/msg/{'TwistStamped' if stamped else 'Twist'}"),
+            "action_type": ("/action_type", f"std_msgs/msg/{'Int32' if class_as_int else 'String'}"),
+            "instruction": ("/instruction", "std_msgs/msg/String"),
+        }
+        if gripper:
+            conns["gripper"] = ("/camera/gripper/image_raw", "sensor_msgs/msg/Image")
+        c = {k: writer.add_connection(topic, typ, typestore=TS) for k, (topic, typ) in conns.items()}
+
+        def write(key: str, t: float, msg, k: int) -> None:
+            if tweak is not None:
+                changed = tweak(key, k, t, msg)
+                if changed is None:
+                    return
+                t, msg = changed
+            if key in c:
+                writer.write(c[key], int(round(t * 1e9)), TS.serialize_cdr(msg, conns[key][1]))
+
+        write("instruction", EPOCH, T["std_msgs/msg/String"](data=instruction), 0)
+        for k in range(n_frames):
+            t = EPOCH + k / hz
+            if k == 0 or phase[k] != phase[k - 1]:
+                data = int(phase[k]) if class_as_int else BASE_LABELS[phase[k]]
+                write("action_type", t, T[conns["action_type"][1]](data=data), k)
+            write("static", t, _image(t, static_size, (11 * k) % 256), k)
+            if gripper:
+                write("gripper", t, _image(t, 24, (5 * k) % 256), k)
+            write("cmd_vel", t + 0.010, _twist(vel[k], stamped, t + 0.005), k)
+    return path
+
+
+def set_twist(frame: int, values) -> Tweak:
+    """The velocity command of ``frame`` is ``values`` (linear_x, linear_y, angular_z): NaN, say."""
+    def tweak(key, k, t, msg):
+        if key == "cmd_vel" and k == frame:
+            msg = _twist(values, hasattr(msg, "header"), t)
+        return t, msg
+    return tweak
+
+
+def set_action_type(frame: int, data) -> Tweak:
+    """The action_type message of ``frame`` (one exists where the class changes) holds ``data``."""
+    def tweak(key, k, t, msg):
+        if key == "action_type" and k == frame:
+            msg = type(msg)(data=data)
+        return t, msg
+    return tweak
+
+
 # ---- other teams' rigs: the TCP pose on /tf, their own message types, one long recording -------------
 def rewrite_bag(
     dst: Path,

@@ -32,7 +32,7 @@ NOT_PARAMS = "tracking"  # read by train and evaluate, but it says where results
 # stage -> {sub-config handed to the library whole: the modules that read it as ``cfg`` / ``self.cfg``}
 LIBRARY: dict[str, dict[str, list[str]]] = {
     "collect": {"sim": ["sim/record.py", "sim/env.py"]},
-    "ingest": {"data": ["data/ingest.py", "io/rosbag2.py", "io/hdf5.py"]},
+    "ingest": {"data": ["data/ingest.py", "io/rosbag2.py", "io/base.py", "io/hdf5.py"]},
     "convert": {"data": ["data/convert.py"]},
     "normalize": {"data": ["data/action_stats.py"]},
     "train": {},  # reads its groups key by key or lists them whole

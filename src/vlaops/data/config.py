@@ -170,6 +170,34 @@ class SplitConfig:
     gap_s: float = 1.0
 
 
+EMBODIMENTS = ("arm", "mobile_base")  # vlaops.io.episode.EMBODIMENTS
+
+
+@dataclass
+class BaseConfig:
+    """A mobile base's recording (``data.embodiment: mobile_base``; ``io/base.py``): the seed's robot car,
+    whose action is linear_x, linear_y, angular_z (continuous) + an action_type class.
+
+    The velocity command on ``cmd_vel`` (geometry_msgs/Twist or TwistStamped) is the action and sets the
+    control ticks; ``action_type`` (std_msgs/String holding one of ``action_types``, or an std_msgs integer
+    holding a class id) is held from its last message at each tick. A base records no arm state: its
+    episode has none (no robot_obs), and the policy reads only the cameras and the instruction."""
+
+    cmd_vel: str = "/cmd_vel"
+    action_type: str = "/action_type"
+    # the rig's action_type labels in class-id order (class id = index); required for a mobile base
+    action_types: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Raise ValueError naming ``data.base.<field>`` (DataConfig calls it for a mobile base)."""
+        if len(self.action_types) < 2 or len(set(self.action_types)) != len(self.action_types):
+            raise ValueError("data.base.action_types must list at least two distinct action_type labels (class id = "
+                             f"index) for data.embodiment=mobile_base, got {self.action_types}")
+        if not (self.cmd_vel and self.action_type):
+            raise ValueError(f"data.base.cmd_vel and data.base.action_type must name topics, got {self.cmd_vel!r}, "
+                             f"{self.action_type!r}")
+
+
 @dataclass
 class AugmentConfig:
     """RoboVLMs' training augmentation: random shift and colour jitter."""
@@ -203,6 +231,9 @@ class DataConfig:
     # message definitions for bags that carry none (a .db3 without metadata.yaml, older rosbag2): a
     # rosbags.typesys.Stores value (ros2_humble, ros2_jazzy, ros1_noetic, ...)
     typestore: str = "ros2_humble"
+    # what the recordings are of: "arm" (CALVIN's 7-dim actions) or "mobile_base" (data.base: Twist + action_type)
+    embodiment: str = "arm"
+    base: BaseConfig = field(default_factory=BaseConfig)
     # message types of the team's own packages, {type name: .msg text}, for bags that carry no definitions
     # (ROS1-converted, a .db3 without them, a recorder that lacked the package); data.fields says where
     # the numbers are
@@ -253,6 +284,13 @@ class DataConfig:
             raise ValueError(f"data.checks.joint_min/joint_max hold {len(self.checks.joint_min)} limits, "
                              f"data.arm_joint_names {len(self.arm_joint_names)} joints")
         self._check_ros_reading()
+        if self.embodiment not in EMBODIMENTS:
+            raise ValueError(f"data.embodiment must be one of {EMBODIMENTS}, got {self.embodiment!r}")
+        if self.embodiment == "mobile_base":
+            self.base.check()
+            if self.split.by != "none":  # io/base.py reads a base's bag as one episode
+                raise ValueError(f"data.split.by={self.split.by!r} is not supported for data.embodiment=mobile_base; "
+                                 "use one bag per episode (data.split.by=none)")
         if not self.norm_min < 0 < self.norm_max:
             raise ValueError(f"data.norm_min < 0 < data.norm_max expected, got {self.norm_min}, {self.norm_max}")
 

@@ -54,6 +54,10 @@ def _read_checked(where: str, cfg: DataConfig, read: Callable[[], Episode]) -> E
     """Read one episode and run the contract and plausibility checks, naming the recording (never the
     temporary file it is about to be written to)."""
     episode = read()
+    if episode.embodiment != cfg.embodiment:  # a dataset holds one embodiment: its action space is the head's
+        raise RecordingError(where, f"an episode of embodiment '{episode.embodiment}', but data.embodiment is "
+                             f"'{cfg.embodiment}'",
+                             check="wrong_embodiment", episode=episode.episode_id)
     episode.validate(where)
     check_episode(episode, cfg.checks, where)
     return episode

@@ -39,6 +39,12 @@ PROVENANCE = "vlaops_dataset.json"  # ours; CALVIN's loaders ignore it
 
 # Per-frame keys (CALVIN dataset/README.md); their shapes and the action convention: io/calvin_spec.py.
 FRAME_KEYS = ("actions", "rel_actions", "robot_obs", "scene_obs", "rgb_static", "rgb_gripper")
+# A mobile base (docs/mobile_base.md): the same layout with 4-dim actions and no robot or scene state.
+# actions (4) = rel_actions (4) = [linear_x m/s, linear_y m/s, angular_z rad/s, action_type class id]: a
+# body-frame velocity command is already relative to the robot, so there is no absolute target to take a
+# difference from. The class labels are in PROVENANCE ("action_types", class id = index).
+BASE_FRAME_KEYS = ("actions", "rel_actions", "rgb_static", "rgb_gripper")
+MOBILE_BASE = "mobile_base"
 NORMALIZE_TARGET = "calvin_agent.utils.transforms.NormalizeVector"
 LANG_EMBEDDING_NAME = "hashed-bow-v1"
 
@@ -57,6 +63,42 @@ def rel_actions_from_abs(actions: np.ndarray, robot_obs: np.ndarray) -> np.ndarr
     dorn = wrap_angle(actions[:, 3:6] - robot_obs[:, 3:6])
     dorn = np.clip(dorn, -REL_ORN_SCALE, REL_ORN_SCALE) / REL_ORN_SCALE
     return np.concatenate([dpos, dorn, actions[:, 6:7]], axis=1)
+
+
+def base_rel_actions(action_base: np.ndarray) -> np.ndarray:
+    """(T, 4) [linear_x, linear_y, angular_z, class id] -> (T, 4) rel_actions: the same values (see
+    BASE_FRAME_KEYS); the class id stays a whole number, never scaled."""
+    return np.array(action_base, dtype=np.float64, copy=True)
+
+
+def base_statistics_yaml(actions: np.ndarray) -> dict[str, Any]:
+    """statistics.yaml of a base split: per-dimension action bounds only (a base has no robot_obs/scene_obs)."""
+    return {"act_min_bound": actions.min(0).tolist(), "act_max_bound": actions.max(0).tolist()}
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a converted dataset is of: ``embodiment`` (arm unless our provenance says otherwise: a real
+    CALVIN split is an arm's) and, for a base, its action_type labels (class id = index)."""
+
+    embodiment: str = "arm"
+    action_types: tuple[str, ...] = ()
+
+
+def dataset_info(root: str | Path) -> DatasetInfo:
+    """The embodiment and class labels of the converted dataset under ``root`` (from PROVENANCE)."""
+    path = Path(root) / PROVENANCE
+    if not path.is_file():
+        return DatasetInfo()
+    try:
+        prov = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VlaopsError(f"{path}: not valid JSON ({exc})") from exc
+    embodiment = prov.get("embodiment", "arm")
+    labels = tuple(prov.get("action_types") or ())
+    if embodiment == MOBILE_BASE and len(labels) < 2:
+        raise VlaopsError(f"{path}: a mobile_base dataset without its action_types labels; re-run convert")
+    return DatasetInfo(embodiment, labels)
 
 
 def language_embedding(texts: list[str], dim: int) -> np.ndarray:

@@ -6,6 +6,7 @@ only ever reads this format. Layout and field meanings: DESIGN.md, "Canonical ep
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from vlaops.utils.signals import signals_deferred
 FORMAT_VERSION = 1
 ARM_ACTION_DIM = ACTION_DIM  # action/abs: target tcp xyz, target tcp euler xyz, gripper ±1 (CALVIN's "actions")
 BASE_ACTION_DIM = 4  # linear_x, linear_y, angular_z, action_type
+BASE_ACTION_NAMES = ("linear_x", "linear_y", "angular_z", "action_type")  # m/s, m/s, rad/s, class id
 EMBODIMENTS = ("arm", "mobile_base")
 
 
@@ -99,6 +101,13 @@ class Episode:
                 fail("action/abs[:, 6]", "gripper actions in {-1, 1}", np.unique(gripper)[:5])
         elif self.action_base is None:
             fail("action/base", "present for a mobile base", "missing")
+        else:
+            classes = self.action_base[:, 3]
+            labels = self.extra_attrs.get("action_types")  # JSON list (vlaops.io.base): class id = index
+            n = len(json.loads(labels)) if labels is not None else None
+            if np.any(classes != np.round(classes)) or np.any(classes < 0) or (n is not None and np.any(classes >= n)):
+                fail("action/base[:, 3]", f"action_type class ids in [0, {n if n is not None else 'K'})",
+                     np.unique(classes)[:5])
 
 
 _ATTRS = ("episode_id", "source", "source_sha256", "source_format", "embodiment", "instruction", "task")

@@ -460,6 +460,10 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
     ``key`` is one of ``rosbag2_episodes``: the bag's name, or one episode of a bag cut by data.split (only
     its messages are decoded). Every problem with the data is a :class:`RecordingError` naming the bag,
     the topic and the check."""
+    if cfg.embodiment == "mobile_base":  # a robot car's Twist + action_type recording: vlaops.io.base
+        from vlaops.io.base import read_base_bag
+
+        return read_base_bag(path, cfg)
     where = str(path)
     window = _window(path, key, cfg)  # this episode's stamps in a bag cut by data.split; None: the whole bag
     sidecar = read_sidecar(path)
@@ -489,9 +493,11 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
                     name == "instruction" and fallback_instruction is not None)  # a sidecar or data.default_instruction
                 if optional:
                     continue
+                from vlaops.io.base import embodiment_hint  # a base's bag read with arm settings says so
+
                 raise RecordingError(
-                    where, f"mapped topic '{topic}' ({_config_key(name)}) is not in the bag; topics present: {sorted(present)}",
-                    check="missing_stream", stream=topic)
+                    where, f"mapped topic '{topic}' ({_config_key(name)}) is not in the bag; topics present: {sorted(present)}"
+                    f"{embodiment_hint(present)}", check="missing_stream", stream=topic)
             expected = _expected_types(name, cfg)
             if expected is not None and present[topic] not in expected:
                 fields_hint = f" (or set data.fields.{name} for a custom type)" if name in ("action", "joint_states") else ""

@@ -52,6 +52,14 @@ class SplitSettings(Protocol):
     gap_s: float
 
 
+class BaseSettings(Protocol):
+    """A mobile base's topics and action_type labels (``vlaops.io.base``)."""
+
+    cmd_vel: str
+    action_type: str
+    action_types: list[str]
+
+
 class Hdf5Settings(Protocol):
     """One key map per mapped HDF5 layout (``vlaops.io.hdf5.StreamMap`` each)."""
 
@@ -69,6 +77,8 @@ class ReaderSettings(Protocol):
     sync_tolerance_s: float
     min_episode_len: int
     typestore: str
+    embodiment: str
+    base: BaseSettings
     custom_msgs: dict[str, str]
     fields: FieldSettings
     tcp_source: str

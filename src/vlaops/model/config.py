@@ -98,7 +98,12 @@ class ModelConfig:
     tiny: TinyKosmosConfig = field(default_factory=TinyKosmosConfig)
     window_size: int = 8  # RoboVLMs window_size 8
     fwd_pred_next_n: int = 10  # RoboVLMs fwd_pred_next_n 10 (action chunk C)
-    action_dim: int = 7  # 6 arm dims + gripper
+    # The head's action space: A-1 continuous dims + a last dim that is the arm's gripper (action_classes 0:
+    # one logit, BCE) or a class of action_classes >= 2 values (a mobile base's action_type: K logits,
+    # cross-entropy). The train stage sets both from the data (normalization.json) and the export keeps
+    # them, so inference rebuilds that head; these values are for a policy built without data (tests, bench).
+    action_dim: int = 7  # 6 arm dims + gripper; a mobile base: linear_x, linear_y, angular_z + action_type
+    action_classes: int = 0
     image_size: int = 112  # Kosmos-2 224 (model=kosmos2 sets it)
     use_hand_rgb: bool = True  # feed the gripper camera too (RoboVLMs use_hand_rgb true)
     # Fill the history at an episode's start by repeating its first frame (LeRobot's and Diffusion
@@ -139,6 +144,8 @@ class ModelConfig:
             _positive(name, getattr(self, name))
         if self.action_dim < 2:
             raise ValueError(f"action_dim must be >= 2 (arm dims + gripper), got {self.action_dim!r}")
+        if self.action_classes < 0 or self.action_classes == 1:
+            raise ValueError(f"action_classes must be 0 (a gripper) or >= 2 (a class head), got {self.action_classes!r}")
         if self.max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3 (<s>, a token, </s>), got {self.max_text_len!r}")
         if not self.head_mlp_dims or any(d <= 0 for d in self.head_mlp_dims):

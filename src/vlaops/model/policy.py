@@ -3,6 +3,11 @@
 Batch contract (``vlaops.data.keys``, DESIGN.md "Training batch"): ``rgb``/``hand_rgb`` (B, W, 3, S, S)
 CLIP-normalised, ``action_chunk`` (B, W, C, A) normalised (arm in [-1, 1], gripper {0, 1}),
 ``chunk_mask`` (B, W, C) bool, ``text``/``text_mask`` (B, L).
+
+A mobile base (``cfg.action_classes`` K >= 2): ``action_chunk``'s last dim is the action_type class id
+(0..K-1, never scaled), the head gives class logits (B, W, C, K) under ``class_logits``, and its loss is a
+cross-entropy weighted by ``arm_gripper_loss_ratio`` in place of the gripper's BCE (reported as
+``gripper_loss``: the discrete head's loss, whichever it is).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class VLAPolicy(nn.Module):
             num_layers=cfg.lstm_num_layers,
             mlp_dims=cfg.head_mlp_dims,
             dropout=cfg.head_dropout,
+            action_classes=cfg.action_classes,
         )
 
     @classmethod
@@ -55,8 +61,11 @@ class VLAPolicy(nn.Module):
         return self.backbone(rgb, hand_rgb if self.cfg.use_hand_rgb else None, text, text_mask)
 
     def predict_from_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, W, D) -> arm (B, W, C, A-1) in [-1, 1], gripper probability (B, W, C, 1)."""
+        """features (B, W, D) -> arm (B, W, C, A-1) in [-1, 1], gripper probability (B, W, C, 1)
+        (a base: class probabilities (B, W, C, K))."""
         arm, logits = self.head(features)
+        if self.cfg.action_classes:
+            return arm, torch.softmax(logits.float(), dim=-1)
         return arm, torch.sigmoid(logits)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -71,8 +80,10 @@ class VLAPolicy(nn.Module):
         feats = self.encode_frames(
             rgb.flatten(0, 1), hand.flatten(0, 1) if hand is not None else None, text, text_mask
         )  # (B*W, D)
-        arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1)
+        arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1) (a base: (B, W, C, K))
         losses = self.loss(arm, gripper_logits, batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK])
+        if self.cfg.action_classes:
+            return {**losses, "arm": arm, "class_logits": gripper_logits}
         return {**losses, "arm": arm, "gripper_logits": gripper_logits}
 
     def loss(
@@ -102,9 +113,14 @@ class VLAPolicy(nn.Module):
         else:
             arm_err = F.mse_loss(arm, target[..., :-1], reduction="none")
         arm_loss = (arm_err.float().mean(-1) * valid).sum() / denom
-        grip_err = F.binary_cross_entropy_with_logits(
-            gripper_logits.float(), target[..., -1:].float(), reduction="none"
-        )  # (B, W, C, 1)
+        if self.cfg.action_classes:  # a base's action_type: class ids in the last dim (0 where masked)
+            grip_err = F.cross_entropy(
+                gripper_logits.float().flatten(0, -2), target[..., -1].round().long().flatten(), reduction="none"
+            ).view(target.shape[:-1]).unsqueeze(-1)  # (B, W, C, 1)
+        else:
+            grip_err = F.binary_cross_entropy_with_logits(
+                gripper_logits.float(), target[..., -1:].float(), reduction="none"
+            )  # (B, W, C, 1)
         grip_loss = (grip_err.squeeze(-1) * valid).sum() / denom
         total = arm_loss + self.cfg.arm_gripper_loss_ratio * grip_loss
         return {"loss": total, "arm_loss": arm_loss.detach(), "gripper_loss": grip_loss.detach()}

@@ -159,6 +159,9 @@ def load_policy_model(path: str | os.PathLike[str], device: str | torch.device =
         raise VlaopsError(f"{path / WEIGHTS_FILE}: weights do not match the saved architecture ({exc})") from exc
     processor = load_processor(path / PROCESSOR_DIR)
     normalizer = ActionNormalizer.load(path / NORMALIZATION_FILE)
+    if normalizer.action_classes != cfg.action_classes:  # a head that cannot read these actions
+        raise VlaopsError(f"{path}: the policy's head has action_classes={cfg.action_classes}, its normalisation "
+                          f"{normalizer.action_classes}; re-export the policy")
     return policy.to(device).eval(), processor, normalizer
 
 
@@ -256,7 +259,10 @@ class PolicyRuntime:
     @torch.inference_mode()
     def action_from_features(self, window: torch.Tensor) -> np.ndarray:
         """(1, w, D) frame features, newest last -> the (7,) relative action to execute now: the first
-        action of the chunk predicted at the newest frame, denormalised."""
+        action of the chunk predicted at the newest frame, denormalised (a mobile base: (4,) linear_x m/s,
+        linear_y m/s, angular_z rad/s and the action_type class id)."""
         arm, grip = self.model.predict_from_features(window)  # (1, w, C, A-1), (1, w, C, 1)
+        if self.cfg.action_classes:  # a mobile base: the most probable action_type, as a class id
+            grip = grip.argmax(-1, keepdim=True).to(arm.dtype)  # (1, w, C, 1)
         first = torch.cat([arm[0, -1, 0], grip[0, -1, 0]], dim=-1).float().cpu().numpy()  # (A,)
         return self.normalizer.denormalize(first.astype(np.float64))
