@@ -43,9 +43,9 @@ def _run(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
     return proc.stdout if stdout_only else proc.stdout + proc.stderr
 
 
-@pytest.mark.slow
-def test_dvc_repro_then_experiment(tmp_path):
-    repo = tmp_path / "repo"
+def make_repo(repo: Path) -> Path:
+    """The project's files (tracked, and untracked but not ignored) copied into ``repo``, conf/ shrunk,
+    params.yaml composed, committed to a fresh git repository: a DVC project to run experiments in."""
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -59,6 +59,12 @@ def test_dvc_repro_then_experiment(tmp_path):
     _run(["vlaops", "params"], repo)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         _run(cmd, repo)
+    return repo
+
+
+@pytest.mark.slow
+def test_dvc_repro_then_experiment(tmp_path):
+    repo = make_repo(tmp_path / "repo")
 
     out = _run(["dvc", "repro"], repo)
     for stage in ("collect", "ingest", "convert", "normalize", "train", "evaluate"):

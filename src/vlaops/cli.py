@@ -72,6 +72,10 @@ def _parser(config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR) -> argparse
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
     parser.add_argument("--check", action="store_true", help="with 'params': fail if params.yaml differs from conf/ instead of writing it")
     parser.add_argument("--cfg", choices=["job"], help="print the composed config the command would run with (YAML) and exit, as Hydra's --cfg job")
+    parser.add_argument("-m", "--multirun", action="store_true",
+                        help="a sweep (Hydra's multirun; 'train' only): one job per setting of sweep overrides (a=1,2 range() "
+                             "choice() glob()) or an Optuna search (hparams_search=train_lr), each job in hydra.sweep.dir/N "
+                             "and an MLflow run nested under the sweep's, which keeps the best (src/vlaops/sweep.py)")
     inspect = parser.add_argument_group(
         "inspect PATH (not a stage)",
         "what to check before spending GPU hours: 'vlaops inspect PATH [key=value ...]' summarises a directory of\n"
@@ -170,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "params":
             _write_params(args)
+            return 0
+        if args.multirun:
+            if args.params or args.cfg:
+                raise VlaopsError("-m composes each job from conf/ and runs it; it takes neither --params nor --cfg")
+            from vlaops.sweep import run_sweep
+
+            run_sweep(args.command, args.overrides, args.config_dir, run_stage)
             return 0
         path = _inspect_path(args) if args.command == "inspect" else None
         cfg = load_params(args.params, args.overrides) if args.params else load_config(args.overrides, args.config_dir)

@@ -88,8 +88,10 @@ def validate(raw: DictConfig | dict[str, Any], source: str) -> Config:
         raise VlaopsError(f"{source}: {exc}") from None
 
 
-def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR) -> DictConfig:
-    """Compose ``conf/config.yaml`` with Hydra overrides (``train.max_steps=10``, ``model=kosmos2``)."""
+def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR,
+            return_hydra_config: bool = False) -> DictConfig:
+    """Compose ``conf/config.yaml`` with Hydra overrides (``train.max_steps=10``, ``model=kosmos2``); with
+    ``return_hydra_config`` the result keeps Hydra's own node too (``hydra.sweeper``, ``hydra.sweep.dir``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -99,7 +101,7 @@ def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[st
         raise VlaopsError(f"{config_dir}/{CONFIG_NAME}.yaml: not found; run from the project root or pass --config-dir")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+            return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []), return_hydra_config=return_hydra_config)
     except (HydraException, OmegaConfBaseException) as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
