@@ -63,10 +63,12 @@ def _parser(config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR) -> argparse
         epilog=_config_groups(config_dir),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=[*STAGES, "params", "check", "inspect", "serve"],
+    parser.add_argument("command", choices=[*STAGES, "params", "check", "inspect", "serve", "export"],
                         help="a pipeline stage; 'params' to write params.yaml from conf/; 'check' to check every "
                              "stage's output paths and the tracking store in seconds, before a long run; 'serve' to "
-                             "serve the policy in paths.model_dir over HTTP (serve.host, serve.port; not a stage)")
+                             "serve the policy in paths.model_dir over HTTP (serve.host, serve.port; not a stage); "
+                             "'export CHECKPOINT_DIR OUT' to write the policy directory of a training checkpoint "
+                             "(trainable-only, or an FSDP sharded state; LoRA merged; not a stage)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=50 model=kosmos2")
     parser.add_argument("--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/")
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
@@ -133,6 +135,16 @@ def _inspect_path(args: argparse.Namespace) -> str:
     return paths[0]
 
 
+def _export_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """``vlaops export CHECKPOINT_DIR OUT [key=value ...]``: the two arguments that are not Hydra overrides."""
+    paths = [a for a in args.overrides if "=" not in a]
+    if len(paths) != 2:
+        raise VlaopsError(f"expected CHECKPOINT_DIR and OUT (a step_XXXXXXX or paths.checkpoint_dir, and the policy directory to write), got {paths or 'none'}")
+    for p in paths:
+        args.overrides.remove(p)
+    return paths[0], paths[1]
+
+
 def inspect_data(path: str, cfg: Config, args: argparse.Namespace) -> None:
     """Print the summary of ``path`` (``vlaops.data.inspect``), write ``--sheet`` and ``--json``; a dataset
     of which no episode can be read is an error, after the table has said why."""
@@ -183,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             run_sweep(args.command, args.overrides, args.config_dir, run_stage)
             return 0
         path = _inspect_path(args) if args.command == "inspect" else None
+        export_paths = _export_paths(args) if args.command == "export" else None
         cfg = load_params(args.params, args.overrides) if args.params else load_config(args.overrides, args.config_dir)
         if args.cfg == "job":
             print(yaml.safe_dump(to_container(cfg), sort_keys=False), end="")
@@ -192,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if path is not None:
             inspect_data(path, cfg, args)
+            return 0
+        if export_paths is not None:
+            from vlaops.train.export import export_checkpoint
+
+            export_checkpoint(Path(export_paths[0]), Path(export_paths[1]), cfg.train.trust_checkpoint)
             return 0
         if args.command == "serve":
             from vlaops.serve.app import serve

@@ -18,10 +18,12 @@ from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
 from vlaops.io.episode import BASE_ACTION_NAMES
-from vlaops.model import VLAPolicy, make_processor, mlflow_model, save_policy
+from vlaops.model import make_processor, mlflow_model, save_policy
 from vlaops.train.checkpoint import guard_checkpoints, latest_checkpoint, lock_checkpoints, read_trainer_state, verify_checkpoint
+from vlaops.train.export import write_checkpoint_recipe
 from vlaops.train.loop import CALLER_STATE, make_loader, process_state, train_policy
 from vlaops.train.setup import apply_train_setup
+from vlaops.train.trainable import build_policy, frozen_source
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
 from vlaops.utils.paths import check_input_dir, check_outputs
@@ -82,7 +84,8 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
            fingerprint: dict[str, Any], is_main: bool = True) -> None:
     """Build, train (resuming the checkpoint directory's newest checkpoint) and export the policy."""
     model_dir, checkpoint_dir = Path(cfg.paths.model_dir), Path(cfg.paths.checkpoint_dir)
-    policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
+    # seeded right before the build: a checkpoint stores the trainable tensors, a resume or an export rebuilds the rest
+    policy = build_policy(cfg.model, len(processor.tokenizer), cfg.seed)
     counts = apply_train_setup(policy, cfg.train.train_setup)
     log.info("%d training windows, %d validation windows; parameters: %s", len(train_ds), len(val_ds), counts)
 
@@ -116,7 +119,9 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
 
         result = train_policy(
             policy, make_loader(train_ds, cfg.train, shuffle=True), make_loader(val_ds, cfg.train, shuffle=False),
-            cfg.train, log_metrics, checkpoint_dir, caller_state,
+            cfg.train, log_metrics, checkpoint_dir, caller_state, frozen_source(cfg.model, cfg.seed),
+            # what `vlaops export` needs besides the weights, in every checkpoint
+            lambda d: write_checkpoint_recipe(d, processor, normalizer, dataclasses.asdict(cfg.model), to_container(cfg), fingerprint),
         )
         if not is_main:
             return

@@ -1,8 +1,11 @@
 """Training checkpoints: the recipe guard, the atomic save, and finding the newest one to resume.
 
 A checkpoint is ``accelerator.save_state`` (model as safetensors, optimizer and RNG states) plus
-``trainer_state.json`` (step, losses, the scheduler's state, the caller's state) and
-``vlaops_manifest.json`` (the sha256 of every file), written into a hidden temporary directory and
+``trainer_state.json`` (step, losses, the scheduler's state, the caller's state), the caller's files (the
+train stage's: what ``vlaops export`` needs to write a policy from it) and ``vlaops_manifest.json`` (the
+sha256 of every file, and what the model file holds: the trainable tensors only, whose frozen rest is
+rebuilt and checked against the hash recorded there, see ``vlaops.train.trainable``), written into a
+hidden temporary directory and
 renamed, so a SIGKILL leaves the previous checkpoint whole. Only a checkpoint whose manifest matches is
 resumed unless the user trusts it (:func:`verify_checkpoint`); nothing in it is loaded with
 ``weights_only=False``.
@@ -18,7 +21,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,8 @@ TEMP_PATTERN = re.compile(r"^\.step_(\d{7,})\.tmp$")  # a save in progress (a fi
 LOCK_FILE = ".lock"  # held by the one trainer using the directory
 TRAINER_STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "vlaops_manifest.json"  # sha256 of every file of a checkpoint, written by vlaops only
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: adds "weights" (what the model file holds); a format 1 checkpoint holds the whole model
+MANIFEST_FORMATS = (1, 2)  # the formats this vlaops resumes
 RUN_CONFIG_FILE = "run_config.json"  # in the checkpoint dir: what the checkpoints were trained with
 PREVIOUS_DIR = "previous"  # under DVC, the checkpoints of the last different recipe (guard_checkpoints)
 
@@ -127,10 +131,24 @@ def _files(checkpoint: Path) -> dict[str, Path]:
     return {str(p.relative_to(checkpoint)): p for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
 
 
-def write_manifest(checkpoint: Path) -> None:
-    """Stamp ``checkpoint`` as vlaops' own: the hash of every file in it."""
+def write_manifest(checkpoint: Path, weights: dict[str, Any] | None = None) -> None:
+    """Stamp ``checkpoint`` as vlaops' own: the hash of every file in it, and ``weights`` (what its model
+    file holds, ``vlaops.train.trainable.weights_record``; None: the whole model)."""
     files = {name: _sha256(p) for name, p in _files(checkpoint).items()}
-    write_json(checkpoint / MANIFEST_FILE, {"format_version": MANIFEST_FORMAT, "writer": "vlaops", "sha256": files})
+    manifest = {"format_version": MANIFEST_FORMAT, "writer": "vlaops", "sha256": files}
+    if weights is not None:
+        manifest["weights"] = weights
+    write_json(checkpoint / MANIFEST_FILE, manifest)
+
+
+def read_manifest(checkpoint: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint :func:`verify_checkpoint` accepted ({} when it has none: trusted)."""
+    path = checkpoint / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def verify_checkpoint(checkpoint: Path, trust: bool) -> None:
@@ -144,7 +162,7 @@ def verify_checkpoint(checkpoint: Path, trust: bool) -> None:
     manifest_path = checkpoint / MANIFEST_FILE
     try:
         manifest = json.loads(manifest_path.read_text())
-        expected = manifest["sha256"] if manifest.get("format_version") == MANIFEST_FORMAT else None
+        expected = manifest["sha256"] if manifest.get("format_version") in MANIFEST_FORMATS else None
         problem = None if isinstance(expected, dict) else f"{manifest_path}: not a vlaops checkpoint manifest"
     except FileNotFoundError:
         expected, problem = None, f"{checkpoint}: no {MANIFEST_FILE}, so not a checkpoint vlaops wrote"
@@ -169,8 +187,12 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``step_XXXXXXX`` atomically (every process saves its part), keep the newest ``keep``."""
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, state: dict[str, Any], keep: int,
+                    weights: dict[str, Any] | None = None, write_files: Callable[[Path], None] | None = None) -> Path:
+    """Write ``step_XXXXXXX`` atomically (every process saves its part), keep the newest ``keep``.
+
+    ``weights`` goes into the manifest (what the model file holds); ``write_files(dir)`` adds the
+    caller's files (main process only), hashed with the rest."""
     final = checkpoint_dir / f"step_{step:07d}"
     # a fixed temporary name (not mkdtemp): every process must write its RNG state into the same dir
     tmp = checkpoint_dir / f".step_{step:07d}.tmp"
@@ -182,8 +204,10 @@ def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, s
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            if write_files is not None:
+                write_files(tmp)
             write_json(tmp / TRAINER_STATE_FILE, state)  # its presence marks a complete checkpoint
-            write_manifest(tmp)  # last: hashes every file above
+            write_manifest(tmp, weights)  # last: hashes every file above
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

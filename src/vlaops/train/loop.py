@@ -10,7 +10,9 @@ the data path holds no random state of its own: the sampler's order is a functio
 each sample's augmentation a function of (seed, epoch, index) (``vlaops.data.sampling``), so the loader
 prefetching a batch before a checkpoint is taken changes nothing; resuming skips to (epoch, position).
 The global generators (dropout) are saved with the checkpoint; the loader draws its worker base seed
-from a private generator, never from them."""
+from a private generator, never from them. Given the source of the frozen weights (``frozen_source``), a
+checkpoint holds only the trainable tensors and the resume rebuilds, hash-checks and keeps the frozen rest
+(``vlaops.train.trainable``)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.data_loader import get_sampler
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
+from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -41,8 +44,16 @@ from vlaops.tracking import (
     VAL_GRIPPER_LOSS,
     VAL_LOSS,
 )
-from vlaops.train.checkpoint import TRAINER_STATE_FILE, latest_checkpoint, read_trainer_state, save_checkpoint, verify_checkpoint
+from vlaops.train.checkpoint import (
+    TRAINER_STATE_FILE,
+    latest_checkpoint,
+    read_manifest,
+    read_trainer_state,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from vlaops.train.config import TrainConfig
+from vlaops.train.trainable import STORED_TRAINABLE, check_rebuilt, trainable_names, weights_record
 from vlaops.utils.bf16 import cpu_bf16_autocast_works
 from vlaops.utils.logging import get_logger
 
@@ -50,6 +61,8 @@ log = get_logger(__name__)
 
 MetricsFn = Callable[[dict[str, float], int], None]
 CALLER_STATE = "caller"  # trainer_state.json key of what train_policy's caller asked to keep
+MODEL_FILE = "model.safetensors"  # Accelerate's save_state: the (first) model's weights
+SHARDING_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # they save their own sharded state
 
 
 # ---- construction: each from its config keys, in one place -------------------------------------------
@@ -220,6 +233,8 @@ def train_policy(
     log_metrics: MetricsFn,
     checkpoint_dir: Path | None,
     caller_state: Callable[[], dict[str, Any]] | None = None,
+    frozen_source: dict[str, Any] | None = None,
+    checkpoint_files: Callable[[Path], None] | None = None,
 ) -> dict[str, float]:
     """Train ``policy`` (already through ``apply_train_setup``) for ``cfg.max_steps`` optimizer steps.
 
@@ -228,11 +243,16 @@ def train_policy(
     the loop (dropout, sampler). Returns final_train_loss, best/last val loss, steps, wall_time_s,
     steps_per_s, resumed_from_step. ``caller_state()`` (JSON) is saved in every checkpoint's
     trainer state under ``CALLER_STATE`` (the stage keeps its MLflow run id and curve there, so a resume
-    continues both).
+    continues both). ``frozen_source`` (``vlaops.train.trainable.frozen_source``: how ``policy`` was built)
+    makes checkpoints hold the trainable tensors only; without it they hold the whole model.
+    ``checkpoint_files(dir)`` writes the caller's files into each checkpoint.
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     set_seed(cfg.seed)
     accelerator = build_accelerator(cfg)
+    engine = accelerator.distributed_type.value if accelerator.distributed_type in SHARDING_ENGINES else None
+    # before prepare: the digest of the frozen part is taken on the policy as built, unsharded
+    weights = weights_record(policy, frozen_source, engine) if checkpoint_dir is not None else None
     params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg)
     # not passed through prepare(): Accelerate would step it num_processes times per optimizer step;
@@ -245,6 +265,13 @@ def train_policy(
     else:
         model, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if weights is not None and weights["stored"] == STORED_TRAINABLE:
+        def trainable_only(models: list[nn.Module], state_dicts: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+            for i, m in enumerate(models):  # Accelerate saves state_dicts[i] as models[i]'s file
+                keep = trainable_names(m)
+                state_dicts[i] = {k: v for k, v in state_dicts[i].items() if k in keep}
+
+        accelerator.register_save_state_pre_hook(trainable_only)
 
     step, best_val, last_val, last_train = 0, float("inf"), float("nan"), float("nan")
     resume = latest_checkpoint(checkpoint_dir)
@@ -253,7 +280,13 @@ def train_policy(
         state = read_trainer_state(resume)
         if "scheduler" not in state:
             raise VlaopsError(f"{resume / TRAINER_STATE_FILE}: no scheduler state (a checkpoint of an older vlaops); delete it to start afresh")
-        accelerator.load_state(str(resume))  # safetensors, and torch.load with weights_only=True
+        recorded = read_manifest(resume).get("weights", {})
+        if recorded.get("stored") == STORED_TRAINABLE:  # the frozen part stays as built: check it is the same
+            with safe_open(str(resume / MODEL_FILE), framework="pt") as handle:
+                check_rebuilt(resume, recorded, policy, set(handle.keys()), trainable_names(model))
+            accelerator.load_state(str(resume), strict=False)  # exactly the trainable tensors (checked above)
+        else:
+            accelerator.load_state(str(resume))  # safetensors, and torch.load with weights_only=True
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         best_val = float(state.get("best_val_loss", best_val))
@@ -336,7 +369,7 @@ def train_policy(
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             validate()
         if checkpoint_dir is not None and cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints)
+            save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints, weights, checkpoint_files)
     bar.close()
     wall = time.perf_counter() - start
     done = step - resumed_from
