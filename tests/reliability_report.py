@@ -26,8 +26,8 @@ GUARANTEES: list[tuple[str, list[str]]] = [
      "MLflow run (FINISHED) and the same curve file bytes as an uninterrupted run",
      [f"{R}test_a_train_killed_after_a_checkpoint_resumes_to_the_same_bits",
       "tests/test_frame_cache.py::test_augmentation_stays_per_sample_on_cached_frames"]),
-    ("Under `dvc repro` the checkpoints persist (a killed train can resume)",
-     ["tests/test_dvc_params.py::test_train_checkpoints_persist_so_a_killed_train_resumes"]),
+    ("Under `dvc repro` the checkpoints survive (no stage output, so DVC never deletes them: a killed train can resume)",
+     ["tests/test_dvc_params.py::test_train_checkpoints_survive_dvc_so_a_killed_train_resumes"]),
     ("SIGTERM and SIGINT end a stage like an error: exit 128+signal with one line, MLflow run KILLED, "
      "no temporaries, the previous output untouched",
      [f"{R}test_a_signalled_train_ends_killed_without_leftovers",

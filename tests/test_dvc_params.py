@@ -9,7 +9,8 @@ be a path interpolated into its deps/outs), and a listed key must be read: a mis
 ``to_container(cfg)`` (the whole config recorded as provenance in MLflow and the export), the global
 ``seed`` (``vlaops.cli`` seeds every stage; only train's output depends on it, and train lists it), and
 ``tracking`` (where results are recorded, not what is computed: changing the run name or the store must
-not retrain; test_tracking_is_no_stage_param).
+not retrain; test_tracking_is_no_stage_param), and ``compute`` (where the tasks run, local processes or a
+Ray cluster, not what they compute: the outputs are the same bytes either way, tests/test_executor.py).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from vlaops.config import compose
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "vlaops"
 STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
-NOT_PARAMS = "tracking"  # read by train and evaluate, but it says where results go, not what they are
+# read by stages, but they say where results go (tracking) or where the work runs (compute), not what it is
+NOT_PARAMS = ("tracking", "compute", "paths.checkpoint_dir")  # the last: the trainer's scratch, see below
 
 # stage -> {sub-config handed to the library whole: the modules that read it as ``cfg`` / ``self.cfg``}
 LIBRARY: dict[str, dict[str, list[str]]] = {
@@ -96,7 +98,7 @@ def stage_reads(stage: str, listed: list[str], composed: dict) -> set[str]:
         trimmed = ".".join(parts)
         if parts and (trimmed == key or not isinstance(_node(composed, trimmed), dict)):
             out.add(trimmed)
-    return {k for k in out if k != "seed" and not _covers(NOT_PARAMS, k)}
+    return {k for k in out if k != "seed" and not any(_covers(p, k) for p in NOT_PARAMS)}
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,7 @@ def test_the_derivation_sees_what_it_should(composed):
     reads = stage_reads("evaluate", ["eval", "sim.tasks"], composed)
     assert {"sim.static_camera_size", "sim.block_x_range", "data.calvin_dir", "eval.num_chains"} <= reads
     assert "tracking" in _chains(SRC / "stages" / "evaluate.py", ("cfg",))  # read, and deliberately not a param
+    assert all("compute" in _chains(SRC / "stages" / f"{s}.py", ("cfg",)) for s in ("collect", "ingest", "evaluate"))
     assert "data.raw_dir" not in reads and "sim.episodes_per_task" not in reads
     ingest = stage_reads("ingest", ["data.topics"], composed)
     assert {"data.topics", "data.control_hz", "data.on_bad_input", "data.raw_dir"} <= ingest
@@ -144,11 +147,15 @@ def test_the_derivation_sees_what_it_should(composed):
 
 
 def test_tracking_is_no_stage_param(dvc):
-    """`dvc exp run -S tracking.run_name=x` (or another store) must not re-run train or evaluate."""
-    assert not [s for s, spec in dvc.items() for p in spec.get("params", []) if _covers(NOT_PARAMS, p)]
+    """`dvc exp run -S tracking.run_name=x` (or another store) must not re-run train or evaluate; nor
+    `-S compute.executor=ray` collect, ingest or evaluate."""
+    assert not [s for s, spec in dvc.items() for p in spec.get("params", []) if any(_covers(n, p) for n in NOT_PARAMS)]
 
 
-def test_train_checkpoints_persist_so_a_killed_train_resumes(dvc):
-    """Without ``persist: true`` DVC deletes the checkpoint directory before it runs the stage."""
-    (entry,) = [o for o in dvc["train"]["outs"] if isinstance(o, dict) and "${paths.checkpoint_dir}" in o]
-    assert entry["${paths.checkpoint_dir}"] == {"cache": False, "persist": True}
+def test_train_checkpoints_survive_dvc_so_a_killed_train_resumes(dvc):
+    """DVC deletes a stage's outputs before it runs the stage, so a killed train could never resume if the
+    checkpoint directory were one; and a clone that pulled the policy would retrain for the checkpoints it
+    lacks (tests/test_e2e.py). The trainer alone owns it: no stage names it."""
+    named = [s for s, spec in dvc.items() for k in ("outs", "deps") for o in spec.get(k, [])
+             if "${paths.checkpoint_dir}" in (o if isinstance(o, str) else next(iter(o)))]
+    assert named == []

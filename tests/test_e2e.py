@@ -75,6 +75,23 @@ def test_dvc_repro_then_experiment(tmp_path):
     again = _run(["dvc", "repro"], repo)
     assert "Running stage" not in again
 
+    # dvc.lock committed and the outputs pushed to the default remote (.dvc/config: ../vlaops-dvc-remote
+    # beside the repository): another clone pulls data, policy and metrics without running anything
+    _run(["git", "add", "dvc.lock"], repo)
+    _run(["git", "commit", "-qm", "dvc.lock of the first repro"], repo)
+    assert (tmp_path / "vlaops-dvc-remote").resolve() == (repo / ".dvc" / "../../vlaops-dvc-remote").resolve()
+    _run(["dvc", "push"], repo)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    _run(["dvc", "pull"], clone)
+    assert (clone / "reports" / "metrics.json").read_bytes() == (repo / "reports" / "metrics.json").read_bytes()
+    assert (clone / "models" / "policy" / "model.safetensors").read_bytes() == (repo / "models" / "policy" / "model.safetensors").read_bytes()
+    pulled = _run(["dvc", "repro", "--dry"], clone)  # pulled outputs match dvc.lock: nothing to run
+    assert "Running stage" not in pulled, pulled[-2000:]
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], clone, stdout_only=True))
+    assert "avg_len" in json.dumps(shown)
+    _run(["dvc", "metrics", "diff", "HEAD"], clone)  # works on main: the metrics of HEAD come from the cache
+
     exp = _run(["dvc", "exp", "run", "-S", "train.max_steps=6"], repo)
     ran = {s for s in ("collect", "ingest", "convert", "normalize", "train", "evaluate") if f"Running stage '{s}'" in exp}
     assert ran == {"train", "evaluate"}, exp[-2000:]
