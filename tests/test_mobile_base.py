@@ -171,6 +171,11 @@ def test_train_head_from_data_and_offline_eval(base_data):
     # every class equally frequent in training: the majority baseline is class 0 (drive), a third of the steps
     assert 0.0 < metrics["baseline_action_type_accuracy"] < 1.0
     assert metrics["windows"] == len(ds)
+    # the evaluate stage plays the arm simulator's chains: a base's policy is refused with the reason, before any
+    from vlaops.stages import evaluate
+
+    with pytest.raises(VlaopsError, match=r"a mobile base's policy \(action_type classes \['drive', 'turn', 'stop'\]\)"):
+        evaluate.run(cfg)
 
 
 def test_offline_accuracy_counts_the_class(base_data):

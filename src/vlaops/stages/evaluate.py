@@ -94,6 +94,10 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     device = resolve_device(cfg.eval.device)
     policy = PolicyRuntime.load(model_dir, device)
     check_checkpoint(model_dir, policy, cfg)
+    if policy.cfg.action_classes:  # before any chain: the embedded simulator is an arm (docs/mobile_base.md)
+        raise VlaopsError(f"{model_dir}: a mobile base's policy (action_type classes "
+                          f"{policy.normalizer.class_labels}); evaluate plays the arm simulator's chains, which a "
+                          "base cannot: evaluate it offline (vlaops.eval.offline.offline_action_metrics)")
     tasks = list(cfg.eval.tasks or cfg.sim.tasks)
     for name in tasks:
         try:
