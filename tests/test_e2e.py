@@ -106,7 +106,7 @@ def test_dvc_repro_then_experiment(tmp_path):
     (experiment,) = [e for e in client.search_experiments() if e.name == "vlaops"]
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.data.params["train.max_steps"] for r in runs) == ["4", "6"]
-    assert all("avg_len" in r.data.metrics and "train/loss" in r.data.metrics for r in runs)
+    assert all("eval/avg_len" in r.data.metrics and "train/loss" in r.data.metrics for r in runs)
     (exp_run,) = [r for r in runs if r.data.params["train.max_steps"] == "6"]
     assert exp_run.info.run_name == exp_run.data.tags["dvc.exp_name"] == shown["name"]  # one label in both UIs
     assert len({r.info.run_name for r in runs}) == 2

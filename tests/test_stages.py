@@ -80,10 +80,13 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "4" and run.data.params["model.window_size"] == "3"
-    assert {"train/loss", "val/loss", "avg_len", "sr_1", "sr_2", "offline/arm_mae"} <= set(run.data.metrics)
-    assert {"avg_len_ci_low", "sr_2_ci_high", "ablation/blank_images/avg_len", "ablation/swap_instruction/sr_1_ci_low",
-            "reference/expert/sr_2", "eval_time_s/policy"} <= set(run.data.metrics)
-    assert {"reference/expert/avg_len_ci_high", "reference/blind/avg_len_ci_high"} <= set(run.data.metrics)
+    assert {"train/loss", "val/loss", "eval/avg_len", "eval/sr_1", "eval/sr_2", "offline/arm_mae"} <= set(run.data.metrics)
+    assert {"eval/avg_len_ci_low", "eval/sr_2_ci_high", "eval_ablation/blank_images/avg_len",
+            "eval_ablation/swap_instruction/sr_1_ci_low", "eval_reference/expert/sr_2", "eval_time_s/policy"} <= set(run.data.metrics)
+    assert {"eval_reference/expert/avg_len_ci_high", "eval_reference/blind/avg_len_ci_high"} <= set(run.data.metrics)
+    # MLflow's chart view: one section per prefix, sorted by name, unprefixed metrics last; the headline first
+    sections = sorted({m.rsplit("/", 1)[0] for m in run.data.metrics if "/" in m and not m.startswith("system/")})
+    assert sections[0] == "eval" and not [m for m in run.data.metrics if "/" not in m]
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
     assert run.data.tags["data_fingerprint"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -144,7 +147,7 @@ def test_the_policy_is_a_registered_mlflow_model(pipeline):
     (version,) = client.search_model_versions("name='vlaops-policy'")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "vlaops"])
     assert version.run_id == run.info.run_id
-    assert version.tags["avg_len"] == f"{run.data.metrics['avg_len']:.4f}"  # evaluate tagged the version
+    assert version.tags["avg_len"] == f"{run.data.metrics['eval/avg_len']:.4f}"  # evaluate tagged the version
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/vlaops-policy/{version.version}")

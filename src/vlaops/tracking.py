@@ -47,6 +47,17 @@ CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 ABLATION_PREFIX = "ablation/"  # ablation/blank_images/avg_len, ablation/swap_instruction/sr_1_ci_low ...
 REFERENCE_PREFIX = "reference/"  # reference/expert/avg_len, reference/blind/sr_1 ...
 EVAL_TIME_PREFIX = "eval_time_s/"  # eval_time_s/policy, eval_time_s/ablation/blank_images ...
+HEADLINE_PREFIX = "eval/"  # MLflow: eval/avg_len, eval/sr_1 ... (metrics.json keeps CALVIN's bare names)
+
+
+def figure_prefix(label: str) -> str:
+    """The MLflow name prefix of an evaluated policy's figures: ``eval/`` for the policy itself,
+    ``eval_ablation/<mode>/`` and ``eval_reference/<name>/`` for the others.
+
+    MLflow's run page draws one chart section per prefix, sorted by name, with unprefixed metrics in a
+    last "Model metrics" section (seen in MLflow 3.17's UI): under ``eval/`` the headline comes first,
+    its ablations and references right after it."""
+    return HEADLINE_PREFIX if label == "policy" else f"eval_{label}/"
 
 
 @dataclass
@@ -299,6 +310,21 @@ def log_policy_model(mlflow: Any, cfg: TrackingConfig, model_dir: Path, signatur
     if version is not None:
         log.info("registered the policy as %s%s/%s", MODELS_URI, cfg.registered_model, version)
     return None if version is None else str(version)
+
+
+def register_run_model(mlflow: Any, cfg: TrackingConfig, run_id: str | None) -> str | None:
+    """Register the policy that run ``run_id`` logged (:func:`log_policy_model` with no registered name) under
+    ``tracking.registered_model``: a sweep logs every job's and registers its best job's only."""
+    if mlflow is None or run_id is None or not (cfg.log_model and cfg.registered_model):
+        return None
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    logged = [m for m in mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",
+                                                     output_format="list") if m.name == MODEL_NAME]
+    if not logged:
+        return None
+    version = mlflow.register_model(f"{MODELS_URI}{logged[0].model_id}", cfg.registered_model).version
+    log.info("registered the policy of run %s as %s%s/%s", run_id, MODELS_URI, cfg.registered_model, version)
+    return str(version)
 
 
 @contextlib.contextmanager

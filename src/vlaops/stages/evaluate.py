@@ -32,7 +32,7 @@ from vlaops.model import PolicyRuntime
 from vlaops.model.runtime import POLICY_CONFIG_FILE
 from vlaops.sim import TabletopEnv, get_task, seeded_chains
 from vlaops.utils.atomic import write_json
-from vlaops.utils.executor import resolve_workers
+from vlaops.utils.executor import connect, resolve_workers
 from vlaops.utils.paths import check_outputs
 from vlaops.utils.logging import get_logger
 
@@ -85,6 +85,7 @@ def run(cfg: Config) -> None:
     (``models:/<name>/<version>``, downloaded from the tracking store for the run)."""
     check_outputs(cfg, "evaluate")  # before a single chain is played
     tracking.check_store(cfg.tracking)
+    connect(cfg.compute)  # compute.executor=ray: Ray installed and its cluster reachable
     with tracking.policy_dir(cfg.tracking, cfg.paths.model_dir) as model_dir:
         _evaluate(cfg, model_dir)
 
@@ -131,11 +132,12 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
             chains = seeded_chains(env, tasks, cfg.eval.num_chains, cfg.eval.chain_length, cfg.eval.seed)
         except ValueError as exc:
             raise VlaopsError(f"eval.chain_length={cfg.eval.chain_length}: {exc}") from None
-    workers = resolve_workers(cfg.eval.num_workers)
+    workers = resolve_workers(cfg.eval.num_workers, cfg.compute)
     results, figs, times = {}, {}, {}
     for label, factory in factories.items():
         start = time.perf_counter()
-        results[label] = run_chains(factory, cfg.sim, chains, cfg.eval.max_steps_per_subtask, workers, desc=label)
+        results[label] = run_chains(factory, cfg.sim, chains, cfg.eval.max_steps_per_subtask, workers, desc=label,
+                                    compute=cfg.compute)
         times[label] = time.perf_counter() - start
         figs[label] = figures(results[label], cfg.eval.chain_length, cfg.eval.bootstrap_resamples, cfg.eval.confidence, cfg.eval.seed)
         log.info("%s: Avg. Len %.3f %s in %.1f s (%.2f chains/s, %d workers%s)", label, figs[label][tracking.AVG_LEN],
@@ -183,7 +185,7 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
         tracking.log_tags(mlflow, {"eval.num_chains": metrics["num_chains"], "eval.chain_length": cfg.eval.chain_length})
         flat: dict[str, float] = {}
         for label, fig in figs.items():
-            flat.update(flat_figures("" if label == "policy" else f"{label}/", fig))
+            flat.update(flat_figures(tracking.figure_prefix(label), fig))
         flat.update({f"{tracking.TASK_SR_PREFIX}{t}": v for t, v in metrics["task_sr"].items()})
         flat.update({f"{tracking.OFFLINE_PREFIX}{k}": v for k, v in offline.items()})
         flat.update({f"{tracking.EVAL_TIME_PREFIX}{label}": t for label, t in times.items()})
