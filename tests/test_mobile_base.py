@@ -274,3 +274,34 @@ def test_ingest_refuses_an_arm_episode_for_a_base(tmp_path):
     with pytest.raises(RecordingError, match=r"an episode of embodiment 'arm', but data.embodiment is 'mobile_base'") as exc:
         ingest(raw, tmp_path / "episodes", cfg.data)
     assert exc.value.check == "wrong_embodiment"
+
+
+@pytest.mark.slow
+def test_a_base_policy_learns_its_class_and_velocities(tmp_path):
+    """Every link from the Twist bag to the trained head: overfit on identical base episodes, the class head
+    beats the most-frequent-class baseline by far and the velocity head the mean-action baseline (a class id
+    scaled, a dim misaligned or a mask wrong would leave it at the baseline). Measured at 300 steps, batch 8
+    on 2 loaded cores: accuracy 0.85 against 0.30, continuous MAE 0.25 against 0.35."""
+    from vlaops.data.action_stats import normalize
+    from vlaops.data.convert import convert
+    from vlaops.data.dataset import make_window_dataset
+    from vlaops.data.ingest import ingest
+    from vlaops.eval.offline import base_constant_action, offline_action_metrics
+    from vlaops.model import PolicyRuntime
+    from vlaops.stages import train
+
+    for i in range(4):
+        write_base_bag(tmp_path / "raw" / f"b{i}", n_frames=30, stamped=i % 2 == 1)
+    cfg = base_cfg(tmp_path, "train.max_steps=300", "train.batch_size=8", "train.log_every=50", "train.val_every=300",
+                   "data.augment.rgb_pad=0", "data.augment.brightness=0", "data.augment.contrast=0",
+                   "data.augment.saturation=0", "model.arm_gripper_loss_ratio=1.0")
+    ingest(Path(cfg.data.raw_dir), Path(cfg.data.episodes_dir), cfg.data)
+    convert(Path(cfg.data.episodes_dir), Path(cfg.data.calvin_dir), cfg.data)
+    normalize(Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir), cfg.data)
+    train.run(cfg)
+    rt = PolicyRuntime.load(Path(cfg.paths.model_dir))
+    ds = make_window_dataset(calvin.CalvinSplit(Path(cfg.data.calvin_dir) / calvin.TRAINING), rt.normalizer,
+                             rt.processor, rt.cfg, None, None)
+    m = offline_action_metrics(rt.model, ds, 8, 0, torch.device("cpu"), constant=base_constant_action(rt.normalizer))
+    assert m["action_type_accuracy"] > m["baseline_action_type_accuracy"] + 0.3, m
+    assert m["continuous_mae"] < 0.9 * m["baseline_continuous_mae"], m
