@@ -101,6 +101,7 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     # counts and settings are params or tags, true measurements are metrics
     assert int(run.data.params["params_trainable"]) > 0 and not any(m.startswith("params") for m in run.data.metrics)
     assert "num_chains" not in run.data.metrics and run.data.tags["eval.num_chains"] == "2"
+    assert run.data.tags["final/steps"] == "4" and "final/steps" not in run.data.metrics and "final/best_val_loss" in run.data.metrics
     assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40  # the tests run in a git checkout
     assert any(m.startswith("system/cpu_utilization") for m in run.data.metrics)
     # the splits as MLflow datasets: name, digest, source and the vlaops fingerprint

@@ -21,6 +21,7 @@ from vlaops.io.episode import BASE_ACTION_NAMES
 from vlaops.model import make_processor, mlflow_model, save_policy
 from vlaops.train.checkpoint import guard_checkpoints, latest_checkpoint, lock_checkpoints, read_trainer_state, verify_checkpoint
 from vlaops.train.export import write_checkpoint_recipe
+from vlaops.train.launch import check_launch, world_size
 from vlaops.train.loop import CALLER_STATE, make_loader, process_state, train_policy
 from vlaops.train.setup import apply_train_setup
 from vlaops.train.trainable import build_policy, frozen_source
@@ -49,6 +50,7 @@ def run(cfg: Config) -> None:
     # fail fast: where it writes, then data, normaliser and processor, before any model is built
     check_outputs(cfg, "train")
     tracking.check_store(cfg.tracking)
+    check_launch(cfg.train)  # what accelerate launch asks for (precision, FSDP, DeepSpeed) against the recipe
     check_input_dir("data.calvin_dir", calvin_dir)
     check_input_dir("data.normalized_dir", normalized_dir)
     normalizer = ActionNormalizer.load(normalized_dir / NORMALIZATION_FILE)
@@ -64,8 +66,10 @@ def run(cfg: Config) -> None:
     processor = make_processor(cfg.model, sorted({a.instruction for a in train_split.annotations}))
     train_ds = make_window_dataset(train_split, normalizer, processor, cfg.model, cfg.data.augment, cfg.data.cache_dir)
     val_ds = make_window_dataset(val_split, normalizer, processor, cfg.model, None, cfg.data.cache_dir)
-    if len(train_ds) < cfg.train.batch_size:
-        raise VlaopsError(f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than train.batch_size={cfg.train.batch_size}")
+    world = world_size()  # each process of a launch takes its own batches
+    if len(train_ds) < cfg.train.batch_size * world:
+        raise VlaopsError(f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than train.batch_size={cfg.train.batch_size}"
+                          + (f" x {world} processes (one batch each)" if world > 1 else ""))
     fingerprint = {"calvin": dataset_fingerprint(calvin_dir), "normalization": normalizer.to_dict()}
     recipe_cfg = {k: v for k, v in to_container(cfg).items() if k in ("seed", "model", "train", "data")}
     recipe_cfg["train"].pop("trust_checkpoint")  # how to load, not what was trained
@@ -125,7 +129,10 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
         )
         if not is_main:
             return
-        tracking.log_metrics(mlflow, {f"final/{k}": v for k, v in result.items()})
+        # counts (steps, the step resumed from) are facts about the run, not measurements: tags
+        counts = {k: int(v) for k, v in result.items() if k in ("steps", "resumed_from_step")}
+        tracking.log_tags(mlflow, {f"final/{k}": v for k, v in counts.items()})
+        tracking.log_metrics(mlflow, {f"final/{k}": v for k, v in result.items() if k not in counts})
         run_info = {"run_id": tracking.active_run_id(mlflow), "tracking_uri": tracking.tracking_uri(cfg.tracking) if mlflow else None}
         save_policy(
             model_dir, policy, processor, normalizer, cfg.model,
