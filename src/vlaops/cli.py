@@ -30,6 +30,7 @@ from vlaops.utils.signals import signal_arrived
 
 log = get_logger(__name__)
 STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
+ACCELERATE_CONFIGS = "accelerate"  # conf/accelerate/: files for `accelerate launch --config_file`, not a Hydra group
 
 
 def seed_everything(seed: int) -> None:
@@ -49,9 +50,12 @@ def _config_groups(config_dir: str | os.PathLike[str]) -> str:
     lines = ["config groups (override one with group=option, e.g. experiment=cpu_long):"]
     for group in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))):
         options = sorted(f.stem for f in group.glob("*.yaml"))
-        if options:
+        if options and group.name != ACCELERATE_CONFIGS:
             lines.append(f"  {group.name}: {', '.join(options)}")
     lines.append("any key of the composed config: key=value (see 'vlaops <command> --cfg job')")
+    if (root / ACCELERATE_CONFIGS).is_dir():
+        lines.append(f"launch configs (accelerate launch --config_file {root.name}/{ACCELERATE_CONFIGS}/<name>.yaml -m vlaops.cli train ...): "
+                     + ", ".join(sorted(f.stem for f in (root / ACCELERATE_CONFIGS).glob("*.yaml"))))
     return "\n".join(lines)
 
 

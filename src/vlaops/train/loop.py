@@ -53,6 +53,7 @@ from vlaops.train.checkpoint import (
     verify_checkpoint,
 )
 from vlaops.train.config import TrainConfig
+from vlaops.train.launch import check_launch
 from vlaops.train.trainable import STORED_TRAINABLE, check_rebuilt, trainable_names, weights_record
 from vlaops.utils.bf16 import cpu_bf16_autocast_works
 from vlaops.utils.logging import get_logger
@@ -248,6 +249,7 @@ def train_policy(
     ``checkpoint_files(dir)`` writes the caller's files into each checkpoint.
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    check_launch(cfg)
     set_seed(cfg.seed)
     accelerator = build_accelerator(cfg)
     engine = accelerator.distributed_type.value if accelerator.distributed_type in SHARDING_ENGINES else None
