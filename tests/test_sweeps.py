@@ -81,6 +81,9 @@ def test_a_grid_is_one_nested_run_per_setting_and_the_parent_keeps_the_best(grid
     history = client.get_metric_history(parent.info.run_id, tracking.SWEEP_VAL_LOSS)
     assert sorted((m.step, m.value) for m in history) == [(0, losses[0]), (1, losses[1])]
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {"sweep/sweep.json", "sweep/multirun.yaml"}
+    # every job logged its policy, only the best one is registered
+    (version,) = client.search_model_versions("name='vlaops-policy'")
+    assert version.run_id == children[best].info.run_id and parent.data.tags["best.registered_version"] == str(version.version)
 
 
 def test_each_job_writes_under_its_own_directory(grid, data):
@@ -113,6 +116,13 @@ def test_a_bad_sweep_is_one_line_and_runs_nothing(data, tmp_path, capsys, sweep_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vlaops train: error: ") and named in err[0], err
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_help_lists_the_searches(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help", "--config-dir", str(CONF)])
+    out = capsys.readouterr().out
+    assert "hparams_search: train_lr" in out and "-m, --multirun" in out
 
 
 def test_only_train_sweeps(capsys):
@@ -165,12 +175,12 @@ def test_a_dvc_queue_grid_holds_one_experiment_per_setting(tmp_path):
     from test_e2e import _run, make_repo
 
     repo = make_repo(tmp_path / "repo")
-    out = _run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=1e-3,3e-3"], repo)
+    out = _run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=3e-4,3e-3"], repo)
     assert out.count("Queued experiment") == 2
     status = _run(["dvc", "queue", "status"], repo)
     assert status.count("Queued") == 2
     queued = _queued(repo)
-    assert sorted(e["learning_rate"] for e in queued.values()) == [0.001, 0.003]
+    assert sorted(e["learning_rate"] for e in queued.values()) == [0.0003, 0.003]
     assert {e["state"] for e in queued.values()} == {"queued"}
 
 
@@ -183,7 +193,8 @@ def test_a_dvc_queue_grid_runs_and_each_experiment_is_an_mlflow_run(tmp_path):
 
     repo = make_repo(tmp_path / "repo")
     _run(["dvc", "repro"], repo)
-    _run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=1e-3,3e-3"], repo)
+    # neither value is the baseline's 1e-3: that experiment would change no stage, and DVC would run nothing
+    _run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=3e-4,3e-3"], repo)
     _run(["dvc", "queue", "start", "-j", "1"], repo)
     deadline = time.monotonic() + 1800
     while time.monotonic() < deadline:
@@ -193,10 +204,10 @@ def test_a_dvc_queue_grid_runs_and_each_experiment_is_an_mlflow_run(tmp_path):
         time.sleep(5)
     queued = _queued(repo)
     assert {e["state"] for e in queued.values()} == {"success"}, _run(["dvc", "queue", "status"], repo)
-    assert sorted(e["learning_rate"] for e in queued.values()) == [0.001, 0.003]
+    assert sorted(e["learning_rate"] for e in queued.values()) == [0.0003, 0.003]
     assert all({"avg_len", "sr_1"} <= set(e["metrics"]["reports/metrics.json"]["data"]) for e in queued.values())
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
     (experiment,) = [e for e in client.search_experiments() if e.name == "vlaops"]
     runs = {r.data.tags.get("dvc.exp_name"): r for r in client.search_runs([experiment.experiment_id])}
     assert set(queued) <= set(runs)
-    assert {runs[name].data.params["train.learning_rate"] for name in queued} == {"0.001", "0.003"}
+    assert {runs[name].data.params["train.learning_rate"] for name in queued} == {"0.0003", "0.003"}

@@ -240,7 +240,8 @@ def run_sweep(stage: str, overrides: list[str], config_dir: str | Path, run_stag
             settings = _settings(list(hydra_cfg.overrides.task), the_plan.swept)
             cfg = validate(job_cfg, f"sweep job #{num}")
             cfg.paths = dataclasses.replace(cfg.paths, **{k: str(job_dir / v) for k, v in JOB_PATHS.items()})
-            cfg.tracking = dataclasses.replace(cfg.tracking, run_name=f"{name}-{num}")
+            # each job logs its policy as an MLflow model; only the best job's is registered, when the sweep ends
+            cfg.tracking = dataclasses.replace(cfg.tracking, run_name=f"{name}-{num}", registered_model=None)
             log.info("sweep job #%d: %s -> %s", num, " ".join(settings) or "(nothing swept)", job_dir)
             with tracking.nested_under(parent_id, {"sweep.job": num, "sweep.settings": " ".join(settings)}):
                 run_stage(stage, cfg)
@@ -253,16 +254,21 @@ def run_sweep(stage: str, overrides: list[str], config_dir: str | Path, run_stag
             tracking.log_metrics(mlflow, {tracking.SWEEP_VAL_LOSS: value}, step=num)  # the parent's: one point per job
             return value
 
+        finished = False
         try:
             _multirun(Path(config_dir).resolve(), the_plan.overrides, task)
+            finished = True
         finally:  # the jobs that finished, even when one failed or the sweep was stopped
             summary = _summarize(the_plan, jobs, parent_id)
-            write_json(the_plan.sweep_dir / SUMMARY_FILE, summary)
             best = summary["best"]
             if best is not None:
+                if finished:
+                    best["registered_version"] = tracking.register_run_model(mlflow, the_plan.base.tracking, best["run_id"])
                 tracking.log_metrics(mlflow, {tracking.BEST_VAL_LOSS: best[OBJECTIVE]})
                 tracking.log_tags(mlflow, {"best.job": best["job"], "best.settings": " ".join(best["settings"]),
-                                           "best.run_id": best["run_id"], "best.model_dir": best["model_dir"]})
+                                           "best.run_id": best["run_id"], "best.model_dir": best["model_dir"],
+                                           **({"best.registered_version": best["registered_version"]} if best.get("registered_version") else {})})
+            write_json(the_plan.sweep_dir / SUMMARY_FILE, summary)
             tracking.log_tags(mlflow, {"sweep.jobs_finished": len(jobs)})
             for artifact in (SUMMARY_FILE, "optimization_results.yaml", "multirun.yaml"):  # ours, the Optuna plugin's, the BasicSweeper's
                 tracking.log_artifact(mlflow, the_plan.sweep_dir / artifact, "sweep")
@@ -298,5 +304,5 @@ def _report(summary: dict[str, Any], the_plan: Plan) -> None:
     own = tuple(f"paths.{k}=" for k in JOB_PATHS)  # the sweep set these per job
     evaluate = ["vlaops", "evaluate", *(o for o in the_plan.fixed if not o.startswith(own)), *best["settings"], f"paths.model_dir={best['model_dir']}",
                 f"paths.reports_dir={best['reports_dir']}"]
-    log.info("best: job #%d (%s) %s=%.4g; evaluate it (onto its run) with: %s", best["job"], " ".join(best["settings"]),
+    log.info("best: job #%d (%s) %s=%.4g; evaluate it (onto its run) with: %s", best["job"], " ".join(best["settings"]) or "nothing swept",
              OBJECTIVE, best[OBJECTIVE], shlex.join(evaluate))
