@@ -120,13 +120,17 @@ def run_stage(name: str, cfg: Config) -> None:
 
 def check_all(cfg: Config) -> None:
     """What every stage checks in its first second, for the whole pipeline at once: the config (already
-    validated by loading it), every output path writable, the tracking store usable."""
+    validated by loading it), every output path writable, the tracking store usable, the executor's
+    cluster reachable (``compute.executor=ray``)."""
     from vlaops.tracking import check_store
+    from vlaops.utils.executor import connect
     from vlaops.utils.paths import check_outputs
 
     keys = sorted({key for stage in STAGES for key in check_outputs(cfg, stage)})
     check_store(cfg.tracking)
-    log.info("config valid; %d output paths writable (%s); tracking store usable", len(keys), ", ".join(keys))
+    connect(cfg.compute)
+    log.info("config valid; %d output paths writable (%s); tracking store usable; executor %s", len(keys),
+             ", ".join(keys), cfg.compute.executor)
 
 
 def _inspect_path(args: argparse.Namespace) -> str:

@@ -32,6 +32,7 @@ from vlaops.serve.config import ServeConfig
 from vlaops.sim.config import SimConfig
 from vlaops.tracking import TrackingConfig
 from vlaops.train.config import TrainConfig
+from vlaops.utils.executor import ComputeConfig
 
 CONFIG_NAME = "config"
 DEFAULT_CONFIG_DIR = "conf"
@@ -56,6 +57,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
         # One range for both: a demonstration faster than the training normalisation's clip range is

@@ -23,7 +23,7 @@ from vlaops.errors import RecordingError, VlaopsError
 from vlaops.io.episode import Episode, write_episode
 from vlaops.io.readers import expected_formats, find_reader, sidecars
 from vlaops.utils.atomic import atomic_dir, write_json
-from vlaops.utils.executor import map_ordered, resolve_workers
+from vlaops.utils.executor import ComputeConfig, map_ordered, resolve_workers
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -127,11 +127,12 @@ def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
     return outcomes
 
 
-def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
+def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, compute: ComputeConfig | None = None) -> dict[str, Any]:
     """Read every recording in ``raw_dir`` and write ``out_dir/<episode_id>.h5`` plus a report.
 
-    Recordings are read by ``data.num_workers`` processes (0: one per core) through the executor seam and
-    merged in recording order, so the output does not depend on the number of workers. The report
+    Recordings are read by ``data.num_workers`` processes (0: one per core) through the executor seam
+    (``compute``: local by default, or Ray) and merged in recording order, so the output does not depend
+    on the executor or the number of workers. The report
     (``ingest_report.json``) is a function of the recordings and the settings only (no timings), so
     re-ingesting the same data gives the same bytes: ``episodes`` {id: facts}, ``quarantined``
     [{recording, episode, stream, check, reason}] in recording order (``episode`` as the recording lists
@@ -149,7 +150,7 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
     # where the data lives
     report: dict[str, Any] = {"episodes": {}, "quarantined": []}
     seconds = 0.0  # of data kept, each episode at its own control rate
-    workers = resolve_workers(cfg.num_workers)
+    workers = resolve_workers(cfg.num_workers, compute)
 
     def quarantine(entry: Path, exc: RecordingError, key: str | None) -> None:
         if cfg.on_bad_input == "error":
@@ -160,7 +161,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any]:
 
     with atomic_dir(out_dir) as tmp:
         items = [(i, entry, cfg, tmp) for i, entry in enumerate(entries)]
-        results = map_ordered(_read_recording, items, workers, desc="ingest", unit="rec")
+        results = map_ordered(_read_recording, items, workers, desc="ingest", unit="rec", compute=compute,
+                              label=lambda item: f"recording {item[1].name}")
         for entry, outcomes in zip(entries, results):
             for out in outcomes:
                 if out.error is not None:

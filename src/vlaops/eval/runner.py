@@ -4,7 +4,8 @@ What a worker needs travels as a small picklable *factory* (``factory(env) -> St
 built policy: a worker loads the runtime from the export directory itself, and the expert needs the
 worker's own simulator. Every chain resets the scene from its seed and the policy per subtask
 (``chains.run_chain``), and the results are merged by chain index (``utils.executor.map_ordered``), so
-the metrics are the same for any ``eval.num_workers``.
+the metrics are the same for any ``eval.num_workers`` and any executor (``compute``: local or Ray, where
+each actor builds its simulator and policy once, as a local worker does).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vlaops.eval.env import StepPolicy
 from vlaops.eval.reference import ExpertPolicy
 from vlaops.sim.config import SimConfig
 from vlaops.sim.tasks import get_task
-from vlaops.utils.executor import map_ordered, start_method
+from vlaops.utils.executor import ComputeConfig, map_ordered, start_method
 
 Chain = tuple[int, list[str]]  # (scene seed, task names)
 
@@ -101,6 +102,11 @@ def _run_one(chain: Chain) -> ChainResult:
     return run_chain(_WORKER["env"], _WORKER["policy"], seed, names, get_task, _WORKER["max_steps"])
 
 
+def _chain_name(chain: Chain) -> str:
+    seed, names = chain
+    return f"chain of seed {seed} ({' > '.join(names)})"
+
+
 def _close_worker() -> None:
     env = _WORKER.pop("env", None)
     if env is not None:
@@ -109,7 +115,8 @@ def _close_worker() -> None:
 
 
 def run_chains(factory: Any, sim_cfg: SimConfig, chains: list[Chain], max_steps: int,
-               num_workers: Optional[int] = None, desc: str = "evaluate chains") -> list[ChainResult]:
+               num_workers: Optional[int] = None, desc: str = "evaluate chains",
+               compute: ComputeConfig | None = None) -> list[ChainResult]:
     """Every chain with ``factory``'s policy, on ``num_workers`` processes (0/None: one per core).
 
     The simulator renders only when ``factory.needs_images``. Workers fork, as collect's do, unless the
@@ -120,7 +127,7 @@ def run_chains(factory: Any, sim_cfg: SimConfig, chains: list[Chain], max_steps:
     try:
         return map_ordered(_run_one, chains, num_workers, initializer=_init_worker,
                            initargs=(factory, sim_cfg, max_steps), method=start_method(device.startswith("cuda")),
-                           desc=desc, unit="chain")
+                           desc=desc, unit="chain", compute=compute, label=_chain_name)
     finally:  # one worker ran in this process: close its simulator, give the threads back
         _close_worker()
         torch.set_num_threads(threads)

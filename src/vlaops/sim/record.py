@@ -31,7 +31,7 @@ from vlaops.sim.env import TabletopEnv
 from vlaops.sim.expert import run_expert
 from vlaops.sim.tasks import get_task
 from vlaops.utils.atomic import atomic_dir
-from vlaops.utils.executor import map_ordered
+from vlaops.utils.executor import ComputeConfig, map_ordered
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -264,11 +264,12 @@ def _collect_task(cfg: SimConfig, task_name: str, task_pos: int, out_dir: Path) 
     return {"task": task_name, "attempts": attempts, "successes": len(ids), "episodes": ids}
 
 
-def collect(cfg: SimConfig, out_dir: Path) -> dict[str, Any]:
+def collect(cfg: SimConfig, out_dir: Path, compute: ComputeConfig | None = None) -> dict[str, Any]:
     """Record ``episodes_per_task`` successful expert demonstrations of every task in ``cfg.tasks``.
 
     Bags go to ``out_dir/<task>_<NNNN>/``, each written atomically. Deterministic for ``cfg.seed``
-    whatever ``num_workers`` is (seeds and stamps depend only on task and attempt). Returns the summary
+    whatever ``num_workers`` and the executor (``compute``, default local) are (seeds and stamps depend
+    only on task and attempt). Returns the summary
     ``{"tasks": {task: {attempts, successes, success_rate}}, "episodes": [...]}`` (no wall time: a DVC metric);
     RuntimeError when a task cannot reach ``episodes_per_task`` within ``max_attempts_per_task``.
     """
@@ -279,7 +280,8 @@ def collect(cfg: SimConfig, out_dir: Path) -> dict[str, Any]:
              cfg.storage, out_dir)
     jobs = [(cfg, name, pos, out_dir) for pos, name in enumerate(cfg.tasks)]
     # the parent holds no PyBullet client (each worker opens its own), so fork is safe where it exists
-    results = map_ordered(_collect_job, jobs, cfg.num_workers, desc="collect", unit="task")
+    results = map_ordered(_collect_job, jobs, cfg.num_workers, desc="collect", unit="task", compute=compute,
+                          label=lambda job: f"task {job[1]}")
     # the summary is a DVC metric (reports/collect.json): its bytes depend on the seed only, the time goes to the log
     summary: dict[str, Any] = {"tasks": {}, "episodes": []}
     for res in results:

@@ -6,14 +6,16 @@ from vlaops.config import Config
 from vlaops.errors import VlaopsError
 from vlaops.sim import collect
 from vlaops.utils.atomic import atomic_dir, write_json
+from vlaops.utils.executor import connect
 
 SUMMARY_FILE = "collect.json"
 
 
 def run(cfg: Config) -> None:
+    connect(cfg.compute)  # compute.executor=ray: Ray installed and its cluster reachable, before any episode
     with atomic_dir(Path(cfg.paths.collect_dir)) as tmp:
         try:
-            summary = collect(cfg.sim, tmp)
+            summary = collect(cfg.sim, tmp, cfg.compute)
         except RuntimeError as exc:  # the expert could not reach episodes_per_task
             raise VlaopsError(str(exc)) from None
     write_json(Path(cfg.paths.reports_dir) / SUMMARY_FILE, summary)

@@ -1,0 +1,296 @@
+"""Issue 9's executor seam (``vlaops.utils.executor``): the same results, merged in item order, from one
+local worker, a local pool of two and a local Ray instance, for collect's bags, ingest's episodes and
+evaluate's chains; a killed worker's task runs again, a task whose worker dies twice stops the stage
+naming it; ``compute.executor=ray`` without Ray or with an unreachable address is one line before any work.
+
+The Ray tests need ``pip install vlaops[ray]`` (they skip without it) and start one local instance of two
+CPUs for the module; they are ``slow`` (Ray and its actors take tens of seconds to start on 2 busy cores).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CONF, path_overrides
+
+import vlaops
+from vlaops.cli import main
+from vlaops.config import load_config
+from vlaops.errors import VlaopsError
+from vlaops.utils.executor import ComputeConfig, TaskFailed, map_ordered
+
+SRC = Path(vlaops.__file__).resolve().parents[1]
+LOCAL = ComputeConfig()
+
+
+# ---- tasks a worker runs (module level: they travel to local workers and, by value, to Ray actors) ----
+def _init_log(path: str) -> None:
+    """An initializer that leaves one line per worker it initialised."""
+    with open(path, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+
+
+def _square_in(item: tuple[float, int]) -> tuple[int, int]:
+    delay, x = item
+    time.sleep(delay)  # later items finish first: the merge must still follow the item order
+    return x * x, os.getpid()
+
+
+def _die_once(item: tuple[str, int]) -> int:
+    """Item 3 SIGKILLs its own worker the first time it runs (the marker file remembers), then succeeds."""
+    marker, x = item
+    if x == 3 and not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 10
+
+
+def _die_always(item: tuple[str, int]) -> int:
+    attempts, x = item
+    if x == 2:
+        with open(attempts, "a") as handle:
+            handle.write("attempt\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def _raise_some(item: tuple[str, int]) -> int:
+    attempts, x = item
+    if x in (2, 5):
+        with open(attempts, "a") as handle:
+            handle.write(f"{x}\n")
+        if x == 2:
+            time.sleep(0.5)  # item 5 fails first; item 2's error is still the one raised (item order)
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def _failing_init() -> None:
+    raise RuntimeError("no simulator here")
+
+
+def _name(item: tuple[str, int]) -> str:
+    return f"item {item[1]}"
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+# ---- the same contract for both executors -------------------------------------------------------------
+def check_merge_order_and_one_init_per_worker(compute: ComputeConfig, tmp_path: Path) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    items = [(0.05 * (5 - i), i) for i in range(6)]
+    log = tmp_path / "inits"
+    out = map_ordered(_square_in, items, 2, initializer=_init_log, initargs=(str(log),), compute=compute)
+    assert [x for x, _ in out] == [i * i for i in range(6)]
+    pids = {pid for _, pid in out}
+    # the initializer (a simulator, a policy) ran once per worker, not once per task
+    assert len(_lines(log)) == 2 and set(map(int, _lines(log))) >= pids and os.getpid() not in pids
+
+
+def check_a_killed_worker_is_retried(compute: ComputeConfig, tmp_path: Path, caplog) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "killed"
+    with caplog.at_level(logging.WARNING, logger="vlaops.utils.executor"):
+        out = map_ordered(_die_once, [(str(marker), i) for i in range(6)], 2, desc="collect", compute=compute, label=_name)
+    assert marker.exists(), "item 3 never killed its worker: the test proves nothing"
+    assert out == [i * 10 for i in range(6)]
+    assert "collect: item 3: its worker died" in caplog.text
+
+
+def check_a_task_whose_worker_dies_twice_is_named(compute: ComputeConfig, tmp_path: Path) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    attempts = tmp_path / "attempts"
+    with pytest.raises(TaskFailed) as info:
+        map_ordered(_die_always, [(str(attempts), i) for i in range(4)], 2, desc="ingest", compute=compute, label=_name)
+    assert str(info.value).startswith("ingest: item 2: its worker died 2 times")
+    assert "compute.max_retries=1" in str(info.value) and "\n" not in str(info.value)
+    assert len(_lines(attempts)) == 2
+
+
+def check_an_exception_is_raised_once_in_item_order(compute: ComputeConfig, tmp_path: Path) -> None:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    attempts = tmp_path / "attempts"
+    with pytest.raises(ValueError, match="^bad item 2") as info:
+        map_ordered(_raise_some, [(str(attempts), i) for i in range(7)], 2, desc="evaluate", compute=compute, label=_name)
+    assert "(while running evaluate: item 2)" in info.value.__notes__
+    assert "bad item 2" in str(info.value.__cause__)  # the worker's traceback
+    assert sorted(_lines(attempts)) == ["2", "5"]  # an exception is not retried: it would raise again
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_local_merges_in_item_order_and_initialises_each_worker_once(tmp_path, workers):
+    items = [(0.02 * (5 - i), i) for i in range(6)]
+    log = tmp_path / "inits"
+    out = map_ordered(_square_in, items, workers, initializer=_init_log, initargs=(str(log),))
+    assert [x for x, _ in out] == [i * i for i in range(6)]
+    assert len(_lines(log)) == workers
+    if workers == 2:
+        check_merge_order_and_one_init_per_worker(LOCAL, tmp_path / "again")
+
+
+def test_local_a_killed_worker_is_retried(tmp_path, caplog):
+    check_a_killed_worker_is_retried(LOCAL, tmp_path, caplog)
+
+
+def test_local_a_task_whose_worker_dies_twice_is_named(tmp_path):
+    check_a_task_whose_worker_dies_twice_is_named(LOCAL, tmp_path)
+    attempts = tmp_path / "no_retry"
+    with pytest.raises(TaskFailed, match="died 1 times .*compute.max_retries=0"):
+        map_ordered(_die_always, [(str(attempts), i) for i in range(4)], 2, compute=ComputeConfig(max_retries=0))
+    assert len(_lines(attempts)) == 1
+
+
+def test_local_an_exception_is_raised_once_in_item_order(tmp_path):
+    check_an_exception_is_raised_once_in_item_order(LOCAL, tmp_path)
+    one = tmp_path / "one"
+    with pytest.raises(ValueError, match="^bad item 2") as info:  # one worker: in this process, named the same
+        map_ordered(_raise_some, [(str(one), i) for i in range(7)], 1, desc="evaluate", label=_name)
+    assert "(while running evaluate: item 2)" in info.value.__notes__
+
+
+def test_local_a_failing_initializer_is_raised(tmp_path):
+    with pytest.raises(RuntimeError, match="no simulator here"):
+        map_ordered(_square_in, [(0, i) for i in range(4)], 2, initializer=_failing_init)
+
+
+# ---- bad settings: one line, before any work -----------------------------------------------------------
+def _stage(stage: str, tmp_path: Path, *extra: str) -> int:
+    return main([stage, "--config-dir", str(CONF), *path_overrides(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("compute.executor=dask", "compute.executor must be one of ['local', 'ray'], got 'dask'"),
+    ("compute.ray_address=somewhere", "compute.ray_address must be null"),
+    ("compute.max_retries=-1", "compute.max_retries must be >= 0"),
+])
+def test_bad_compute_values_are_one_line(tmp_path, capsys, override, expected):
+    assert _stage("collect", tmp_path, override) == 1
+    err = capsys.readouterr().err.strip()
+    assert expected in err and "\n" not in err
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize("stage", ["collect", "ingest", "evaluate", "check"])
+def test_executor_ray_without_ray_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, stage):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where it is not installed
+    assert _stage(stage, tmp_path, "compute.executor=ray") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"vlaops {stage}: error: compute.executor=ray, but Ray is not installed; pip install vlaops[ray] "
+                   "(or set compute.executor=local)")
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "reports").exists()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens on it once the socket is closed
+
+
+@pytest.mark.parametrize("scheme", ["ray://", ""])
+def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, scheme):
+    """In a process of its own: this module's tests may have joined a local Ray instance already."""
+    pytest.importorskip("ray")
+    address = f"{scheme}127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "vlaops.cli", "collect", "--config-dir", str(CONF), *path_overrides(tmp_path),
+                           "compute.executor=ray", f"compute.ray_address={address}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    (line,) = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
+    assert line.startswith(f"vlaops collect: error: compute.ray_address={address}: cannot reach 127.0.0.1:"), proc.stderr
+    assert not (tmp_path / "raw").exists()
+
+
+# ---- a local Ray instance -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_compute():
+    """One local Ray instance of 2 CPUs for the module; this module's task functions travel by value."""
+    ray = pytest.importorskip("ray", reason="pip install vlaops[ray]")
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield ComputeConfig(executor="ray")
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_keeps_the_executor_contract(ray_compute, tmp_path, caplog):
+    check_merge_order_and_one_init_per_worker(ray_compute, tmp_path / "order")
+    check_a_killed_worker_is_retried(ray_compute, tmp_path / "killed", caplog)
+    check_a_task_whose_worker_dies_twice_is_named(ray_compute, tmp_path / "twice")
+    check_an_exception_is_raised_once_in_item_order(ray_compute, tmp_path / "raises")
+
+
+# ---- the three stages: local 1, local 2 and Ray give the same bytes and metrics ------------------------
+TASKS = "sim.tasks=[push_red_left,lift_blue,place_blue]"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _executors(request) -> list[tuple[str, int, ComputeConfig]]:
+    """(name, workers, compute): a pool of 1 and of 2, and Ray's 2 actors where Ray is installed."""
+    runs = [("local-1", 1, LOCAL), ("local-2", 2, LOCAL)]
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return runs
+    return [*runs, ("ray-2", 2, request.getfixturevalue("ray_compute"))]
+
+
+@pytest.mark.slow
+def test_collect_and_ingest_give_the_same_bytes_on_every_executor(tmp_path, request):
+    from vlaops.data.ingest import ingest
+    from vlaops.sim import collect
+
+    cfg = load_config([*path_overrides(tmp_path), TASKS, "sim.episodes_per_task=1"], CONF)
+    bags, episodes = {}, {}
+    for name, workers, compute in _executors(request):
+        cfg.sim.num_workers = workers
+        summary = collect(cfg.sim, tmp_path / name / "raw", compute)
+        assert len(summary["episodes"]) == 3
+        bags[name] = _tree(tmp_path / name / "raw")
+    first = bags["local-1"]
+    assert len(first) == 6 and all(tree == first for tree in bags.values()), "collect's bags differ between executors"
+
+    cfg.data.raw_dir = str(tmp_path / "local-1" / "raw")
+    for name, workers, compute in _executors(request):
+        cfg.data.num_workers = workers
+        report = ingest(Path(cfg.data.raw_dir), tmp_path / name / "episodes", cfg.data, compute)
+        assert report["summary"]["episodes"] == 3 and not report["quarantined"]
+        episodes[name] = _tree(tmp_path / name / "episodes")
+    first = episodes["local-1"]
+    assert len(first) == 4 and all(tree == first for tree in episodes.values()), "ingest's episodes differ"
+
+
+@pytest.mark.slow
+def test_evaluate_chains_give_the_same_metrics_on_every_executor(tmp_path, request, tiny_policy_dir):
+    from vlaops.eval.chains import figures
+    from vlaops.eval.runner import ExpertFactory, RuntimeFactory, run_chains
+    from vlaops.sim import TabletopEnv, seeded_chains
+
+    cfg = load_config([*path_overrides(tmp_path), TASKS], CONF)
+    with TabletopEnv(cfg.sim, render=False) as env:
+        chains = seeded_chains(env, list(cfg.sim.tasks), num_chains=4, length=2, seed=1000)
+    runs = {}
+    for name, workers, compute in _executors(request):
+        expert = run_chains(ExpertFactory(), cfg.sim, chains, 120, workers, compute=compute)
+        policy = run_chains(RuntimeFactory(str(tiny_policy_dir)), cfg.sim, chains, 6, workers, compute=compute)
+        runs[name] = ([r.__dict__ for r in expert], [r.__dict__ for r in policy], figures(expert, 2), figures(policy, 2))
+    first = runs["local-1"]
+    assert [r["completed"] for r in first[0]] == [2, 2, 2, 2]  # the expert completes them: the metrics mean something
+    assert all(run == first for run in runs.values()), "chain results differ between executors"
