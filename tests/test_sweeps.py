@@ -100,6 +100,34 @@ def test_each_job_writes_under_its_own_directory(grid, data):
     assert summary["best"] == min(summary["jobs"], key=lambda j: j[tracking.VAL_LOSS])
 
 
+def test_a_failed_job_fails_the_sweep_and_keeps_the_jobs_that_finished(data, tmp_path):
+    """The stage of job #1 raises: the sweep stops with that error, job #1's run and the parent end FAILED,
+    job #0's run stays FINISHED and the parent still holds it as the best (nothing registered). The stage
+    is a stand-in that opens its run as train does, so no model is trained."""
+    from vlaops.errors import VlaopsError
+
+    def stage(name: str, cfg) -> None:
+        with tracking.run(cfg.tracking, tags={"stage": name}) as run:
+            if cfg.train.learning_rate == 0.003:
+                raise VlaopsError("train.learning_rate=0.003: the loss diverged")
+            tracking.log_metrics(run, {tracking.VAL_LOSS: 0.5}, step=2)
+            model_dir = Path(cfg.paths.model_dir)
+            model_dir.mkdir(parents=True)
+            (model_dir / sweep.TRAIN_RESULT_FILE).write_text(json.dumps({"last_val_loss": 0.5}))
+            (model_dir / tracking.RUN_FILE).write_text(json.dumps({"run_id": tracking.active_run_id(run)}))
+
+    overrides = [*path_overrides(data), *TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                 f"hydra.sweep.dir={tmp_path}/multirun", "train.learning_rate=1e-3,3e-3"]
+    with pytest.raises(VlaopsError, match="the loss diverged"):
+        sweep.run_sweep("train", overrides, CONF, stage)
+    client, parent, children = _runs(tmp_path)
+    assert [c.info.status for c in children] == ["FINISHED", "FAILED"] and parent.info.status == "FAILED"
+    assert parent.data.metrics[tracking.BEST_VAL_LOSS] == 0.5 and parent.data.tags["best.run_id"] == children[0].info.run_id
+    assert client.search_model_versions("name='vlaops-policy'") == []
+    summary = json.loads((tmp_path / "multirun" / sweep.SUMMARY_FILE).read_text())
+    assert [j["job"] for j in summary["jobs"]] == [0] and summary["best"]["job"] == 0
+
+
 @pytest.mark.parametrize(
     ("sweep_args", "named"),
     [
