@@ -211,6 +211,16 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, scheme
     assert not (tmp_path / "raw").exists()
 
 
+def test_evaluation_on_cuda_under_ray_is_one_line():
+    """Ray's actors ask for no GPU: a CUDA policy there would fail in every actor; it is refused first."""
+    from vlaops.eval.runner import RuntimeFactory, run_chains
+    from vlaops.sim.config import SimConfig
+
+    with pytest.raises(VlaopsError, match=r"^eval.device=cuda with compute.executor=ray: not supported yet"):
+        run_chains(RuntimeFactory("unused", device="cuda"), SimConfig(), [(0, ["lift_blue"])], 5, 2,
+                   compute=ComputeConfig(executor="ray"))
+
+
 # ---- a local Ray instance -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_compute():

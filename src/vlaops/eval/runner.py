@@ -20,6 +20,7 @@ import torch
 from vlaops.eval.ablation import NEEDS_NO_IMAGES, AblatedPolicy
 from vlaops.eval.chains import ChainResult, run_chain
 from vlaops.eval.env import StepPolicy
+from vlaops.errors import VlaopsError
 from vlaops.eval.reference import ExpertPolicy
 from vlaops.sim.config import SimConfig
 from vlaops.sim.tasks import get_task
@@ -123,6 +124,9 @@ def run_chains(factory: Any, sim_cfg: SimConfig, chains: list[Chain], max_steps:
     policy runs on CUDA (a forked child cannot use the parent's CUDA context): then they spawn.
     """
     device = str(getattr(factory, "device", "cpu"))
+    if compute is not None and compute.executor == "ray" and device.startswith("cuda"):
+        raise VlaopsError(f"eval.device={device} with compute.executor=ray: not supported yet (the Ray actors ask for "
+                          "no GPU); set eval.device=cpu, or compute.executor=local")
     threads = torch.get_num_threads()
     try:
         return map_ordered(_run_one, chains, num_workers, initializer=_init_worker,

@@ -277,7 +277,7 @@ class _LocalBackend:
                     pass
         for wid in list(self.workers):
             proc, conn = self.workers.pop(wid)
-            proc.join(None if not now else 30)
+            proc.join(30 if now else 120)  # a worker that hangs on its way out is killed, not waited for
             if proc.is_alive():
                 proc.kill()
                 proc.join()
@@ -305,9 +305,6 @@ class _RayWorker:
             return True, self.fn(item)
         except Exception as exc:  # noqa: BLE001 - the exception travels back as itself, not as RayTaskError
             return False, _Raised(exc)
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 def _import_ray() -> Any:
@@ -364,10 +361,10 @@ class _RayBackend:
         import ray
 
         self.ray = ray
-        # our own retry (compute.max_retries), the same as the local backend's: Ray restarts nothing itself
-        # and at the priority of a local worker: Ray starts its workers at niceness 15 (RAY_worker_niceness),
-        # where, on a node shared with other jobs, they get a sliver of a core (measured on the 2 busy cores
-        # here: one collect task took 3.5 s of CPU in 64 s of wall time, 5.4 s in a local worker)
+        # Ray restarts nothing itself: the retry is ours (compute.max_retries), the same as the local backend's.
+        # Niceness 0, a local worker's: Ray starts its workers at 15 (RAY_worker_niceness), where, on a node
+        # shared with other jobs, they get a sliver of a core (measured on the 2 busy cores here: one collect
+        # task took 3.5 s of CPU in 64 s of wall time, 5.4 s in a local worker)
         self.actor_class = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_RayWorker).options(
             runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
         self.shared = [ray.put(x) for x in (fn, initializer, initargs)]  # into the object store once
