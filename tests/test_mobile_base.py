@@ -171,11 +171,18 @@ def test_train_head_from_data_and_offline_eval(base_data):
     # every class equally frequent in training: the majority baseline is class 0 (drive), a third of the steps
     assert 0.0 < metrics["baseline_action_type_accuracy"] < 1.0
     assert metrics["windows"] == len(ds)
-    # the evaluate stage plays the arm simulator's chains: a base's policy is refused with the reason, before any
+    # the evaluate stage: the offline half for a base (the embedded simulator is an arm), outputs that say so
     from vlaops.stages import evaluate
 
-    with pytest.raises(VlaopsError, match=r"a mobile base's policy \(action_type classes \['drive', 'turn', 'stop'\]\)"):
-        evaluate.run(cfg)
+    evaluate.run(cfg)
+    reports = Path(cfg.paths.reports_dir)
+    written = json.loads((reports / "metrics.json").read_text())
+    assert written["embodiment"] == "mobile_base" and written["closed_loop"].startswith("not run")
+    assert written["offline"] == pytest.approx(metrics)
+    assert json.loads((reports / "chains.json").read_text()) == []
+    assert json.loads((reports / "videos" / "index.json").read_text()) == []
+    assert all((reports / "plots" / n).stat().st_size > 1000 for n in ("sr_by_chain_length.png", "task_success.png",
+                                                                         "action_trajectories.png"))
 
 
 def test_offline_accuracy_counts_the_class(base_data):

@@ -125,3 +125,13 @@ def action_trajectories(episodes: Sequence[Mapping[str, Any]], dim_names: Sequen
     if episodes:
         fig.legend(loc="outside lower center", ncol=min(len(episodes), 4), fontsize=8)
     return fig
+
+
+def not_evaluated(title: str, reason: str) -> Any:
+    """A figure that says why there is nothing to draw (a mobile base's policy has no closed-loop chains)."""
+    fig = _figure(6.4, 2.0)
+    ax = fig.subplots()
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, reason, ha="center", va="center", wrap=True, fontsize=9)
+    return fig

@@ -22,7 +22,7 @@ from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.eval.chains import figures, results_json, summarize, summary_table
-from vlaops.eval.offline import offline_action_metrics
+from vlaops.eval.offline import base_constant_action, offline_action_metrics
 from vlaops.eval.reference import blind_policy
 from vlaops.eval.trajectories import action_dims, validation_trajectories
 from vlaops.eval.videos import write_videos
@@ -90,15 +90,52 @@ def run(cfg: Config) -> None:
         _evaluate(cfg, model_dir)
 
 
+CLOSED_LOOP_NOT_RUN = "not run: the embedded simulator is an arm, and this policy drives a mobile base"
+
+
+def _evaluate_offline_only(cfg: Config, model_dir: Path, policy: PolicyRuntime, device: torch.device) -> None:
+    """A mobile base's policy: the offline metrics on the validation split (per velocity dim, action_type
+    accuracy, each against the constant baseline) and the trajectory plot; the closed-loop outputs say
+    that no chain was played (docs/mobile_base.md), so the stage's outputs exist and mean what they say."""
+    reports_dir = Path(cfg.paths.reports_dir)
+    log.info("%s: a mobile base's policy (action_type classes %s): %s; offline evaluation only", model_dir,
+             policy.normalizer.class_labels, CLOSED_LOOP_NOT_RUN)
+    val_split = CalvinSplit(Path(cfg.data.calvin_dir) / VALIDATION, cfg.data.trust_pickles)
+    val_ds = make_window_dataset(val_split, policy.normalizer, policy.processor, policy.cfg, None, cfg.data.cache_dir)
+    offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
+                                     constant=base_constant_action(policy.normalizer), normalizer=policy.normalizer)
+    log.info("offline action metrics on %s: %s", val_split.dir, offline)
+    trajectories = validation_trajectories(policy.model, val_ds, cfg.eval.plot_episodes, cfg.eval.batch_size, device)
+    plots_dir = reports_dir / plots.PLOTS_DIR
+    figure_files = [plots.save(plots.not_evaluated(title, CLOSED_LOOP_NOT_RUN), plots_dir / name)
+                    for name, title in ((plots.SR_BY_LENGTH, "Success rate by chain length"),
+                                        (plots.TASK_SUCCESS, "Per-task success"))]
+    figure_files.append(plots.save(plots.action_trajectories(trajectories, action_dims(policy.model)), plots_dir / plots.TRAJECTORIES))
+    write_videos(None, cfg.sim, [], [], cfg.eval.max_steps_per_subtask, reports_dir / VIDEOS_DIR)  # an empty index
+    write_json(reports_dir / CHAINS_FILE, [])
+    write_json(reports_dir / RESULTS_FILE, {str(cfg.paths.model_dir): {"closed_loop": CLOSED_LOOP_NOT_RUN, "offline": offline}})
+    write_json(reports_dir / METRICS_FILE, {"embodiment": "mobile_base", "closed_loop": CLOSED_LOOP_NOT_RUN, "offline": offline})
+    run_file = model_dir / tracking.RUN_FILE
+    run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+    if run_id and cfg.tracking.enabled and not tracking.run_exists(cfg.tracking, run_id):
+        run_id = None
+    with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else {"stage": "evaluate"}) as mlflow:
+        tracking.log_tags(mlflow, {"eval.closed_loop": CLOSED_LOOP_NOT_RUN})
+        tracking.log_metrics(mlflow, {f"{tracking.OFFLINE_PREFIX}{k}": v for k, v in offline.items()})
+        for path in (reports_dir / RESULTS_FILE, reports_dir / METRICS_FILE):
+            tracking.log_artifact(mlflow, path)
+        for path in figure_files:
+            tracking.log_artifact(mlflow, path, plots.PLOTS_DIR)
+
+
 def _evaluate(cfg: Config, model_dir: Path) -> None:
     reports_dir = Path(cfg.paths.reports_dir)
     device = resolve_device(cfg.eval.device)
     policy = PolicyRuntime.load(model_dir, device)
     check_checkpoint(model_dir, policy, cfg)
-    if policy.cfg.action_classes:  # before any chain: the embedded simulator is an arm (docs/mobile_base.md)
-        raise VlaopsError(f"{model_dir}: a mobile base's policy (action_type classes "
-                          f"{policy.normalizer.class_labels}); evaluate plays the arm simulator's chains, which a "
-                          "base cannot: evaluate it offline (vlaops.eval.offline.offline_action_metrics)")
+    if policy.cfg.action_classes:  # the embedded simulator is an arm: a base gets the offline half only
+        _evaluate_offline_only(cfg, model_dir, policy, device)
+        return
     tasks = list(cfg.eval.tasks or cfg.sim.tasks)
     for name in tasks:
         try:
