@@ -32,7 +32,7 @@ SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 R = TypeVar("R")
 
 
-def _guarded(where: str, episode: str | None, fn: Callable[[], R]) -> R:
+def guarded(where: str, episode: str | None, fn: Callable[[], R]) -> R:
     """``fn()``, with any failure on the data turned into a :class:`RecordingError` for ``where``.
 
     Readers raise RecordingError for what they check; anything else they raise (numpy, h5py, sqlite,
@@ -50,7 +50,7 @@ def _guarded(where: str, episode: str | None, fn: Callable[[], R]) -> R:
                              episode=episode) from exc
 
 
-def _read_checked(where: str, cfg: DataConfig, read: Callable[[], Episode]) -> Episode:
+def read_checked(where: str, cfg: DataConfig, read: Callable[[], Episode]) -> Episode:
     """Read one episode and run the contract and plausibility checks, naming the recording (never the
     temporary file it is about to be written to)."""
     episode = read()
@@ -98,7 +98,7 @@ def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
         if reader is None:
             raise RecordingError(where, f"not a recording vlaops can read; expected {expected_formats()}",
                                  check="unknown_format")
-        keys = _guarded(where, None, lambda: reader.episodes(entry, cfg))
+        keys = guarded(where, None, lambda: reader.episodes(entry, cfg))
     except RecordingError as exc:
         if cfg.on_bad_input == "error":
             raise
@@ -108,7 +108,7 @@ def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
         # a file of several episodes (robomimic) names the one at fault
         where_ep = where if len(keys) == 1 else f"{entry} episode '{key}'"
         try:
-            episode = _guarded(where_ep, key, lambda: _read_checked(where_ep, cfg, lambda: reader.read(entry, key, cfg)))
+            episode = guarded(where_ep, key, lambda: read_checked(where_ep, cfg, lambda: reader.read(entry, key, cfg)))
             episode.source = _relative_source(episode.source, entry)
             if not SAFE_ID.fullmatch(episode.episode_id):  # it names a file in out_dir
                 raise RecordingError(where_ep, f"episode id {episode.episode_id!r} is not a plain file name "

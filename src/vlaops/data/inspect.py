@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vlaops.data.config import DataConfig
 from vlaops.data.contact_sheet import SheetRow, draw_contact_sheet, sample_indices
 # the read and checks ingest runs on every episode, so inspect and ingest cannot disagree about a recording
-from vlaops.data.ingest import REPORT_FILE, _guarded, _read_checked
+from vlaops.data.ingest import REPORT_FILE, guarded, read_checked
 from vlaops.errors import RecordingError, VlaopsError
 from vlaops.io import calvin
 from vlaops.io.episode import Episode, read_episode
@@ -167,7 +167,7 @@ def _read_raw(item: tuple[Path, str, bool, DataConfig, bool]) -> EpisodeFacts | 
     reader = find_reader(entry)
     where = f"{entry} episode '{key}'" if several else str(entry)
     try:
-        episode = _guarded(where, key, lambda: _read_checked(where, cfg, lambda: reader.read(entry, key, cfg)))
+        episode = guarded(where, key, lambda: read_checked(where, cfg, lambda: reader.read(entry, key, cfg)))
     except RecordingError as exc:
         return Unreadable.from_error(entry.name, exc, key if several else None)
     return _facts(episode, episode.episode_id, sample)
@@ -176,7 +176,7 @@ def _read_raw(item: tuple[Path, str, bool, DataConfig, bool]) -> EpisodeFacts | 
 def _read_canonical(item: tuple[Path, bool]) -> EpisodeFacts | Unreadable:
     path, sample = item
     try:
-        episode = _guarded(str(path), None, lambda: read_episode(path))
+        episode = guarded(str(path), None, lambda: read_episode(path))
     except RecordingError as exc:
         return Unreadable.from_error(path.name, exc)
     return _facts(episode, episode.episode_id, sample)
@@ -283,7 +283,7 @@ def _inspect_raw(tally: _Tally, entries: list[Path], cfg: DataConfig, n_sheet: i
                                                f"not a recording vlaops can read; expected {expected_formats()}"))
             continue
         try:
-            keys = _guarded(str(entry), None, lambda: reader.episodes(entry, cfg))
+            keys = guarded(str(entry), None, lambda: reader.episodes(entry, cfg))
         except RecordingError as exc:
             tally.unreadable.append(Unreadable.from_error(entry.name, exc))
             continue
@@ -328,9 +328,9 @@ def _calvin_episode(split: calvin.CalvinSplit, start: int,
     for i in range(start, end + 1):
         where = str(split.frame_path(i))
         keys = (*CALVIN_ACTIONS, *CAMERAS) if i == start else CALVIN_ACTIONS  # images: decompressed once
-        frames.append(_guarded(where, None, lambda: split.load_frame(i, keys)))
+        frames.append(guarded(where, None, lambda: split.load_frame(i, keys)))
     where = str(split.frame_path(start))
-    actions = {k: _guarded(where, None, lambda: np.stack([f[k] for f in frames]).astype(np.float64))
+    actions = {k: guarded(where, None, lambda: np.stack([f[k] for f in frames]).astype(np.float64))
                for k in CALVIN_ACTIONS}
     return actions, {cam: tuple(frames[0][cam].shape[:2]) for cam in CAMERAS}
 
@@ -366,7 +366,7 @@ def _inspect_calvin(tally: _Tally, path: Path, kind: str, cfg: DataConfig, n_she
         label = stamp.ids.get((name, ann.start, ann.end), f"frames {ann.start}-{ann.end}")
         label = f"{label} ({name})" if kind == CALVIN_ROOT else label
         try:
-            loaded = [_guarded(name, None, lambda: split.load_frame(ann.start + k, CAMERAS))
+            loaded = [guarded(name, None, lambda: split.load_frame(ann.start + k, CAMERAS))
                       for k in sample_indices(ann.end - ann.start + 1)]
         except RecordingError:
             continue  # its episode is listed as unreadable above
