@@ -55,7 +55,7 @@ class ComputeConfig:
     Not a DVC param of any stage: it decides where the work runs, not what it computes (the outputs are
     the same bytes for every executor and number of workers; tests/test_executor.py). How many workers
     stays each stage's own setting (``sim.num_workers``, ``data.num_workers``, ``eval.num_workers``;
-    0: one per CPU core, of this machine or, under Ray, of the cluster)."""
+    for the last two 0: one per CPU core, of this machine or, under Ray, of the cluster)."""
 
     executor: str = "local"  # local: processes of this machine; ray: Ray actors
     ray_address: Optional[str] = None  # null: Ray's default (the cluster on this machine, else a new local instance); auto; ray://host:10001; host:6379
