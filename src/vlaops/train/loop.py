@@ -54,7 +54,7 @@ from vlaops.train.checkpoint import (
 )
 from vlaops.train.config import TrainConfig
 from vlaops.train.launch import check_launch
-from vlaops.train.trainable import STORED_TRAINABLE, check_rebuilt, trainable_names, weights_record
+from vlaops.train.trainable import STORED_TRAINABLE, check_rebuilt, plain_name, trainable_names, weights_record
 from vlaops.utils.bf16 import cpu_bf16_autocast_works
 from vlaops.utils.logging import get_logger
 
@@ -226,6 +226,28 @@ def _cycle(loader: Any, start_batch: int) -> Iterator[Any]:
         epoch += 1
 
 
+def _load_weights(checkpoint: Path, policy: nn.Module) -> None:
+    """The checkpoint's model file into ``policy`` itself (not Accelerate's wrapper: a DDP launch prefixes
+    the wrapper's keys with ``module.``, so a non-strict load into it would silently load nothing).
+
+    A trainable-only checkpoint must hold exactly the trainable tensors, and the frozen rest the policy was
+    built with must hash as recorded; a whole one must hold every tensor."""
+    recorded = read_manifest(checkpoint).get("weights", {})
+    if not (checkpoint / MODEL_FILE).is_file():
+        raise VlaopsError(f"{checkpoint}: no {MODEL_FILE}; not a checkpoint of this loop")
+    with safe_open(str(checkpoint / MODEL_FILE), framework="pt") as handle:
+        tensors = {plain_name(k): handle.get_tensor(k) for k in handle.keys()}
+    trainable = trainable_names(policy)
+    if recorded.get("stored") == STORED_TRAINABLE:  # the frozen part stays as built: check it is the same
+        check_rebuilt(checkpoint, recorded, policy, set(tensors), trainable)
+    with torch.no_grad():
+        missing, unexpected = policy.load_state_dict(tensors, strict=False)
+    left_out = set(policy.state_dict()) - trainable if recorded.get("stored") == STORED_TRAINABLE else set()
+    if unexpected or set(missing) != left_out:
+        raise VlaopsError(f"{checkpoint / MODEL_FILE}: does not fit this policy ({len(unexpected)} unexpected tensors, "
+                          f"e.g. {sorted(unexpected)[:2]}; {len(set(missing) - left_out)} missing, e.g. {sorted(set(missing) - left_out)[:2]})")
+
+
 def train_policy(
     policy: nn.Module,
     train_loader: DataLoader,
@@ -270,8 +292,8 @@ def train_policy(
     if weights is not None and weights["stored"] == STORED_TRAINABLE:
         def trainable_only(models: list[nn.Module], state_dicts: list[dict[str, torch.Tensor]], output_dir: str) -> None:
             for i, m in enumerate(models):  # Accelerate saves state_dicts[i] as models[i]'s file
-                keep = trainable_names(m)
-                state_dicts[i] = {k: v for k, v in state_dicts[i].items() if k in keep}
+                keep = {plain_name(n) for n in trainable_names(m)}  # wrapped or not, the policy's own names
+                state_dicts[i] = {k: v for k, v in state_dicts[i].items() if plain_name(k) in keep}
 
         accelerator.register_save_state_pre_hook(trainable_only)
 
@@ -282,13 +304,13 @@ def train_policy(
         state = read_trainer_state(resume)
         if "scheduler" not in state:
             raise VlaopsError(f"{resume / TRAINER_STATE_FILE}: no scheduler state (a checkpoint of an older vlaops); delete it to start afresh")
-        recorded = read_manifest(resume).get("weights", {})
-        if recorded.get("stored") == STORED_TRAINABLE:  # the frozen part stays as built: check it is the same
-            with safe_open(str(resume / MODEL_FILE), framework="pt") as handle:
-                check_rebuilt(resume, recorded, policy, set(handle.keys()), trainable_names(model))
-            accelerator.load_state(str(resume), strict=False)  # exactly the trainable tensors (checked above)
-        else:
-            accelerator.load_state(str(resume))  # safetensors, and torch.load with weights_only=True
+        if engine is None:
+            _load_weights(resume, policy)
+            # then the optimizer and RNG states (safetensors, and torch.load with weights_only=True); the
+            # model file again only where its keys match the prepared model's, which they do not under DDP
+            accelerator.load_state(str(resume), strict=False)
+        else:  # FSDP / DeepSpeed: their own sharded states, through Accelerate
+            accelerator.load_state(str(resume))
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         best_val = float(state.get("best_val_loss", best_val))

@@ -105,7 +105,7 @@ def check_rebuilt(checkpoint: Any, recorded: dict[str, Any], policy: nn.Module, 
 
     ``recorded`` is the manifest's ``weights`` entry; ``policy`` the freshly built policy whose frozen part
     must hash as recorded; ``file_keys`` the tensors in the checkpoint's model file, ``model_keys`` the
-    trainable parameters they must load into (the same key space: a model wrapped alike)."""
+    trainable parameters they must load into (both without wrapper prefixes, :func:`plain_name`)."""
     from vlaops.errors import VlaopsError
 
     frozen = recorded.get("frozen") or {}
@@ -121,6 +121,5 @@ def check_rebuilt(checkpoint: Any, recorded: dict[str, Any], policy: nn.Module, 
         extra, missing = sorted(file_keys - model_keys), sorted(model_keys - file_keys)
         raise VlaopsError(
             f"{checkpoint}: its trainable tensors do not match this run's ({len(missing)} missing, e.g. {missing[:2]}; "
-            f"{len(extra)} unexpected, e.g. {extra[:2]}); a checkpoint resumes in a launch of the same kind (a DDP "
-            f"launch's keys start with 'module.')"
+            f"{len(extra)} unexpected, e.g. {extra[:2]}); not a checkpoint of this recipe's train_setup"
         )

@@ -10,13 +10,24 @@ build accepts; a tiny forward and backward in try/except says exactly that, for 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 
-def _runs(module: nn.Module, x: torch.Tensor) -> bool:
-    """Forward + backward of ``module`` on ``x`` under CPU bf16 autocast, outside any inference mode."""
+def _runs(build: Callable[[], tuple[nn.Module, torch.Tensor]]) -> bool:
+    """Forward + backward of ``module`` on ``x`` (``build()``) under CPU bf16 autocast, outside any inference mode.
+
+    The global generator is left as it was: the probe first runs inside a training step (the LSTM head's
+    first bf16 forward), and drawing its random module there would shift every later dropout mask, so a
+    run resumed from a checkpoint (whose process probes at a later step) would not be the uninterrupted one."""
+    with torch.random.fork_rng(devices=[]):
+        module, x = build()
+        return _attempt(module, x)
+
+
+def _attempt(module: nn.Module, x: torch.Tensor) -> bool:
     try:
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = module(x)
@@ -31,10 +42,10 @@ def _runs(module: nn.Module, x: torch.Tensor) -> bool:
 def cpu_bf16_autocast_works() -> bool:
     """True when a Linear runs forward and backward under CPU bf16 autocast (any CPU PyTorch supports,
     unless the build lacks bf16 kernels altogether)."""
-    return _runs(nn.Linear(8, 8), torch.randn(2, 8))
+    return _runs(lambda: (nn.Linear(8, 8), torch.randn(2, 8)))
 
 
 @functools.cache
 def cpu_bf16_lstm_works() -> bool:
     """True when an LSTM runs forward and backward under CPU bf16 autocast (oneDNN's bf16 RNN)."""
-    return _runs(nn.LSTM(8, 8, num_layers=2, batch_first=True), torch.randn(2, 3, 8))
+    return _runs(lambda: (nn.LSTM(8, 8, num_layers=2, batch_first=True), torch.randn(2, 3, 8)))
