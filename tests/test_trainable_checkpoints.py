@@ -112,6 +112,11 @@ def test_without_a_source_checkpoints_stay_whole(processor, tmp_path):
     ckpt = latest_checkpoint(tmp_path / "run")
     assert set(load_file(str(ckpt / "model.safetensors"))) == set(policy.state_dict())
     assert json.loads((ckpt / MANIFEST_FILE).read_text())["weights"]["stored"] == "full"
+    # a checkpoint of an earlier vlaops (manifest format 1, no "weights": whole) still resumes
+    manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+    del manifest["weights"]
+    (ckpt / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
+    assert train(lora_policy(processor, seed=5), data, cfg(max_steps=3, save_every=2), tmp_path / "run", None)["resumed_from_step"] == 2
 
 
 # ---- vlaops export -----------------------------------------------------------------------------------
