@@ -149,9 +149,14 @@ def test_the_policy_is_a_registered_mlflow_model(pipeline):
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments() if e.name == "vlaops"])
     assert version.run_id == run.info.run_id
     assert version.tags["avg_len"] == f"{run.data.metrics['eval/avg_len']:.4f}"  # evaluate tagged the version
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model(f"models:/vlaops-policy/{version.version}")
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/vlaops-policy/{version.version}")
+    finally:  # MLflow's URIs are process-global: leave them as they were for the tests after this one
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
     assert [c.name for c in model.metadata.signature.inputs.inputs] == ["instruction", "rgb_static", "rgb_gripper"]
     split = CalvinSplit(pipeline / "calvin" / VALIDATION)
     ann = split.annotations[0]

@@ -136,7 +136,11 @@ def dvc_tags() -> dict[str, str]:
 def _mlflow(cfg: TrackingConfig):  # imported lazily: mlflow takes seconds to import
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    # the model registry lives in the same store: without this, MLflow keeps whatever registry URI the
+    # process set before (another store, in a long-lived process), and registrations would land there
+    mlflow.set_registry_uri(uri)
     return mlflow
 
 
