@@ -106,11 +106,13 @@ def _launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_accelerate_refuses_a_config_file_that_does_not_exist(tmp_path):
     done = _launch("--config_file", str(tmp_path / "nope.yaml"), "-m", "vlaops.cli", "train")
     assert done.returncode != 0 and f"{tmp_path / 'nope.yaml'}` does not exist" in done.stderr
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs where there is CUDA")
 def test_fsdp_on_a_machine_without_gpus_stops_at_once_in_one_line(tmp_path):
     done = _launch("--config_file", str(ACCELERATE / "fsdp.yaml"), "--num_processes", "1", "-m", "vlaops.cli", "train",

@@ -11,10 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "ingest.py"
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_ingest_bench_runs_at_a_tiny_size_and_writes_its_report(tmp_path):
     help_text = subprocess.run([sys.executable, str(BENCH), "--help"], cwd=tmp_path, check=True,
                                capture_output=True, text=True).stdout

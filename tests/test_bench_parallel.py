@@ -7,6 +7,8 @@ JSON in the shape README and the lead's re-runs read. Ray's rows are measured wh
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import subprocess
 import sys
@@ -16,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "parallel.py"
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_parallel_bench_runs_at_a_tiny_size_and_writes_its_report(tmp_path):
     out = tmp_path / "parallel.json"
     run = subprocess.run([sys.executable, str(BENCH), "--chains", "2", "--steps", "3", "--bags", "2", "--frames", "20",

@@ -244,6 +244,7 @@ def test_cli_serve_fails_fast_on_a_missing_policy(tmp_path, capsys):
     assert "policy directory not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_vlaops_serve_command_serves_until_sigterm(tiny_policy_dir, runtime, tmp_path):
     """The real command: ``vlaops serve`` binds serve.host/serve.port itself, answers a step equal to the
     in-process runtime's (another process, the same machine and thread count), and stops cleanly on SIGTERM."""

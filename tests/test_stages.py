@@ -245,6 +245,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_window(pipeline, capsys):
     assert "models/policy/policy_config.json: model.window_size is 3, but the config says model.window_size=5" in err
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_evaluation_does_not_depend_on_the_number_of_workers(pipeline):
     """The trained runtime (images rendered), its ablations and the references, run in this process and
     in a pool of two: the same chains, the same steps, the same figures."""

@@ -66,6 +66,7 @@ def grid(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_a_grid_is_one_nested_run_per_setting_and_the_parent_keeps_the_best(grid):
     client, parent, children = _runs(grid)
     assert [c.data.params["train.learning_rate"] for c in children] == ["0.001", "0.003"]
@@ -86,6 +87,7 @@ def test_a_grid_is_one_nested_run_per_setting_and_the_parent_keeps_the_best(grid
     assert version.run_id == children[best].info.run_id and parent.data.tags["best.registered_version"] == str(version.version)
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_each_job_writes_under_its_own_directory(grid, data):
     for job, lr in ((0, 0.001), (1, 0.003)):
         job_dir = grid / "multirun" / str(job)
@@ -100,6 +102,7 @@ def test_each_job_writes_under_its_own_directory(grid, data):
     assert summary["best"] == min(summary["jobs"], key=lambda j: j[tracking.VAL_LOSS])
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_a_failed_job_fails_the_sweep_and_keeps_the_jobs_that_finished(data, tmp_path):
     """The stage of job #1 raises: the sweep stops with that error, job #1's run and the parent end FAILED,
     job #0's run stays FINISHED and the parent still holds it as the best (nothing registered). The stage
@@ -158,6 +161,7 @@ def test_only_train_sweeps(capsys):
     assert "-m sweeps train only" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_an_optuna_search_is_seeded_and_nests_its_trials(data, tmp_path):
     """conf/hparams_search/train_lr.yaml through hydra-optuna-sweeper: two trials (the batch size fixed
     on the command line, so the learning rate alone is searched), drawn by the seeded TPE sampler."""
@@ -199,6 +203,7 @@ def _queued(repo: Path) -> dict[str, dict]:
     return out
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_a_dvc_queue_grid_holds_one_experiment_per_setting(tmp_path):
     from test_e2e import _run, make_repo
 

@@ -197,6 +197,7 @@ def _shard_and_save(rank: int, world: int, port: int, state_file: str, out: str)
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_export_consolidates_an_fsdp_sharded_state(lora_run, tmp_path):
     """A checkpoint whose weights are a torch.distributed.checkpoint state written by two gloo processes,
     each holding half of every tensor: export consolidates it on CPU into the same policy."""
