@@ -177,12 +177,7 @@ def _assemble(path: Path, streams: dict[str, Any], cfg: ReaderSettings, custom: 
     ticks, velocities = streams["cmd_vel"].arrays(where, monotonic)
     velocity = np.stack(velocities)  # (M, 3)
     topic = cfg.base.cmd_vel
-    if len(ticks) > 1:
-        step = float(np.median(np.diff(ticks)))
-        rate = 1.0 / step if step > 0 else float("inf")
-        if abs(rate - cfg.control_hz) > 0.2 * cfg.control_hz:
-            raise RecordingError(where, f"topic '{topic}' (data.base.cmd_vel) runs at {rate:.1f} Hz, data.control_hz "
-                                 f"is {cfg.control_hz}", check="wrong_rate", stream=topic)
+    rosbag2.check_rate(ticks, cfg.control_hz, where, topic, f"topic '{topic}' (data.base.cmd_vel)")
     held_names = [n for n in ("rgb_static", "rgb_gripper", "action_type") if n in streams and streams[n].stamps]
     sorted_streams = {n: streams[n].arrays(where, monotonic) for n in held_names}
     start = common_start({n: s[0][0] for n, s in sorted_streams.items()}, ticks)
@@ -208,8 +203,7 @@ def _assemble(path: Path, streams: dict[str, Any], cfg: ReaderSettings, custom: 
     return Episode(
         episode_id=rosbag2.episode_id(path),
         source=str(path),
-        source_sha256=rosbag2.source_sha256(path),
-        source_format=rosbag2.ROS1_SOURCE_FORMAT if path.suffix == rosbag2.ROS1_SUFFIX else rosbag2.SOURCE_FORMAT,
+        **rosbag2.bag_provenance(path),
         embodiment="mobile_base",
         instruction=instruction,
         task=task,

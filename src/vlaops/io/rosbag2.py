@@ -581,6 +581,23 @@ def _payload(name: str, msg: Any, where: str, topic: str, cfg: ReaderSettings) -
     return str(msg.data)  # instruction, task
 
 
+def check_rate(ticks: np.ndarray, control_hz: float, where: str, topic: str, named: str) -> None:
+    """The stream that sets the control ticks must run at data.control_hz (within 20 %): a wrong rate is
+    a wrong recording or a wrong setting, never silently resampled. ``named`` is how the error names it."""
+    if len(ticks) > 1:
+        step = float(np.median(np.diff(ticks)))
+        rate = 1.0 / step if step > 0 else float("inf")
+        if abs(rate - control_hz) > 0.2 * control_hz:
+            raise RecordingError(where, f"{named} runs at {rate:.1f} Hz, data.control_hz is {control_hz}",
+                                 check="wrong_rate", stream=topic)
+
+
+def bag_provenance(path: Path) -> dict[str, str]:
+    """The Episode fields that say which bag an episode came from, for the arm's and the base's readers."""
+    return {"source_sha256": source_sha256(path),
+            "source_format": ROS1_SOURCE_FORMAT if path.suffix == ROS1_SUFFIX else SOURCE_FORMAT}
+
+
 def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, custom: dict[str, str], *, key: str,
               window: _Segment | None, sidecar: dict[str, str], tree: TfTree) -> Episode:
     """The streams read from the bag (those of ``window``'s episode in a cut bag) -> the synchronised
@@ -608,11 +625,7 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     if action_abs.ndim != 2 or action_abs.shape[1] != 7:
         raise RecordingError(where, f"topic '{cfg.topics.action}' holds arrays of shape {action_abs.shape[1:]}, expected (7,)",
                              check="wrong_shape", stream=cfg.topics.action)
-    if len(ticks) > 1:
-        rate = 1.0 / float(np.median(np.diff(ticks))) if np.median(np.diff(ticks)) > 0 else float("inf")
-        if abs(rate - cfg.control_hz) > 0.2 * cfg.control_hz:
-            raise RecordingError(where, f"topic '{cfg.topics.action}' runs at {rate:.1f} Hz, data.control_hz is {cfg.control_hz}",
-                                 check="wrong_rate", stream=cfg.topics.action)
+    check_rate(ticks, cfg.control_hz, where, cfg.topics.action, f"topic '{cfg.topics.action}'")
     obs_names = [n for n in ("rgb_static", "rgb_gripper", "joint_states", "tcp_pose", "scene_obs") if streams.get(n) and streams[n].stamps]
     sorted_streams = {n: streams[n].arrays(where, monotonic) for n in obs_names}
     starts = {n: s[0][0] for n, s in sorted_streams.items()}
@@ -663,8 +676,7 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     return Episode(
         episode_id=episode_id(path) if window is None else key,
         source=str(path) if window is None else f"{path} episode '{key}'",
-        source_sha256=source_sha256(path),
-        source_format=ROS1_SOURCE_FORMAT if path.suffix == ROS1_SUFFIX else SOURCE_FORMAT,
+        **bag_provenance(path),
         embodiment="arm",
         instruction=instruction,
         task=task,
