@@ -23,6 +23,22 @@ JOINTS = [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", "pan
 PANDA_READY = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])  # a pose inside the Panda's joint limits
 
 
+
+def _tweaked_writer(writer, connections: dict, conns: dict, tweak):
+    """write(key, t, msg, k): serialise ``msg`` on ``key``'s connection at time t, after ``tweak(key, k, t, msg)``
+    (which returns the (t, msg) to write, or None to drop the message); keys without a connection are skipped."""
+
+    def write(key: str, t: float, msg, k: int) -> None:
+        if tweak is not None:
+            changed = tweak(key, k, t, msg)
+            if changed is None:
+                return
+            t, msg = changed
+        if key in connections:
+            writer.write(connections[key], int(round(t * 1e9)), TS.serialize_cdr(msg, conns[key][1]))
+
+    return write
+
 def _header(t: float, frame: str = "panda_link0"):
     sec = int(t)
     return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t - sec) * 1e9))), frame_id=frame)
@@ -97,14 +113,7 @@ def write_arm_bag(
         if empty:
             return path
 
-        def write(key: str, t: float, msg, k: int) -> None:
-            if tweak is not None:
-                changed = tweak(key, k, t, msg)
-                if changed is None:
-                    return
-                t, msg = changed
-            if key in c:
-                writer.write(c[key], int(round(t * 1e9)), TS.serialize_cdr(msg, conns[key][1]))
+        write = _tweaked_writer(writer, c, conns, tweak)
 
         write("instruction", EPOCH, T["std_msgs/msg/String"](data=instruction), 0)
         pos = np.array([0.4, 0.0, 0.3])
@@ -294,14 +303,7 @@ def write_base_bag(
             conns["gripper"] = ("/camera/gripper/image_raw", "sensor_msgs/msg/Image")
         c = {k: writer.add_connection(topic, typ, typestore=TS) for k, (topic, typ) in conns.items()}
 
-        def write(key: str, t: float, msg, k: int) -> None:
-            if tweak is not None:
-                changed = tweak(key, k, t, msg)
-                if changed is None:
-                    return
-                t, msg = changed
-            if key in c:
-                writer.write(c[key], int(round(t * 1e9)), TS.serialize_cdr(msg, conns[key][1]))
+        write = _tweaked_writer(writer, c, conns, tweak)
 
         write("instruction", EPOCH, T["std_msgs/msg/String"](data=instruction), 0)
         for k in range(n_frames):
