@@ -59,3 +59,28 @@ def test_padded_windows_end_at_each_span_start_and_carry_no_loss_before_it(calvi
     torch.testing.assert_close(second[keys.ACTION_CHUNK][1:], aligned[keys.ACTION_CHUNK][:2])
     assert padded[2][keys.CHUNK_MASK].all()  # the first unpadded window is the plain one
     torch.testing.assert_close(padded[2][keys.RGB], aligned[keys.RGB])
+
+
+def test_scene_targets_are_the_window_frames_scene_obs_standardised_by_the_training_statistics(calvin_dir, cfg):
+    """``scene_dims`` (model.scene_aux_dims): each window frame's scene_obs dims, standardised by the split's
+    statistics.yaml (the training split's mean/std in both splits); padded positions repeat the first frame."""
+    import numpy as np
+    import pytest
+
+    from vlaops.errors import VlaopsError
+
+    split = CalvinSplit(calvin_dir / "training")
+    normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
+    dims = [6, 7, 12, 13]
+    ds = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, pad_history=True, scene_dims=dims)
+    stats = split.statistics()["scene_obs"][0]
+    mean, std = np.asarray(stats["mean"])[dims], np.asarray(stats["std"])[dims]
+    ann = ds.annotations[0]
+    raw = np.stack([split.load_frame(ann.start + i, ("scene_obs",))["scene_obs"][dims] for i in range(3)])
+    first, aligned = ds[0], ds[2]  # [f0, f0, f0] and [f0, f1, f2]
+    torch.testing.assert_close(aligned[keys.SCENE], torch.from_numpy(((raw - mean) / std).astype(np.float32)))
+    torch.testing.assert_close(first[keys.SCENE], aligned[keys.SCENE][:1].expand(3, -1))
+    assert keys.SCENE not in CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None)[0]
+    # a recording without scene state (all zeros, std 0) cannot train the read-out: say so, name the file
+    with pytest.raises(VlaopsError, match=r"statistics.yaml: scene_obs dims \[0\] never vary"):
+        CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, scene_dims=[0, 6])

@@ -55,6 +55,7 @@ class CalvinWindowDataset(Dataset):
         augment: AugmentConfig | None = None,
         frames: FrameCache | None = None,
         pad_history: bool = False,
+        scene_dims: list[int] | None = None,
     ) -> None:
         if frames is not None and frames.image_size != image_size:
             raise VlaopsError(f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)")
@@ -78,6 +79,11 @@ class CalvinWindowDataset(Dataset):
             ).astype(np.float32)
             for a in anns
         ]
+        # the auxiliary scene target (model.scene_aux_dims): (n, K) per span, standardised by statistics.yaml,
+        # whose scene_obs mean/std convert writes from the training split into both splits
+        self.scenes = None
+        if scene_dims:
+            self.scenes = [s.astype(np.float32) for s in _scene_targets(split, anns, scene_dims)]
         texts = sorted({a.instruction for a in anns})
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
@@ -115,7 +121,11 @@ class CalvinWindowDataset(Dataset):
             chunk[i, : len(future)] = future
             mask[i, : len(future)] = True
         ids, text_mask = self.tokens[ann.instruction]
+        extra = {}
+        if self.scenes is not None:  # padded positions repeat the first frame, whose scene they show
+            extra[keys.SCENE] = torch.from_numpy(self.scenes[k][np.maximum(np.arange(t, t + w), 0)])  # (W, K)
         return {
+            **extra,
             keys.RGB: rgb,
             keys.HAND_RGB: hand,
             keys.ACTION: torch.from_numpy(acts[np.maximum(np.arange(t, t + w), 0)]),
@@ -127,6 +137,25 @@ class CalvinWindowDataset(Dataset):
             keys.DATA_SOURCE: DATA_SOURCE,
         }
 
+
+
+def _scene_targets(split: CalvinSplit, anns: list[Any], dims: list[int]) -> list[np.ndarray]:
+    """Each span's scene_obs[dims] standardised by the split's statistics.yaml: [(n, K)]."""
+    stats = split.statistics().get("scene_obs")
+    where = f"{split.dir / 'statistics.yaml'}"
+    if not stats or "mean" not in stats[0] or "std" not in stats[0]:
+        raise VlaopsError(f"{where}: no scene_obs mean/std; model.scene_aux_weight > 0 needs an arm dataset with scene state")
+    mean, std = np.asarray(stats[0]["mean"])[dims], np.asarray(stats[0]["std"])[dims]
+    if np.any(std < 1e-6):
+        flat = [d for d, v in zip(dims, std) if v < 1e-6]
+        raise VlaopsError(
+            f"{where}: scene_obs dims {flat} never vary in the training split (std 0): the recordings carry no "
+            "scene state there; set model.scene_aux_weight=0 or model.scene_aux_dims to dims that do"
+        )
+    return [
+        (np.stack([split.load_frame(i, ("scene_obs",))["scene_obs"] for i in range(a.start, a.end + 1)])[:, dims] - mean) / std
+        for a in anns
+    ]
 
 
 def make_window_dataset(
@@ -154,4 +183,5 @@ def make_window_dataset(
         augment,
         frames,
         model_cfg.pad_history,
+        model_cfg.scene_aux_dims if model_cfg.scene_aux_weight > 0 else None,
     )

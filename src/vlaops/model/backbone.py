@@ -135,11 +135,14 @@ class KosmosBackbone(nn.Module):
         hand_rgb: torch.Tensor | None,
         text: torch.Tensor,
         text_mask: torch.Tensor,
-    ) -> torch.Tensor:
+        return_image_tokens: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Per-frame features.
 
         rgb: (N, 3, S, S); hand_rgb: (N, 3, s, s) or None; text, text_mask: (N, L) right-padded
-        "<s> ... </s>" ids and their mask. Returns (N, D), the action token's last hidden state.
+        "<s> ... </s>" ids and their mask. Returns (N, D), the action token's last hidden state, and with
+        ``return_image_tokens`` also the static camera's image tokens (N, Q, D), the resampler's output
+        that the decoder reads (the auxiliary scene loss supervises them).
         """
         n = rgb.shape[0]
         if self.use_hand_rgb:
@@ -152,6 +155,7 @@ class KosmosBackbone(nn.Module):
             images = images.view(2, n, q, -1).permute(1, 0, 2, 3).reshape(n, 2 * q, -1)  # (N, 2Q, D) static, gripper
         else:
             images = self.encode_images(rgb)  # (N, Q, D)
+        static_tokens = images[:, : self.model.config.latent_query_num]  # (N, Q, D)
 
         tok = self.text_embeddings(text)  # (N, L, D), unscaled: the decoder applies embed_scale
         images = images.to(tok.dtype)
@@ -173,7 +177,8 @@ class KosmosBackbone(nn.Module):
         hidden = self.model.text_model(
             inputs_embeds=embeds, attention_mask=attn, use_cache=False, return_dict=True
         ).last_hidden_state  # (N, S+1, D)
-        return hidden[torch.arange(n, device=hidden.device), insert]  # (N, D)
+        features = hidden[torch.arange(n, device=hidden.device), insert]  # (N, D)
+        return (features, static_tokens) if return_image_tokens else features
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from vlaops.io.calvin_spec import SCENE_OBS_DIM
+
 LOSSES = ("huber", "mse")
 BACKBONES = ("tiny", "pretrained")
+SCENE_AUX_INPUTS = ("image_tokens", "action_token")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -133,6 +136,18 @@ class ModelConfig:
     # row) 0.5 with gripper ratio 0.03 taught the next action's x-y where 1.0 did not; on the current
     # simulator neither did in 200 steps (bench/learning_signal.py, docs/results.md): re-measure.
     chunk_loss_decay: float = 0.5
+    # An auxiliary training target: a linear read-out of the static camera's image tokens (the resampler's
+    # output) regresses these dims of CALVIN's scene_obs (standardised by the training split's
+    # statistics.yaml), weighted by scene_aux_weight (0: off, no read-out is built). Kosmos-2's resampler
+    # otherwise throws away where the blocks are (linear-probe R^2 -0.05 from its output against 0.82 from
+    # the vision tower's patches, docs/results.md); this trains exactly what is lost. Training only: the
+    # policy never reads scene_obs, and inference ignores the read-out. Default dims: the x, y of the
+    # simulator's three blocks (scene_obs 6:12, 12:18, 18:24 are each block's position + euler).
+    scene_aux_weight: float = 0.0
+    # what the read-out reads: "image_tokens" (the static camera's resampler output) or "action_token"
+    # (the feature the LSTM head reads, so the gradient also teaches the decoder to fetch the positions)
+    scene_aux_input: str = "image_tokens"
+    scene_aux_dims: list[int] = field(default_factory=lambda: [6, 7, 12, 13, 18, 19])
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # built from a plain dict (policy_config.json)
@@ -156,6 +171,12 @@ class ModelConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 < self.chunk_loss_decay <= 1.0:
             raise ValueError(f"chunk_loss_decay must be in (0, 1], got {self.chunk_loss_decay!r}")
+        if self.scene_aux_weight < 0:
+            raise ValueError(f"scene_aux_weight must be >= 0, got {self.scene_aux_weight!r}")
+        if self.scene_aux_input not in SCENE_AUX_INPUTS:
+            raise ValueError(f"scene_aux_input must be one of {SCENE_AUX_INPUTS}, got {self.scene_aux_input!r}")
+        if self.scene_aux_weight > 0 and (not self.scene_aux_dims or any(not 0 <= d < SCENE_OBS_DIM for d in self.scene_aux_dims)):
+            raise ValueError(f"scene_aux_dims must be a non-empty list of CALVIN scene_obs indices 0..{SCENE_OBS_DIM - 1}, got {self.scene_aux_dims!r}")
         if self.arm_gripper_loss_ratio < 0:
             raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
         if self.pretrained_dir == "":

@@ -40,6 +40,11 @@ class VLAPolicy(nn.Module):
             dropout=cfg.head_dropout,
             action_classes=cfg.action_classes,
         )
+        # training-only read-out of the static image tokens (model.scene_aux_weight): inference never calls it
+        self.scene_head = None
+        if cfg.scene_aux_weight > 0:
+            width = backbone.hidden_size * (backbone.model.config.latent_query_num if cfg.scene_aux_input == "image_tokens" else 1)
+            self.scene_head = nn.Linear(width, len(cfg.scene_aux_dims))
 
     @classmethod
     def build(cls, cfg: ModelConfig, vocab_size: int) -> VLAPolicy:
@@ -70,18 +75,26 @@ class VLAPolicy(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """batch (keys above) -> loss, arm_loss, gripper_loss (scalars), arm (B, W, C, A-1),
-        gripper_logits (B, W, C, 1)."""
+        gripper_logits (B, W, C, 1); with ``scene_aux_weight`` > 0 also scene_loss (the batch then needs
+        ``scene`` (B, W, K)), already added into loss with its weight."""
         rgb = batch[keys.RGB]  # (B, W, 3, S, S)
         b, w = rgb.shape[:2]
         hand = batch.get(keys.HAND_RGB) if self.cfg.use_hand_rgb else None
         # the instruction is shared by every frame of a window: (B, L) -> (B*W, L)
         text = batch[keys.TEXT].repeat_interleave(w, dim=0)
         text_mask = batch[keys.TEXT_MASK].repeat_interleave(w, dim=0)
-        feats = self.encode_frames(
-            rgb.flatten(0, 1), hand.flatten(0, 1) if hand is not None else None, text, text_mask
-        )  # (B*W, D)
+        flat_hand = hand.flatten(0, 1) if hand is not None else None
+        if self.scene_head is None:
+            feats = self.encode_frames(rgb.flatten(0, 1), flat_hand, text, text_mask)  # (B*W, D)
+        else:
+            feats, tokens = self.backbone(rgb.flatten(0, 1), flat_hand, text, text_mask, return_image_tokens=True)
         arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1) (a base: (B, W, C, K))
         losses = self.loss(arm, gripper_logits, batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK])
+        if self.scene_head is not None:
+            read = tokens.flatten(1) if self.cfg.scene_aux_input == "image_tokens" else feats  # (B*W, Q*D) | (B*W, D)
+            pred = self.scene_head(read).float()  # (B*W, K)
+            scene_loss = F.mse_loss(pred, batch[keys.SCENE].flatten(0, 1).to(pred.dtype))
+            losses = {**losses, "loss": losses["loss"] + self.cfg.scene_aux_weight * scene_loss, "scene_loss": scene_loss.detach()}
         if self.cfg.action_classes:
             return {**losses, "arm": arm, "class_logits": gripper_logits}
         return {**losses, "arm": arm, "gripper_logits": gripper_logits}
