@@ -232,17 +232,17 @@ def test_chunk_loss_decay_weighs_chunk_step_c_by_decay_to_the_c(processor):
         ModelConfig(chunk_loss_decay=0.0)
 
 
-@pytest.mark.parametrize("read_from", ["image_tokens", "action_token"])
-def test_scene_aux_loss_reads_its_input_and_adds_into_the_loss(processor, read_from):
+@pytest.mark.parametrize("read_from", [["image_tokens"], ["mean_image_token", "action_token"]])
+def test_scene_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
     """``scene_aux_weight``: a linear read-out of the static image tokens (or of the action token) regresses
     the batch's ``scene`` target; its MSE is added with its weight, and its gradient reaches the resampler."""
     batch = make_batch(processor)
     batch[keys.SCENE] = torch.randn(B, W, 6, generator=torch.Generator().manual_seed(1))
     plain = make_policy(processor, loss="mse").eval()
-    aux = make_policy(processor, loss="mse", scene_aux_weight=0.5, scene_aux_input=read_from).eval()
-    assert plain.scene_head is None
+    aux = make_policy(processor, loss="mse", scene_aux_weight=0.5, scene_aux_inputs=read_from).eval()
+    assert plain.scene_heads is None
     q, d = aux.backbone.model.config.latent_query_num, aux.backbone.hidden_size
-    assert aux.scene_head.in_features == (q * d if read_from == "image_tokens" else d)
+    assert {k: h.in_features for k, h in aux.scene_heads.items()} == {k: q * d if k == "image_tokens" else d for k in read_from}
     with torch.no_grad():
         a, p = aux(batch), plain(batch)
         feats, tokens = aux.backbone(
@@ -251,8 +251,8 @@ def test_scene_aux_loss_reads_its_input_and_adds_into_the_loss(processor, read_f
         )
         # the static camera's tokens: what encode_images gives for the static frames alone
         torch.testing.assert_close(tokens, aux.backbone.encode_images(batch[keys.RGB].flatten(0, 1)))
-        read = tokens.flatten(1) if read_from == "image_tokens" else feats
-        expected = (aux.scene_head(read) - batch[keys.SCENE].flatten(0, 1)).pow(2).mean()
+        reads = {"image_tokens": tokens.flatten(1), "mean_image_token": tokens.mean(1), "action_token": feats}
+        expected = sum((aux.scene_heads[k](reads[k]) - batch[keys.SCENE].flatten(0, 1)).pow(2).mean() for k in read_from)
     torch.testing.assert_close(a["scene_loss"], expected)
     torch.testing.assert_close(a["loss"], a["arm_loss"] + 0.03 * a["gripper_loss"] + 0.5 * a["scene_loss"])
     torch.testing.assert_close(a["arm_loss"], p["arm_loss"])  # same seed, same backbone: the read-out is extra
@@ -263,8 +263,9 @@ def test_scene_aux_loss_reads_its_input_and_adds_into_the_loss(processor, read_f
         policy(batch)["loss"].backward()
         grads.append(policy.backbone.resampler.dense.weight.grad)
     assert not torch.allclose(*grads)
-    with pytest.raises(ValueError, match="scene_aux_input"):
-        ModelConfig(scene_aux_input="pixels")
+    for bad in (["pixels"], [], ["action_token", "action_token"]):
+        with pytest.raises(ValueError, match="scene_aux_inputs"):
+            ModelConfig(scene_aux_inputs=bad)
     with pytest.raises(ValueError, match="scene_aux_dims"):
         ModelConfig(scene_aux_weight=1.0, scene_aux_dims=[24])
 

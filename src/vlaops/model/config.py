@@ -16,7 +16,7 @@ from vlaops.io.calvin_spec import SCENE_OBS_DIM
 
 LOSSES = ("huber", "mse")
 BACKBONES = ("tiny", "pretrained")
-SCENE_AUX_INPUTS = ("image_tokens", "action_token")
+SCENE_AUX_INPUTS = ("image_tokens", "mean_image_token", "action_token")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -144,9 +144,11 @@ class ModelConfig:
     # policy never reads scene_obs, and inference ignores the read-out. Default dims: the x, y of the
     # simulator's three blocks (scene_obs 6:12, 12:18, 18:24 are each block's position + euler).
     scene_aux_weight: float = 0.0
-    # what the read-out reads: "image_tokens" (the static camera's resampler output) or "action_token"
-    # (the feature the LSTM head reads, so the gradient also teaches the decoder to fetch the positions)
-    scene_aux_input: str = "image_tokens"
+    # What the read-outs read, one linear read-out each, their MSEs summed: "image_tokens" (the static
+    # camera's resampler output, flattened), "mean_image_token" (their mean: what a uniform attention over
+    # them passes on) or "action_token" (the feature the LSTM head reads, so the gradient also teaches the
+    # decoder to fetch the positions).
+    scene_aux_inputs: list[str] = field(default_factory=lambda: ["image_tokens"])
     scene_aux_dims: list[int] = field(default_factory=lambda: [6, 7, 12, 13, 18, 19])
 
     def __post_init__(self) -> None:
@@ -173,8 +175,9 @@ class ModelConfig:
             raise ValueError(f"chunk_loss_decay must be in (0, 1], got {self.chunk_loss_decay!r}")
         if self.scene_aux_weight < 0:
             raise ValueError(f"scene_aux_weight must be >= 0, got {self.scene_aux_weight!r}")
-        if self.scene_aux_input not in SCENE_AUX_INPUTS:
-            raise ValueError(f"scene_aux_input must be one of {SCENE_AUX_INPUTS}, got {self.scene_aux_input!r}")
+        if not self.scene_aux_inputs or any(i not in SCENE_AUX_INPUTS for i in self.scene_aux_inputs) \
+                or len(set(self.scene_aux_inputs)) < len(self.scene_aux_inputs):
+            raise ValueError(f"scene_aux_inputs must be a non-empty list of distinct {SCENE_AUX_INPUTS}, got {self.scene_aux_inputs!r}")
         if self.scene_aux_weight > 0 and (not self.scene_aux_dims or any(not 0 <= d < SCENE_OBS_DIM for d in self.scene_aux_dims)):
             raise ValueError(f"scene_aux_dims must be a non-empty list of CALVIN scene_obs indices 0..{SCENE_OBS_DIM - 1}, got {self.scene_aux_dims!r}")
         if self.arm_gripper_loss_ratio < 0:

@@ -41,10 +41,12 @@ class VLAPolicy(nn.Module):
             action_classes=cfg.action_classes,
         )
         # training-only read-out of the static image tokens (model.scene_aux_weight): inference never calls it
-        self.scene_head = None
+        self.scene_heads = None
         if cfg.scene_aux_weight > 0:
-            width = backbone.hidden_size * (backbone.model.config.latent_query_num if cfg.scene_aux_input == "image_tokens" else 1)
-            self.scene_head = nn.Linear(width, len(cfg.scene_aux_dims))
+            q, d = backbone.model.config.latent_query_num, backbone.hidden_size
+            self.scene_heads = nn.ModuleDict(
+                {name: nn.Linear(q * d if name == "image_tokens" else d, len(cfg.scene_aux_dims)) for name in cfg.scene_aux_inputs}
+            )
 
     @classmethod
     def build(cls, cfg: ModelConfig, vocab_size: int) -> VLAPolicy:
@@ -84,16 +86,16 @@ class VLAPolicy(nn.Module):
         text = batch[keys.TEXT].repeat_interleave(w, dim=0)
         text_mask = batch[keys.TEXT_MASK].repeat_interleave(w, dim=0)
         flat_hand = hand.flatten(0, 1) if hand is not None else None
-        if self.scene_head is None:
+        if self.scene_heads is None:
             feats = self.encode_frames(rgb.flatten(0, 1), flat_hand, text, text_mask)  # (B*W, D)
         else:
             feats, tokens = self.backbone(rgb.flatten(0, 1), flat_hand, text, text_mask, return_image_tokens=True)
         arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1) (a base: (B, W, C, K))
         losses = self.loss(arm, gripper_logits, batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK])
-        if self.scene_head is not None:
-            read = tokens.flatten(1) if self.cfg.scene_aux_input == "image_tokens" else feats  # (B*W, Q*D) | (B*W, D)
-            pred = self.scene_head(read).float()  # (B*W, K)
-            scene_loss = F.mse_loss(pred, batch[keys.SCENE].flatten(0, 1).to(pred.dtype))
+        if self.scene_heads is not None:
+            reads = {"image_tokens": tokens.flatten(1), "mean_image_token": tokens.mean(1), "action_token": feats}  # (B*W, Q*D | D | D)
+            target = batch[keys.SCENE].flatten(0, 1).float()  # (B*W, K)
+            scene_loss = sum(F.mse_loss(head(reads[name]).float(), target) for name, head in self.scene_heads.items())
             losses = {**losses, "loss": losses["loss"] + self.cfg.scene_aux_weight * scene_loss, "scene_loss": scene_loss.detach()}
         if self.cfg.action_classes:
             return {**losses, "arm": arm, "class_logits": gripper_logits}
