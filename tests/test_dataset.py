@@ -61,9 +61,10 @@ def test_padded_windows_end_at_each_span_start_and_carry_no_loss_before_it(calvi
     torch.testing.assert_close(padded[2][keys.RGB], aligned[keys.RGB])
 
 
-def test_scene_targets_are_the_window_frames_scene_obs_standardised_by_the_training_statistics(calvin_dir, cfg):
-    """``scene_dims`` (model.scene_aux_dims): each window frame's scene_obs dims, standardised by the split's
-    statistics.yaml (the training split's mean/std in both splits); padded positions repeat the first frame."""
+def test_aux_targets_are_the_window_frames_observations_standardised_by_the_training_statistics(calvin_dir, cfg):
+    """``aux_dims`` (model.aux_robot_dims, aux_scene_dims): each window frame's robot_obs then scene_obs dims,
+    standardised by the split's statistics.yaml (the training split's mean/std in both splits); padded
+    positions repeat the first frame."""
     import numpy as np
     import pytest
 
@@ -71,16 +72,20 @@ def test_scene_targets_are_the_window_frames_scene_obs_standardised_by_the_train
 
     split = CalvinSplit(calvin_dir / "training")
     normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
-    dims = [6, 7, 12, 13]
-    ds = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, pad_history=True, scene_dims=dims)
-    stats = split.statistics()["scene_obs"][0]
-    mean, std = np.asarray(stats["mean"])[dims], np.asarray(stats["std"])[dims]
+    stats = split.statistics()
+    robot = [d for d, v in enumerate(stats["robot_obs"][0]["std"]) if v > 1e-6][:3]  # the test bags hold some fixed
+    assert robot
+    dims = {"robot_obs": robot, "scene_obs": [6, 7, 12, 13]}
+    ds = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, pad_history=True, aux_dims=dims)
+    mean = np.concatenate([np.asarray(stats[k][0]["mean"])[d] for k, d in dims.items()])
+    std = np.concatenate([np.asarray(stats[k][0]["std"])[d] for k, d in dims.items()])
     ann = ds.annotations[0]
-    raw = np.stack([split.load_frame(ann.start + i, ("scene_obs",))["scene_obs"][dims] for i in range(3)])
+    frames = [split.load_frame(ann.start + i, ("robot_obs", "scene_obs")) for i in range(3)]
+    raw = np.stack([np.concatenate([f[k][d] for k, d in dims.items()]) for f in frames])  # (3, K)
     first, aligned = ds[0], ds[2]  # [f0, f0, f0] and [f0, f1, f2]
-    torch.testing.assert_close(aligned[keys.SCENE], torch.from_numpy(((raw - mean) / std).astype(np.float32)))
-    torch.testing.assert_close(first[keys.SCENE], aligned[keys.SCENE][:1].expand(3, -1))
-    assert keys.SCENE not in CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None)[0]
-    # a recording without scene state (all zeros, std 0) cannot train the read-out: say so, name the file
-    with pytest.raises(VlaopsError, match=r"statistics.yaml: scene_obs dims \[0\] never vary"):
-        CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, scene_dims=[0, 6])
+    torch.testing.assert_close(aligned[keys.AUX_TARGET], torch.from_numpy(((raw - mean) / std).astype(np.float32)))
+    torch.testing.assert_close(first[keys.AUX_TARGET], aligned[keys.AUX_TARGET][:1].expand(3, -1))
+    assert keys.AUX_TARGET not in CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None)[0]
+    # a recording without such state (all zeros, std 0) cannot train the read-out: say so, name the file
+    with pytest.raises(VlaopsError, match=r"statistics.yaml: scene_obs dims \[0\] never vary.*model.aux_scene_dims"):
+        CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims={"scene_obs": [0, 6]})

@@ -233,16 +233,16 @@ def test_chunk_loss_decay_weighs_chunk_step_c_by_decay_to_the_c(processor):
 
 
 @pytest.mark.parametrize("read_from", [["image_tokens"], ["mean_image_token", "action_token"]])
-def test_scene_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
-    """``scene_aux_weight``: a linear read-out of the static image tokens (or of the action token) regresses
-    the batch's ``scene`` target; its MSE is added with its weight, and its gradient reaches the resampler."""
+def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
+    """``aux_weight``: a linear read-out of the static image tokens (or their mean, or the action token)
+    regresses the batch's ``aux_target``; the MSEs are added with their weight, and reach the resampler."""
     batch = make_batch(processor)
-    batch[keys.SCENE] = torch.randn(B, W, 6, generator=torch.Generator().manual_seed(1))
+    batch[keys.AUX_TARGET] = torch.randn(B, W, 6, generator=torch.Generator().manual_seed(1))
     plain = make_policy(processor, loss="mse").eval()
-    aux = make_policy(processor, loss="mse", scene_aux_weight=0.5, scene_aux_inputs=read_from).eval()
-    assert plain.scene_heads is None
+    aux = make_policy(processor, loss="mse", aux_weight=0.5, aux_inputs=read_from, aux_robot_dims=[0, 1], aux_scene_dims=[6, 7, 12, 13]).eval()
+    assert plain.aux_heads is None
     q, d = aux.backbone.model.config.latent_query_num, aux.backbone.hidden_size
-    assert {k: h.in_features for k, h in aux.scene_heads.items()} == {k: q * d if k == "image_tokens" else d for k in read_from}
+    assert {k: h.in_features for k, h in aux.aux_heads.items()} == {k: q * d if k == "image_tokens" else d for k in read_from}
     with torch.no_grad():
         a, p = aux(batch), plain(batch)
         feats, tokens = aux.backbone(
@@ -252,11 +252,11 @@ def test_scene_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_
         # the static camera's tokens: what encode_images gives for the static frames alone
         torch.testing.assert_close(tokens, aux.backbone.encode_images(batch[keys.RGB].flatten(0, 1)))
         reads = {"image_tokens": tokens.flatten(1), "mean_image_token": tokens.mean(1), "action_token": feats}
-        expected = sum((aux.scene_heads[k](reads[k]) - batch[keys.SCENE].flatten(0, 1)).pow(2).mean() for k in read_from)
-    torch.testing.assert_close(a["scene_loss"], expected)
-    torch.testing.assert_close(a["loss"], a["arm_loss"] + 0.03 * a["gripper_loss"] + 0.5 * a["scene_loss"])
+        expected = sum((aux.aux_heads[k](reads[k]) - batch[keys.AUX_TARGET].flatten(0, 1)).pow(2).mean() for k in read_from)
+    torch.testing.assert_close(a["aux_loss"], expected)
+    torch.testing.assert_close(a["loss"], a["arm_loss"] + 0.03 * a["gripper_loss"] + 0.5 * a["aux_loss"])
     torch.testing.assert_close(a["arm_loss"], p["arm_loss"])  # same seed, same backbone: the read-out is extra
-    assert "scene_loss" not in p
+    assert "aux_loss" not in p
     grads = []
     for policy in (aux, plain):  # the read-out's loss reaches the resampler: its gradient there differs
         policy.train()
@@ -264,10 +264,14 @@ def test_scene_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_
         grads.append(policy.backbone.resampler.dense.weight.grad)
     assert not torch.allclose(*grads)
     for bad in (["pixels"], [], ["action_token", "action_token"]):
-        with pytest.raises(ValueError, match="scene_aux_inputs"):
-            ModelConfig(scene_aux_inputs=bad)
-    with pytest.raises(ValueError, match="scene_aux_dims"):
-        ModelConfig(scene_aux_weight=1.0, scene_aux_dims=[24])
+        with pytest.raises(ValueError, match="aux_inputs"):
+            ModelConfig(aux_inputs=bad)
+    with pytest.raises(ValueError, match="aux_scene_dims"):
+        ModelConfig(aux_weight=1.0, aux_scene_dims=[24])
+    with pytest.raises(ValueError, match="aux_robot_dims"):
+        ModelConfig(aux_robot_dims=[0, 0])
+    with pytest.raises(ValueError, match="needs a target"):
+        ModelConfig(aux_weight=1.0, aux_scene_dims=[])
 
 
 # ---- train_setup -------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from vlaops.data.normalization import ActionNormalizer
 from vlaops.data.sampling import SampleKey, as_key, sample_generator
 from vlaops.data.transforms import augment_to_model_input, normalize_uint8, resize_uint8
 from vlaops.errors import VlaopsError
-from vlaops.io.calvin import CalvinSplit
+from vlaops.io.calvin import STATISTICS, CalvinSplit
 from vlaops.model.config import ModelConfig
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # texts -> ids (B, L), mask (B, L)
@@ -55,7 +55,7 @@ class CalvinWindowDataset(Dataset):
         augment: AugmentConfig | None = None,
         frames: FrameCache | None = None,
         pad_history: bool = False,
-        scene_dims: list[int] | None = None,
+        aux_dims: dict[str, list[int]] | None = None,
     ) -> None:
         if frames is not None and frames.image_size != image_size:
             raise VlaopsError(f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)")
@@ -79,11 +79,9 @@ class CalvinWindowDataset(Dataset):
             ).astype(np.float32)
             for a in anns
         ]
-        # the auxiliary scene target (model.scene_aux_dims): (n, K) per span, standardised by statistics.yaml,
-        # whose scene_obs mean/std convert writes from the training split into both splits
-        self.scenes = None
-        if scene_dims:
-            self.scenes = [s.astype(np.float32) for s in _scene_targets(split, anns, scene_dims)]
+        # the auxiliary target (model.aux_*_dims): (n, K) per span, standardised by statistics.yaml, whose
+        # observation mean/std convert writes from the training split into both splits
+        self.aux = _aux_targets(split, anns, aux_dims) if aux_dims else None
         texts = sorted({a.instruction for a in anns})
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
@@ -122,8 +120,8 @@ class CalvinWindowDataset(Dataset):
             mask[i, : len(future)] = True
         ids, text_mask = self.tokens[ann.instruction]
         extra = {}
-        if self.scenes is not None:  # padded positions repeat the first frame, whose scene they show
-            extra[keys.SCENE] = torch.from_numpy(self.scenes[k][np.maximum(np.arange(t, t + w), 0)])  # (W, K)
+        if self.aux is not None:  # padded positions repeat the first frame, whose state they show
+            extra[keys.AUX_TARGET] = torch.from_numpy(self.aux[k][np.maximum(np.arange(t, t + w), 0)])  # (W, K)
         return {
             **extra,
             keys.RGB: rgb,
@@ -139,23 +137,34 @@ class CalvinWindowDataset(Dataset):
 
 
 
-def _scene_targets(split: CalvinSplit, anns: list[Any], dims: list[int]) -> list[np.ndarray]:
-    """Each span's scene_obs[dims] standardised by the split's statistics.yaml: [(n, K)]."""
-    stats = split.statistics().get("scene_obs")
-    where = f"{split.dir / 'statistics.yaml'}"
-    if not stats or "mean" not in stats[0] or "std" not in stats[0]:
-        raise VlaopsError(f"{where}: no scene_obs mean/std; model.scene_aux_weight > 0 needs an arm dataset with scene state")
-    mean, std = np.asarray(stats[0]["mean"])[dims], np.asarray(stats[0]["std"])[dims]
-    if np.any(std < 1e-6):
-        flat = [d for d, v in zip(dims, std) if v < 1e-6]
-        raise VlaopsError(
-            f"{where}: scene_obs dims {flat} never vary in the training split (std 0): the recordings carry no "
-            "scene state there; set model.scene_aux_weight=0 or model.scene_aux_dims to dims that do"
-        )
-    return [
-        (np.stack([split.load_frame(i, ("scene_obs",))["scene_obs"] for i in range(a.start, a.end + 1)])[:, dims] - mean) / std
-        for a in anns
-    ]
+def _aux_targets(split: CalvinSplit, anns: list[Any], dims: dict[str, list[int]]) -> list[np.ndarray]:
+    """Each span's observation dims ``{"robot_obs": [...], "scene_obs": [...]}`` concatenated in that order
+    and standardised by the split's statistics.yaml: [(n, K) float32]."""
+    where = split.dir / STATISTICS
+    stats = split.statistics()
+    obs = [name for name in ("robot_obs", "scene_obs") if dims.get(name)]
+    mean, std = [], []
+    for name in obs:
+        vec = (stats.get(name) or [{}])[0]
+        if "mean" not in vec or "std" not in vec:
+            raise VlaopsError(f"{where}: no {name} mean/std; model.aux_weight > 0 needs an arm dataset with {name}")
+        m, sd = np.asarray(vec["mean"])[dims[name]], np.asarray(vec["std"])[dims[name]]
+        if np.any(sd < 1e-6):
+            flat = [d for d, v in zip(dims[name], sd) if v < 1e-6]
+            key = "aux_scene_dims" if name == "scene_obs" else "aux_robot_dims"
+            raise VlaopsError(
+                f"{where}: {name} dims {flat} never vary in the training split (std 0): the recordings carry no "
+                f"such state; set model.aux_weight=0 or model.{key} to dims that do"
+            )
+        mean.append(m)
+        std.append(sd)
+    mu, sigma = np.concatenate(mean), np.concatenate(std)
+    out = []
+    for a in anns:
+        frames = [split.load_frame(i, tuple(obs)) for i in range(a.start, a.end + 1)]
+        raw = np.stack([np.concatenate([f[name][dims[name]] for name in obs]) for f in frames])  # (n, K)
+        out.append(((raw - mu) / sigma).astype(np.float32))
+    return out
 
 
 def make_window_dataset(
@@ -183,5 +192,5 @@ def make_window_dataset(
         augment,
         frames,
         model_cfg.pad_history,
-        model_cfg.scene_aux_dims if model_cfg.scene_aux_weight > 0 else None,
+        {"robot_obs": model_cfg.aux_robot_dims, "scene_obs": model_cfg.aux_scene_dims} if model_cfg.aux_weight > 0 else None,
     )

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from vlaops.io.calvin_spec import SCENE_OBS_DIM
+from vlaops.io.calvin_spec import ROBOT_OBS_DIM, SCENE_OBS_DIM
 
 LOSSES = ("huber", "mse")
 BACKBONES = ("tiny", "pretrained")
-SCENE_AUX_INPUTS = ("image_tokens", "mean_image_token", "action_token")
+AUX_INPUTS = ("image_tokens", "mean_image_token", "action_token")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -136,20 +136,20 @@ class ModelConfig:
     # row) 0.5 with gripper ratio 0.03 taught the next action's x-y where 1.0 did not; on the current
     # simulator neither did in 200 steps (bench/learning_signal.py, docs/results.md): re-measure.
     chunk_loss_decay: float = 0.5
-    # An auxiliary training target: a linear read-out of the static camera's image tokens (the resampler's
-    # output) regresses these dims of CALVIN's scene_obs (standardised by the training split's
-    # statistics.yaml), weighted by scene_aux_weight (0: off, no read-out is built). Kosmos-2's resampler
-    # otherwise throws away where the blocks are (linear-probe R^2 -0.05 from its output against 0.82 from
-    # the vision tower's patches, docs/results.md); this trains exactly what is lost. Training only: the
-    # policy never reads scene_obs, and inference ignores the read-out. Default dims: the x, y of the
-    # simulator's three blocks (scene_obs 6:12, 12:18, 18:24 are each block's position + euler).
-    scene_aux_weight: float = 0.0
-    # What the read-outs read, one linear read-out each, their MSEs summed: "image_tokens" (the static
-    # camera's resampler output, flattened), "mean_image_token" (their mean: what a uniform attention over
-    # them passes on) or "action_token" (the feature the LSTM head reads, so the gradient also teaches the
-    # decoder to fetch the positions).
-    scene_aux_inputs: list[str] = field(default_factory=lambda: ["image_tokens"])
-    scene_aux_dims: list[int] = field(default_factory=lambda: [6, 7, 12, 13, 18, 19])
+    # An auxiliary training target: linear read-outs of named features (``aux_inputs``) regress observation
+    # dims that the policy never reads (``aux_robot_dims`` of CALVIN's robot_obs, ``aux_scene_dims`` of its
+    # scene_obs), standardised by the training split's statistics.yaml; their MSEs are summed and weighted
+    # by ``aux_weight`` (0: off, no read-out is built). Training only: inference ignores the read-outs.
+    # Why: Kosmos-2's resampler throws away where the blocks are (linear-probe R^2 -0.05 from its output
+    # against 0.82 from the vision tower's patches) and the decoder does not bring it to the action token;
+    # these targets train exactly that (docs/results.md, "Teaching it where the blocks are").
+    # Inputs: "image_tokens" (the static camera's resampler output, flattened), "mean_image_token" (their
+    # mean: what a uniform attention over them passes on), "action_token" (the feature the LSTM head reads).
+    aux_weight: float = 0.0
+    aux_inputs: list[str] = field(default_factory=lambda: ["image_tokens"])
+    aux_robot_dims: list[int] = field(default_factory=list)  # e.g. [0, 1, 2]: the TCP position
+    # the x, y of the simulator's three blocks (scene_obs 6:12, 12:18, 18:24 are each block's position + euler)
+    aux_scene_dims: list[int] = field(default_factory=lambda: [6, 7, 12, 13, 18, 19])
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # built from a plain dict (policy_config.json)
@@ -173,13 +173,16 @@ class ModelConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 < self.chunk_loss_decay <= 1.0:
             raise ValueError(f"chunk_loss_decay must be in (0, 1], got {self.chunk_loss_decay!r}")
-        if self.scene_aux_weight < 0:
-            raise ValueError(f"scene_aux_weight must be >= 0, got {self.scene_aux_weight!r}")
-        if not self.scene_aux_inputs or any(i not in SCENE_AUX_INPUTS for i in self.scene_aux_inputs) \
-                or len(set(self.scene_aux_inputs)) < len(self.scene_aux_inputs):
-            raise ValueError(f"scene_aux_inputs must be a non-empty list of distinct {SCENE_AUX_INPUTS}, got {self.scene_aux_inputs!r}")
-        if self.scene_aux_weight > 0 and (not self.scene_aux_dims or any(not 0 <= d < SCENE_OBS_DIM for d in self.scene_aux_dims)):
-            raise ValueError(f"scene_aux_dims must be a non-empty list of CALVIN scene_obs indices 0..{SCENE_OBS_DIM - 1}, got {self.scene_aux_dims!r}")
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight!r}")
+        if not self.aux_inputs or any(i not in AUX_INPUTS for i in self.aux_inputs) \
+                or len(set(self.aux_inputs)) < len(self.aux_inputs):
+            raise ValueError(f"aux_inputs must be a non-empty list of distinct {AUX_INPUTS}, got {self.aux_inputs!r}")
+        for name, dims, size in (("aux_robot_dims", self.aux_robot_dims, ROBOT_OBS_DIM), ("aux_scene_dims", self.aux_scene_dims, SCENE_OBS_DIM)):
+            if any(not 0 <= d < size for d in dims) or len(set(dims)) < len(dims):
+                raise ValueError(f"{name} must list distinct CALVIN {name[4:9]}_obs indices 0..{size - 1}, got {dims!r}")
+        if self.aux_weight > 0 and not self.aux_robot_dims + self.aux_scene_dims:
+            raise ValueError("aux_weight > 0 needs a target: model.aux_robot_dims or model.aux_scene_dims")
         if self.arm_gripper_loss_ratio < 0:
             raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
         if self.pretrained_dir == "":

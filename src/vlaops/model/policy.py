@@ -40,12 +40,12 @@ class VLAPolicy(nn.Module):
             dropout=cfg.head_dropout,
             action_classes=cfg.action_classes,
         )
-        # training-only read-out of the static image tokens (model.scene_aux_weight): inference never calls it
-        self.scene_heads = None
-        if cfg.scene_aux_weight > 0:
+        # training-only read-out of the static image tokens (model.aux_weight): inference never calls it
+        self.aux_heads = None
+        if cfg.aux_weight > 0:
             q, d = backbone.model.config.latent_query_num, backbone.hidden_size
-            self.scene_heads = nn.ModuleDict(
-                {name: nn.Linear(q * d if name == "image_tokens" else d, len(cfg.scene_aux_dims)) for name in cfg.scene_aux_inputs}
+            self.aux_heads = nn.ModuleDict(
+                {name: nn.Linear(q * d if name == "image_tokens" else d, len(cfg.aux_robot_dims) + len(cfg.aux_scene_dims)) for name in cfg.aux_inputs}
             )
 
     @classmethod
@@ -77,8 +77,8 @@ class VLAPolicy(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """batch (keys above) -> loss, arm_loss, gripper_loss (scalars), arm (B, W, C, A-1),
-        gripper_logits (B, W, C, 1); with ``scene_aux_weight`` > 0 also scene_loss (the batch then needs
-        ``scene`` (B, W, K)), already added into loss with its weight."""
+        gripper_logits (B, W, C, 1); with ``aux_weight`` > 0 also aux_loss (the batch then needs
+        ``aux_target`` (B, W, K)), already added into loss with its weight."""
         rgb = batch[keys.RGB]  # (B, W, 3, S, S)
         b, w = rgb.shape[:2]
         hand = batch.get(keys.HAND_RGB) if self.cfg.use_hand_rgb else None
@@ -86,17 +86,17 @@ class VLAPolicy(nn.Module):
         text = batch[keys.TEXT].repeat_interleave(w, dim=0)
         text_mask = batch[keys.TEXT_MASK].repeat_interleave(w, dim=0)
         flat_hand = hand.flatten(0, 1) if hand is not None else None
-        if self.scene_heads is None:
+        if self.aux_heads is None:
             feats = self.encode_frames(rgb.flatten(0, 1), flat_hand, text, text_mask)  # (B*W, D)
         else:
             feats, tokens = self.backbone(rgb.flatten(0, 1), flat_hand, text, text_mask, return_image_tokens=True)
         arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1) (a base: (B, W, C, K))
         losses = self.loss(arm, gripper_logits, batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK])
-        if self.scene_heads is not None:
+        if self.aux_heads is not None:
             reads = {"image_tokens": tokens.flatten(1), "mean_image_token": tokens.mean(1), "action_token": feats}  # (B*W, Q*D | D | D)
-            target = batch[keys.SCENE].flatten(0, 1).float()  # (B*W, K)
-            scene_loss = sum(F.mse_loss(head(reads[name]).float(), target) for name, head in self.scene_heads.items())
-            losses = {**losses, "loss": losses["loss"] + self.cfg.scene_aux_weight * scene_loss, "scene_loss": scene_loss.detach()}
+            target = batch[keys.AUX_TARGET].flatten(0, 1).float()  # (B*W, K)
+            aux_loss = sum(F.mse_loss(head(reads[name]).float(), target) for name, head in self.aux_heads.items())
+            losses = {**losses, "loss": losses["loss"] + self.cfg.aux_weight * aux_loss, "aux_loss": aux_loss.detach()}
         if self.cfg.action_classes:
             return {**losses, "arm": arm, "class_logits": gripper_logits}
         return {**losses, "arm": arm, "gripper_logits": gripper_logits}

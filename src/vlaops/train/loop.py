@@ -40,11 +40,11 @@ from vlaops.tracking import (
     TRAIN_GRIPPER_LOSS,
     TRAIN_LOSS,
     TRAIN_LR,
-    TRAIN_SCENE_LOSS,
+    TRAIN_AUX_LOSS,
     VAL_ARM_LOSS,
     VAL_GRIPPER_LOSS,
     VAL_LOSS,
-    VAL_SCENE_LOSS,
+    VAL_AUX_LOSS,
 )
 from vlaops.train.checkpoint import (
     TRAINER_STATE_FILE,
@@ -174,7 +174,7 @@ def _mean(values: list[float]) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, max_batches: int) -> dict[str, float]:
-    """Mean loss, arm and gripper loss (and scene_loss where the policy has one) over the first
+    """Mean loss, arm and gripper loss (and aux_loss where the policy has one) over the first
     ``max_batches`` batches of ``loader``."""
     was_training = model.training
     model.eval()
@@ -184,8 +184,8 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Accelerator, max_batche
         if i >= max_batches:
             break
         out = model(batch)
-        if "scene_loss" in out:
-            sums.setdefault("scene_loss", 0.0)
+        if "aux_loss" in out:
+            sums.setdefault("aux_loss", 0.0)
         for k in sums:
             sums[k] += accelerator.gather_for_metrics(out[k].detach().float().reshape(1)).mean().item()
         n += 1
@@ -351,13 +351,13 @@ def train_policy(
         best_val = min(best_val, last_val)
         if accelerator.is_main_process:
             metrics = {VAL_LOSS: val["loss"], VAL_ARM_LOSS: val["arm_loss"], VAL_GRIPPER_LOSS: val["gripper_loss"]}
-            if "scene_loss" in val:
-                metrics[VAL_SCENE_LOSS] = val["scene_loss"]
+            if "aux_loss" in val:
+                metrics[VAL_AUX_LOSS] = val["aux_loss"]
             log_metrics(metrics, step)
 
     model.train()
     batches = _cycle(train_loader, start_batch=step * cfg.gradient_accumulation_steps)
-    window: dict[str, list[float]] = {"loss": [], "arm_loss": [], "gripper_loss": [], "grad_norm": [], "scene_loss": []}
+    window: dict[str, list[float]] = {"loss": [], "arm_loss": [], "gripper_loss": [], "grad_norm": [], "aux_loss": []}
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     while step < cfg.max_steps:
@@ -372,7 +372,7 @@ def train_policy(
                 window["grad_norm"].append(float(grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for k in ("loss", "arm_loss", "gripper_loss", "scene_loss"):
+        for k in ("loss", "arm_loss", "gripper_loss", "aux_loss"):
             if k in out:
                 window[k].append(out[k].detach().float().item())
         if not accelerator.sync_gradients:
@@ -382,9 +382,9 @@ def train_policy(
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             # every process's mean over the window, averaged across processes (one collective per log step)
-            means = torch.tensor([_mean(window[k]) for k in ("loss", "arm_loss", "gripper_loss", "grad_norm", "scene_loss")],
+            means = torch.tensor([_mean(window[k]) for k in ("loss", "arm_loss", "gripper_loss", "grad_norm", "aux_loss")],
                                  device=accelerator.device)
-            loss, arm_loss, gripper_loss, grad, scene_loss = accelerator.reduce(means, reduction="mean").tolist()
+            loss, arm_loss, gripper_loss, grad, aux_loss = accelerator.reduce(means, reduction="mean").tolist()
             last_train = loss
             metrics = {
                 TRAIN_LOSS: loss,
@@ -393,8 +393,8 @@ def train_policy(
                 TRAIN_GRAD_NORM: grad,
                 TRAIN_LR: scheduler.get_last_lr()[0],
             }
-            if window["scene_loss"]:
-                metrics[TRAIN_SCENE_LOSS] = scene_loss
+            if window["aux_loss"]:
+                metrics[TRAIN_AUX_LOSS] = aux_loss
             bar.set_postfix(loss=f"{last_train:.4f}")
             if bar.disable and accelerator.is_main_process:  # no terminal (CI, a log file): one line instead
                 log.info("step %d/%d: loss %.4f, lr %.3g", step, cfg.max_steps, last_train, metrics[TRAIN_LR])
