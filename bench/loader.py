@@ -37,7 +37,7 @@ import torch
 
 from vlaops.config import load_config
 from vlaops.data import keys
-from vlaops.data.dataset import CalvinWindowDataset, make_window_dataset
+from vlaops.data.dataset import CalvinWindowDataset, aux_dims_from_data, make_window_dataset
 from vlaops.data.frame_cache import open_frame_cache
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.io.calvin import TRAINING, CalvinSplit
@@ -101,6 +101,7 @@ def main() -> None:
     cfg = load_config(args.overrides, ROOT / "conf")
     calvin_dir = Path(cfg.data.calvin_dir)
     split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
+    cfg.model = aux_dims_from_data(cfg.model, split)  # as the train stage: the auxiliary targets the data carries
     normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir) / NORMALIZATION_FILE)
     processor = make_processor(cfg.model, sorted({a.instruction for a in split.annotations}))
 

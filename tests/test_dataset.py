@@ -89,3 +89,22 @@ def test_aux_targets_are_the_window_frames_observations_standardised_by_the_trai
     # a recording without such state (all zeros, std 0) cannot train the read-out: say so, name the file
     with pytest.raises(VlaopsError, match=r"statistics.yaml: scene_obs dims \[0\] never vary.*model.aux_scene_dims"):
         CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims={"scene_obs": [0, 6]})
+
+
+def test_aux_dims_from_data_keeps_the_dims_that_vary_and_turns_the_read_outs_off_without_any(calvin_dir, cfg, caplog):
+    """As train sets the head's action space from the data: constant dims (a recording without scene state,
+    a TCP that never moves along an axis) are left out with a warning; none left turns the read-outs off."""
+    import dataclasses
+
+    from vlaops.data.dataset import aux_dims_from_data
+
+    split = CalvinSplit(calvin_dir / "training")
+    std = {k: split.statistics()[k][0]["std"] for k in ("robot_obs", "scene_obs")}
+    model = dataclasses.replace(cfg.model, aux_weight=0.3, aux_robot_dims=[0, 1, 2], aux_scene_dims=[0, 6, 7])
+    cut = aux_dims_from_data(model, split)
+    assert cut.aux_robot_dims == [d for d in (0, 1, 2) if std["robot_obs"][d] > 1e-6] != [0, 1, 2]
+    assert cut.aux_scene_dims == [6, 7] and cut.aux_weight == 0.3  # scene_obs 0..5 are zeros in the test bags
+    assert "never vary" in caplog.text and "aux_scene_dims" in caplog.text
+    assert aux_dims_from_data(cut, split) == cut  # what train cut, the datasets keep
+    off = aux_dims_from_data(dataclasses.replace(model, aux_robot_dims=[], aux_scene_dims=[0, 1]), split)
+    assert off.aux_weight == 0.0 and "the read-outs are off" in caplog.text

@@ -238,7 +238,7 @@ def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
     regresses the batch's ``aux_target``; the MSEs are added with their weight, and reach the resampler."""
     batch = make_batch(processor)
     batch[keys.AUX_TARGET] = torch.randn(B, W, 6, generator=torch.Generator().manual_seed(1))
-    plain = make_policy(processor, loss="mse").eval()
+    plain = make_policy(processor, loss="mse", aux_weight=0.0).eval()
     aux = make_policy(processor, loss="mse", aux_weight=0.5, aux_inputs=read_from, aux_robot_dims=[0, 1], aux_scene_dims=[6, 7, 12, 13]).eval()
     assert plain.aux_heads is None
     q, d = aux.backbone.model.config.latent_query_num, aux.backbone.hidden_size
@@ -256,6 +256,7 @@ def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
     torch.testing.assert_close(a["aux_loss"], expected)
     torch.testing.assert_close(a["loss"], a["arm_loss"] + 0.03 * a["gripper_loss"] + 0.5 * a["aux_loss"])
     torch.testing.assert_close(a["arm_loss"], p["arm_loss"])  # same seed, same backbone: the read-out is extra
+    torch.testing.assert_close(a["policy_loss"], p["loss"])  # what offline evaluation reports
     assert "aux_loss" not in p
     grads = []
     for policy in (aux, plain):  # the read-out's loss reaches the resampler: its gradient there differs
@@ -271,7 +272,7 @@ def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
     with pytest.raises(ValueError, match="aux_robot_dims"):
         ModelConfig(aux_robot_dims=[0, 0])
     with pytest.raises(ValueError, match="needs a target"):
-        ModelConfig(aux_weight=1.0, aux_scene_dims=[])
+        ModelConfig(aux_weight=1.0, aux_robot_dims=[], aux_scene_dims=[])
 
 
 # ---- train_setup -------------------------------------------------------------------------------------
@@ -306,9 +307,9 @@ def test_each_module_flag_freezes_its_module(processor, kw, frozen_attr):
 
 def test_freeze_backbone(processor):
     policy, bb, _ = _setup(processor, freeze_backbone=True, train_vision=False, train_text_embedding=False, freeze_resampler=True)
-    # only the action token and the head are left
+    # only the action token and the heads (the auxiliary read-outs included) are left
     assert _trainable(bb.model) == 0 and bb.action_token.requires_grad
-    assert _trainable(policy) == _trainable(policy.head) + bb.action_token.numel()
+    assert _trainable(policy) == _trainable(policy.head) + _trainable(policy.aux_heads) + bb.action_token.numel()
     # RoboVLMs precedence: the per-module flags still act on a frozen backbone
     _, bb2, _ = _setup(processor, freeze_backbone=True)
     assert _trainable(bb2.decoder_layers) == 0

@@ -11,6 +11,7 @@ bits. :func:`make_window_dataset` is the one construction train and evaluate sha
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from functools import partial
@@ -29,6 +30,9 @@ from vlaops.data.transforms import augment_to_model_input, normalize_uint8, resi
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import STATISTICS, CalvinSplit
 from vlaops.model.config import ModelConfig
+from vlaops.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # texts -> ids (B, L), mask (B, L)
 DATA_SOURCE = "calvin_action"
@@ -137,6 +141,30 @@ class CalvinWindowDataset(Dataset):
 
 
 
+def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfig:
+    """``model_cfg`` with the auxiliary targets (``aux_robot_dims``, ``aux_scene_dims``) cut to the dims that
+    vary in ``split``'s statistics.yaml, as train sets the head's action space from the data.
+
+    A dim that never varies is a constant the read-out's bias learns, and cannot be standardised; a
+    recording without scene state (convert writes zeros) or a mobile base (no robot_obs / scene_obs) has
+    none that vary, and the read-outs are then off (model.aux_weight 0), said in one warning. The export's
+    policy_config.json keeps what was trained."""
+    if model_cfg.aux_weight <= 0:
+        return model_cfg
+    stats = split.statistics()
+    kept: dict[str, list[int]] = {}
+    for name, dims in (("robot_obs", model_cfg.aux_robot_dims), ("scene_obs", model_cfg.aux_scene_dims)):
+        std = (stats.get(name) or [{}])[0].get("std")
+        kept[name] = [d for d in dims if std is not None and float(std[d]) > 1e-6]
+        if kept[name] != list(dims):
+            log.warning("%s: %s dims %s never vary in the training split: the auxiliary read-outs leave them out (model.aux_%s_dims)",
+                        split.dir / STATISTICS, name, sorted(set(dims) - set(kept[name])), name[:5])
+    if not kept["robot_obs"] + kept["scene_obs"]:
+        log.warning("model.aux_weight=%g but no auxiliary target varies in %s: the read-outs are off", model_cfg.aux_weight, split.dir)
+        return dataclasses.replace(model_cfg, aux_weight=0.0)
+    return dataclasses.replace(model_cfg, aux_robot_dims=kept["robot_obs"], aux_scene_dims=kept["scene_obs"])
+
+
 def _aux_targets(split: CalvinSplit, anns: list[Any], dims: dict[str, list[int]]) -> list[np.ndarray]:
     """Each span's observation dims ``{"robot_obs": [...], "scene_obs": [...]}`` concatenated in that order
     and standardised by the split's statistics.yaml: [(n, K) float32]."""
@@ -177,11 +205,13 @@ def make_window_dataset(
 ) -> CalvinWindowDataset:
     """The window dataset of ``split`` as the model ``model_cfg`` reads it (window, chunk, image size,
     text length), tokenised by ``processor``; images from the frame cache under ``cache_dir`` (built
-    or reused here), or from the npz files when ``cache_dir`` is None. Train and evaluate both call this,
-    so their samples cannot drift apart."""
+    or reused here), or from the npz files when ``cache_dir`` is None; the auxiliary targets
+    (``model.aux_*_dims``) those that vary in the split (:func:`aux_dims_from_data`). Train and evaluate
+    both call this, so their samples cannot drift apart."""
     from vlaops.model.processor import tokenize  # lazy: transformers is heavy and the cache does not need it
 
     frames = open_frame_cache(split, model_cfg.image_size, cache_dir) if cache_dir is not None else None
+    aux_cfg = aux_dims_from_data(model_cfg, split)  # a no-op on the config train cut the same way
     return CalvinWindowDataset(
         split,
         normalizer,
@@ -192,5 +222,5 @@ def make_window_dataset(
         augment,
         frames,
         model_cfg.pad_history,
-        {"robot_obs": model_cfg.aux_robot_dims, "scene_obs": model_cfg.aux_scene_dims} if model_cfg.aux_weight > 0 else None,
+        {"robot_obs": aux_cfg.aux_robot_dims, "scene_obs": aux_cfg.aux_scene_dims} if aux_cfg.aux_weight > 0 else None,
     )

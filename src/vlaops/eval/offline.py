@@ -32,7 +32,8 @@ def offline_action_metrics(
     constant: torch.Tensor | None = None,
     normalizer: ActionNormalizer | None = None,
 ) -> dict[str, float]:
-    """Masked arm MSE / MAE (normalised units), first-step arm MAE, gripper accuracy, and the loss.
+    """Masked arm MSE / MAE (normalised units), first-step arm MAE, gripper accuracy, and the loss (the
+    policy's own: an auxiliary read-out's term, model.aux_weight, left out so runs with and without compare).
 
     ``constant`` (A,) is a normalised action predicted for every step; with it come
     ``baseline_arm_mae`` and ``baseline_gripper_accuracy``. ``max_batches`` 0 means the whole dataset.
@@ -60,7 +61,7 @@ def offline_action_metrics(
         sums["abs"] += float(arm_err.abs().sum())
         sums["abs_first"] += float(arm_err[:, :, 0].abs().sum())
         sums["grip_ok"] += float(grip_ok.sum())
-        sums["loss"] += float(out["loss"])
+        sums["loss"] += float(out.get("policy_loss", out["loss"]))  # without the auxiliary read-outs' term
         if const is not None:
             sums["abs_const"] += float(((const[:-1] - target[..., :-1]).abs() * mask[..., None]).sum())
             sums["grip_const"] += float((((const[-1] > 0.5) == (target[..., -1] > 0.5)) & mask).sum())
@@ -129,7 +130,7 @@ def offline_base_metrics(
         sums["abs"] += float(err.abs().sum())
         sums["abs_first"] += float(err[:, :, 0].abs().sum())
         sums["class_ok"] += float(((cls == truth) & mask).sum())
-        sums["loss"] += float(out["loss"])
+        sums["loss"] += float(out.get("policy_loss", out["loss"]))  # without the auxiliary read-outs' term
         per_dim += err.abs().sum(dim=(0, 1, 2)).double().cpu()
         if normalizer is not None:  # errors in m/s and rad/s: both sides denormalised (the class column aside)
             zeros = torch.zeros_like(pred[..., :1])

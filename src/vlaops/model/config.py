@@ -145,9 +145,9 @@ class ModelConfig:
     # these targets train exactly that (docs/results.md, "Teaching it where the blocks are").
     # Inputs: "image_tokens" (the static camera's resampler output, flattened), "mean_image_token" (their
     # mean: what a uniform attention over them passes on), "action_token" (the feature the LSTM head reads).
-    aux_weight: float = 0.0
-    aux_inputs: list[str] = field(default_factory=lambda: ["image_tokens"])
-    aux_robot_dims: list[int] = field(default_factory=list)  # e.g. [0, 1, 2]: the TCP position
+    aux_weight: float = 0.3
+    aux_inputs: list[str] = field(default_factory=lambda: ["image_tokens", "action_token"])
+    aux_robot_dims: list[int] = field(default_factory=lambda: [0, 1, 2])  # the TCP position
     # the x, y of the simulator's three blocks (scene_obs 6:12, 12:18, 18:24 are each block's position + euler)
     aux_scene_dims: list[int] = field(default_factory=lambda: [6, 7, 12, 13, 18, 19])
 

@@ -22,6 +22,9 @@ from vlaops.data import keys
 from vlaops.model.backbone import KosmosBackbone
 from vlaops.model.config import ModelConfig
 from vlaops.model.head import LSTMPolicyHead
+from vlaops.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 class VLAPolicy(nn.Module):
     """RoboVLMs' "cont-lstm-post" Kosmos policy (robovlms/model/backbone/base_backbone.py + LSTMDecoder)."""
@@ -42,6 +45,7 @@ class VLAPolicy(nn.Module):
         )
         # training-only read-out of the static image tokens (model.aux_weight): inference never calls it
         self.aux_heads = None
+        self._warned_no_aux = False
         if cfg.aux_weight > 0:
             q, d = backbone.model.config.latent_query_num, backbone.hidden_size
             self.aux_heads = nn.ModuleDict(
@@ -78,7 +82,8 @@ class VLAPolicy(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """batch (keys above) -> loss, arm_loss, gripper_loss (scalars), arm (B, W, C, A-1),
         gripper_logits (B, W, C, 1); with ``aux_weight`` > 0 also aux_loss (the batch then needs
-        ``aux_target`` (B, W, K)), already added into loss with its weight."""
+        ``aux_target`` (B, W, K)), already added into loss with its weight, and policy_loss, the loss
+        without it (what offline evaluation reports, so runs with and without read-outs compare)."""
         rgb = batch[keys.RGB]  # (B, W, 3, S, S)
         b, w = rgb.shape[:2]
         hand = batch.get(keys.HAND_RGB) if self.cfg.use_hand_rgb else None
@@ -86,17 +91,30 @@ class VLAPolicy(nn.Module):
         text = batch[keys.TEXT].repeat_interleave(w, dim=0)
         text_mask = batch[keys.TEXT_MASK].repeat_interleave(w, dim=0)
         flat_hand = hand.flatten(0, 1) if hand is not None else None
-        if self.aux_heads is None:
+        aux = self.aux_heads is not None and keys.AUX_TARGET in batch
+        if self.aux_heads is not None and not aux and self.training and not self._warned_no_aux:
+            log.warning("model.aux_weight=%g but the batch has no '%s' (make_window_dataset adds it): "
+                        "training without the auxiliary read-outs", self.cfg.aux_weight, keys.AUX_TARGET)
+            self._warned_no_aux = True
+        if not aux:
             feats = self.encode_frames(rgb.flatten(0, 1), flat_hand, text, text_mask)  # (B*W, D)
         else:
             feats, tokens = self.backbone(rgb.flatten(0, 1), flat_hand, text, text_mask, return_image_tokens=True)
         arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1) (a base: (B, W, C, K))
         losses = self.loss(arm, gripper_logits, batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK])
-        if self.aux_heads is not None:
+        if aux:
             reads = {"image_tokens": tokens.flatten(1), "mean_image_token": tokens.mean(1), "action_token": feats}  # (B*W, Q*D | D | D)
             target = batch[keys.AUX_TARGET].flatten(0, 1).float()  # (B*W, K)
+            k = len(self.cfg.aux_robot_dims) + len(self.cfg.aux_scene_dims)
+            if target.shape[-1] != k:
+                raise ValueError(
+                    f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k} (model.aux_robot_dims "
+                    f"{self.cfg.aux_robot_dims} + aux_scene_dims {self.cfg.aux_scene_dims}): build the policy from the "
+                    "config train cut to the data (vlaops.data.dataset.aux_dims_from_data)"
+                )
             aux_loss = sum(F.mse_loss(head(reads[name]).float(), target) for name, head in self.aux_heads.items())
-            losses = {**losses, "loss": losses["loss"] + self.cfg.aux_weight * aux_loss, "aux_loss": aux_loss.detach()}
+            losses = {**losses, "loss": losses["loss"] + self.cfg.aux_weight * aux_loss,
+                      "policy_loss": losses["loss"].detach(), "aux_loss": aux_loss.detach()}
         if self.cfg.action_classes:
             return {**losses, "arm": arm, "class_logits": gripper_logits}
         return {**losses, "arm": arm, "gripper_logits": gripper_logits}

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from vlaops import plots, tracking
 from vlaops.config import Config, flatten, to_container
-from vlaops.data.dataset import make_window_dataset
+from vlaops.data.dataset import aux_dims_from_data, make_window_dataset
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
@@ -63,6 +63,7 @@ def run(cfg: Config) -> None:
     cfg.model = dataclasses.replace(cfg.model, action_dim=action_dim, action_classes=action_classes)
     train_split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
     val_split = CalvinSplit(calvin_dir / VALIDATION, cfg.data.trust_pickles)
+    cfg.model = aux_dims_from_data(cfg.model, train_split)  # the auxiliary targets the recordings carry
     processor = make_processor(cfg.model, sorted({a.instruction for a in train_split.annotations}))
     train_ds = make_window_dataset(train_split, normalizer, processor, cfg.model, cfg.data.augment, cfg.data.cache_dir)
     val_ds = make_window_dataset(val_split, normalizer, processor, cfg.model, None, cfg.data.cache_dir)
