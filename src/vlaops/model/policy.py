@@ -43,7 +43,7 @@ class VLAPolicy(nn.Module):
             dropout=cfg.head_dropout,
             action_classes=cfg.action_classes,
         )
-        # training-only read-out of the static image tokens (model.aux_weight): inference never calls it
+        # training-only read-outs (model.aux_*: image tokens / action token -> observation dims); inference never calls them
         self.aux_heads = None
         self._warned_no_aux = False
         if cfg.aux_weight > 0:
@@ -103,7 +103,7 @@ class VLAPolicy(nn.Module):
         arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1) (a base: (B, W, C, K))
         losses = self.loss(arm, gripper_logits, batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK])
         if aux:
-            reads = {"image_tokens": tokens.flatten(1), "mean_image_token": tokens.mean(1), "action_token": feats}  # (B*W, Q*D | D | D)
+            reads = {"image_tokens": lambda: tokens.flatten(1), "mean_image_token": lambda: tokens.mean(1), "action_token": lambda: feats}  # (B*W, Q*D | D | D)
             target = batch[keys.AUX_TARGET].flatten(0, 1).float()  # (B*W, K)
             k = len(self.cfg.aux_robot_dims) + len(self.cfg.aux_scene_dims)
             if target.shape[-1] != k:
@@ -112,7 +112,7 @@ class VLAPolicy(nn.Module):
                     f"{self.cfg.aux_robot_dims} + aux_scene_dims {self.cfg.aux_scene_dims}): build the policy from the "
                     "config train cut to the data (vlaops.data.dataset.aux_dims_from_data)"
                 )
-            aux_loss = sum(F.mse_loss(head(reads[name]).float(), target) for name, head in self.aux_heads.items())
+            aux_loss = sum(F.mse_loss(head(reads[name]()).float(), target) for name, head in self.aux_heads.items())
             losses = {**losses, "loss": losses["loss"] + self.cfg.aux_weight * aux_loss,
                       "policy_loss": losses["loss"].detach(), "aux_loss": aux_loss.detach()}
         if self.cfg.action_classes:
