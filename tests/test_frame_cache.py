@@ -231,6 +231,7 @@ fc.open_frame_cache(split, int(sys.argv[3]), sys.argv[2])
 """
 
 
+@pytest.mark.slow  # a kill test, as the others: the quick loop stays under 5 minutes
 def test_killed_build_leaves_nothing_taken_as_whole(calvin_dir, cfg):
     cache_dir = Path(cfg.data.cache_dir)
     child = subprocess.Popen([sys.executable, "-c", BUILDER, str(calvin_dir / "training"), str(cache_dir), str(S)])

@@ -302,6 +302,7 @@ def test_long_recording_cut_by_instruction(tmp_path):
         assert (tmp_path / "episodes" / name).read_bytes() == (tmp_path / "episodes2" / name).read_bytes()
 
 
+@pytest.mark.slow  # the quick loop stays under 5 minutes; cut by instruction stays in it
 def test_long_recording_cut_by_gaps(tmp_path):
     """No action for more than data.split.gap_s ends an episode; an episode without its own instruction
     message takes the one in force (the newest before it). Cut at a larger gap_s it is one episode, whose

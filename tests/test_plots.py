@@ -50,6 +50,7 @@ def _ink(pixels: np.ndarray) -> float:
     return float((pixels[..., :3].min(axis=-1) < 200).mean())
 
 
+@pytest.mark.slow  # draws every figure twice (5 s): the quick loop stays under 5 minutes
 def test_each_figure_draws_and_the_same_numbers_give_the_same_bytes(tmp_path):
     files = _write_all(tmp_path / "a")
     again = _write_all(tmp_path / "b")

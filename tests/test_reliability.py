@@ -213,7 +213,8 @@ def _convert_started(out: Path):
     return lambda: any(out.parent.glob(f".{out.name}.tmp-*/training/episode_*.npz"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])  # SIGINT: slow loop
+@pytest.mark.slow  # both signals: the full suite only (the quick loop stays under 5 minutes)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signalled_convert_keeps_the_old_output_and_no_temporary(calvin_dir, tmp_path, sig):
     before = _tree(calvin_dir)
     done = start_and_signal(stage_cmd("convert", tmp_path), _convert_started(calvin_dir), sig)

@@ -301,7 +301,8 @@ def test_the_evaluation_harness_scores_a_competent_policy(fast_env: TabletopEnv)
 
 
 # --- recording ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("storage", ["sqlite3", pytest.param("mcap", marks=pytest.mark.slow)])  # mcap: slow loop only
+@pytest.mark.slow  # both storages: the full suite only (collect records real episodes, 12 s each)
+@pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
 def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
     cfg = SimConfig(tasks=["push_blue_right", "place_green"], episodes_per_task=1, max_attempts_per_task=2,
                     storage=storage, num_workers=1)

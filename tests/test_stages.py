@@ -29,6 +29,7 @@ def pipeline(tmp_path_factory) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_collect_reports_expert_success(pipeline):
     summary = json.loads((pipeline / "reports" / "collect.json").read_text())
     assert set(summary["tasks"]) == {"push_red_left", "lift_blue", "place_blue"}
@@ -39,11 +40,13 @@ def test_collect_reports_expert_success(pipeline):
     ]
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_ingest_keeps_the_sim_task_names(pipeline):
     report = json.loads((pipeline / "episodes" / "ingest_report.json").read_text())
     assert {e["task"] for e in report["episodes"].values()} == {"push_red_left", "lift_blue", "place_blue"}
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_export_holds_everything_policy_load_needs(pipeline):
     from vlaops.model import PolicyRuntime
 
@@ -57,6 +60,7 @@ def test_export_holds_everything_policy_load_needs(pipeline):
     assert policy.cfg.fwd_pred_next_n == 4
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_metrics_and_results_follow_calvin(pipeline):
     metrics = json.loads((pipeline / "reports" / "metrics.json").read_text())
     assert {"avg_len", "sr_1", "sr_2", "offline", "task_sr"} <= set(metrics)
@@ -74,6 +78,7 @@ def test_metrics_and_results_follow_calvin(pipeline):
     assert curve[0] == "step,train_loss,val_loss,lr" and len(curve) == 3  # steps 2 and 4
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline}/mlflow.db")
     (exp,) = [e for e in client.search_experiments() if e.name == "vlaops"]
@@ -114,6 +119,7 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     assert str(pipeline / "calvin" / "training") in training.dataset.source
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_rollout_videos_show_the_scored_chains(pipeline):
     """The first eval.videos chains as GIFs: one frame per 2 control steps of the chain that was scored
     (the replay gives the same steps), with a caption band under the static camera."""
@@ -135,6 +141,7 @@ def test_rollout_videos_show_the_scored_chains(pipeline):
             assert (frames[0][200:] < 128).any()  # the caption is written
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_the_policy_is_a_registered_mlflow_model(pipeline):
     """train logs the export as a pyfunc (as code, no pickle) with a signature and an input example and
     registers it; its predict over an episode equals PolicyRuntime.step frame by frame, bit for bit."""
@@ -171,6 +178,7 @@ def test_the_policy_is_a_registered_mlflow_model(pipeline):
     np.testing.assert_array_equal(served.to_numpy(), direct)
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_evaluate_takes_a_registered_model(pipeline, tmp_path, capsys):
     """paths.model_dir=models:/<name>/<version> evaluates the registered policy; a version that does not
     exist is one line naming it."""
@@ -213,6 +221,7 @@ def test_runs_are_named_after_the_dvc_experiment(monkeypatch):
     assert tracking.dvc_tags() == {"dvc.exp_name": "lofty-arch", "dvc.baseline_rev": "abc123"}
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_checkpoints_of_another_recipe_are_refused(pipeline, capsys):
     assert _stage("train", pipeline, "train.learning_rate=0.0005") == 1
     err = capsys.readouterr().err
@@ -239,6 +248,7 @@ def test_under_dvc_another_recipe_sets_the_checkpoints_aside(tmp_path, monkeypat
     assert json.loads((ckpt / PREVIOUS_DIR / RUN_CONFIG_FILE).read_text())["config"]["train"]["learning_rate"] == 1e-3
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_evaluate_refuses_a_checkpoint_of_another_window(pipeline, capsys):
     assert _stage("evaluate", pipeline, "model.window_size=5") == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
