@@ -142,7 +142,7 @@ class KosmosBackbone(nn.Module):
         rgb: (N, 3, S, S); hand_rgb: (N, 3, s, s) or None; text, text_mask: (N, L) right-padded
         "<s> ... </s>" ids and their mask. Returns (N, D), the action token's last hidden state, and with
         ``return_image_tokens`` also the static camera's image tokens (N, Q, D), the resampler's output
-        that the decoder reads (the auxiliary scene loss supervises them).
+        that the decoder reads (the auxiliary read-outs, model.aux_inputs, supervise them).
         """
         n = rgb.shape[0]
         if self.use_hand_rgb:
