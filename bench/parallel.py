@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -77,18 +78,31 @@ def time_chains(factory: Any, cfg: Any, chains: list, steps: int, workers: int, 
     return time.perf_counter() - start, [r.__dict__ for r in results]
 
 
-def time_ingest(raw: Path, out: Path, cfg: Any, workers: int, compute: ComputeConfig) -> tuple[float, str]:
+def _cpu_s(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def time_ingest(raw: Path, out: Path, cfg: Any, workers: int, compute: ComputeConfig) -> tuple[float, str, dict[str, float]]:
+    """Wall seconds, the output's digest, and the CPU seconds of this process and of its worker processes
+    (user + system; the pool's workers are reaped when ``ingest`` returns, so RUSAGE_CHILDREN holds them:
+    a local pool only, Ray's workers are not children; one local worker runs in this process, no pool).
+    Where 2 workers give less than 2x, the CPU split says why: more CPU in all for the same work is
+    contention between the workers (or the pool's own cost), CPU in this process is the serial share,
+    wall time beyond CPU time / workers is waiting (disk, start-up, an idle worker at the end)."""
     shutil.rmtree(out, ignore_errors=True)
     cfg.data.num_workers = workers
+    main0, kids0 = _cpu_s(resource.RUSAGE_SELF), _cpu_s(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     ingest(raw, out, cfg.data, compute)
     seconds = time.perf_counter() - start
+    cpu = {"main": _cpu_s(resource.RUSAGE_SELF) - main0, "workers": _cpu_s(resource.RUSAGE_CHILDREN) - kids0}
     digest = hashlib.sha256()
     for path in sorted(out.iterdir()):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     shutil.rmtree(out)
-    return seconds, digest.hexdigest()
+    return seconds, digest.hexdigest(), cpu
 
 
 def _identity(x: int) -> int:
@@ -159,14 +173,17 @@ def main() -> None:
         make_recordings(cfg.sim, raw, args.bags, args.frames, scenes=2)
         chain_s: dict[str, list[float]] = {name: [] for name in executors}
         ingest_s: dict[str, list[float]] = {name: [] for name in executors}
+        ingest_cpu: dict[str, dict[str, list[float]]] = {name: {"main": [], "workers": []} for name in executors}
         chain_results, digests = {}, {}
         time_chains(factory, cfg, chains[:1], args.steps, 1, local)  # warm-up: imports, the page cache
         for _ in range(args.repeats):
             for name, (workers, compute) in executors.items():
                 seconds, chain_results[name] = time_chains(factory, cfg, chains, args.steps, workers, compute)
                 chain_s[name].append(seconds)
-                seconds, digests[name] = time_ingest(raw, tmp / "episodes", cfg, workers, compute)
+                seconds, digests[name], cpu = time_ingest(raw, tmp / "episodes", cfg, workers, compute)
                 ingest_s[name].append(seconds)
+                for part, value in cpu.items():
+                    ingest_cpu[name][part].append(value)
         steps_per_chain = statistics.mean(sum(r["steps"]) for r in chain_results["local-1"])
 
         overhead: dict[str, Any] = {}
@@ -208,6 +225,8 @@ def main() -> None:
         "ingest": {"bags": args.bags, "frames_per_bag": args.frames, "storage": cfg.sim.storage,
                    "per_min": {n: median(v, 1) for n, v in recs_per_min.items()},
                    "seconds": {n: [round(x, 2) for x in v] for n, v in ingest_s.items()},
+                   "cpu_seconds_median": {n: {part: median(v) for part, v in parts.items()}
+                                          for n, parts in ingest_cpu.items() if not n.startswith("ray")},
                    "same_output_bytes": len(set(digests.values())) == 1},
         "scaling_2_vs_1_local": {k: {"median": median(v), "rounds": [round(x, 3) for x in v]} for k, v in scaling.items()},
         "goal": 1.8,
@@ -240,6 +259,8 @@ def main() -> None:
         print(f"{name:>9}  {c['per_min'][name]:>10.2f}  {i['per_min'][name]:>14.1f}")
     for key, value in result["scaling_2_vs_1_local"].items():
         print(f"2 vs 1 local workers, {key}: {value['median']:.2f}x (rounds {value['rounds']}; goal >= 1.8)")
+    for name, cpu in i["cpu_seconds_median"].items():
+        print(f"ingest on {name}: {i['seconds'][name]} s wall; CPU s: main process {cpu['main']:.2f}, workers {cpu['workers']:.2f}")
     for name, o in overhead.items():
         print(f"{name}: start-up {o['startup_s']:.2f} s, then {o['per_task_ms']:.2f} ms per task (2 workers)")
     if ray_init_s is not None:

@@ -33,6 +33,10 @@ def test_parallel_bench_runs_at_a_tiny_size_and_writes_its_report(tmp_path):
     assert result["chains"]["same_results"] is True and result["ingest"]["same_output_bytes"] is True
     assert result["chains"]["steps_per_chain"] == 3  # an untrained policy plays every chain's first subtask to its limit
     assert set(result["scaling_2_vs_1_local"]) == {"chains", "ingest"}
+    cpu = result["ingest"]["cpu_seconds_median"]  # the split that says why 2 workers give less than 2x
+    assert set(cpu) == {"local-1", "local-2"} and all(set(c) == {"main", "workers"} for c in cpu.values())
+    assert cpu["local-1"]["main"] > 0  # one worker runs in this process
+    assert cpu["local-2"]["workers"] > 0
     assert set(result["per_task_overhead_2_workers"]["local-2"]) == {"startup_s", "4_tasks_s", "per_task_ms"}
     assert set(result["projection_calvin_1000_chains"]["hours_by_workers"]) == {"1", "2", "8", "32", "128"}
     assert {"load_average_start", "uptime_start"} <= set(result["machine"])

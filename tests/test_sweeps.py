@@ -138,7 +138,10 @@ def test_a_failed_job_fails_the_sweep_and_keeps_the_jobs_that_finished(data, tmp
         (["train.batch_size=2,many"], "train.batch_size=many"),
         (["train.learning_rate=1e-3,,3e-3"], "Error parsing override 'train.learning_rate=1e-3,,3e-3'"),
         (["train.learning_rate=interval(1e-4,1e-2)"], "does not support sweep type"),
-        (["hparams_search=train_lr", "train.batch_size=2", "train.warmup_ratio=interval(0,2)"], "train.warmup_ratio=2"),
+        pytest.param(  # Optuna's import and study alone take seconds: in make test, out of the quick loop
+            ["hparams_search=train_lr", "train.batch_size=2", "train.warmup_ratio=interval(0,2)"], "train.warmup_ratio=2",
+            marks=pytest.mark.slow,
+        ),
         (["tracking.experiment_name=a,b"], "tracking.experiment_name=a,b: tracking.* cannot be swept"),
     ],
 )
