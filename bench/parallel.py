@@ -7,7 +7,9 @@
   subtask, rendering both cameras. An untrained policy fails every chain's first subtask, so each chain
   is exactly ``--steps`` policy steps: the work per chain is fixed, and steps/s is reported beside it.
 - **recordings/min**: ``vlaops.data.ingest.ingest`` of ``--bags`` bags of ``--frames`` frames, recorded here
-  by the pipeline's own recorder (``bench/ingest.py``'s recordings).
+  by the pipeline's own recorder (``bench/ingest.py``'s recordings), with its CPU seconds split between
+  the main process and the pool's workers (``cpu_seconds_median``: where 2 workers fall short of 2x, is it
+  contention, a serial share, or waiting?).
 - **per-task overhead**: ``map_ordered`` of ``--tasks`` trivial tasks (return the item) on 2 workers, local
   and Ray (one local Ray instance of 2 CPUs, started here): the start-up of a run (two workers, their
   imports, one task each) and the cost of each further task, from a run of 2 tasks and a run of ``--tasks``.
