@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -44,7 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ingest.py's recordings
 
-from ingest import cpu_model, make_recordings  # noqa: E402  (bench/ingest.py)
+from ingest import cpu_model, cpu_split, make_recordings  # noqa: E402  (bench/ingest.py)
 
 from vlaops.config import load_config, to_container  # noqa: E402
 from vlaops.data.ingest import ingest  # noqa: E402
@@ -80,11 +79,6 @@ def time_chains(factory: Any, cfg: Any, chains: list, steps: int, workers: int, 
     return time.perf_counter() - start, [r.__dict__ for r in results]
 
 
-def _cpu_s(who: int) -> float:
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
-
-
 def time_ingest(raw: Path, out: Path, cfg: Any, workers: int, compute: ComputeConfig) -> tuple[float, str, dict[str, float]]:
     """Wall seconds, the output's digest, and the CPU seconds of this process and of its worker processes
     (user + system; the pool's workers are reaped when ``ingest`` returns, so RUSAGE_CHILDREN holds them:
@@ -94,11 +88,12 @@ def time_ingest(raw: Path, out: Path, cfg: Any, workers: int, compute: ComputeCo
     wall time beyond CPU time / workers is waiting (disk, start-up, an idle worker at the end)."""
     shutil.rmtree(out, ignore_errors=True)
     cfg.data.num_workers = workers
-    main0, kids0 = _cpu_s(resource.RUSAGE_SELF), _cpu_s(resource.RUSAGE_CHILDREN)
+    main0, kids0 = cpu_split()
     start = time.perf_counter()
     ingest(raw, out, cfg.data, compute)
     seconds = time.perf_counter() - start
-    cpu = {"main": _cpu_s(resource.RUSAGE_SELF) - main0, "workers": _cpu_s(resource.RUSAGE_CHILDREN) - kids0}
+    main1, kids1 = cpu_split()
+    cpu = {"main": main1 - main0, "workers": kids1 - kids0}
     digest = hashlib.sha256()
     for path in sorted(out.iterdir()):
         digest.update(path.name.encode())
