@@ -76,16 +76,15 @@ class CalvinWindowDataset(Dataset):
                 f"{split.dir}: no annotated span has the {window_size} frames a window needs (model.window_size)"
             )
         self.annotations = anns
+        # The auxiliary target (model.aux_*_dims): (n, K) per span, standardised by statistics.yaml, whose
+        # observation mean/std convert writes from the training split into both splits.
+        standardise = _AuxStandardiser(split, aux_dims) if aux_dims else None
+        obs_keys = standardise.obs if standardise is not None else ()
+        # Every frame's npz is opened once here, for its action and the read-outs' observations together.
+        spans = [[split.load_frame(i, ("rel_actions", *obs_keys)) for i in range(a.start, a.end + 1)] for a in anns]
         # (n, A) normalised actions per span, read once: a window needs W + C - 1 of them.
-        self.actions = [
-            normalizer.normalize(
-                np.stack([split.load_frame(i, ("rel_actions",))["rel_actions"] for i in range(a.start, a.end + 1)])
-            ).astype(np.float32)
-            for a in anns
-        ]
-        # the auxiliary target (model.aux_*_dims): (n, K) per span, standardised by statistics.yaml, whose
-        # observation mean/std convert writes from the training split into both splits
-        self.aux = _aux_targets(split, anns, aux_dims) if aux_dims else None
+        self.actions = [normalizer.normalize(np.stack([f["rel_actions"] for f in frames])).astype(np.float32) for frames in spans]
+        self.aux = [standardise(frames) for frames in spans] if standardise is not None else None
         texts = sorted({a.instruction for a in anns})
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
@@ -140,6 +139,10 @@ class CalvinWindowDataset(Dataset):
         }
 
 
+def _varies(std: float) -> bool:
+    """A dim the read-outs can regress: its training-split std is above round-off (a constant is not)."""
+    return std > 1e-6
+
 
 def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfig:
     """``model_cfg`` with the auxiliary targets (``aux_robot_dims``, ``aux_scene_dims``) cut to the dims that
@@ -155,7 +158,7 @@ def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfi
     kept: dict[str, list[int]] = {}
     for name, dims in (("robot_obs", model_cfg.aux_robot_dims), ("scene_obs", model_cfg.aux_scene_dims)):
         std = (stats.get(name) or [{}])[0].get("std")
-        kept[name] = [d for d in dims if std is not None and float(std[d]) > 1e-6]
+        kept[name] = [d for d in dims if std is not None and _varies(float(std[d]))]
         if kept[name] != list(dims):
             log.warning("%s: %s dims %s never vary in the training split: the auxiliary read-outs leave them out (model.aux_%s_dims)",
                         split.dir / STATISTICS, name, sorted(set(dims) - set(kept[name])), name[:5])
@@ -165,34 +168,36 @@ def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfi
     return dataclasses.replace(model_cfg, aux_robot_dims=kept["robot_obs"], aux_scene_dims=kept["scene_obs"])
 
 
-def _aux_targets(split: CalvinSplit, anns: list[Any], dims: dict[str, list[int]]) -> list[np.ndarray]:
-    """Each span's observation dims ``{"robot_obs": [...], "scene_obs": [...]}`` concatenated in that order
-    and standardised by the split's statistics.yaml: [(n, K) float32]."""
-    where = split.dir / STATISTICS
-    stats = split.statistics()
-    obs = [name for name in ("robot_obs", "scene_obs") if dims.get(name)]
-    mean, std = [], []
-    for name in obs:
-        vec = (stats.get(name) or [{}])[0]
-        if "mean" not in vec or "std" not in vec:
-            raise VlaopsError(f"{where}: no {name} mean/std; model.aux_weight > 0 needs an arm dataset with {name}")
-        m, sd = np.asarray(vec["mean"])[dims[name]], np.asarray(vec["std"])[dims[name]]
-        if np.any(sd < 1e-6):
-            flat = [d for d, v in zip(dims[name], sd) if v < 1e-6]
-            key = "aux_scene_dims" if name == "scene_obs" else "aux_robot_dims"
-            raise VlaopsError(
-                f"{where}: {name} dims {flat} never vary in the training split (std 0): the recordings carry no "
-                f"such state; set model.aux_weight=0 or model.{key} to dims that do"
-            )
-        mean.append(m)
-        std.append(sd)
-    mu, sigma = np.concatenate(mean), np.concatenate(std)
-    out = []
-    for a in anns:
-        frames = [split.load_frame(i, tuple(obs)) for i in range(a.start, a.end + 1)]
-        raw = np.stack([np.concatenate([f[name][dims[name]] for name in obs]) for f in frames])  # (n, K)
-        out.append(((raw - mu) / sigma).astype(np.float32))
-    return out
+class _AuxStandardiser:
+    """Turns a span's loaded frames into the read-outs' target: the observation dims ``{"robot_obs": [...],
+    "scene_obs": [...]}`` concatenated in that order and standardised by the split's statistics.yaml."""
+
+    def __init__(self, split: CalvinSplit, dims: dict[str, list[int]]) -> None:
+        where = split.dir / STATISTICS
+        stats = split.statistics()
+        self.dims = dims
+        self.obs = tuple(name for name in ("robot_obs", "scene_obs") if dims.get(name))
+        mean, std = [], []
+        for name in self.obs:
+            vec = (stats.get(name) or [{}])[0]
+            if "mean" not in vec or "std" not in vec:
+                raise VlaopsError(f"{where}: no {name} mean/std; model.aux_weight > 0 needs an arm dataset with {name}")
+            m, sd = np.asarray(vec["mean"])[dims[name]], np.asarray(vec["std"])[dims[name]]
+            flat = [d for d, v in zip(dims[name], sd) if not _varies(v)]
+            if flat:  # aux_dims_from_data cuts these for train; a caller that skipped it is told here
+                key = "aux_scene_dims" if name == "scene_obs" else "aux_robot_dims"
+                raise VlaopsError(
+                    f"{where}: {name} dims {flat} never vary in the training split (std 0): the recordings carry no "
+                    f"such state; set model.aux_weight=0 or model.{key} to dims that do"
+                )
+            mean.append(m)
+            std.append(sd)
+        self.mu, self.sigma = np.concatenate(mean), np.concatenate(std)
+
+    def __call__(self, frames: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """frames of one span, each with the ``obs`` keys -> (n, K) float32."""
+        raw = np.stack([np.concatenate([f[name][self.dims[name]] for name in self.obs]) for f in frames])  # (n, K)
+        return ((raw - self.mu) / self.sigma).astype(np.float32)
 
 
 def make_window_dataset(
