@@ -17,7 +17,7 @@ from rosbags.typesys import Stores, get_typestore
 from vlaops.eval.chains import evaluate_chains, summarize
 from vlaops.sim import TASKS, SimConfig, TabletopEnv, collect, get_task, run_expert, sample_chain, seeded_chains
 from vlaops.sim.expert import ScriptedExpert
-from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT
+from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT, SHARED_SCENES, episode_seed, expert_episodes
 
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])  # stay put, gripper open
 
@@ -201,6 +201,21 @@ def test_dart_noise_perturbs_the_arm_but_records_the_experts_action(fast_env: Ta
     assert np.array_equal(np.stack(tcp_noisy), np.stack(tcp_again))
     with pytest.raises(ValueError, match="rng"):
         run_expert(fast_env, "push_red_left", 5, action_noise=0.1)
+
+
+def test_shared_scenes_demonstrate_one_layout_with_several_instructions(fast_env: TabletopEnv) -> None:
+    """sim.shared_scenes: every task draws its reset seeds from one sequence, so the same block layout is
+    demonstrated with different instructions; off (the default), each task has scenes of its own."""
+    def seeds(shared: bool, task: str) -> list[int]:
+        cfg = SimConfig(episodes_per_task=3, max_attempts_per_task=6, num_workers=1, shared_scenes=shared)
+        return [rec.seed for _, rec in expert_episodes(fast_env, cfg, task)]
+
+    shared = {task: seeds(True, task) for task in ("push_red_left", "lift_blue")}
+    sequence = [episode_seed(0, SHARED_SCENES, k) for k in range(20)]
+    assert all(seed in sequence for task_seeds in shared.values() for seed in task_seeds)
+    assert set(shared["push_red_left"]) & set(shared["lift_blue"]), shared
+    own = {task: seeds(False, task) for task in ("push_red_left", "lift_blue")}
+    assert not set(own["push_red_left"]) & set(own["lift_blue"]), own
 
 
 def test_oracle_rejects_a_noop_episode(fast_env: TabletopEnv) -> None:

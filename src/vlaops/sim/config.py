@@ -78,6 +78,10 @@ class SimConfig:
     # dimension (in the env's [-1, 1] units) and record the expert's own action, so they hold recoveries
     # from the drift a policy's errors cause (sim/expert.py run_expert). 0: the clean expert.
     expert_action_noise: float = 0.0
+    # Every task draws its scenes from one seed sequence, so a scene (one block layout) is demonstrated
+    # with several instructions: the same first image, a different action (docs/results.md measures it).
+    # false: each task has its own scenes, every demonstration a new layout.
+    shared_scenes: bool = False
     # Block start poses, sampled per reset: (x, y) uniform over this rectangle of the table (m, robot
     # base frame), centres at least block_min_separation apart, colours in any arrangement, yaw uniform
     # in +-block_yaw_range (pi/4 covers every orientation of a cube). Wide enough that a policy must

@@ -82,6 +82,9 @@ class EpisodeRecord:
     joint_samples: list[tuple[float, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
+SHARED_SCENES = ""  # the "task" whose seed sequence every task draws from under sim.shared_scenes
+
+
 def episode_seed(base_seed: int, task: str, attempt: int) -> int:
     """The reset seed of one attempt; depends on the task's name, not its place in the task list."""
     return int(np.random.SeedSequence([base_seed, zlib.crc32(task.encode()), attempt]).generate_state(1)[0])
@@ -233,7 +236,7 @@ def expert_episodes(env: TabletopEnv, cfg: SimConfig, task_name: str,
                 f"task {task_name!r}: its precondition held in only {attempts} of {scenes} random scenes; "
                 f"widen sim.block_x_range / sim.block_y_range or lower sim.block_min_separation"
             )
-        seed = episode_seed(cfg.seed, task_name, scenes)
+        seed = episode_seed(cfg.seed, SHARED_SCENES if cfg.shared_scenes else task_name, scenes)
         scenes += 1
         episode_id = f"{task_name}_{successes:04d}"
         start_ns = EPOCH_NS + (task_pos * cfg.episodes_per_task + successes) * EPISODE_SPACING_NS
