@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vlaops.eval.reference import ExpertPolicy
-from vlaops.sim import SimConfig, TabletopEnv, seeded_chains
+from vlaops.sim import SimConfig, TabletopEnv, get_task, seeded_chains
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "grounding.py"
@@ -31,13 +31,13 @@ class WrongBlock:
     """The expert, told to lift another block than the one instructed: an ungrounded but able policy."""
 
     def __init__(self, env: TabletopEnv, other: str) -> None:
-        self.expert, self.other = ExpertPolicy(env), other
+        self.expert, self.instruction = ExpertPolicy(env), get_task(f"lift_{other}").instruction
 
     def reset(self) -> None:
         self.expert.reset()
 
     def step(self, obs: dict[str, Any], instruction: str) -> np.ndarray:
-        return self.expert.step(obs, f"lift the {self.other} block")
+        return self.expert.step(obs, self.instruction)
 
 
 @pytest.fixture(scope="module")
