@@ -18,7 +18,9 @@ from conftest import CONF, SHRINK_MODEL, SHRINK_PIPELINE, path_overrides
 from safetensors.torch import load_file
 
 import vlaops
+from vlaops import cli, tracking
 from vlaops.tracking import TRAIN_LOSS
+from vlaops.utils import signals
 
 SRC = Path(vlaops.__file__).resolve().parents[1]  # the children run the code under test
 
@@ -203,6 +205,35 @@ def test_a_signalled_train_ends_killed_without_leftovers(calvin_dir, tmp_path, s
     assert run.info.status == "KILLED"
     assert _temps(tmp_path / "models") == [] and not (tmp_path / "models" / "policy").exists()
     assert any(p.name.startswith("step_") for p in ckpts.iterdir())
+
+
+class _CleanupFails:
+    """A library's context manager whose cleanup raises over the exception passing through it, as
+    OmegaConf's flag_override did when a SIGTERM landed while it built a node (CI, stop 17: the stage
+    ended with exit 1, a traceback and the MLflow run FAILED)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_hidden_under_a_library_error_still_ends_the_stage_killed(tmp_path, monkeypatch, capsys, sig):
+    """In process, so the signal lands exactly inside the library: exit 128+signal with one line, run KILLED."""
+    monkeypatch.setattr(signals, "_pending", None)  # the handler records the signal process-wide
+
+    def stage(command: str, cfg) -> None:
+        with tracking.run(cfg.tracking), _CleanupFails():
+            os.kill(os.getpid(), sig)  # the handler raises at the next bytecode, inside the library's block
+            time.sleep(60)
+
+    monkeypatch.setattr(cli, "run_stage", stage)
+    assert cli.main(["train", "--config-dir", str(CONF), *path_overrides(tmp_path)]) == 128 + sig
+    _one_line_error(capsys.readouterr().err, f"stopped by {signal.Signals(sig).name}")
+    (run,) = _runs(tmp_path / "mlflow.db")
+    assert run.info.status == "KILLED"
 
 
 def _tree(root: Path) -> dict[str, bytes]:

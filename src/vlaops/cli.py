@@ -26,7 +26,7 @@ from vlaops.config import DEFAULT_CONFIG_DIR, Config, compose, dump_params, load
 from vlaops.errors import Terminated, VlaopsError
 from vlaops.utils.atomic import atomic_file
 from vlaops.utils.logging import get_logger
-from vlaops.utils.signals import signal_arrived
+from vlaops.utils.signals import signal_arrived, signal_behind
 
 log = get_logger(__name__)
 STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
@@ -168,7 +168,7 @@ def inspect_data(path: str, cfg: Config, args: argparse.Namespace) -> None:
         raise VlaopsError(f"{path}: no episode could be read ({len(summary['unreadable'])} unreadable, listed above)")
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
+def _raise_signalled(signum: int, frame: object) -> None:
     signal_arrived(signum)
 
 
@@ -187,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     config_dir = argv[argv.index("--config-dir") + 1] if "--config-dir" in argv[:-1] else DEFAULT_CONFIG_DIR
     args = _parser(config_dir).parse_intermixed_args(argv)
     # SIGTERM unwinds like Ctrl-C (an exception), so atomic outputs drop their temporaries and the
-    # MLflow run is closed as KILLED; Python's default would end the process on the spot, like kill -9
+    # MLflow run is closed as KILLED; Python's default would end the process on the spot, like kill -9.
+    # Both handlers also remember the signal, which a library's cleanup may hide under an error of its own.
     handle = threading.current_thread() is threading.main_thread()  # Python allows handlers only there
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handle else None
+    previous = {s: signal.signal(s, _raise_signalled) for s in (signal.SIGTERM, signal.SIGINT)} if handle else {}
     sys.unraisablehook = _quiet_swallowed_signal
     try:
         if args.command == "params":
@@ -225,17 +226,19 @@ def main(argv: list[str] | None = None) -> int:
             serve(cfg.paths.model_dir, cfg.serve)
             return 0
         run_stage(args.command, cfg)
-    except VlaopsError as exc:
-        print(f"vlaops {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Terminated) as exc:
-        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
-        name = signal.Signals(signum).name
-        print(f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is KILLED", file=sys.stderr)
-        return 128 + signum
+    except BaseException as exc:
+        signum = signal_behind(exc)
+        if signum is not None:
+            name = signal.Signals(signum).name
+            print(f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is KILLED", file=sys.stderr)
+            return 128 + signum
+        if isinstance(exc, VlaopsError):
+            print(f"vlaops {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+        raise
     finally:
-        if handle:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return 0
 
 

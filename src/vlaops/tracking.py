@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from vlaops.errors import Terminated, VlaopsError
+from vlaops.errors import VlaopsError
 from vlaops.utils.locks import file_lock
 from vlaops.utils.paths import check_writable
 from vlaops.utils.logging import get_logger
+from vlaops.utils.signals import signal_behind
 
 log = get_logger(__name__)
 
@@ -223,11 +224,8 @@ def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | N
     log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
     try:
         yield mlflow
-    except (KeyboardInterrupt, Terminated):  # SIGINT, SIGTERM: stopped from outside, not a failure
-        mlflow.end_run(status="KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run(status="FAILED")
+    except BaseException as exc:  # SIGINT, SIGTERM (under whatever a library raised over it): stopped from outside
+        mlflow.end_run(status="KILLED" if signal_behind(exc) is not None else "FAILED")
         raise
     mlflow.end_run(status="FINISHED")
 

@@ -72,8 +72,11 @@ def run(cfg: Config) -> None:
         raise VlaopsError(f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than train.batch_size={cfg.train.batch_size}"
                           + (f" x {world} processes (one batch each)" if world > 1 else ""))
     fingerprint = {"calvin": dataset_fingerprint(calvin_dir), "normalization": normalizer.to_dict()}
-    recipe_cfg = {k: v for k, v in to_container(cfg).items() if k in ("seed", "model", "train", "data")}
-    recipe_cfg["train"].pop("trust_checkpoint")  # how to load, not what was trained
+    # the config as plain data, once: OmegaConf is not re-entered at every checkpoint (a signal landing in
+    # it leaves its cleanup raising AttributeError over the signal)
+    config = to_container(cfg)
+    recipe_cfg = {k: v for k, v in config.items() if k in ("seed", "model", "train", "data")}
+    recipe_cfg["train"] = {k: v for k, v in recipe_cfg["train"].items() if k != "trust_checkpoint"}  # how to load, not what was trained
     recipe = {"config": recipe_cfg, "data": fingerprint["calvin"]}
     # a distributed launch (torchrun, accelerate launch): the main process owns the shared files, the
     # MLflow run and the export; the others train their shard of each batch
@@ -82,12 +85,13 @@ def run(cfg: Config) -> None:
         if state.is_main_process:
             guard_checkpoints(checkpoint_dir, recipe, set_aside="DVC_STAGE" in os.environ)  # DVC sets it for every stage
         state.wait_for_everyone()
-        _train(cfg, processor, normalizer, train_ds, val_ds, fingerprint, state.is_main_process)
+        _train(cfg, config, processor, normalizer, train_ds, val_ds, fingerprint, state.is_main_process)
 
 
-def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: Dataset, val_ds: Dataset,
-           fingerprint: dict[str, Any], is_main: bool = True) -> None:
-    """Build, train (resuming the checkpoint directory's newest checkpoint) and export the policy."""
+def _train(cfg: Config, config: dict[str, Any], processor: Any, normalizer: ActionNormalizer, train_ds: Dataset,
+           val_ds: Dataset, fingerprint: dict[str, Any], is_main: bool = True) -> None:
+    """Build, train (resuming the checkpoint directory's newest checkpoint) and export the policy;
+    ``config`` is ``cfg`` as plain data (MLflow params, train_config.json)."""
     model_dir, checkpoint_dir = Path(cfg.paths.model_dir), Path(cfg.paths.checkpoint_dir)
     # seeded right before the build: a checkpoint stores the trainable tensors, a resume or an export rebuilds the rest
     policy = build_policy(cfg.model, len(processor.tokenizer), cfg.seed)
@@ -110,7 +114,7 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
     opened = tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else tags) if is_main else contextlib.nullcontext()
     with opened as mlflow:
         if run_id is None:
-            tracking.log_params(mlflow, flatten(to_container(cfg)))
+            tracking.log_params(mlflow, flatten(config))
             tracking.log_params(mlflow, counts)  # params_total, params_trainable...: counts, not measurements
             tracking.log_datasets(mlflow, {TRAINING: Path(cfg.data.calvin_dir) / TRAINING,
                                            VALIDATION: Path(cfg.data.calvin_dir) / VALIDATION}, fingerprint["calvin"])
@@ -126,7 +130,7 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
             policy, make_loader(train_ds, cfg.train, shuffle=True), make_loader(val_ds, cfg.train, shuffle=False),
             cfg.train, log_metrics, checkpoint_dir, caller_state, frozen_source(cfg.model, cfg.seed),
             # what `vlaops export` needs besides the weights, in every checkpoint
-            lambda d: write_checkpoint_recipe(d, processor, normalizer, dataclasses.asdict(cfg.model), to_container(cfg), fingerprint),
+            lambda d: write_checkpoint_recipe(d, processor, normalizer, dataclasses.asdict(cfg.model), config, fingerprint),
         )
         if not is_main:
             return
@@ -138,7 +142,7 @@ def _train(cfg: Config, processor: Any, normalizer: ActionNormalizer, train_ds: 
         save_policy(
             model_dir, policy, processor, normalizer, cfg.model,
             # no wall time in the policy (a DVC output): it stays in the log and in MLflow's final/* metrics
-            extra={"train_config": to_container(cfg), "data_fingerprint": fingerprint,
+            extra={"train_config": config, "data_fingerprint": fingerprint,
                    "train_result": {k: v for k, v in result.items() if k not in TIMING_KEYS},
                    Path(tracking.RUN_FILE).stem: run_info},
         )
