@@ -91,6 +91,37 @@ def test_aux_targets_are_the_window_frames_observations_standardised_by_the_trai
         CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims={"scene_obs": [0, 6]})
 
 
+def test_the_instructed_target_is_the_scene_group_of_the_word_each_instruction_names(calvin_dir, cfg):
+    """``aux_words`` (model.aux_instructed_words): after the read-outs' K dims, the aux_scene_dims group of
+    the word the span's instruction names (red: scene_obs 6, 7; blue: 12, 13), case and punctuation aside.
+    An instruction naming none of the words, or two, is refused with the split and the instruction."""
+    import pytest
+
+    from vlaops.errors import VlaopsError
+
+    split = CalvinSplit(calvin_dir / "training")
+    normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
+    robot = [d for d, v in enumerate(split.statistics()["robot_obs"][0]["std"]) if v > 1e-6][:2]
+    dims = {"robot_obs": robot, "scene_obs": [6, 7, 12, 13]}
+    args = (split, normalizer, _tokenize, 3, 4, 64, None)
+    plain = CalvinWindowDataset(*args, aux_dims=dims)
+    named = CalvinWindowDataset(*args, aux_dims=dims, aux_words=["Red", "blue"])
+    k = len(robot) + 4
+    seen = set()
+    for i in range(0, len(named), 5):
+        instruction = named.annotations[named.index[i][0]].instruction
+        at = len(robot) + (0 if "red" in instruction else 2)
+        x, y = plain[i][keys.AUX_TARGET], named[i][keys.AUX_TARGET]  # (W, K), (W, K + 2)
+        assert y.shape == (3, k + 2)
+        torch.testing.assert_close(y[:, :k], x)
+        torch.testing.assert_close(y[:, k:], x[:, at:at + 2])
+        seen.add(instruction)
+    assert seen == {"push the red block to the left", "lift the blue block"}
+    for words, n in ((["red", "green"], 0), (["red", "block"], 2)):
+        with pytest.raises(VlaopsError, match=rf"training: instruction '.*' names {n} of model.aux_instructed_words"):
+            CalvinWindowDataset(*args, aux_dims=dims, aux_words=words)
+
+
 def test_aux_dims_from_data_keeps_the_dims_that_vary_and_turns_the_read_outs_off_without_any(calvin_dir, cfg, caplog):
     """As train sets the head's action space from the data: constant dims (a recording without scene state,
     a TCP that never moves along an axis) are left out with a warning; none left turns the read-outs off."""
@@ -108,3 +139,9 @@ def test_aux_dims_from_data_keeps_the_dims_that_vary_and_turns_the_read_outs_off
     assert aux_dims_from_data(cut, split) == cut  # what train cut, the datasets keep
     off = aux_dims_from_data(dataclasses.replace(model, aux_robot_dims=[], aux_scene_dims=[0, 1]), split)
     assert off.aux_weight == 0.0 and "the read-outs are off" in caplog.text
+    # the instructed read-out's groups follow aux_scene_dims: kept when no dim is cut, off when one is
+    words = dataclasses.replace(cut, aux_instructed_words=["red", "blue"], aux_scene_dims=[6, 7, 12, 13])
+    assert aux_dims_from_data(words, split).aux_instructed_words == ["red", "blue"]
+    cut_words = aux_dims_from_data(dataclasses.replace(words, aux_scene_dims=[0, 1, 6, 7]), split)
+    assert cut_words.aux_scene_dims == [6, 7] and cut_words.aux_instructed_words == []
+    assert "that read-out is off" in caplog.text

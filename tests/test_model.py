@@ -275,6 +275,42 @@ def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
         ModelConfig(aux_weight=1.0, aux_robot_dims=[], aux_scene_dims=[])
 
 
+def test_the_instructed_read_out_regresses_the_named_group_from_the_action_token(processor):
+    """``aux_instructed_words``: one more linear read-out, of the action token only (the one feature that read
+    the instruction), regresses the aux_target's last G dims; its MSE adds into aux_loss and reaches the text
+    embeddings: it trains the decoder to look the named object up."""
+    batch = make_batch(processor)
+    batch[keys.AUX_TARGET] = torch.randn(B, W, 6 + 2, generator=torch.Generator().manual_seed(2))
+    kw = dict(loss="mse", aux_weight=0.5, aux_inputs=["image_tokens"], aux_robot_dims=[0, 1], aux_scene_dims=[6, 7, 12, 13])
+    named = make_policy(processor, aux_instructed_words=["red", "blue"], **kw).eval()
+    assert make_policy(processor, **kw).aux_instructed is None
+    assert (named.aux_instructed.in_features, named.aux_instructed.out_features) == (named.backbone.hidden_size, 2)
+    with torch.no_grad():
+        out = named(batch)
+        feats, tokens = named.backbone(
+            batch[keys.RGB].flatten(0, 1), batch[keys.HAND_RGB].flatten(0, 1),
+            batch[keys.TEXT].repeat_interleave(W, 0), batch[keys.TEXT_MASK].repeat_interleave(W, 0), return_image_tokens=True,
+        )
+        target = batch[keys.AUX_TARGET].flatten(0, 1)
+        expected = ((named.aux_heads["image_tokens"](tokens.flatten(1)) - target[:, :6]).pow(2).mean()
+                    + (named.aux_instructed(feats) - target[:, 6:]).pow(2).mean())
+    torch.testing.assert_close(out["aux_loss"], expected)
+    named.train()
+    named.zero_grad()
+    torch.nn.functional.mse_loss(named.aux_instructed(named.backbone(
+        batch[keys.RGB].flatten(0, 1), batch[keys.HAND_RGB].flatten(0, 1),
+        batch[keys.TEXT].repeat_interleave(W, 0), batch[keys.TEXT_MASK].repeat_interleave(W, 0))), target[:, 6:]).backward()
+    assert named.backbone.text_embeddings.weight.grad.abs().sum() > 0
+    batch[keys.AUX_TARGET] = batch[keys.AUX_TARGET][..., :6]  # a dataset built without the words
+    with pytest.raises(ValueError, match=r"has 6 dims, the read-outs 8 .*aux_instructed_words \['red', 'blue'\]"):
+        named(batch)
+    for bad in (["red", "Red"], ["red block"], [""]):
+        with pytest.raises(ValueError, match="aux_instructed_words must be distinct words"):
+            ModelConfig(aux_instructed_words=bad)
+    with pytest.raises(ValueError, match="cannot split model.aux_scene_dims"):
+        ModelConfig(aux_instructed_words=["red", "blue", "green"], aux_scene_dims=[6, 7, 12, 13])
+
+
 # ---- train_setup -------------------------------------------------------------------------------------
 def _trainable(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

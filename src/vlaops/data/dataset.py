@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -60,6 +61,7 @@ class CalvinWindowDataset(Dataset):
         frames: FrameCache | None = None,
         pad_history: bool = False,
         aux_dims: dict[str, list[int]] | None = None,
+        aux_words: Sequence[str] = (),
     ) -> None:
         if frames is not None and frames.image_size != image_size:
             raise VlaopsError(f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)")
@@ -78,13 +80,13 @@ class CalvinWindowDataset(Dataset):
         self.annotations = anns
         # The auxiliary target (model.aux_*_dims): (n, K) per span, standardised by statistics.yaml, whose
         # observation mean/std convert writes from the training split into both splits.
-        standardise = _AuxStandardiser(split, aux_dims) if aux_dims else None
+        standardise = _AuxStandardiser(split, aux_dims, aux_words) if aux_dims else None
         obs_keys = standardise.obs if standardise is not None else ()
         # Every frame's npz is opened once here, for its action and the read-outs' observations together.
         spans = [[split.load_frame(i, ("rel_actions", *obs_keys)) for i in range(a.start, a.end + 1)] for a in anns]
         # (n, A) normalised actions per span, read once: a window needs W + C - 1 of them.
         self.actions = [normalizer.normalize(np.stack([f["rel_actions"] for f in frames])).astype(np.float32) for frames in spans]
-        self.aux = [standardise(frames) for frames in spans] if standardise is not None else None
+        self.aux = [standardise(frames, a.instruction) for frames, a in zip(spans, anns)] if standardise is not None else None
         texts = sorted({a.instruction for a in anns})
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
@@ -165,14 +167,21 @@ def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfi
     if not kept["robot_obs"] + kept["scene_obs"]:
         log.warning("model.aux_weight=%g but no auxiliary target varies in %s: the read-outs are off", model_cfg.aux_weight, split.dir)
         return dataclasses.replace(model_cfg, aux_weight=0.0)
-    return dataclasses.replace(model_cfg, aux_robot_dims=kept["robot_obs"], aux_scene_dims=kept["scene_obs"])
+    words = model_cfg.aux_instructed_words
+    if words and kept["scene_obs"] != list(model_cfg.aux_scene_dims):  # its groups are no longer one per word
+        log.warning("model.aux_instructed_words=%s split model.aux_scene_dims into one group per word; with dims "
+                    "cut, that read-out is off", words)
+        words = []
+    return dataclasses.replace(model_cfg, aux_robot_dims=kept["robot_obs"], aux_scene_dims=kept["scene_obs"],
+                               aux_instructed_words=words)
 
 
 class _AuxStandardiser:
     """Turns a span's loaded frames into the read-outs' target: the observation dims ``{"robot_obs": [...],
-    "scene_obs": [...]}`` concatenated in that order and standardised by the split's statistics.yaml."""
+    "scene_obs": [...]}`` concatenated in that order and standardised by the split's statistics.yaml, then,
+    with ``words`` (model.aux_instructed_words), the scene_obs group of the word the span's instruction names."""
 
-    def __init__(self, split: CalvinSplit, dims: dict[str, list[int]]) -> None:
+    def __init__(self, split: CalvinSplit, dims: dict[str, list[int]], words: Sequence[str] = ()) -> None:
         where = split.dir / STATISTICS
         stats = split.statistics()
         self.dims = dims
@@ -193,11 +202,30 @@ class _AuxStandardiser:
             mean.append(m)
             std.append(sd)
         self.mu, self.sigma = np.concatenate(mean), np.concatenate(std)
+        self.split_dir = split.dir
+        self.words = [w.lower() for w in words]
+        self.group = len(dims.get("scene_obs") or []) // len(words) if words else 0
+        self.scene_at = len(dims.get("robot_obs") or [])  # where the scene dims start in the target
 
-    def __call__(self, frames: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """frames of one span, each with the ``obs`` keys -> (n, K) float32."""
+    def named_group(self, instruction: str) -> int:
+        """Index of the one word of ``words`` that ``instruction`` contains."""
+        tokens = set(re.findall(r"[a-z0-9]+", instruction.lower()))
+        named = [i for i, w in enumerate(self.words) if w in tokens]
+        if len(named) != 1:
+            raise VlaopsError(
+                f"{self.split_dir}: instruction {instruction!r} names {len(named)} of model.aux_instructed_words "
+                f"{self.words}; each instruction must name exactly one (or set model.aux_instructed_words=[])"
+            )
+        return named[0]
+
+    def __call__(self, frames: list[dict[str, np.ndarray]], instruction: str) -> np.ndarray:
+        """frames of one span, each with the ``obs`` keys -> (n, K), or (n, K + G) with ``words``; float32."""
         raw = np.stack([np.concatenate([f[name][self.dims[name]] for name in self.obs]) for f in frames])  # (n, K)
-        return ((raw - self.mu) / self.sigma).astype(np.float32)
+        target = ((raw - self.mu) / self.sigma).astype(np.float32)
+        if not self.words:
+            return target
+        at = self.scene_at + self.named_group(instruction) * self.group
+        return np.concatenate([target, target[:, at:at + self.group]], axis=1)  # (n, K + G)
 
 
 def make_window_dataset(
@@ -228,4 +256,5 @@ def make_window_dataset(
         frames,
         model_cfg.pad_history,
         {"robot_obs": aux_cfg.aux_robot_dims, "scene_obs": aux_cfg.aux_scene_dims} if aux_cfg.aux_weight > 0 else None,
+        aux_cfg.aux_instructed_words if aux_cfg.aux_weight > 0 else (),
     )

@@ -150,6 +150,13 @@ class ModelConfig:
     aux_robot_dims: list[int] = field(default_factory=lambda: [0, 1, 2])  # the TCP position
     # the x, y of the simulator's three blocks (scene_obs 6:12, 12:18, 18:24 are each block's position + euler)
     aux_scene_dims: list[int] = field(default_factory=lambda: [6, 7, 12, 13, 18, 19])
+    # One more read-out, from the action token only: the dims of the object the instruction names.
+    # ``aux_scene_dims`` splits into len(aux_instructed_words) equal groups, word i naming group i; a span's
+    # instruction must contain exactly one of the words. Why: the action token holds where every block is
+    # and what the instruction says, but the head does not pick the named block (a policy comes closest to
+    # the instructed block in 0.4-0.75 of episodes, chance 0.33: docs/results.md, "Which block does it go
+    # to?"); this target trains that lookup. Empty: off.
+    aux_instructed_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # built from a plain dict (policy_config.json)
@@ -183,6 +190,12 @@ class ModelConfig:
                 raise ValueError(f"{name} must list distinct CALVIN {name[4:9]}_obs indices 0..{size - 1}, got {dims!r}")
         if self.aux_weight > 0 and not self.aux_robot_dims + self.aux_scene_dims:
             raise ValueError("aux_weight > 0 needs a target: model.aux_robot_dims or model.aux_scene_dims")
+        words = self.aux_instructed_words
+        if any(not w or not w.isalnum() for w in words) or len({w.lower() for w in words}) < len(words):
+            raise ValueError(f"aux_instructed_words must be distinct words (letters and digits), got {words!r}")
+        if words and (not self.aux_scene_dims or len(self.aux_scene_dims) % len(words)):
+            raise ValueError(f"aux_instructed_words: {len(words)} words cannot split model.aux_scene_dims "
+                             f"{self.aux_scene_dims} into one equal group each")
         if self.arm_gripper_loss_ratio < 0:
             raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
         if self.pretrained_dir == "":

@@ -51,6 +51,10 @@ class VLAPolicy(nn.Module):
             self.aux_heads = nn.ModuleDict(
                 {name: nn.Linear(q * d if name == "image_tokens" else d, len(cfg.aux_robot_dims) + len(cfg.aux_scene_dims)) for name in cfg.aux_inputs}
             )
+        # the named object's dims (model.aux_instructed_words), from the action token: the only read of the text
+        self.aux_instructed = None
+        if cfg.aux_weight > 0 and cfg.aux_instructed_words:
+            self.aux_instructed = nn.Linear(backbone.hidden_size, len(cfg.aux_scene_dims) // len(cfg.aux_instructed_words))
 
     @classmethod
     def build(cls, cfg: ModelConfig, vocab_size: int) -> VLAPolicy:
@@ -106,13 +110,17 @@ class VLAPolicy(nn.Module):
             reads = {"image_tokens": lambda: tokens.flatten(1), "mean_image_token": lambda: tokens.mean(1), "action_token": lambda: feats}  # (B*W, Q*D | D | D)
             target = batch[keys.AUX_TARGET].flatten(0, 1).float()  # (B*W, K)
             k = len(self.cfg.aux_robot_dims) + len(self.cfg.aux_scene_dims)
-            if target.shape[-1] != k:
+            g = self.aux_instructed.out_features if self.aux_instructed is not None else 0
+            if target.shape[-1] != k + g:
                 raise ValueError(
-                    f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k} (model.aux_robot_dims "
-                    f"{self.cfg.aux_robot_dims} + aux_scene_dims {self.cfg.aux_scene_dims}): build the policy from the "
-                    "config train cut to the data (vlaops.data.dataset.aux_dims_from_data)"
+                    f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k + g} (model.aux_robot_dims "
+                    f"{self.cfg.aux_robot_dims} + aux_scene_dims {self.cfg.aux_scene_dims} + {g} of aux_instructed_words "
+                    f"{self.cfg.aux_instructed_words}): build the policy from the config train cut to the data "
+                    "(vlaops.data.dataset.aux_dims_from_data)"
                 )
-            aux_loss = sum(F.mse_loss(head(reads[name]()).float(), target) for name, head in self.aux_heads.items())
+            aux_loss = sum(F.mse_loss(head(reads[name]()).float(), target[:, :k]) for name, head in self.aux_heads.items())
+            if self.aux_instructed is not None:
+                aux_loss = aux_loss + F.mse_loss(self.aux_instructed(feats).float(), target[:, k:])
             losses = {**losses, "loss": losses["loss"] + self.cfg.aux_weight * aux_loss,
                       "policy_loss": losses["loss"].detach(), "aux_loss": aux_loss.detach()}
         if self.cfg.action_classes:
