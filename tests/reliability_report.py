@@ -34,6 +34,7 @@ GUARANTEES: list[tuple[str, list[str]]] = [
       f"{R}test_a_signalled_convert_keeps_the_old_output_and_no_temporary",
       f"{R}test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run[15]",
       f"{R}test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running",
+      f"{R}test_a_signal_hidden_under_a_library_error_still_ends_the_stage_killed",
       "tests/test_atomic.py::test_a_failing_block_leaves_the_old_output_and_no_temporary"]),
     ("After SIGKILL the next run sweeps its output's stale temporaries (and logs it); a live writer's are kept; "
      "the rerun's output is byte-identical to a clean run's",
