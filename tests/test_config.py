@@ -82,6 +82,7 @@ def test_ingest_defaults_to_what_the_simulator_records(tmp_path):
     [
         ["experiment=lora"],
         ["experiment=cpu_long"],
+        ["experiment=lookup"],
         ["experiment=robovlms_kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
         ["model=kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
         ["sim.storage=mcap", "data.on_bad_input=quarantine"],
@@ -101,6 +102,9 @@ def test_experiment_changes_what_it_says():
     assert cfg.model.chunk_loss_decay == 1.0 and cfg.model.pad_history is False
     cfg = load_config(["experiment=cpu_long"], CONF)
     assert cfg.train.max_steps == 3000 and cfg.model == load_config([], CONF).model
+    cfg, default = load_config(["experiment=lookup"], CONF), load_config([], CONF)
+    assert cfg.model.tiny.text_layers == 4 and cfg.model.aux_instructed_words == ["red", "blue", "green"]
+    assert cfg.train == default.train and cfg.model.aux_scene_dims == default.model.aux_scene_dims
 
 
 def test_kosmos2_without_weights_dir_names_the_key():
