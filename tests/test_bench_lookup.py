@@ -37,6 +37,7 @@ def test_named_block_finds_the_one_colour_word() -> None:
             bench.named_block(text)
 
 
+@pytest.mark.slow  # seconds: the full suite only (the quick loop stays under 5 minutes)
 def test_the_targets_are_the_named_block_the_others_and_the_tcp_on_the_first_frames(calvin_dir, tiny_policy_dir) -> None:
     bench = _bench()
     split = CalvinSplit(calvin_dir / "training")

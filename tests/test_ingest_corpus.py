@@ -165,6 +165,7 @@ def test_corpus_has_twenty_or_more_broken_recordings():
     assert len(BROKEN) + len(MIXED_EXPECTED) >= 20
 
 
+@pytest.mark.slow  # seconds: the full suite only (the quick loop stays under 5 minutes)
 def test_every_broken_recording_is_quarantined_with_its_reason_and_good_episodes_are_byte_identical(corpus):
     root, raw = corpus["root"], corpus["raw"]
     # the good recordings alone, read from the same paths as in the mixed run (provenance holds the path)

@@ -86,6 +86,7 @@ class RoundTripEnv:
 
 
 # --- the expert ------------------------------------------------------------------------------------
+@pytest.mark.slow  # seconds: the full suite only (the quick loop stays under 5 minutes)
 def test_expert_demonstrations_are_not_clipped(demos, env: TabletopEnv) -> None:
     rel = np.concatenate([r for _, _, r in demos])  # (N, 7)
     assert clipped_fraction(rel) <= 0.01

@@ -219,6 +219,7 @@ class _CleanupFails:
         raise AttributeError("'NoneType' object has no attribute '_invalidate_flags_cache'")
 
 
+@pytest.mark.slow  # seconds: the full suite only (the quick loop stays under 5 minutes)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_hidden_under_a_library_error_still_ends_the_stage_killed(tmp_path, monkeypatch, capsys, sig):
     """In process, so the signal lands exactly inside the library: exit 128+signal with one line, run KILLED."""

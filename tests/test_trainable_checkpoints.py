@@ -154,6 +154,7 @@ def _export(*args: str) -> int:
     return main(["export", *args, "--config-dir", str(CONF)])
 
 
+@pytest.mark.slow  # seconds: the full suite only (the quick loop stays under 5 minutes)
 def test_export_writes_the_trained_policy_from_a_trainable_only_checkpoint(lora_run, tmp_path):
     from vlaops.model import PolicyRuntime
 
