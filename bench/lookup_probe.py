@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from perception_probe import BLOCKS, probe
 
+from vlaops.data.dataset import words_named
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
 from vlaops.model import PolicyRuntime
@@ -39,7 +39,7 @@ TARGETS = ("named_block", "other_block_1", "other_block_2", "tcp")
 
 def named_block(instruction: str) -> int:
     """Index into BLOCKS of the one colour ``instruction`` names."""
-    named = [i for i, colour in enumerate(BLOCKS) if colour in re.findall(r"[a-z]+", instruction.lower())]
+    named = words_named(instruction, BLOCKS)
     if len(named) != 1:
         raise VlaopsError(f"instruction {instruction!r} names {len(named)} of the blocks {BLOCKS}; the probe needs exactly one")
     return named[0]

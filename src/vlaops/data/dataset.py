@@ -176,6 +176,12 @@ def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfi
                                aux_instructed_words=words)
 
 
+def words_named(instruction: str, words: Sequence[str]) -> list[int]:
+    """Indices of the ``words`` that occur in ``instruction`` as whole words, case aside."""
+    tokens = set(re.findall(r"[a-z0-9]+", instruction.lower()))
+    return [i for i, w in enumerate(words) if w.lower() in tokens]
+
+
 class _AuxStandardiser:
     """Turns a span's loaded frames into the read-outs' target: the observation dims ``{"robot_obs": [...],
     "scene_obs": [...]}`` concatenated in that order and standardised by the split's statistics.yaml, then,
@@ -209,8 +215,7 @@ class _AuxStandardiser:
 
     def named_group(self, instruction: str) -> int:
         """Index of the one word of ``words`` that ``instruction`` contains."""
-        tokens = set(re.findall(r"[a-z0-9]+", instruction.lower()))
-        named = [i for i, w in enumerate(self.words) if w in tokens]
+        named = words_named(instruction, self.words)
         if len(named) != 1:
             raise VlaopsError(
                 f"{self.split_dir}: instruction {instruction!r} names {len(named)} of model.aux_instructed_words "
