@@ -3,6 +3,7 @@ the offline processor and synthetic batches of the training contract."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,43 @@ sys.path.insert(0, str(Path(__file__).parent))  # bagfactory, imported where a t
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a container
+    limited to 2 cores of a 64-core host sees 64 in os.cpu_count())."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: a worker per usable core, and at most one per 3 GB of free memory (a worker imports
+    torch, transformers and MLflow, and its tests start whole stages as subprocesses beside it)."""
+    try:
+        available_gb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        available_gb = 3.0
+    return max(1, min(usable_cpus(), int(available_gb // 3)))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n``), share the cores between the workers: each worker, and every stage it
+    starts as a subprocess, runs torch on its share instead of all of them (two workers on 2 cores
+    would otherwise run 4 threads on 2 cores and be slower than one)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:
+        return
+    import torch
+
+    threads = max(1, usable_cpus() // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
 
 
 def path_overrides(tmp_path: Path) -> list[str]:

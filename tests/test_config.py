@@ -104,7 +104,9 @@ def test_experiment_changes_what_it_says():
     assert cfg.train.max_steps == 3000 and cfg.model == load_config([], CONF).model
     cfg, default = load_config(["experiment=lookup"], CONF), load_config([], CONF)
     assert cfg.model.tiny.text_layers == 4 and cfg.model.aux_instructed_words == ["red", "blue", "green"]
-    assert cfg.train == default.train and cfg.model.aux_scene_dims == default.model.aux_scene_dims
+    assert cfg.model.aux_scene_dims == default.model.aux_scene_dims
+    assert (cfg.sim.episodes_per_task, cfg.train.max_steps) == (30, 3000)
+    assert {**cfg.train.__dict__, "max_steps": default.train.max_steps} == default.train.__dict__
 
 
 def test_kosmos2_without_weights_dir_names_the_key():
