@@ -30,6 +30,7 @@ import torch
 
 from vlaops.config import load_config
 from vlaops.eval.env import StepPolicy
+from vlaops.eval.reference import ExpertPolicy
 from vlaops.io.calvin_spec import wrap_angle
 from vlaops.sim import TabletopEnv, get_task
 from vlaops.sim.expert import ScriptedExpert
@@ -40,28 +41,22 @@ LIFTS = ("lift_red", "lift_green", "lift_blue")
 DEFAULT_OFFSETS = "0:0,0:1,0:2,0:3,0:4,15:0,30:0,45:0,15:2"
 
 
-class OffsetGrasp:
+class OffsetGrasp(ExpertPolicy):
     """The expert for a lift, its grasp (the waypoints above, at and lifting from the block) moved by
     ``dxy`` (m, (2,)) and turned by ``dyaw`` (rad): an able policy that misses by a known amount."""
 
     def __init__(self, env: TabletopEnv, dxy: np.ndarray, dyaw: float) -> None:
-        self.env, self.dxy, self.dyaw = env, np.asarray(dxy, dtype=float), float(dyaw)
-        self.expert: ScriptedExpert | None = None
+        super().__init__(env)
+        self.dxy, self.dyaw = np.asarray(dxy, dtype=float), float(dyaw)
 
-    def reset(self) -> None:
-        self.expert = None
-
-    def step(self, obs: dict[str, Any], instruction: str) -> np.ndarray:
-        info = self.env.get_info()
-        if self.expert is None:
-            (task,) = [get_task(n) for n in LIFTS if get_task(n).instruction == instruction]
-            self.expert = ScriptedExpert(task, info)
-            shift = np.array([*self.dxy, 0.0])
-            self.expert.waypoints = [self.expert.waypoints[0]] + [
-                dataclasses.replace(wp, pos=wp.pos + shift if i < 3 else wp.pos, yaw=wp.yaw + self.dyaw)
-                for i, wp in enumerate(self.expert.waypoints[1:])
-            ]
-        return self.expert.act(info)
+    def plan(self, task: str, info: dict[str, Any]) -> ScriptedExpert:
+        expert = super().plan(task, info)
+        shift = np.array([*self.dxy, 0.0])
+        expert.waypoints = [expert.waypoints[0]] + [
+            dataclasses.replace(wp, pos=wp.pos + shift if i < 3 else wp.pos, yaw=wp.yaw + self.dyaw)
+            for i, wp in enumerate(expert.waypoints[1:])
+        ]
+        return expert
 
 
 def lift(env: TabletopEnv, policy: StepPolicy, seed: int, task_name: str, max_steps: int) -> dict[str, Any]:
