@@ -10,24 +10,12 @@ from pathlib import Path
 import pytest
 
 from vlaops.config import Config, load_config
+from vlaops.utils.executor import usable_cpus
 
 sys.path.insert(0, str(Path(__file__).parent))  # bagfactory, imported where a test writes bags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (a container
-    limited to 2 cores of a 64-core host sees 64 in os.cpu_count())."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cpus = min(cpus, -(-int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

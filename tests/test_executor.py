@@ -25,7 +25,7 @@ import vlaops
 from vlaops.cli import main
 from vlaops.config import load_config
 from vlaops.errors import VlaopsError
-from vlaops.utils.executor import ComputeConfig, TaskFailed, map_ordered
+from vlaops.utils.executor import ComputeConfig, TaskFailed, map_ordered, resolve_workers, usable_cpus
 
 SRC = Path(vlaops.__file__).resolve().parents[1]
 LOCAL = ComputeConfig()
@@ -125,6 +125,19 @@ def check_an_exception_is_raised_once_in_item_order(compute: ComputeConfig, tmp_
     assert "(while running evaluate: item 2)" in info.value.__notes__
     assert "bad item 2" in str(info.value.__cause__)  # the worker's traceback
     assert sorted(_lines(attempts)) == ["2", "5"]  # an exception is not retried: it would raise again
+
+
+def test_default_workers_are_the_usable_cores_capped_by_a_cgroup_quota(tmp_path):
+    affinity = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("100000 100000\n")  # one core's worth of a many-core host
+    assert usable_cpus(quota) == 1
+    quota.write_text("150000 100000\n")  # 1.5 cores: 2 workers
+    assert usable_cpus(quota) == min(affinity, 2)
+    quota.write_text("max 100000\n")
+    assert usable_cpus(quota) == affinity
+    assert usable_cpus(tmp_path / "no-cgroup") == affinity
+    assert resolve_workers(None) == usable_cpus() and resolve_workers(3) == 3
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -30,6 +30,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
 from multiprocessing.connection import wait as wait_ready
@@ -89,10 +90,23 @@ def resolve_workers(num_workers: Optional[int], compute: ComputeConfig | None = 
         import ray
 
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return usable_cpus()
+
+
+def usable_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (``cpu_max``; a
+    container limited to 2 cores of a 64-core host sees 64 in os.cpu_count())."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def start_method(needs_spawn: bool = False) -> str:
