@@ -17,6 +17,7 @@ from vlaops.train.checkpoint import latest_checkpoint
 from vlaops.utils.bf16 import cpu_bf16_autocast_works, cpu_bf16_lstm_works
 from vlaops.train.loop import (
     build_optimizer,
+    evaluate,
     lr_lambda,
     make_loader,
     resolve_precision,
@@ -195,7 +196,7 @@ def test_lstm_head_under_cpu_bf16_autocast():
 @pytest.mark.parametrize(
     "kw, field",
     [({"optimizer": "lion"}, "optimizer"), ({"lr_scheduler": "step"}, "lr_scheduler"), ({"max_steps": 0}, "max_steps"),
-     ({"min_lr_scale": 2.0}, "min_lr_scale"), ({"learning_rate": 0.0}, "learning_rate")],
+     ({"min_lr_scale": 2.0}, "min_lr_scale"), ({"learning_rate": 0.0}, "learning_rate"), ({"ema_decay": 1.0}, "ema_decay")],
 )
 def test_train_config_names_bad_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -264,3 +265,60 @@ def test_only_checkpoints_vlaops_wrote_are_resumed(processor, tmp_path, caplog):
     assert resume("foreign", trusted)["resumed_from_step"] == 2  # the user vouches for it
     assert "loading it because train.trust_checkpoint=true" in caplog.text
     assert resume("ok", longer)["resumed_from_step"] == 2
+
+
+def test_ema_decay_trains_validates_and_returns_the_moving_average(processor, tmp_path):
+    """With train.ema_decay the policy handed back is the average of the per-step weights (the same run
+    without it, checkpointed every step, gives them), its validation loss is that of the average, and the
+    averaged weights are in each checkpoint."""
+    from safetensors.torch import load_file
+
+    from vlaops.train.ema import EMA_FILE, decay_at
+
+    data = windows(processor, 4)
+    plain = cfg(max_steps=4, save_every=1, keep_checkpoints=4, lr_scheduler="constant")
+    train_policy(make_policy(processor), make_loader(data, plain, shuffle=True), None, plain, Recorder(), tmp_path / "plain")
+    names = [n for n, p in make_policy(processor).named_parameters() if p.requires_grad]
+    expected = {n: p.detach().clone() for n, p in make_policy(processor).named_parameters() if p.requires_grad}
+    for step in range(1, 5):
+        weights = load_file(str(tmp_path / "plain" / f"step_{step:07d}" / "model.safetensors"))
+        d = decay_at(0.5, step)
+        expected = {n: d * expected[n] + (1 - d) * weights[n] for n in names}
+    assert decay_at(0.5, 1) == pytest.approx(2 / 11) and decay_at(0.5, 100) == 0.5  # short at first
+
+    averaged = make_policy(processor)
+    c = cfg(max_steps=4, save_every=4, lr_scheduler="constant", ema_decay=0.5, val_every=4)
+    result = train_policy(averaged, make_loader(data, c, shuffle=True), make_loader(data, c, shuffle=False), c, Recorder(), tmp_path / "ema")
+    last = dict(averaged.named_parameters())
+    assert any(not torch.allclose(expected[n], weights[n]) for n in names)  # the average is not the last step
+    for n in names:
+        torch.testing.assert_close(last[n].detach(), expected[n], rtol=1e-5, atol=1e-6, msg=n)
+    assert result["last_val_loss"] == pytest.approx(evaluate(averaged, make_loader(data, c, shuffle=False), _cpu(), 1)["loss"])
+    saved = load_file(str(tmp_path / "ema" / "step_0000004" / EMA_FILE))
+    assert set(saved) == set(names) and all(torch.equal(saved[n], last[n].detach()) for n in names)
+
+
+def _cpu():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def test_ema_resumes_to_the_same_average(processor, tmp_path):
+    data = windows(processor, 6)
+    c = cfg(max_steps=6, save_every=4, lr_scheduler="constant", ema_decay=0.9)
+    whole = make_policy(processor)
+    train_policy(whole, make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "whole")
+    first = cfg(max_steps=4, save_every=4, lr_scheduler="constant", ema_decay=0.9)
+    train_policy(make_policy(processor), make_loader(data, first, shuffle=True), None, first, Recorder(), tmp_path / "run")
+    resumed = make_policy(processor, seed=123)
+    assert train_policy(resumed, make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "run")["resumed_from_step"] == 4
+    for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name  # the average continued, not restarted from the resumed weights
+
+    # a checkpoint of a run without the average: one line, naming it and the way out
+    plain = cfg(max_steps=2, save_every=2)
+    train_policy(make_policy(processor), make_loader(data, plain, shuffle=True), None, plain, Recorder(), tmp_path / "plain")
+    longer = cfg(max_steps=3, save_every=2, ema_decay=0.9)
+    with pytest.raises(VlaopsError, match=r"plain/step_0000002: no ema.safetensors, but train.ema_decay=0.9.*train.ema_decay=0"):
+        train_policy(make_policy(processor), make_loader(data, longer, shuffle=True), None, longer, Recorder(), tmp_path / "plain")

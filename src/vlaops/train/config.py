@@ -74,6 +74,9 @@ class TrainConfig:
     warmup_ratio: float = 0.05  # fraction of max_steps with linear warmup from 0
     min_lr_scale: float = 1e-2  # cosine ends at min_lr_scale * learning_rate
     gradient_clip_val: float = 1.0  # <= 0 disables clipping
+    # > 0: validate and export an exponential moving average of the trainable weights (vlaops.train.ema);
+    # 0: the last step's weights
+    ema_decay: float = 0.0
     gradient_accumulation_steps: int = 1
     num_workers: int = 0  # 0 by measurement on 2 cores with the frame cache (conf/train/default.yaml, bench/loader.py)
     log_every: int = 10
@@ -107,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0.0 <= self.min_lr_scale <= 1.0:
             raise ValueError(f"min_lr_scale must be in [0, 1], got {self.min_lr_scale!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
         if self.val_batches < 0:

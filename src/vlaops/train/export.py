@@ -13,6 +13,9 @@ and the data fingerprint. The weights come from whichever state the checkpoint h
 - a DeepSpeed ZeRO state is refused with one line: consolidating it needs DeepSpeed's own
   ``zero_to_fp32.py``, and DeepSpeed is not a dependency of vlaops.
 
+A run with ``train.ema_decay`` exports the moving average its checkpoint holds (``ema.safetensors``), as
+its train stage does.
+
 LoRA adapters are merged (``save_policy``), so the export loads without peft.
 """
 
@@ -40,6 +43,7 @@ from vlaops.train.checkpoint import (
     verify_checkpoint,
 )
 from vlaops.train.config import TrainSetupConfig
+from vlaops.train.ema import EMA_FILE, read_ema
 from vlaops.train.trainable import STORED_TRAINABLE, build_policy, frozen_digest, plain_name, trainable_names
 from vlaops.utils.atomic import write_json
 from vlaops.utils.logging import get_logger
@@ -168,6 +172,14 @@ def export_checkpoint(checkpoint: Path, out: Path, trust: bool = False) -> Path:
                               f"(model.pretrained_dir, transformers version) to export it")
     elif absent:
         raise VlaopsError(f"{source}: lacks {len(absent)} of the policy's tensors, e.g. {absent[:3]}")
+    averaged = read_ema(checkpoint)
+    if averaged is not None:  # a run with train.ema_decay: its policy is the average, as the train stage's is
+        averaged = {plain_name(k): v for k, v in averaged.items()}
+        trainable = {plain_name(k) for k in trainable_names(policy)}
+        if set(averaged) != trainable:
+            raise VlaopsError(f"{checkpoint / EMA_FILE}: averages {len(averaged)} tensors, the run trained {len(trainable)}; "
+                              f"not the average of this recipe")
+        state = {**state, **{k: v.to(state[k].dtype) if k in state else v for k, v in averaged.items()}}
     with torch.no_grad():
         policy.load_state_dict(state, strict=False)  # exactly the tensors checked above
     trainer = read_trainer_state(checkpoint) if (checkpoint / TRAINER_STATE_FILE).is_file() else {}
@@ -175,7 +187,8 @@ def export_checkpoint(checkpoint: Path, out: Path, trust: bool = False) -> Path:
         out, policy.eval(), processor, normalizer, model_cfg,
         extra={"train_config": train_config, "data_fingerprint": _read_json(checkpoint / DATA_FINGERPRINT_FILE),
                "exported_from": {"checkpoint": str(checkpoint.resolve()), "step": trainer.get("step"),
-                                 "weights": recorded.get("stored", "full"), "source": source}},
+                                 "weights": recorded.get("stored", "full"), "source": source,
+                                 "moving_average": averaged is not None}},
     )
     log.info("exported %s (step %s, %s) to %s", checkpoint, trainer.get("step"), recorded.get("stored", "full"), out)
     return out

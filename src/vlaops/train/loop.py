@@ -16,6 +16,7 @@ checkpoint holds only the trainable tensors and the resume rebuilds, hash-checks
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,7 @@ from vlaops.train.checkpoint import (
     verify_checkpoint,
 )
 from vlaops.train.config import TrainConfig
+from vlaops.train.ema import WeightEMA
 from vlaops.train.launch import check_launch
 from vlaops.train.trainable import STORED_TRAINABLE, check_rebuilt, plain_name, trainable_names, weights_record
 from vlaops.utils.bf16 import cpu_bf16_autocast_works
@@ -280,6 +282,9 @@ def train_policy(
     set_seed(cfg.seed)
     accelerator = build_accelerator(cfg)
     engine = accelerator.distributed_type.value if accelerator.distributed_type in SHARDING_ENGINES else None
+    if engine is not None and cfg.ema_decay > 0:
+        raise VlaopsError(f"train.ema_decay={cfg.ema_decay}: the weight average is kept on whole weights, and {engine} shards "
+                          f"them; set train.ema_decay=0, or train with conf/accelerate/ddp.yaml")
     # before prepare: the digest of the frozen part is taken on the policy as built, unsharded
     weights = weights_record(policy, frozen_source, engine) if checkpoint_dir is not None else None
     params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
@@ -294,6 +299,14 @@ def train_policy(
     else:
         model, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # after prepare: the average lives where the weights were moved to (Accelerate moves them in place)
+    ema = WeightEMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    def write_files(directory: Path) -> None:
+        if checkpoint_files is not None:
+            checkpoint_files(directory)
+        if ema is not None:
+            ema.save(directory)
     if weights is not None and weights["stored"] == STORED_TRAINABLE:
         def trainable_only(models: list[nn.Module], state_dicts: list[dict[str, torch.Tensor]], output_dir: str) -> None:
             for i, m in enumerate(models):  # Accelerate saves state_dicts[i] as models[i]'s file
@@ -317,6 +330,8 @@ def train_policy(
         else:  # FSDP / DeepSpeed: their own sharded states, through Accelerate
             accelerator.load_state(str(resume))
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load(resume)
         step = int(state["step"])
         best_val = float(state.get("best_val_loss", best_val))
         last_val = float(state.get("last_val_loss", last_val))
@@ -344,7 +359,8 @@ def train_policy(
         nonlocal best_val, last_val
         if val_loader is None or cfg.val_batches == 0:
             return
-        val = evaluate(model, val_loader, accelerator, cfg.val_batches)
+        with ema.applied() if ema is not None else contextlib.nullcontext():  # validate what will be exported
+            val = evaluate(model, val_loader, accelerator, cfg.val_batches)
         if not val:
             return
         last_val = val["loss"]
@@ -379,6 +395,8 @@ def train_policy(
             continue
         scheduler.step()
         step += 1
+        if ema is not None:
+            ema.update(step)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             # every process's mean over the window, averaged across processes (one collective per log step)
@@ -404,9 +422,12 @@ def train_policy(
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             validate()
         if checkpoint_dir is not None and cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints, weights, checkpoint_files)
+            save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints, weights, write_files)
     bar.close()
     wall = time.perf_counter() - start
+    if ema is not None:  # the caller saves the policy it passed in: the average, as validated
+        ema.copy_to_params()
+        log.info("the policy holds the moving average of its weights (train.ema_decay=%g)", cfg.ema_decay)
     done = step - resumed_from
     # drop Accelerate's autocast wrapper from the caller's module: later inference runs as built
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
