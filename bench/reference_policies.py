@@ -30,9 +30,9 @@ from vlaops.config import load_config
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.eval.blind import BlindPolicy
 from vlaops.eval.chains import evaluate_chains, summarize
+from vlaops.eval.reference import ExpertPolicy
 from vlaops.io.calvin import rel_actions_from_abs
 from vlaops.sim import TabletopEnv, get_task, run_expert
-from vlaops.sim.expert import ScriptedExpert
 from vlaops.sim.record import episode_seed, expert_episodes
 from vlaops.stages.evaluate import seeded_chains
 from vlaops.utils.atomic import write_json
@@ -53,24 +53,6 @@ class RoundTripEnv:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._env, name)
-
-
-class ExpertPolicy:
-    """The scripted expert behind ``reset()`` / ``step(obs, instruction)``; it reads the true state."""
-
-    def __init__(self, env: TabletopEnv, tasks: list[str]) -> None:
-        self.env = env
-        self.by_instruction = {get_task(n).instruction: n for n in tasks}
-        self.expert: ScriptedExpert | None = None
-
-    def reset(self) -> None:
-        self.expert = None
-
-    def step(self, obs: dict[str, Any], instruction: str) -> np.ndarray:
-        info = self.env.get_info()
-        if self.expert is None:
-            self.expert = ScriptedExpert(self.by_instruction[instruction], info, self.env.cfg.expert_max_action)
-        return self.expert.act(info)
 
 
 def main() -> None:
@@ -131,7 +113,7 @@ def main() -> None:
         chains = seeded_chains(env, tasks, args.chains, cfg.eval.chain_length, cfg.eval.seed)
         max_steps = cfg.eval.max_steps_per_subtask
         blind_sum = summarize(evaluate_chains(env, blind, chains, get_task, max_steps), cfg.eval.chain_length)
-        expert_sum = summarize(evaluate_chains(rt, ExpertPolicy(env, tasks), chains, get_task, max_steps),
+        expert_sum = summarize(evaluate_chains(rt, ExpertPolicy(env), chains, get_task, max_steps),
                                cfg.eval.chain_length)
 
     def chain_figures(s: dict[str, Any]) -> dict[str, Any]:

@@ -117,6 +117,17 @@ def test_expert_succeeds_through_the_normalisation_round_trip(env: TabletopEnv, 
         assert ok, f"{name} failed through the +-0.65 round trip on seed {seed} after {steps} steps"
 
 
+def test_expert_reference_moves_as_fast_as_the_recorded_demonstrations() -> None:
+    """evaluate's expert reference takes sim.expert_max_action from the env's config, as collect does."""
+    from vlaops.eval.reference import ExpertPolicy
+
+    task = get_task("lift_red")
+    for cap in (0.3, 0.64):
+        with TabletopEnv(SimConfig(expert_max_action=cap, num_workers=1), render=False) as slow:
+            arm = ExpertPolicy(slow).step(slow.reset(3), task.instruction)[:6]
+            assert np.abs(arm).max() == pytest.approx(cap, abs=1e-6), cap  # full speed towards the first waypoint
+
+
 # --- the blind baseline ----------------------------------------------------------------------------
 def blind_from(demos: list[tuple[str, np.ndarray, np.ndarray]], k: int = 1) -> BlindPolicy:
     return BlindPolicy([i for i, o, _ in demos for _ in range(len(o))], np.concatenate([o for _, o, _ in demos]),

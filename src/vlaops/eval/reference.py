@@ -56,8 +56,10 @@ class ExpertPolicy:
 
     def plan(self, task: str, info: dict[str, Any]) -> ScriptedExpert:
         """The expert for ``task`` from the state ``info``; a subclass may alter its waypoints (e.g. a grasp
-        moved off by a known amount, bench/lift_precision.py)."""
-        return ScriptedExpert(task, info)
+        moved off by a known amount, bench/lift_precision.py). It moves no faster than the demonstrations
+        were recorded (``sim.expert_max_action`` of the env's config)."""
+        cfg = getattr(self.env, "cfg", None)
+        return ScriptedExpert(task, info) if cfg is None else ScriptedExpert(task, info, cfg.expert_max_action)
 
 
 def blind_policy(train_dir: Path, trust_pickles: bool) -> StepPolicy:
