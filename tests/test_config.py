@@ -83,6 +83,7 @@ def test_ingest_defaults_to_what_the_simulator_records(tmp_path):
         ["experiment=lora"],
         ["experiment=cpu_long"],
         ["experiment=lookup"],
+        ["experiment=lookup_long"],
         ["experiment=robovlms_kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
         ["model=kosmos2", "model.pretrained_dir=/weights/kosmos-2"],
         ["sim.storage=mcap", "data.on_bad_input=quarantine"],
@@ -107,6 +108,8 @@ def test_experiment_changes_what_it_says():
     assert cfg.model.aux_scene_dims == default.model.aux_scene_dims
     assert (cfg.sim.episodes_per_task, cfg.train.max_steps) == (30, 3000)
     assert {**cfg.train.__dict__, "max_steps": default.train.max_steps} == default.train.__dict__
+    long = load_config(["experiment=lookup_long"], CONF)  # lookup, on twice the demos for twice the steps
+    assert long.model == cfg.model and (long.sim.episodes_per_task, long.sim.max_attempts_per_task, long.train.max_steps) == (60, 120, 6000)
 
 
 def test_kosmos2_without_weights_dir_names_the_key():
@@ -170,5 +173,5 @@ def test_cli_help_lists_config_groups_and_options(capsys):
         main(["train", "--help", "--config-dir", str(CONF)])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "experiment: cpu_long, lookup, lora, robovlms_kosmos2" in help_text
+    assert "experiment: cpu_long, lookup, lookup_long, lora, robovlms_kosmos2" in help_text
     assert "model: kosmos2, tiny" in help_text
