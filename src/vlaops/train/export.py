@@ -172,14 +172,13 @@ def export_checkpoint(checkpoint: Path, out: Path, trust: bool = False) -> Path:
                               f"(model.pretrained_dir, transformers version) to export it")
     elif absent:
         raise VlaopsError(f"{source}: lacks {len(absent)} of the policy's tensors, e.g. {absent[:3]}")
-    averaged = read_ema(checkpoint)
+    averaged = read_ema(checkpoint)  # keys as WeightEMA wrote them: plain names
     if averaged is not None:  # a run with train.ema_decay: its policy is the average, as the train stage's is
-        averaged = {plain_name(k): v for k, v in averaged.items()}
         trainable = {plain_name(k) for k in trainable_names(policy)}
         if set(averaged) != trainable:
             raise VlaopsError(f"{checkpoint / EMA_FILE}: averages {len(averaged)} tensors, the run trained {len(trainable)}; "
                               f"not the average of this recipe")
-        state = {**state, **{k: v.to(state[k].dtype) if k in state else v for k, v in averaged.items()}}
+        state = {**state, **averaged}
     with torch.no_grad():
         policy.load_state_dict(state, strict=False)  # exactly the tensors checked above
     trainer = read_trainer_state(checkpoint) if (checkpoint / TRAINER_STATE_FILE).is_file() else {}

@@ -269,7 +269,8 @@ def train_policy(
     """Train ``policy`` (already through ``apply_train_setup``) for ``cfg.max_steps`` optimizer steps.
 
     ``policy(batch)`` must return a dict with ``loss``, ``arm_loss``, ``gripper_loss``. The policy is
-    trained in place. Seed before building the policy for reproducible initial weights; this seeds
+    trained in place; with ``cfg.ema_decay`` it ends holding the moving average of its weights
+    (``vlaops.train.ema``), which is also what validation scored. Seed before building the policy for reproducible initial weights; this seeds
     the loop (dropout, sampler). Returns final_train_loss, best/last val loss, steps, wall_time_s,
     steps_per_s, resumed_from_step. ``caller_state()`` (JSON) is saved in every checkpoint's
     trainer state under ``CALLER_STATE`` (the stage keeps its MLflow run id and curve there, so a resume
