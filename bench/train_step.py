@@ -3,17 +3,23 @@
 One optimiser step of ``VLAPolicy`` (Kosmos-2 + action token + LSTM head) on a synthetic batch of
 ``train.batch_size`` windows of ``model.window_size`` frames, built and stepped the way the training loop
 does it (``build_accelerator`` for the precision, ``apply_train_setup`` for what trains,
-``build_optimizer``, gradient clipping). Two recipes per run: a full fine-tune (the train_setup defaults)
-and LoRA (``experiment=lora``'s flags: backbone frozen, adapters on the text decoder). Random weights: the
-cost does not depend on them, so the real 1.66 B-parameter Kosmos-2 needs no download (``--size real``).
+``build_optimizer``, and the loop's own ``train_step``: forward, backward, clipping, optimizer step, no
+host sync). Recipes (``--modes``): a full fine-tune (the train_setup defaults) and LoRA (``experiment=lora``'s
+flags, and with the vision tower and embeddings frozen too). Variants (``--variants``): ``base``, the
+step as the loop ran it before (torch's default multi-tensor AdamW, eager layers), ``fused`` (fused AdamW,
+the loop's default on CUDA) and ``compiled`` (also ``train.compile=true``), each printed as a ratio
+against ``base`` of the same run. Random weights: the cost does not depend on them, so the real
+1.66 B-parameter Kosmos-2 needs no download (``--size real``).
 
-FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one forward + backward without
+FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one eager forward + backward without
 activation checkpointing (recomputation is not model work), so MFU = counted FLOPs per step / step time
 / the accelerator's dense bf16 peak. A bf16 8192^3 matrix product measured in the same run is printed
-beside it as what this device reaches on plain matrix work.
+beside it as what this device reaches on plain matrix work. On CUDA, step times come from events around
+each of the back-to-back steps (the host waits once, at the end).
 
     python bench/train_step.py                                          # the tiny default on CPU
     python bench/train_step.py --size real --device cuda                # Kosmos-2 size, batch 4 x window 8, bf16
+    python bench/train_step.py --size real --device cuda --modes full --variants base compiled --profile
     python bench/train_step.py --size real --device cpu --steps 1 --warmup 0 --modes lora train.batch_size=1
 
 Overrides are Hydra overrides of conf/. Prints a table and writes reports/bench/train_step[_<size>_<device>].json.
@@ -26,6 +32,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,8 +40,8 @@ import torch
 from vlaops.config import load_config
 from vlaops.data import keys
 from vlaops.model import VLAPolicy
-from vlaops.train.loop import build_accelerator, build_optimizer
-from vlaops.train.setup import _set_checkpointing, apply_train_setup
+from vlaops.train.loop import build_accelerator, build_optimizer, train_step
+from vlaops.train.setup import _set_checkpointing, apply_train_setup, compile_layers
 from vlaops.utils.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +69,16 @@ MODES: dict[str, dict[str, Any]] = {
     # LoRA with the vision tower and token embeddings frozen: only adapters, resampler, action token, head
     "lora_frozen": {"freeze_backbone": True, "lora_enable": True, "lora_r": 8, "lora_alpha": 16,
                     "train_vision": False, "train_text_embedding": False},
+}
+
+
+# how the step runs: "base" is the loop before fused optimizers and compilation (torch's default
+# multi-tensor AdamW, eager layers), the baseline every other variant is a ratio against; "fused" is what
+# the loop does on CUDA by default; "compiled" adds train.compile=true
+VARIANTS: dict[str, dict[str, bool]] = {
+    "base": {"fused": False, "compile": False},
+    "fused": {"fused": True, "compile": False},
+    "compiled": {"fused": True, "compile": True},
 }
 
 
@@ -115,12 +132,14 @@ def matmul_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def bench_mode(cfg, mode: str, vocab_size: int, device: torch.device, steps: int, warmup: int, checkpointing: bool,
-               profile: bool = False) -> dict[str, Any]:
-    """Build the policy for one recipe on ``device``, count its FLOPs, then time ``steps`` optimiser steps."""
+def bench_mode(cfg, mode: str, variant: str, vocab_size: int, device: torch.device, steps: int, warmup: int,
+               checkpointing: bool, profile: bool = False) -> dict[str, Any]:
+    """Build the policy for one recipe on ``device``, count its FLOPs, then time ``steps`` optimiser steps
+    of ``train_step`` (the loop's own step) as ``variant`` sets the optimizer and compilation."""
     for key, value in MODES[mode].items():
         setattr(cfg.train.train_setup, key, value)
     cfg.train.train_setup.gradient_checkpointing = False  # FLOPs are counted without recomputation
+    fused, compiled = VARIANTS[variant]["fused"], VARIANTS[variant]["compile"]
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -129,53 +148,56 @@ def bench_mode(cfg, mode: str, vocab_size: int, device: torch.device, steps: int
         model = VLAPolicy.build(cfg.model, vocab_size=vocab_size)
     counts = apply_train_setup(model, cfg.train.train_setup)
     accelerator = build_accelerator(cfg.train)
-    optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.train)
-    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     batch = synthetic_batch(cfg, vocab_size, device, cfg.seed)
 
-    def step() -> float:
-        out = model(batch)
-        accelerator.backward(out["loss"])
-        accelerator.clip_grad_norm_(model.parameters(), cfg.train.gradient_clip_val)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(out["loss"].detach())
-
-    step()  # the optimiser state exists from here on: the FLOP count and the timing see a steady step
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
-    with counter:
+    counter = FlopCounterMode(display=False)  # eager, before any compilation: the model's own operations
+    with counter, accelerator.autocast():
         out = model(batch)
-        accelerator.backward(out["loss"])
-    optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+    model.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
+    if compiled:
+        compile_layers(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.train, fused=fused)
+    model, optimizer = accelerator.prepare(model, optimizer)
     if checkpointing:
         _set_checkpointing(accelerator.unwrap_model(model).backbone.model, True)
-    for _ in range(warmup):
+
+    def step() -> dict[str, torch.Tensor]:
+        return train_step(model, batch, accelerator, optimizer, trainable, cfg.train.gradient_clip_val)
+
+    start = time.perf_counter()
+    for _ in range(max(warmup, 1)):  # the optimiser state exists from the first step on; compilation happens here
         step()
     sync(device)
+    warmup_s = time.perf_counter() - start
     if profile:  # where one step's time goes, by operator (self time on the device, else on the CPU)
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=activities) as prof:
             step()
+            sync(device)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=60))
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = step()  # float(): waits for the step to finish on the device
-        times.append(time.perf_counter() - start)
+        print(f"--- {mode} {variant}: one step by operator", flush=True)
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60), flush=True)
+    times = step_times(step, steps, device)
+    loss = float(step()["loss"])
     step_s = sorted(times)[len(times) // 2]
     samples = cfg.train.batch_size
     result = {
         "mode": mode,
+        "variant": variant,
+        "fused_optimizer": fused,
+        "compiled_layers": compiled,
         "gradient_checkpointing": checkpointing,
         "params_total": counts["params_total"],
         "params_trainable": counts["params_trainable"],
+        "warmup_s": round(warmup_s, 1),
         "step_s_median": round(step_s, 4),
         "step_s_min": round(min(times), 4),
         "step_s_max": round(max(times), 4),
@@ -189,8 +211,30 @@ def bench_mode(cfg, mode: str, vocab_size: int, device: torch.device, steps: int
     }
     peak = peak_flops(device)
     result["mfu"] = round(flops / step_s / peak, 4) if peak else None
-    del model, optimizer, accelerator, batch
+    del model, optimizer, accelerator, batch, trainable
+    if compiled:
+        torch._dynamo.reset()  # the next variant starts without this one's graphs (and the tensors they hold)
     return result
+
+
+def step_times(step: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
+    """Seconds per step, back to back as the loop runs them. On CUDA each step is bracketed by events and
+    the host waits once at the end, so the time includes any gap in which the GPU waits for the host to
+    launch work, and no wait of the host that the loop does not have."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        return times
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    events[0].record()
+    for i in range(steps):
+        step()
+        events[i + 1].record()
+    torch.cuda.synchronize(device)
+    return [events[i].elapsed_time(events[i + 1]) / 1000 for i in range(steps)]
 
 
 def main() -> None:
@@ -198,6 +242,8 @@ def main() -> None:
     parser.add_argument("--size", choices=["tiny", "real"], default="tiny", help="real: Kosmos-2 1.66 B + RoboVLMs' head, batch 4")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["full", "lora", "lora_frozen"])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
+                        help="how the step runs (default: base fused compiled on CUDA, base on CPU, the loop's CPU path)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per mode (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true", help="time with Kosmos-2's activation checkpointing on")
@@ -211,17 +257,31 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/train_step.py: --device cuda but torch sees no CUDA device")
     matmul = matmul_tflops(device)  # the baseline of this run: plain matrix work on the same device
+    variants = args.variants or (["base", "fused", "compiled"] if device.type == "cuda" else ["base"])
     results = []
     for mode in args.modes:
-        cfg = load_config(overrides, ROOT / "conf")
-        vocab = REAL_VOCAB if args.size == "real" else cfg.model.vocab_size
-        results.append(bench_mode(cfg, mode, vocab, device, args.steps, args.warmup, args.checkpointing, args.profile))
-        r = results[-1]
-        r["fraction_of_matmul"] = round(r["achieved_tflops"] / matmul, 3) if matmul else None
-        print(f"{args.size} {mode:4s}: {r['step_s_median'] * 1000:9.1f} ms/step  {r['samples_per_s']:7.2f} samples/s  "
-              f"{r['achieved_tflops']:7.2f} TFLOP/s ({r['fraction_of_matmul'] or '-'} of matmul)  MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
-              f"peak {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} GiB  "
-              f"trainable {r['params_trainable'] / 1e6:.1f} M of {r['params_total'] / 1e6:.1f} M", flush=True)
+        for variant in variants:
+            cfg = load_config(overrides, ROOT / "conf")
+            vocab = REAL_VOCAB if args.size == "real" else cfg.model.vocab_size
+            try:
+                r = bench_mode(cfg, mode, variant, vocab, device, args.steps, args.warmup, args.checkpointing, args.profile)
+            except Exception as e:  # noqa: BLE001 - one variant failing (out of memory, a compiler error) is a result too
+                print(f"{args.size} {mode} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                results.append({"mode": mode, "variant": variant, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            r["fraction_of_matmul"] = round(r["achieved_tflops"] / matmul, 3) if matmul else None
+            base = next((b for b in results if b["mode"] == mode and b.get("variant") == "base" and "error" not in b), None)
+            r["speedup_vs_base"] = round(base["step_s_median"] / r["step_s_median"], 3) if base else None
+            results.append(r)
+            print(f"{args.size} {mode:11s} {variant:8s}: {r['step_s_median'] * 1000:9.1f} ms/step "
+                  f"(x{r['speedup_vs_base'] or '-'} of base)  {r['samples_per_s']:7.2f} samples/s  "
+                  f"{r['achieved_tflops']:7.2f} TFLOP/s ({r['fraction_of_matmul'] or '-'} of matmul)  "
+                  f"MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
+                  f"peak {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} GiB  "
+                  f"warm-up {r['warmup_s']} s  trainable {r['params_trainable'] / 1e6:.1f} M of {r['params_total'] / 1e6:.1f} M",
+                  flush=True)
     cfg = load_config(overrides, ROOT / "conf")
     if matmul is not None:
         print(f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: {peak_flops(device) or '-'})")

@@ -58,12 +58,12 @@ def test_a_misspelt_key_fails_accelerates_loader(tmp_path):
         load_config_from_file(str(bad))
 
 
-def _refused(monkeypatch, env: dict[str, str], match: str, **setup) -> None:
+def _refused(monkeypatch, env: dict[str, str], match: str, train: dict | None = None, **setup) -> None:
     for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
         monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    cfg = TrainConfig(train_setup=TrainSetupConfig(**{"precision": "fp32", **setup}))
+    cfg = TrainConfig(**(train or {}), train_setup=TrainSetupConfig(**{"precision": "fp32", **setup}))
     with pytest.raises(VlaopsError, match=match) as info:
         check_launch(cfg)
     assert "\n" not in str(info.value)
@@ -73,6 +73,9 @@ def test_launches_that_cannot_train_the_recipe_are_one_line(monkeypatch):
     _refused(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "bf16"}, r"asks for mixed_precision=bf16 .* train.train_setup.precision=fp32 is fp32 here")
     _refused(monkeypatch, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_CLIPPING": "0.5"},
              r"DeepSpeed's gradient_clipping: 0.5 .* differs from train.gradient_clip_val=1.0")
+    for engine in ("FSDP", "DEEPSPEED"):  # before the engine's own checks: whatever the machine
+        _refused(monkeypatch, {f"ACCELERATE_USE_{engine}": "true"}, r"train.compile=true under (FSDP|DeepSpeed): .* set train.compile=false",
+                 train={"compile": True})
     if not torch.cuda.is_available():
         _refused(monkeypatch, {"ACCELERATE_USE_FSDP": "true"}, r"FSDP .* needs GPUs, and this machine has no CUDA device")
     # the FSDP options that cannot work whatever the machine (as if it had GPUs)

@@ -109,6 +109,10 @@ class KosmosBackbone(nn.Module):
         return self.model.text_model.model.layers
 
     @property
+    def vision_layers(self) -> nn.ModuleList:
+        return self.model.vision_model.model.encoder.layers
+
+    @property
     def text_decoder(self) -> nn.Module:
         return self.model.text_model
 

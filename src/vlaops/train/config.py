@@ -77,6 +77,9 @@ class TrainConfig:
     # > 0: validate and export an exponential moving average of the trainable weights (vlaops.train.ema);
     # 0: the last step's weights
     ema_decay: float = 0.0
+    # torch.compile each Kosmos-2 layer (vision encoder and text decoder blocks, vlaops.train.setup.compile_layers):
+    # fuses their elementwise work on a GPU; the first steps wait for the compiler (bench/train_step.py measures both)
+    compile: bool = False
     gradient_accumulation_steps: int = 1
     num_workers: int = 0  # 0 by measurement on 2 cores with the frame cache (conf/train/default.yaml, bench/loader.py)
     log_every: int = 10
@@ -112,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"min_lr_scale must be in [0, 1], got {self.min_lr_scale!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {self.ema_decay!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers!r}")
         if self.val_batches < 0:

@@ -55,6 +55,10 @@ def check_launch(cfg: TrainConfig) -> None:
             f"{'' if torch.cuda.is_available() else ' (no CUDA device)'}: set train.train_setup.precision="
             f"{ACCELERATE_PRECISION.get(asked, asked)}, or launch with --mixed_precision {mixed} (conf/accelerate/cpu.yaml on a CPU)"
         )
+    sharded = "FSDP" if _env_true("ACCELERATE_USE_FSDP") else "DeepSpeed" if _env_true("ACCELERATE_USE_DEEPSPEED") else None
+    if sharded is not None and cfg.compile:
+        raise VlaopsError(f"train.compile=true under {sharded}: compiling the layers of a sharded model is not run "
+                          "here; set train.compile=false, or launch with conf/accelerate/ddp.yaml or gpu.yaml")
     if _env_true("ACCELERATE_USE_FSDP"):
         _check_fsdp(setup)
     if _env_true("ACCELERATE_USE_DEEPSPEED"):

@@ -58,6 +58,7 @@ from vlaops.train.checkpoint import (
 from vlaops.train.config import TrainConfig
 from vlaops.train.ema import WeightEMA
 from vlaops.train.launch import check_launch
+from vlaops.train.setup import compile_layers
 from vlaops.train.trainable import STORED_TRAINABLE, check_rebuilt, plain_name, trainable_names, weights_record
 from vlaops.utils.bf16 import cpu_bf16_autocast_works
 from vlaops.utils.logging import get_logger
@@ -133,9 +134,13 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, drop_last: bo
     )
 
 
-def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
     """Optimizer by name over the trainable parameters. Weight decay applies to matrices only
-    (biases, norms and the action token are exempt), as in nanoGPT's configure_optimizers."""
+    (biases, norms and the action token are exempt), as in nanoGPT's configure_optimizers.
+
+    ``fused`` (the loop sets it on CUDA): Adam/AdamW update every tensor in one kernel pass instead of
+    torch's default multi-tensor passes, each of which reads and writes all the weights and their states
+    (bench/train_step.py measures both). Off elsewhere, so CPU runs keep the numerics they were measured with."""
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
     groups = [
@@ -146,9 +151,9 @@ def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig) ->
     if not groups:
         raise ValueError("no trainable parameters: check train.train_setup")
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=fused or None)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.learning_rate)
+        return torch.optim.Adam(groups, lr=cfg.learning_rate, fused=fused or None)
     return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum)
 
 
@@ -170,8 +175,31 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+LOSS_KEYS = ("loss", "arm_loss", "gripper_loss", "aux_loss")
+
+
+def train_step(model: nn.Module, batch: dict[str, Any], accelerator: Accelerator, optimizer: torch.optim.Optimizer,
+               trainable: list[nn.Parameter], max_norm: float) -> dict[str, torch.Tensor]:
+    """One forward + backward, and at the end of an accumulation the clip and the optimizer step.
+
+    Returns the losses (and ``grad_norm`` where one was measured) as detached tensors on the device: the
+    loop reads them at log steps only, since reading one per step (``.item()``) makes the host wait for
+    the device and then leaves the device idle while the next step is launched."""
+    with accelerator.accumulate(model):
+        out = model(batch)
+        accelerator.backward(out["loss"])
+        stats = {k: out[k].detach() for k in LOSS_KEYS if k in out}
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+            if grad_norm is not None:  # DeepSpeed clips inside its own step and may report no norm
+                stats["grad_norm"] = torch.as_tensor(grad_norm, device=out["loss"].device)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def _mean(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.stack([v.float() for v in values]).mean() if values else torch.tensor(float("nan"), device=device)
 
 
 @torch.no_grad()
@@ -288,8 +316,11 @@ def train_policy(
                           f"them; set train.ema_decay=0, or train with conf/accelerate/ddp.yaml")
     # before prepare: the digest of the frozen part is taken on the policy as built, unsharded
     weights = weights_record(policy, frozen_source, engine) if checkpoint_dir is not None else None
+    if cfg.compile:
+        log.info("train.compile: %d Kosmos-2 layers compiled (the first steps, and the first validation, wait for the compiler)",
+                 compile_layers(policy))
     params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, cfg)
+    optimizer = build_optimizer(params, cfg, fused=accelerator.device.type == "cuda")
     # not passed through prepare(): Accelerate would step it num_processes times per optimizer step;
     # our schedule is in optimizer steps, whatever the number of processes
     # not registered with accelerator.register_for_checkpointing either: Accelerate pickles custom
@@ -374,24 +405,14 @@ def train_policy(
 
     model.train()
     batches = _cycle(train_loader, start_batch=step * cfg.gradient_accumulation_steps)
-    window: dict[str, list[float]] = {"loss": [], "arm_loss": [], "gripper_loss": [], "grad_norm": [], "aux_loss": []}
+    window: dict[str, list[torch.Tensor]] = {k: [] for k in (*LOSS_KEYS, "grad_norm")}
+    # max_norm inf measures the norm without clipping when clipping is off
+    max_norm = cfg.gradient_clip_val if cfg.gradient_clip_val > 0 else float("inf")
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
     while step < cfg.max_steps:
-        batch = next(batches)
-        with accelerator.accumulate(model):
-            out = model(batch)
-            accelerator.backward(out["loss"])
-            if accelerator.sync_gradients:
-                # max_norm inf measures the norm without clipping when clipping is off
-                max_norm = cfg.gradient_clip_val if cfg.gradient_clip_val > 0 else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-                window["grad_norm"].append(float(grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        for k in ("loss", "arm_loss", "gripper_loss", "aux_loss"):
-            if k in out:
-                window[k].append(out[k].detach().float().item())
+        for k, value in train_step(model, next(batches), accelerator, optimizer, trainable, max_norm).items():
+            window[k].append(value)
         if not accelerator.sync_gradients:
             continue
         scheduler.step()
@@ -401,8 +422,7 @@ def train_policy(
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             # every process's mean over the window, averaged across processes (one collective per log step)
-            means = torch.tensor([_mean(window[k]) for k in ("loss", "arm_loss", "gripper_loss", "grad_norm", "aux_loss")],
-                                 device=accelerator.device)
+            means = torch.stack([_mean(window[k], accelerator.device) for k in ("loss", "arm_loss", "gripper_loss", "grad_norm", "aux_loss")])
             loss, arm_loss, gripper_loss, grad, aux_loss = accelerator.reduce(means, reduction="mean").tolist()
             last_train = loss
             metrics = {

@@ -122,6 +122,22 @@ def is_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, name))
 
 
+def compile_layers(policy: VLAPolicy) -> int:
+    """torch.compile each Kosmos-2 layer in place (the vision encoder's and the text decoder's); returns how many.
+
+    Regional compilation: every layer of a stack shares one compiled graph, so the compiler runs once per
+    layer type and mode (train, eval) instead of over the whole model, and ``Module.compile`` keeps the
+    state-dict keys (checkpoints, EMA and export see the same names). On a GPU it fuses each layer's
+    elementwise work (norms, activations, residuals, dropout) into fewer kernels; the mask building, the
+    action-token insertion and the LSTM head stay eager. Apply after ``apply_train_setup`` (LoRA
+    adapters are then inside the layers it compiles).
+    """
+    layers = [*policy.backbone.vision_layers, *policy.backbone.decoder_layers]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def _set_checkpointing(model: nn.Module, enable: bool) -> None:
     """Kosmos-2's own activation checkpointing (transformers 5 name, 4.x name as the fallback)."""
     if enable:
