@@ -17,7 +17,7 @@ from rosbags.typesys import Stores, get_typestore
 from vlaops.eval.chains import evaluate_chains, summarize
 from vlaops.sim import TASKS, SimConfig, TabletopEnv, collect, get_task, run_expert, sample_chain, seeded_chains
 from vlaops.sim.expert import ScriptedExpert
-from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT, SHARED_SCENES, episode_seed, expert_episodes
+from vlaops.sim.record import ACTION_LATENCY_NS, BAG_FORMAT, SHARED_SCENES, BagWriter, episode_seed, expert_episodes
 
 NOOP = np.array([0, 0, 0, 0, 0, 0, 1.0])  # stay put, gripper open
 
@@ -46,6 +46,7 @@ def fast_env(cfg: SimConfig):
         ({"expert_max_action": 1.5}, "expert_max_action"),
         ({"expert_action_noise": -0.1}, "expert_action_noise"),
         ({"expert_action_noise": 1.0}, "expert_action_noise"),
+        ({"staged_fraction": 1.5}, "staged_fraction"),
         ({"block_x_range": [0.5, 0.95]}, "block_x_range"),
         ({"block_y_range": [0.1, -0.1]}, "block_y_range"),
         ({"block_min_separation": 0.03}, "block_min_separation"),
@@ -216,6 +217,35 @@ def test_shared_scenes_demonstrate_one_layout_with_several_instructions(fast_env
     assert set(shared["push_red_left"]) & set(shared["lift_blue"]), shared
     own = {task: seeds(False, task) for task in ("push_red_left", "lift_blue")}
     assert not set(own["push_red_left"]) & set(own["lift_blue"]), own
+
+
+def test_staged_demonstrations_start_where_another_task_left_the_scene(fast_env: TabletopEnv, tmp_path: Path) -> None:
+    """sim.staged_fraction=1: the expert first does another feasible task, unrecorded, so the recorded
+    demonstration starts with the arm moved from the reset pose (and, after a push, a block), still
+    succeeds, and its bag names the task before it; the same seed stages the same way; at 0 (the
+    default) the demonstration starts from the reset scene itself."""
+    def records(fraction: float, task: str = "push_red_left", n: int = 3) -> list:
+        cfg = SimConfig(episodes_per_task=n, max_attempts_per_task=2 * n, num_workers=1, staged_fraction=fraction)
+        return [rec for _, rec in expert_episodes(fast_env, cfg, task)]
+
+    staged, again = records(1.0), records(1.0)
+    assert [(r.seed, r.staged_after) for r in staged] == [(r.seed, r.staged_after) for r in again]
+    assert all(np.array_equal(a.frames[0].obs["scene_obs"], b.frames[0].obs["scene_obs"]) for a, b in zip(staged, again))
+    for rec in staged:
+        assert rec.staged_after is not None and rec.staged_after != rec.task
+        robot, scene = rec.frames[0].obs["robot_obs"], rec.frames[0].obs["scene_obs"]
+        fast_env.reset(rec.seed)
+        assert np.linalg.norm(robot[:3] - fast_env.robot_obs()[:3]) > 0.02, f"{rec.staged_after}: the arm starts at the reset pose"
+        if rec.staged_after.startswith("push"):
+            assert np.abs(scene - fast_env.scene_obs()).max() > 0.02, f"{rec.staged_after} moved no block"
+    for rec in records(0.0):
+        assert rec.staged_after is None
+        fast_env.reset(rec.seed)
+        assert np.allclose(rec.frames[0].obs["robot_obs"][:3], fast_env.robot_obs()[:3], atol=1e-3)
+        assert np.allclose(rec.frames[0].obs["scene_obs"], fast_env.scene_obs(), atol=1e-3)
+    bag = BagWriter(SimConfig(staged_fraction=1.0)).write(staged[0], tmp_path)
+    meta = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]
+    assert meta["custom_data"]["staged_after"] == staged[0].staged_after
 
 
 def test_oracle_rejects_a_noop_episode(fast_env: TabletopEnv) -> None:

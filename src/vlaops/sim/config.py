@@ -78,6 +78,11 @@ class SimConfig:
     # dimension (in the env's [-1, 1] units) and record the expert's own action, so they hold recoveries
     # from the drift a policy's errors cause (sim/expert.py run_expert). 0: the clean expert.
     expert_action_noise: float = 0.0
+    # Fraction of each task's demonstrations that start where another task left the scene, as a chain's
+    # later subtasks do: before recording, the expert runs one other task feasible in the scene, unrecorded
+    # (vlaops.sim.record.stage_predecessor). 0: every demonstration starts from a reset scene (a task with a
+    # setup, place, starts from its setup's end either way).
+    staged_fraction: float = 0.0
     # Every task draws its scenes from one seed sequence, so a scene (one block layout) is demonstrated
     # with several instructions: the same first image, a different action (docs/results.md measures it).
     # false: each task has its own scenes, every demonstration a new layout.
@@ -135,6 +140,9 @@ class SimConfig:
         if not 0.0 <= self.expert_action_noise < 1.0:
             raise ValueError(f"sim.expert_action_noise must be in [0, 1) (a standard deviation in the env's [-1, 1] "
                              f"action units), got {self.expert_action_noise!r}")
+        if not 0.0 <= self.staged_fraction <= 1.0:
+            raise ValueError(f"sim.staged_fraction must be in [0, 1] (the fraction of demonstrations recorded after "
+                             f"another task), got {self.staged_fraction!r}")
         self._check_block_area()
 
     def _check_block_area(self) -> None:

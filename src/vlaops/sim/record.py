@@ -79,6 +79,7 @@ class EpisodeRecord:
     seed: int
     start_ns: int
     frames: list[Frame] = field(default_factory=list)
+    staged_after: str | None = None  # the task the expert did, unrecorded, before this one (sim.staged_fraction)
     joint_samples: list[tuple[float, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
@@ -160,7 +161,8 @@ class BagWriter:
                 for key, value in (("format", BAG_FORMAT), ("format_version", BAG_FORMAT_VERSION),
                                    ("episode_id", rec.episode_id), ("task", rec.task),
                                    ("instruction", rec.instruction), ("seed", str(rec.seed)),
-                                   ("control_hz", str(self.cfg.control_hz))):
+                                   ("control_hz", str(self.cfg.control_hz)),
+                                   *((("staged_after", rec.staged_after),) if rec.staged_after else ())):
                     writer.set_custom_data(key, value)
                 conns = {
                     name: writer.add_connection(getattr(self.cfg.topics, name), msgtype, typestore=self.ts)
@@ -180,7 +182,9 @@ def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, 
     """Run the expert on ``task_name`` from ``reset(seed)`` and capture what a bag needs.
 
     A task with a ``setup`` (place needs a lifted block) first runs that task's expert unrecorded, the
-    way an operator would stage the scene before pressing record. Returns (success, record); success is
+    way an operator would stage the scene before pressing record. Any other task starts, with probability
+    ``sim.staged_fraction`` (drawn from ``seed``), where another task leaves the scene
+    (:func:`stage_predecessor`), as a chain's later subtasks do. Returns (success, record); success is
     None when the scene of ``seed`` does not allow the task at all (e.g. another block stands where a push
     would go), which is no attempt of the expert's.
     """
@@ -190,17 +194,21 @@ def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, 
     if not first.precondition(env.get_info()):
         return None, EpisodeRecord(episode_id, task.name, task.instruction, seed, start_ns)
     if task.setup is not None:
-        render, env.render = env.render, False  # nobody looks at the staging frames
-        try:
-            ok, _, _ = run_expert(env, task.setup, cfg.max_episode_steps)
-        finally:
-            env.render = render
+        ok = _unrecorded(env, cfg, task.setup)
         if not ok or not task.precondition(env.get_info()):
             return False, EpisodeRecord(episode_id, task.name, task.instruction, seed, start_ns)
         obs = env.observe()
+    staged = None
+    if task.setup is None and cfg.staged_fraction > 0:
+        rng = np.random.default_rng([seed, 2])
+        if rng.random() < cfg.staged_fraction:
+            staged = stage_predecessor(env, cfg, task_name, rng)
+            if staged is None:
+                return None, EpisodeRecord(episode_id, task.name, task.instruction, seed, start_ns)
+            obs = env.observe()
     tick0 = env.tick
     samples0 = len(env.joint_samples) - 1  # include the sample at the current instant
-    rec = EpisodeRecord(episode_id, task.name, task.instruction, seed, start_ns)
+    rec = EpisodeRecord(episode_id, task.name, task.instruction, seed, start_ns, staged_after=staged)
 
     def on_step(o: dict[str, Any], rel: np.ndarray) -> None:
         rec.frames.append(Frame(env.tick - tick0, o, env.rel_to_abs(rel)))
@@ -211,6 +219,38 @@ def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, 
     t0 = tick0 / cfg.control_hz
     rec.joint_samples = [(t - t0, q, dq) for t, q, dq in env.joint_samples[samples0:]]
     return ok, rec
+
+
+def _unrecorded(env: TabletopEnv, cfg: SimConfig, task_name: str) -> bool:
+    """Run the expert on ``task_name`` without rendering: nobody looks at the staging frames."""
+    render, env.render = env.render, False
+    try:
+        ok, _, _ = run_expert(env, task_name, cfg.max_episode_steps)
+    finally:
+        env.render = render
+    return ok
+
+
+def stage_predecessor(env: TabletopEnv, cfg: SimConfig, task_name: str, rng: np.random.Generator) -> str | None:
+    """Leave the scene as a chain would before ``task_name``: the expert does one other task of ``cfg.tasks``
+    (with its setup first), drawn by ``rng`` among those feasible now, unrecorded. Returns its name, or None
+    when none was feasible, the expert failed it, or ``task_name`` is no longer feasible after it (the scene
+    then allows no staged demonstration, which is no attempt of the expert's)."""
+    feasible = []
+    info = env.get_info()
+    for name in cfg.tasks:
+        other = get_task(name)
+        if name != task_name and get_task(other.setup or name).precondition(info):
+            feasible.append(name)
+    if not feasible:
+        return None
+    name = feasible[int(rng.integers(len(feasible)))]
+    other = get_task(name)
+    if other.setup is not None and not _unrecorded(env, cfg, other.setup):
+        return None
+    if not _unrecorded(env, cfg, name) or not get_task(task_name).precondition(env.get_info()):
+        return None
+    return name
 
 
 def expert_episodes(env: TabletopEnv, cfg: SimConfig, task_name: str,
