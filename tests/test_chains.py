@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vlaops.eval.chains import evaluate_chains, results_json, summarize
+from vlaops.eval.chains import evaluate_chains, results_json, start_sr, summarize
 
 
 class CountingEnv:
@@ -60,5 +60,9 @@ def test_chain_stops_at_first_failure_and_counts():
     assert summary["chain_sr"] == {1: 2 / 3, 2: 2 / 3, 3: 1 / 3, 4: 1 / 3, 5: 1 / 3}
     assert summary["avg_seq_len"] == (2 + 0 + 5) / 3
     assert summary["task_info"]["far"] == {"success": 0, "total": 2}
+    # first subtasks: a (ok), far (fail), a (ok); later: b, far (fail) | b, a, b, a (ok)
+    assert summary["start_info"] == {"first": {"success": 2, "total": 3}, "later": {"success": 5, "total": 6}}
+    assert start_sr(summary) == {"first": 2 / 3, "later": 5 / 6}
+    assert start_sr(summarize(results[1:2], 5)) == {"first": 0.0, "later": None}  # no subtask after a first failure
     out = results_json(summary, "policy")
     assert out["policy"]["chain_sr"]["1"] == 2 / 3

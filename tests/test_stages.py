@@ -63,7 +63,8 @@ def test_export_holds_everything_policy_load_needs(pipeline):
 @pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
 def test_metrics_and_results_follow_calvin(pipeline):
     metrics = json.loads((pipeline / "reports" / "metrics.json").read_text())
-    assert {"avg_len", "sr_1", "sr_2", "offline", "task_sr"} <= set(metrics)
+    assert {"avg_len", "sr_1", "sr_2", "offline", "task_sr", "subtask_sr"} <= set(metrics)
+    assert set(metrics["subtask_sr"]) == {"first", "later"} and 0.0 <= metrics["subtask_sr"]["first"] <= 1.0
     assert 0.0 <= metrics["avg_len"] <= 2 and metrics["num_chains"] == 2
     assert {"arm_mae", "gripper_accuracy", "baseline_arm_mae", "baseline_gripper_accuracy"} <= set(metrics["offline"])
     figure_keys = {"avg_len", "sr_1", "sr_2", "avg_len_ci", "sr_1_ci", "sr_2_ci"}

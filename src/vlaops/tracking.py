@@ -44,6 +44,7 @@ SWEEP_VAL_LOSS = "sweep/val_loss"  # ... and each job's, one point per job numbe
 AVG_LEN = "avg_len"
 SR_PREFIX = "sr_"  # sr_1 .. sr_5
 TASK_SR_PREFIX = "task_sr/"
+SUBTASK_SR_PREFIX = "subtask_sr/"  # subtask_sr/first (from the reset scene), subtask_sr/later (after another subtask)
 OFFLINE_PREFIX = "offline/"
 CI_SUFFIX = "_ci"  # metrics.json: avg_len_ci = [low, high]; MLflow: avg_len_ci_low, avg_len_ci_high
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"

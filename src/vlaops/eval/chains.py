@@ -87,18 +87,35 @@ def evaluate_chains(
             for seed, names in tqdm(chains, desc="evaluate chains", unit="chain", disable=None)]
 
 
+FIRST_SUBTASK, LATER_SUBTASKS = "first", "later"  # summarize's start_info: from the reset scene, after another subtask
+
+
 def summarize(results: list[ChainResult], chain_length: int) -> dict[str, Any]:
-    """SR 1..chain_length, Avg. Len and per-task success, as CALVIN's ``count_success`` computes them."""
+    """SR 1..chain_length, Avg. Len and per-task success, as CALVIN's ``count_success`` computes them, and
+    ``start_info``: the attempted subtasks that started from the reset scene (each chain's first) against
+    those that started where the previous subtask left the arm and the blocks. Demonstrations that all
+    start from a reset scene teach the first kind only; this split shows whether that is what ends chains."""
     completed = np.array([r.completed for r in results])
     chain_sr = {i: float(np.mean(completed >= i)) for i in range(1, chain_length + 1)}
     attempts: Counter[str] = Counter()
     successes: Counter[str] = Counter()
+    start: dict[str, Counter[str]] = {FIRST_SUBTASK: Counter(), LATER_SUBTASKS: Counter()}
     for r in results:
         for i, name in enumerate(r.tasks[: len(r.steps)]):
             attempts[name] += 1
             successes[name] += int(i < r.completed)
+            kind = start[FIRST_SUBTASK if i == 0 else LATER_SUBTASKS]
+            kind["total"] += 1
+            kind["success"] += int(i < r.completed)
     task_info = {t: {"success": successes[t], "total": attempts[t]} for t in sorted(attempts)}
-    return {"avg_seq_len": float(completed.mean()), "chain_sr": chain_sr, "task_info": task_info, "num_chains": len(results)}
+    start_info = {k: {"success": c["success"], "total": c["total"]} for k, c in start.items()}
+    return {"avg_seq_len": float(completed.mean()), "chain_sr": chain_sr, "task_info": task_info,
+            "start_info": start_info, "num_chains": len(results)}
+
+
+def start_sr(summary: dict[str, Any]) -> dict[str, float | None]:
+    """Success rate of the subtasks attempted from the reset scene and after another one (None: none attempted)."""
+    return {k: v["success"] / v["total"] if v["total"] else None for k, v in summary["start_info"].items()}
 
 
 def bootstrap_ci(

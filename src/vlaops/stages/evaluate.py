@@ -21,7 +21,7 @@ from vlaops.config import Config
 from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
-from vlaops.eval.chains import figures, results_json, summarize, summary_table
+from vlaops.eval.chains import FIRST_SUBTASK, LATER_SUBTASKS, figures, results_json, start_sr, summarize, summary_table
 from vlaops.eval.offline import base_constant_action, offline_action_metrics
 from vlaops.eval.reference import blind_policy
 from vlaops.eval.trajectories import action_dims, validation_trajectories
@@ -194,6 +194,7 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
         "chain_length": cfg.eval.chain_length,
         "confidence": cfg.eval.confidence,
         "task_sr": {t: v["success"] / v["total"] for t, v in summary["task_info"].items()},
+        "subtask_sr": start_sr(summary),  # first: from the reset scene; later: where the previous subtask left it
         "offline": offline,
         "ablations": {label.removeprefix(tracking.ABLATION_PREFIX): fig for label, fig in figs.items()
                       if label.startswith(tracking.ABLATION_PREFIX)},
@@ -212,6 +213,9 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     write_json(reports_dir / METRICS_FILE, metrics)
     log.info("%d chains of %d, seed %d:\n%s", len(chains), cfg.eval.chain_length, cfg.eval.seed,
              summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence))
+    first, later = summary["start_info"][FIRST_SUBTASK], summary["start_info"][LATER_SUBTASKS]
+    log.info("policy's subtasks: %d of %d succeeded from the reset scene, %d of %d after another subtask",
+             first["success"], first["total"], later["success"], later["total"])
 
     run_file = model_dir / tracking.RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
@@ -224,6 +228,7 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
         for label, fig in figs.items():
             flat.update(flat_figures(tracking.figure_prefix(label), fig))
         flat.update({f"{tracking.TASK_SR_PREFIX}{t}": v for t, v in metrics["task_sr"].items()})
+        flat.update({f"{tracking.SUBTASK_SR_PREFIX}{k}": v for k, v in metrics["subtask_sr"].items() if v is not None})
         flat.update({f"{tracking.OFFLINE_PREFIX}{k}": v for k, v in offline.items()})
         flat.update({f"{tracking.EVAL_TIME_PREFIX}{label}": t for label, t in times.items()})
         tracking.log_metrics(mlflow, flat)
