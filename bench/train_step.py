@@ -161,8 +161,9 @@ def bench_mode(cfg, mode: str, variant: str, vocab_size: int, device: torch.devi
     flops = counter.get_total_flops()
     if compiled:
         compile_layers(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], cfg.train, fused=fused)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable = [p for _, p in params]
+    optimizer = build_optimizer(params, cfg.train, fused=fused)
     model, optimizer = accelerator.prepare(model, optimizer)
     if checkpointing:
         _set_checkpointing(accelerator.unwrap_model(model).backbone.model, True)
@@ -211,7 +212,7 @@ def bench_mode(cfg, mode: str, variant: str, vocab_size: int, device: torch.devi
     }
     peak = peak_flops(device)
     result["mfu"] = round(flops / step_s / peak, 4) if peak else None
-    del model, optimizer, accelerator, batch, trainable
+    del model, optimizer, accelerator, batch, trainable, params
     if compiled:
         torch._dynamo.reset()  # the next variant starts without this one's graphs (and the tensors they hold)
     return result

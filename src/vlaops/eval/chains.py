@@ -99,16 +99,15 @@ def summarize(results: list[ChainResult], chain_length: int) -> dict[str, Any]:
     chain_sr = {i: float(np.mean(completed >= i)) for i in range(1, chain_length + 1)}
     attempts: Counter[str] = Counter()
     successes: Counter[str] = Counter()
-    start: dict[str, Counter[str]] = {FIRST_SUBTASK: Counter(), LATER_SUBTASKS: Counter()}
+    start_info = {kind: {"success": 0, "total": 0} for kind in (FIRST_SUBTASK, LATER_SUBTASKS)}
     for r in results:
         for i, name in enumerate(r.tasks[: len(r.steps)]):
             attempts[name] += 1
             successes[name] += int(i < r.completed)
-            kind = start[FIRST_SUBTASK if i == 0 else LATER_SUBTASKS]
+            kind = start_info[FIRST_SUBTASK if i == 0 else LATER_SUBTASKS]
             kind["total"] += 1
             kind["success"] += int(i < r.completed)
     task_info = {t: {"success": successes[t], "total": attempts[t]} for t in sorted(attempts)}
-    start_info = {k: {"success": c["success"], "total": c["total"]} for k, c in start.items()}
     return {"avg_seq_len": float(completed.mean()), "chain_sr": chain_sr, "task_info": task_info,
             "start_info": start_info, "num_chains": len(results)}
 

@@ -236,21 +236,17 @@ def stage_predecessor(env: TabletopEnv, cfg: SimConfig, task_name: str, rng: np.
     (with its setup first), drawn by ``rng`` among those feasible now, unrecorded. Returns its name, or None
     when none was feasible, the expert failed it, or ``task_name`` is no longer feasible after it (the scene
     then allows no staged demonstration, which is no attempt of the expert's)."""
-    feasible = []
     info = env.get_info()
-    for name in cfg.tasks:
-        other = get_task(name)
-        if name != task_name and get_task(other.setup or name).precondition(info):
-            feasible.append(name)
+    feasible = [other for other in map(get_task, cfg.tasks)
+                if other.name != task_name and get_task(other.setup or other.name).precondition(info)]
     if not feasible:
         return None
-    name = feasible[int(rng.integers(len(feasible)))]
-    other = get_task(name)
+    other = feasible[int(rng.integers(len(feasible)))]
     if other.setup is not None and not _unrecorded(env, cfg, other.setup):
         return None
-    if not _unrecorded(env, cfg, name) or not get_task(task_name).precondition(env.get_info()):
+    if not _unrecorded(env, cfg, other.name) or not get_task(task_name).precondition(env.get_info()):
         return None
-    return name
+    return other.name
 
 
 def expert_episodes(env: TabletopEnv, cfg: SimConfig, task_name: str,
