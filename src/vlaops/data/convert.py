@@ -99,7 +99,7 @@ def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
                 frames = _calvin_frames(ep)
                 start = frame_id
                 for i in range(len(ep)):
-                    np.savez_compressed(calvin.frame_path(split_dir, frame_id), **{k: v[i] for k, v in frames.items()})
+                    calvin.write_frame(split_dir, frame_id, {k: v[i] for k, v in frames.items()})
                     frame_id += 1
                 entries.append((start, frame_id - 1, ep.instruction, ep.task))
                 for key in collected:
