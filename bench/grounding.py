@@ -60,7 +60,11 @@ def approach(env: TabletopEnv, policy: StepPolicy, seed: int, task_name: str, ma
     track(env.get_info())  # the state after the last step
     tcp0 = np.asarray(start["tcp_pos"], dtype=float)
     return {
-        "seed": seed, "task": task_name, "block": task.block, "success": bool(success), "steps": steps,
+        "seed": seed,
+        "task": task_name,
+        "block": task.block,
+        "success": bool(success),
+        "steps": steps,
         "closest_cm": {block: round(100 * d, 1) for block, d in closest.items()},
         "came_closest_to": min(closest, key=closest.get),
         "nearest_at_start": min(closest, key=lambda b: float(np.linalg.norm(tcp0 - _pos(start, b)))),
@@ -77,7 +81,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "success": round(sum(r["success"] for r in rows) / n, 3),
         "came_closest_to_instructed": round(sum(r["came_closest_to"] == r["block"] for r in rows) / n, 3),
         "chance": round(1 / len(rows[0]["closest_cm"]), 3),
-        "came_closest_to_nearest_at_start": round(sum(r["came_closest_to"] == r["nearest_at_start"] for r in rows) / n, 3),
+        "came_closest_to_nearest_at_start": round(
+            sum(r["came_closest_to"] == r["nearest_at_start"] for r in rows) / n, 3
+        ),
         "median_closest_cm": {"instructed": float(np.median(to_block)), "other": float(np.median(to_other))},
     }
 
@@ -94,7 +100,9 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config(args.overrides, ROOT / "conf")
     with TabletopEnv(cfg.sim, render=not args.expert) as env:
-        chains = seeded_chains(env, list(cfg.eval.tasks or cfg.sim.tasks), args.chains, cfg.eval.chain_length, cfg.eval.seed)
+        chains = seeded_chains(
+            env, list(cfg.eval.tasks or cfg.sim.tasks), args.chains, cfg.eval.chain_length, cfg.eval.seed
+        )
         if args.expert:
             policy: StepPolicy = ExpertPolicy(env)
         else:
@@ -106,17 +114,28 @@ def main() -> None:
         for seed, tasks in chains:
             rows.append(approach(env, policy, seed, tasks[0], cfg.eval.max_steps_per_subtask))
             r = rows[-1]
-            print(f"{r['task']:18s} {'ok ' if r['success'] else 'no '} came closest to {r['came_closest_to']:5s} "
-                  + " ".join(f"{b} {d:5.1f} cm" for b, d in r["closest_cm"].items()), flush=True)
+            print(
+                f"{r['task']:18s} {'ok ' if r['success'] else 'no '} came closest to {r['came_closest_to']:5s} "
+                + " ".join(f"{b} {d:5.1f} cm" for b, d in r["closest_cm"].items()),
+                flush=True,
+            )
     summary = summarise(rows)
-    print(f"{len(rows)} episodes in {time.perf_counter() - start:.0f} s: came closest to the instructed block in "
-          f"{summary['came_closest_to_instructed']:.2f} (chance {summary['chance']:.2f}), to the block nearest the start "
-          f"in {summary['came_closest_to_nearest_at_start']:.2f}; median closest approach {summary['median_closest_cm']['instructed']:.1f} cm "
-          f"to the instructed block, {summary['median_closest_cm']['other']:.1f} cm to another; success {summary['success']:.2f}")
-    write_json(args.out, {
-        "policy": "expert" if args.expert else str(args.policy), "eval_seed": cfg.eval.seed, "summary": summary,
-        "episodes": rows, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-    })
+    print(
+        f"{len(rows)} episodes in {time.perf_counter() - start:.0f} s: came closest to the instructed block in "
+        f"{summary['came_closest_to_instructed']:.2f} (chance {summary['chance']:.2f}), to the block nearest the start "
+        f"in {summary['came_closest_to_nearest_at_start']:.2f}; median closest approach {summary['median_closest_cm']['instructed']:.1f} cm "
+        f"to the instructed block, {summary['median_closest_cm']['other']:.1f} cm to another; success {summary['success']:.2f}"
+    )
+    write_json(
+        args.out,
+        {
+            "policy": "expert" if args.expert else str(args.policy),
+            "eval_seed": cfg.eval.seed,
+            "summary": summary,
+            "episodes": rows,
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        },
+    )
 
 
 if __name__ == "__main__":

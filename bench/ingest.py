@@ -106,8 +106,9 @@ def make_recordings(cfg: SimConfig, raw: Path, bags: int, frames: int, scenes: i
     scenes = max(1, min(scenes, bags))
     episodes = [simulate(cfg, frames, seed, cfg.tasks[seed % len(cfg.tasks)]) for seed in range(scenes)]
     for i in range(bags):
-        rec = dataclasses.replace(episodes[i % scenes], episode_id=f"bench_{i:04d}",
-                                  start_ns=EPOCH_NS + i * EPISODE_SPACING_NS)
+        rec = dataclasses.replace(
+            episodes[i % scenes], episode_id=f"bench_{i:04d}", start_ns=EPOCH_NS + i * EPISODE_SPACING_NS
+        )
         writer.write(rec, raw)
 
 
@@ -117,8 +118,11 @@ def _decode(msg: Any, msgtype: str) -> np.ndarray:
     if msgtype == "sensor_msgs/msg/CompressedImage":
         with Image.open(io.BytesIO(bytes(msg.data))) as img:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    return np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)[:, : msg.width * 3].reshape(
-        msg.height, msg.width, 3)
+    return (
+        np.frombuffer(msg.data, dtype=np.uint8)
+        .reshape(msg.height, msg.step)[:, : msg.width * 3]
+        .reshape(msg.height, msg.width, 3)
+    )
 
 
 @functools.cache
@@ -200,8 +204,11 @@ def cpu_model() -> str:
 
 
 def spread(values: list[float], digits: int = 1) -> dict[str, float]:
-    return {"min": round(min(values), digits), "median": round(statistics.median(values), digits),
-            "max": round(max(values), digits)}
+    return {
+        "min": round(min(values), digits),
+        "median": round(statistics.median(values), digits),
+        "max": round(max(values), digits),
+    }
 
 
 def profile(label: str, fn) -> None:
@@ -240,8 +247,10 @@ def main() -> None:
         raw_bytes = sum(p.stat().st_size for p in raw.rglob("*") if p.is_file())
 
         # (wall s, CPU s) per round, per process count
-        runs: dict[str, dict[int, list[tuple[float, float]]]] = {"floor": {n: [] for n in counts},
-                                                                 "vlaops": {n: [] for n in counts}}
+        runs: dict[str, dict[int, list[tuple[float, float]]]] = {
+            "floor": {n: [] for n in counts},
+            "vlaops": {n: [] for n in counts},
+        }
         digests: dict[int, str] = {}
         report: dict[str, Any] = {}
         messages = ticks = 0
@@ -271,7 +280,7 @@ def main() -> None:
     result = {
         "benchmark": "ingest",
         "floor": "rosbags alone: AnyReader per bag, every message of data.topics deserialized, every image "
-                 "decoded to (H, W, 3) uint8; no hashing, synchronisation, checks or episode writing",
+        "decoded to (H, W, 3) uint8; no hashing, synchronisation, checks or episode writing",
         "vlaops": "vlaops.data.ingest.ingest(raw, out, data) with data.num_workers = 1 and 0 (one per core)",
         "frames_per_s": {name: {n: spread(v) for n, v in per.items()} for name, per in fps.items()},
         "frames_per_cpu_s": {name: {n: spread(v) for n, v in per.items()} for name, per in fpc.items()},
@@ -281,41 +290,69 @@ def main() -> None:
         "goal": 0.5,
         "meets_goal": {n: m >= 0.5 for n, m in medians.items()},
         "same_output_bytes_across_processes": len(set(digests.values())) == 1,
-        "raw": {name: {str(n): [{"wall_s": round(w, 4), "cpu_s": round(c, 4)} for w, c in per[n]] for n in counts}
-                for name, per in runs.items()},
-        "recordings": {"bags": len(bags), "frames": frames, "frames_per_bag": args.frames,
-                       "messages_read_by_floor": messages, "action_messages": ticks,
-                       "mib": round(raw_bytes / 2**20, 1), "storage": cfg.sim.storage,
-                       "images": f"raw sensor_msgs/Image, {cfg.sim.static_camera_size} and "
-                                 f"{cfg.sim.gripper_camera_size} px", "distinct_scenes": min(args.scenes, args.bags),
-                       "record_s": round(record_s, 1)},
+        "raw": {
+            name: {str(n): [{"wall_s": round(w, 4), "cpu_s": round(c, 4)} for w, c in per[n]] for n in counts}
+            for name, per in runs.items()
+        },
+        "recordings": {
+            "bags": len(bags),
+            "frames": frames,
+            "frames_per_bag": args.frames,
+            "messages_read_by_floor": messages,
+            "action_messages": ticks,
+            "mib": round(raw_bytes / 2**20, 1),
+            "storage": cfg.sim.storage,
+            "images": f"raw sensor_msgs/Image, {cfg.sim.static_camera_size} and {cfg.sim.gripper_camera_size} px",
+            "distinct_scenes": min(args.scenes, args.bags),
+            "record_s": round(record_s, 1),
+        },
         "ingest_summary": report["summary"],
         "repeats": args.repeats,
         "processes": counts,
         "overrides": args.overrides,
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": resolve_workers(0),
-                    "load_average_start": [round(x, 2) for x in load_start],
-                    "load_average_end": [round(x, 2) for x in load_end]},
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "usable_cores": resolve_workers(0),
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in load_end],
+        },
         "rosbags": version("rosbags"),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     m = result["machine"]
-    print(f"ingest, {len(bags)} bags x {args.frames} frames ({frames} frames, {result['recordings']['mib']} MiB, "
-          f"{cfg.sim.storage}), {args.repeats} rounds; recorded in {record_s:.1f} s")
-    print(f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['usable_cores']} usable); load average (1 min) "
-          f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end")
+    print(
+        f"ingest, {len(bags)} bags x {args.frames} frames ({frames} frames, {result['recordings']['mib']} MiB, "
+        f"{cfg.sim.storage}), {args.repeats} rounds; recorded in {record_s:.1f} s"
+    )
+    print(
+        f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['usable_cores']} usable); load average (1 min) "
+        f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end"
+    )
     print(summary_table(report["summary"]))
     print(f"{'processes':>9}  {'floor frames/s':>20}  {'vlaops frames/s':>20}  {'ratio':>16}  {'ratio, CPU time':>16}")
-    print(f"{'':>9}  {'min / med / max':>20}  {'min / med / max':>20}  {'min / med / max':>16}  {'min / med / max':>16}")
+    print(
+        f"{'':>9}  {'min / med / max':>20}  {'min / med / max':>20}  {'min / med / max':>16}  {'min / med / max':>16}"
+    )
     for n in counts:
-        f, v, r, c = (result[key][name][str(n)] if name else result[key][str(n)] for key, name in (
-            ("frames_per_s", "floor"), ("frames_per_s", "vlaops"), ("ratio_vlaops_to_floor", None),
-            ("ratio_vlaops_to_floor_cpu", None)))
-        print(f"{n:>9}  {f['min']:>6.0f} {f['median']:>6.0f} {f['max']:>6.0f}  {v['min']:>6.0f} {v['median']:>6.0f} "
-              f"{v['max']:>6.0f}  {r['min']:>5.2f} {r['median']:>4.2f} {r['max']:>5.2f}  {c['min']:>5.2f} {c['median']:>4.2f} "
-              f"{c['max']:>5.2f}  {'goal >= 0.5 met' if r['median'] >= 0.5 else 'below the goal of 0.5'}")
-    print(f"same output bytes with {' and '.join(map(str, counts))} processes: {result['same_output_bytes_across_processes']}")
+        f, v, r, c = (
+            result[key][name][str(n)] if name else result[key][str(n)]
+            for key, name in (
+                ("frames_per_s", "floor"),
+                ("frames_per_s", "vlaops"),
+                ("ratio_vlaops_to_floor", None),
+                ("ratio_vlaops_to_floor_cpu", None),
+            )
+        )
+        print(
+            f"{n:>9}  {f['min']:>6.0f} {f['median']:>6.0f} {f['max']:>6.0f}  {v['min']:>6.0f} {v['median']:>6.0f} "
+            f"{v['max']:>6.0f}  {r['min']:>5.2f} {r['median']:>4.2f} {r['max']:>5.2f}  {c['min']:>5.2f} {c['median']:>4.2f} "
+            f"{c['max']:>5.2f}  {'goal >= 0.5 met' if r['median'] >= 0.5 else 'below the goal of 0.5'}"
+        )
+    print(
+        f"same output bytes with {' and '.join(map(str, counts))} processes: {result['same_output_bytes_across_processes']}"
+    )
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

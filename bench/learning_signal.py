@@ -49,9 +49,19 @@ START_FRAMES = 5
 
 # (name, overrides): one line of the table each; window 1 isolates the loss from the history
 VARIANTS: list[tuple[str, list[str]]] = [
-    ("w1 b32, ratio 0.1, decay 1.0 (RoboVLMs loss)", ["model.window_size=1", "train.batch_size=32",
-                                                       "model.arm_gripper_loss_ratio=0.1", "model.chunk_loss_decay=1.0"]),
-    ("w1 b32, ratio 0.1, decay 0.5", ["model.window_size=1", "train.batch_size=32", "model.arm_gripper_loss_ratio=0.1"]),
+    (
+        "w1 b32, ratio 0.1, decay 1.0 (RoboVLMs loss)",
+        [
+            "model.window_size=1",
+            "train.batch_size=32",
+            "model.arm_gripper_loss_ratio=0.1",
+            "model.chunk_loss_decay=1.0",
+        ],
+    ),
+    (
+        "w1 b32, ratio 0.1, decay 0.5",
+        ["model.window_size=1", "train.batch_size=32", "model.arm_gripper_loss_ratio=0.1"],
+    ),
     ("w1 b32, ratio 0.03, decay 1.0", ["model.window_size=1", "train.batch_size=32", "model.chunk_loss_decay=1.0"]),
     ("w1 b32, ratio 0.03, decay 0.5", ["model.window_size=1", "train.batch_size=32"]),
     ("w1 b4, ratio 0.03, decay 0.5", ["model.window_size=1", "train.batch_size=4"]),
@@ -111,8 +121,12 @@ def run_variant(overrides: list[str], steps: int, seed: int, eval_batches: int) 
     every = torch.randperm(len(val_ds), generator=torch.Generator().manual_seed(1234))[: eval_batches * 16].tolist()
     r2, grip = xy_r2_and_gripper(policy, val_ds, every)
     r2_start, _ = xy_r2_and_gripper(policy, val_ds, start_windows(val_ds))
-    return {"val_xy_r2": round(r2, 3), "val_start_xy_r2": round(r2_start, 3), "val_gripper_accuracy": round(grip, 3),
-            "train_s": round(train_s, 1)}
+    return {
+        "val_xy_r2": round(r2, 3),
+        "val_start_xy_r2": round(r2_start, 3),
+        "val_gripper_accuracy": round(grip, 3),
+        "train_s": round(train_s, 1),
+    }
 
 
 def main() -> None:
@@ -132,14 +146,23 @@ def main() -> None:
         runs = [run_variant([*args.overrides, *overrides], args.steps, seed, args.eval_batches) for seed in args.seeds]
         r2s = [r["val_xy_r2"] for r in runs]
         starts = [r["val_start_xy_r2"] for r in runs]
-        row = {"variant": name, "overrides": overrides, "runs": runs,
-               "val_xy_r2_median": statistics.median(r2s), "val_xy_r2_min": min(r2s), "val_xy_r2_max": max(r2s),
-               "val_start_xy_r2_median": statistics.median(starts)}
+        row = {
+            "variant": name,
+            "overrides": overrides,
+            "runs": runs,
+            "val_xy_r2_median": statistics.median(r2s),
+            "val_xy_r2_min": min(r2s),
+            "val_xy_r2_max": max(r2s),
+            "val_start_xy_r2_median": statistics.median(starts),
+        }
         rows.append(row)
-        print(f"{name:45s} val x-y R^2 {row['val_xy_r2_median']:+.3f} [{min(r2s):+.3f}, {max(r2s):+.3f}]  "
-              f"at the start {row['val_start_xy_r2_median']:+.3f} [{min(starts):+.3f}, {max(starts):+.3f}]  "
-              f"gripper {statistics.median(r['val_gripper_accuracy'] for r in runs):.3f}  "
-              f"({statistics.median(r['train_s'] for r in runs):.0f} s per run)", flush=True)
+        print(
+            f"{name:45s} val x-y R^2 {row['val_xy_r2_median']:+.3f} [{min(r2s):+.3f}, {max(r2s):+.3f}]  "
+            f"at the start {row['val_start_xy_r2_median']:+.3f} [{min(starts):+.3f}, {max(starts):+.3f}]  "
+            f"gripper {statistics.median(r['val_gripper_accuracy'] for r in runs):.3f}  "
+            f"({statistics.median(r['train_s'] for r in runs):.0f} s per run)",
+            flush=True,
+        )
     result = {
         "steps": args.steps,
         "seeds": args.seeds,

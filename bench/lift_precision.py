@@ -75,9 +75,11 @@ def lift(env: TabletopEnv, policy: StepPolicy, seed: int, task_name: str, max_st
             tcp, block = np.asarray(info["tcp_pos"], dtype=float), info["blocks"][task.block]
             centre = np.asarray(block["pos"], dtype=float)
             yaw = float(wrap_angle(4 * (float(info["tcp_euler"][2]) - float(block["euler"][2])))) / 4
-            grasp = {"xy_cm": round(100 * float(np.linalg.norm(tcp[:2] - centre[:2])), 1),
-                     "dz_cm": round(100 * float(tcp[2] - centre[2]), 1),
-                     "yaw_deg": round(abs(float(np.degrees(yaw))), 1)}
+            grasp = {
+                "xy_cm": round(100 * float(np.linalg.norm(tcp[:2] - centre[:2])), 1),
+                "dz_cm": round(100 * float(tcp[2] - centre[2]), 1),
+                "yaw_deg": round(abs(float(np.degrees(yaw))), 1),
+            }
         obs = env.step(action)
         if task.success(start, env.get_info()):
             success = True
@@ -85,7 +87,9 @@ def lift(env: TabletopEnv, policy: StepPolicy, seed: int, task_name: str, max_st
     return {"seed": seed, "task": task_name, "success": success, "grasp": grasp}
 
 
-def tolerance(env: TabletopEnv, offsets: list[tuple[float, float]], episodes: int, seed: int, max_steps: int) -> list[dict[str, Any]]:
+def tolerance(
+    env: TabletopEnv, offsets: list[tuple[float, float]], episodes: int, seed: int, max_steps: int
+) -> list[dict[str, Any]]:
     """The expert's lift success with its grasp ``(yaw degrees, x-y cm)`` off, for each offset."""
     rows = []
     for yaw_deg, xy_cm in offsets:
@@ -94,7 +98,9 @@ def tolerance(env: TabletopEnv, offsets: list[tuple[float, float]], episodes: in
         for i in range(episodes):
             angle, sign = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
             dxy = xy_cm / 100 * np.array([np.cos(angle), np.sin(angle)])
-            ok += lift(env, OffsetGrasp(env, dxy, sign * np.radians(yaw_deg)), seed + i, LIFTS[i % 3], max_steps)["success"]
+            ok += lift(env, OffsetGrasp(env, dxy, sign * np.radians(yaw_deg)), seed + i, LIFTS[i % 3], max_steps)[
+                "success"
+            ]
         rows.append({"yaw_off_deg": yaw_deg, "xy_off_cm": xy_cm, "success": ok, "episodes": episodes})
         print(f"grasp {yaw_deg:4.0f} deg, {xy_cm:3.1f} cm off: {ok}/{episodes}", flush=True)
     return rows
@@ -102,12 +108,14 @@ def tolerance(env: TabletopEnv, offsets: list[tuple[float, float]], episodes: in
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Median grasp errors of the successful and the failed lifts (those that closed the gripper)."""
+
     def median(ok: bool, key: str) -> float | None:
         values = [r["grasp"][key] for r in rows if r["success"] == ok and r["grasp"] is not None]
         return float(np.median(values)) if values else None
 
     return {
-        "episodes": len(rows), "success": sum(r["success"] for r in rows),
+        "episodes": len(rows),
+        "success": sum(r["success"] for r in rows),
         "never_closed": sum(r["grasp"] is None for r in rows),
         "median_xy_cm": {"success": median(True, "xy_cm"), "failure": median(False, "xy_cm")},
         "median_yaw_deg": {"success": median(True, "yaw_deg"), "failure": median(False, "yaw_deg")},
@@ -134,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = cfg.eval.max_steps_per_subtask
     with TabletopEnv(cfg.sim, render=not args.expert) as env:
         if args.expert:
-            report: dict[str, Any] = {"policy": "expert", "tolerance": tolerance(env, _offsets(args.offsets), args.episodes, args.seed, steps)}
+            report: dict[str, Any] = {
+                "policy": "expert",
+                "tolerance": tolerance(env, _offsets(args.offsets), args.episodes, args.seed, steps),
+            }
         else:
             from vlaops.model import PolicyRuntime
 

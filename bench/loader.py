@@ -73,12 +73,21 @@ def samples_per_s(dataset: CalvinWindowDataset, cfg: TrainConfig, workers: int, 
 
 def train_steps_per_s(dataset: CalvinWindowDataset, run_cfg, processor, workers: int, steps: int) -> float:
     """Steady-state optimizer steps/s of ``train_policy`` on ``dataset`` with ``workers`` loader workers."""
-    cfg = dataclasses.replace(run_cfg.train, num_workers=workers, max_steps=steps, log_every=10, val_every=10**9, save_every=0)
+    cfg = dataclasses.replace(
+        run_cfg.train, num_workers=workers, max_steps=steps, log_every=10, val_every=10**9, save_every=0
+    )
     torch.manual_seed(run_cfg.seed)
     policy = VLAPolicy.build(run_cfg.model, vocab_size=len(processor.tokenizer))
     apply_train_setup(policy, cfg.train_setup)
     stamps: list[tuple[int, float]] = []
-    train_policy(policy, make_loader(dataset, cfg, shuffle=True), None, cfg, lambda m, s: stamps.append((s, time.perf_counter())), None)
+    train_policy(
+        policy,
+        make_loader(dataset, cfg, shuffle=True),
+        None,
+        cfg,
+        lambda m, s: stamps.append((s, time.perf_counter())),
+        None,
+    )
     (s0, t0), (s1, t1) = stamps[0], stamps[-1]
     return (s1 - s0) / (t1 - t0)
 
@@ -86,11 +95,18 @@ def train_steps_per_s(dataset: CalvinWindowDataset, run_cfg, processor, workers:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=240, help="samples timed per loader measurement")
-    parser.add_argument("--steps", type=int, default=50, help="optimizer steps per train measurement (first 10 untimed)")
+    parser.add_argument(
+        "--steps", type=int, default=50, help="optimizer steps per train measurement (first 10 untimed)"
+    )
     parser.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to measure")
     parser.add_argument("--repeats", type=int, default=2, help="rounds, interleaved; the median is reported")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default); "
-                        "1 keeps a CPU shared with other jobs from stalling in OpenMP barriers")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch intra-op threads (0: torch's default); "
+        "1 keeps a CPU shared with other jobs from stalling in OpenMP barriers",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "loader.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. model.image_size=112")
     args = parser.parse_args()
@@ -149,8 +165,10 @@ def main() -> None:
         "train_steps_per_s_after": train_med[f"cache_w{best_cache_w}"],
         "train_speedup": round(train_med[f"cache_w{best_cache_w}"] / train_med["npz_w0"], 2),
         "fastest_num_workers_with_cache": best_cache_w,
-        "raw": {"loader": {k: {str(w): [round(x, 2) for x in v] for w, v in per.items()} for k, per in loader.items()},
-                "train": {k: [round(x, 3) for x in v] for k, v in train.items()}},
+        "raw": {
+            "loader": {k: {str(w): [round(x, 2) for x in v] for w, v in per.items()} for k, per in loader.items()},
+            "train": {k: [round(x, 3) for x in v] for k, v in train.items()},
+        },
         "same_bits_as_npz_path": same_bits,
         "cache_build_s": round(build_s, 2),
         "cache_reuse_check_s": round(reuse_s, 3),
@@ -172,15 +190,21 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
-    print(f"loader, {len(npz_ds)} training windows, batch {cfg.train.batch_size}, window {cfg.model.window_size}, {cfg.model.image_size} px:")
-    print(f"  cache build {build_s:.1f} s for {len(frames)} frames ({result['cache_mib']} MiB); reuse check {reuse_s:.2f} s")
+    print(
+        f"loader, {len(npz_ds)} training windows, batch {cfg.train.batch_size}, window {cfg.model.window_size}, {cfg.model.image_size} px:"
+    )
+    print(
+        f"  cache build {build_s:.1f} s for {len(frames)} frames ({result['cache_mib']} MiB); reuse check {reuse_s:.2f} s"
+    )
     for w in workers:
         n, c = loader_med["npz"][str(w)], loader_med["cache"][str(w)]
         print(f"  samples/s, {w} workers: npz {n:8.1f}   cache {c:8.1f}   {c / n:6.2f}x")
     print(f"  train steps/s: npz, 0 workers {train_med['npz_w0']:.3f} (before)")
     for w in workers:
         print(f"                 cache, {w} workers {train_med[f'cache_w{w}']:.3f}")
-    print(f"  train speedup {result['train_speedup']:.2f}x (cache, {best_cache_w} workers); same bits as npz: {same_bits}")
+    print(
+        f"  train speedup {result['train_speedup']:.2f}x (cache, {best_cache_w} workers); same bits as npz: {same_bits}"
+    )
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -41,7 +41,9 @@ def named_block(instruction: str) -> int:
     """Index into BLOCKS of the one colour ``instruction`` names."""
     named = words_named(instruction, BLOCKS)
     if len(named) != 1:
-        raise VlaopsError(f"instruction {instruction!r} names {len(named)} of the blocks {BLOCKS}; the probe needs exactly one")
+        raise VlaopsError(
+            f"instruction {instruction!r} names {len(named)} of the blocks {BLOCKS}; the probe needs exactly one"
+        )
     return named[0]
 
 
@@ -58,7 +60,7 @@ def features(runtime: PolicyRuntime, split: CalvinSplit, frames: int) -> tuple[n
             rgb, hand = runtime.images(f)  # (1, 3, S, S): exactly what the policy sees
             tokens.append(runtime.model.encode_frames(rgb, hand, ids, mask)[0].numpy())
             for name, block in zip(TARGETS, (b, *others)):
-                targets[name].append(f["scene_obs"][6 + 6 * block: 8 + 6 * block])
+                targets[name].append(f["scene_obs"][6 + 6 * block : 8 + 6 * block])
             targets["tcp"].append(f["robot_obs"][:2])
     return np.stack(tokens), {k: np.stack(v) for k, v in targets.items()}
 
@@ -82,12 +84,18 @@ def main() -> None:
         print(f"{name:16s} {r['r2']:7.3f} {r['error_cm']:6.1f} cm")
     others = np.mean([results[k]["r2"] for k in ("other_block_1", "other_block_2")])
     print(f"named block minus the other blocks' mean R^2: {results['named_block']['r2'] - others:+.3f}")
-    write_json(args.out, {
-        "policy": str(args.policy), "calvin": str(args.calvin), "frames_per_span": args.frames,
-        "frames": {"training": len(x_train), "validation": len(x_val)}, "probes": results,
-        "named_minus_others_r2": round(float(results["named_block"]["r2"] - others), 3),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-    })
+    write_json(
+        args.out,
+        {
+            "policy": str(args.policy),
+            "calvin": str(args.calvin),
+            "frames_per_span": args.frames,
+            "frames": {"training": len(x_train), "validation": len(x_val)},
+            "probes": results,
+            "named_minus_others_r2": round(float(results["named_block"]["r2"] - others), 3),
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        },
+    )
 
 
 if __name__ == "__main__":

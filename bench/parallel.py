@@ -20,7 +20,8 @@ checked to be the same (chain results equal, ingest's episode bytes equal). With
 (``pip install vlaops[ray]``) the chains and the ingest are also timed on 2 Ray actors. The machine,
 its load average and ``uptime`` go into the JSON: on a shared machine the ratio is the figure to read.
 
-    python bench/parallel.py                          # 8 chains x 30 steps, 16 bags x 40 frames, 3 rounds, Ray if installed
+    # 8 chains x 30 steps, 16 bags x 40 frames, 3 rounds, Ray if installed
+    python bench/parallel.py
     python bench/parallel.py --chains 16 --steps 90 --no-ray eval.chain_length=5
 
 Overrides are Hydra overrides of conf/. Writes reports/bench/parallel.json (atomically).
@@ -52,7 +53,11 @@ from vlaops.utils.executor import ComputeConfig, map_ordered, resolve_workers  #
 from vlaops.utils.logging import get_logger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CALVIN_CHAINS, CALVIN_STEPS, CALVIN_LENGTH = 1000, 360, 5  # CALVIN's protocol (evaluation/evaluate_policy.py: EP_LEN 360)
+CALVIN_CHAINS, CALVIN_STEPS, CALVIN_LENGTH = (
+    1000,
+    360,
+    5,
+)  # CALVIN's protocol (evaluation/evaluate_policy.py: EP_LEN 360)
 
 
 def export_policy(cfg: Any, out: Path) -> Path:
@@ -63,15 +68,24 @@ def export_policy(cfg: Any, out: Path) -> Path:
     from vlaops.model import VLAPolicy, build_offline_processor, save_policy
     from vlaops.sim.tasks import TASKS, get_task
 
-    processor = build_offline_processor([get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size,
-                                        image_size=cfg.model.image_size)
+    processor = build_offline_processor(
+        [get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size, image_size=cfg.model.image_size
+    )
     torch.manual_seed(0)
     policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
-    return save_policy(out, policy, processor, ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max), cfg.model,
-                       extra={"train_config": to_container(cfg)})
+    return save_policy(
+        out,
+        policy,
+        processor,
+        ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max),
+        cfg.model,
+        extra={"train_config": to_container(cfg)},
+    )
 
 
-def time_chains(factory: Any, cfg: Any, chains: list, steps: int, workers: int, compute: ComputeConfig) -> tuple[float, list]:
+def time_chains(
+    factory: Any, cfg: Any, chains: list, steps: int, workers: int, compute: ComputeConfig
+) -> tuple[float, list]:
     from vlaops.eval.runner import run_chains
 
     start = time.perf_counter()
@@ -79,7 +93,9 @@ def time_chains(factory: Any, cfg: Any, chains: list, steps: int, workers: int, 
     return time.perf_counter() - start, [r.__dict__ for r in results]
 
 
-def time_ingest(raw: Path, out: Path, cfg: Any, workers: int, compute: ComputeConfig) -> tuple[float, str, dict[str, float]]:
+def time_ingest(
+    raw: Path, out: Path, cfg: Any, workers: int, compute: ComputeConfig
+) -> tuple[float, str, dict[str, float]]:
     """Wall seconds, the output's digest, and the CPU seconds of this process and of its worker processes
     (user + system; the pool's workers are reaped when ``ingest`` returns, so RUSAGE_CHILDREN holds them:
     a local pool only, Ray's workers are not children; one local worker runs in this process, no pool).
@@ -133,7 +149,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds")
     parser.add_argument("--no-ray", action="store_true", help="measure the local pool only")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "parallel.json")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. eval.chain_length=5 model.image_size=224")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of conf/, e.g. eval.chain_length=5 model.image_size=224"
+    )
     args = parser.parse_args()
     if min(args.chains, args.steps, args.bags, args.frames, args.repeats) < 1 or args.tasks < 3:
         parser.error("--chains, --steps, --bags, --frames, --repeats must be >= 1 and --tasks >= 3")
@@ -164,8 +182,9 @@ def main() -> None:
     try:
         factory = RuntimeFactory(str(export_policy(cfg, tmp / "policy")))
         with TabletopEnv(cfg.sim, render=False) as env:
-            chains = seeded_chains(env, list(cfg.eval.tasks or cfg.sim.tasks), args.chains, cfg.eval.chain_length,
-                                   cfg.eval.seed)
+            chains = seeded_chains(
+                env, list(cfg.eval.tasks or cfg.sim.tasks), args.chains, cfg.eval.chain_length, cfg.eval.seed
+            )
         raw = tmp / "raw"
         make_recordings(cfg.sim, raw, args.bags, args.frames, scenes=2)
         chain_s: dict[str, list[float]] = {name: [] for name in executors}
@@ -188,8 +207,11 @@ def main() -> None:
             compute = executors[name][1]
             two = [time_tasks(2, compute) for _ in range(args.repeats)]  # both workers started, one task each
             many = [time_tasks(args.tasks, compute) for _ in range(args.repeats)]
-            overhead[name] = {"startup_s": median(two), f"{args.tasks}_tasks_s": median(many),
-                              "per_task_ms": round(1000 * (median(many) - median(two)) / (args.tasks - 2), 3)}
+            overhead[name] = {
+                "startup_s": median(two),
+                f"{args.tasks}_tasks_s": median(many),
+                "per_task_ms": round(1000 * (median(many) - median(two)) / (args.tasks - 2), 3),
+            }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     load_end, uptime_end = os.getloadavg(), uptime()
@@ -208,63 +230,98 @@ def main() -> None:
     projection = {}
     for workers in (1, 2, 8, 32, 128):
         rate = steps_per_s_1 * (1 if workers == 1 else workers * efficiency)
-        projection[str(workers)] = {f"{label}_h": round(CALVIN_CHAINS * steps / rate / 3600, 2)
-                                    for label, steps in (("first_subtask_fails", CALVIN_STEPS),
-                                                         ("all_five_subtasks_full", CALVIN_STEPS * CALVIN_LENGTH))}
+        projection[str(workers)] = {
+            f"{label}_h": round(CALVIN_CHAINS * steps / rate / 3600, 2)
+            for label, steps in (
+                ("first_subtask_fails", CALVIN_STEPS),
+                ("all_five_subtasks_full", CALVIN_STEPS * CALVIN_LENGTH),
+            )
+        }
     result = {
         "benchmark": "parallel",
-        "chains": {"count": args.chains, "chain_length": cfg.eval.chain_length, "steps_per_subtask": args.steps,
-                   "steps_per_chain": steps_per_chain, "policy": "default tiny config, random weights",
-                   "image_size": cfg.model.image_size, "per_min": {n: median(v, 2) for n, v in chains_per_min.items()},
-                   "seconds": {n: [round(x, 2) for x in v] for n, v in chain_s.items()},
-                   "steps_per_s_1_worker": steps_per_s_1,
-                   "same_results": all(r == chain_results["local-1"] for r in chain_results.values())},
-        "ingest": {"bags": args.bags, "frames_per_bag": args.frames, "storage": cfg.sim.storage,
-                   "per_min": {n: median(v, 1) for n, v in recs_per_min.items()},
-                   "seconds": {n: [round(x, 2) for x in v] for n, v in ingest_s.items()},
-                   "cpu_seconds_median": {n: {part: median(v) for part, v in parts.items()}
-                                          for n, parts in ingest_cpu.items() if not n.startswith("ray")},
-                   "same_output_bytes": len(set(digests.values())) == 1},
-        "scaling_2_vs_1_local": {k: {"median": median(v), "rounds": [round(x, 3) for x in v]} for k, v in scaling.items()},
+        "chains": {
+            "count": args.chains,
+            "chain_length": cfg.eval.chain_length,
+            "steps_per_subtask": args.steps,
+            "steps_per_chain": steps_per_chain,
+            "policy": "default tiny config, random weights",
+            "image_size": cfg.model.image_size,
+            "per_min": {n: median(v, 2) for n, v in chains_per_min.items()},
+            "seconds": {n: [round(x, 2) for x in v] for n, v in chain_s.items()},
+            "steps_per_s_1_worker": steps_per_s_1,
+            "same_results": all(r == chain_results["local-1"] for r in chain_results.values()),
+        },
+        "ingest": {
+            "bags": args.bags,
+            "frames_per_bag": args.frames,
+            "storage": cfg.sim.storage,
+            "per_min": {n: median(v, 1) for n, v in recs_per_min.items()},
+            "seconds": {n: [round(x, 2) for x in v] for n, v in ingest_s.items()},
+            "cpu_seconds_median": {
+                n: {part: median(v) for part, v in parts.items()}
+                for n, parts in ingest_cpu.items()
+                if not n.startswith("ray")
+            },
+            "same_output_bytes": len(set(digests.values())) == 1,
+        },
+        "scaling_2_vs_1_local": {
+            k: {"median": median(v), "rounds": [round(x, 3) for x in v]} for k, v in scaling.items()
+        },
         "goal": 1.8,
         "meets_goal": {k: median(v) >= 1.8 for k, v in scaling.items()},
         "per_task_overhead_2_workers": overhead,
         "ray_init_s": None if ray_init_s is None else round(ray_init_s, 1),
         "projection_calvin_1000_chains": {
             "assumptions": f"{CALVIN_CHAINS} chains of {CALVIN_LENGTH}, {CALVIN_STEPS} steps per subtask, at this "
-                           f"machine's measured {steps_per_s_1} steps/s per worker (this policy and image size) and "
-                           f"the measured 2-worker efficiency {efficiency:.2f} held at every worker count (a core "
-                           "per worker, nothing shared); the start-up of the workers and Ray's per-task overhead "
-                           "left out (milliseconds against chains of minutes)",
-            "hours_by_workers": projection},
+            f"machine's measured {steps_per_s_1} steps/s per worker (this policy and image size) and "
+            f"the measured 2-worker efficiency {efficiency:.2f} held at every worker count (a core "
+            "per worker, nothing shared); the start-up of the workers and Ray's per-task overhead "
+            "left out (milliseconds against chains of minutes)",
+            "hours_by_workers": projection,
+        },
         "repeats": args.repeats,
         "overrides": args.overrides,
-        "machine": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "usable_cores": resolve_workers(0),
-                    "load_average_start": [round(x, 2) for x in load_start],
-                    "load_average_end": [round(x, 2) for x in load_end],
-                    "uptime_start": uptime_start, "uptime_end": uptime_end},
+        "machine": {
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "usable_cores": resolve_workers(0),
+            "load_average_start": [round(x, 2) for x in load_start],
+            "load_average_end": [round(x, 2) for x in load_end],
+            "uptime_start": uptime_start,
+            "uptime_end": uptime_end,
+        },
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     m, c, i = result["machine"], result["chains"], result["ingest"]
-    print(f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['usable_cores']} usable); load average (1 min) "
-          f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end; {args.repeats} rounds, medians")
-    print(f"chains: {args.chains} x {cfg.eval.chain_length} tasks, {args.steps} steps per subtask, "
-          f"{cfg.model.image_size} px; ingest: {args.bags} bags x {args.frames} frames")
+    print(
+        f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['usable_cores']} usable); load average (1 min) "
+        f"{load_start[0]:.2f} at start, {load_end[0]:.2f} at end; {args.repeats} rounds, medians"
+    )
+    print(
+        f"chains: {args.chains} x {cfg.eval.chain_length} tasks, {args.steps} steps per subtask, "
+        f"{cfg.model.image_size} px; ingest: {args.bags} bags x {args.frames} frames"
+    )
     print(f"{'executor':>9}  {'chains/min':>10}  {'recordings/min':>14}")
     for name in executors:
         print(f"{name:>9}  {c['per_min'][name]:>10.2f}  {i['per_min'][name]:>14.1f}")
     for key, value in result["scaling_2_vs_1_local"].items():
         print(f"2 vs 1 local workers, {key}: {value['median']:.2f}x (rounds {value['rounds']}; goal >= 1.8)")
     for name, cpu in i["cpu_seconds_median"].items():
-        print(f"ingest on {name}: {i['seconds'][name]} s wall; CPU s: main process {cpu['main']:.2f}, workers {cpu['workers']:.2f}")
+        print(
+            f"ingest on {name}: {i['seconds'][name]} s wall; CPU s: main process {cpu['main']:.2f}, workers {cpu['workers']:.2f}"
+        )
     for name, o in overhead.items():
         print(f"{name}: start-up {o['startup_s']:.2f} s, then {o['per_task_ms']:.2f} ms per task (2 workers)")
     if ray_init_s is not None:
         print(f"ray.init of a local instance: {ray_init_s:.1f} s")
     print(f"same chain results: {c['same_results']}; same episode bytes: {i['same_output_bytes']}")
-    print(f"projection, CALVIN's 1000 chains (hours; first subtask fails / all five run full): " + ", ".join(
-        f"{w} workers {p['first_subtask_fails_h']}/{p['all_five_subtasks_full_h']}" for w, p in projection.items()))
+    print(
+        "projection, CALVIN's 1000 chains (hours; first subtask fails / all five run full): "
+        + ", ".join(
+            f"{w} workers {p['first_subtask_fails_h']}/{p['all_five_subtasks_full_h']}" for w, p in projection.items()
+        )
+    )
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -39,10 +39,22 @@ BLOCKS = ("red", "blue", "green")  # scene_obs[6 + 6 i : 8 + 6 i] is block i's x
 
 
 @torch.inference_mode()
-def features(runtime: PolicyRuntime, init: VLAPolicy, split: CalvinSplit, every: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def features(
+    runtime: PolicyRuntime, init: VLAPolicy, split: CalvinSplit, every: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every ``every``-th frame of each annotated span: the probed representations and the blocks' x, y (N, 6)."""
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("pixels", "vision_patches", "resampler", "action_token",
-                                                          "init_vision_patches", "init_resampler", "tcp")}
+    out: dict[str, list[np.ndarray]] = {
+        k: []
+        for k in (
+            "pixels",
+            "vision_patches",
+            "resampler",
+            "action_token",
+            "init_vision_patches",
+            "init_resampler",
+            "tcp",
+        )
+    }
     targets = []
     for ann in split.annotations:
         ids, mask = runtime.text(ann.instruction)
@@ -56,7 +68,7 @@ def features(runtime: PolicyRuntime, init: VLAPolicy, split: CalvinSplit, every:
                 out[f"{prefix}resampler"].append(model.backbone.encode_images(rgb)[0].flatten().numpy())  # (Q * D,)
             out["action_token"].append(runtime.model.encode_frames(rgb, hand, ids, mask)[0].numpy())
             out["tcp"].append(f["robot_obs"][:3])
-            targets.append(np.concatenate([f["scene_obs"][6 + 6 * b: 8 + 6 * b] for b in range(len(BLOCKS))]))
+            targets.append(np.concatenate([f["scene_obs"][6 + 6 * b : 8 + 6 * b] for b in range(len(BLOCKS))]))
     return {k: np.stack(v) for k, v in out.items()}, np.stack(targets)
 
 
@@ -68,7 +80,11 @@ def probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np
     pred = model.predict((x_val - mu) / sd)
     r2 = 1 - ((pred - y_val) ** 2).sum(0) / ((y_val - y_val.mean(0)) ** 2).sum(0)  # per target
     err = np.sqrt(((pred - y_val).reshape(len(y_val), -1, 2) ** 2).sum(-1))  # (N, blocks) metres
-    return {"dims": int(x_train.shape[1]), "r2": round(float(r2.mean()), 3), "error_cm": round(100 * float(err.mean()), 1)}
+    return {
+        "dims": int(x_train.shape[1]),
+        "r2": round(float(r2.mean()), 3),
+        "error_cm": round(100 * float(err.mean()), 1),
+    }
 
 
 def main() -> None:
@@ -92,11 +108,18 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:22s} {r['dims']:6d} {r['r2']:7.3f} {r['error_cm']:6.1f} cm")
     print(f"predicting each block's mean position: R^2 0, error {spread} cm")
-    write_json(args.out, {
-        "policy": str(args.policy), "calvin": str(args.calvin), "every": args.every,
-        "frames": {"training": len(y_train), "validation": len(y_val)}, "mean_position_error_cm": spread,
-        "probes": results, "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-    })
+    write_json(
+        args.out,
+        {
+            "policy": str(args.policy),
+            "calvin": str(args.calvin),
+            "every": args.every,
+            "frames": {"training": len(y_train), "validation": len(y_val)},
+            "mean_position_error_cm": spread,
+            "probes": results,
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def synthetic_episode(steps: int, static: int, gripper: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
-        {"rgb_static": rng.integers(0, 256, (static, static, 3), dtype=np.uint8),
-         "rgb_gripper": rng.integers(0, 256, (gripper, gripper, 3), dtype=np.uint8)}
+        {
+            "rgb_static": rng.integers(0, 256, (static, static, 3), dtype=np.uint8),
+            "rgb_gripper": rng.integers(0, 256, (gripper, gripper, 3), dtype=np.uint8),
+        }
         for _ in range(steps)
     ]
 
@@ -72,7 +74,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_episodes(runner, episodes: list[list[dict]], instruction: str, device: torch.device) -> tuple[float, list[np.ndarray]]:
+def time_episodes(
+    runner, episodes: list[list[dict]], instruction: str, device: torch.device
+) -> tuple[float, list[np.ndarray]]:
     """Mean milliseconds per step over every step of ``episodes`` (reset between them), and the actions."""
     actions, total, count = [], 0.0, 0
     for episode in episodes:
@@ -104,8 +108,10 @@ def main() -> None:
     model = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
     policy = PolicyRuntime(model, processor, ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max), device)
     baseline = WindowRecompute(policy)
-    episodes = [synthetic_episode(args.steps, cfg.sim.static_camera_size, cfg.sim.gripper_camera_size, seed=i)
-                for i in range(args.episodes)]
+    episodes = [
+        synthetic_episode(args.steps, cfg.sim.static_camera_size, cfg.sim.gripper_camera_size, seed=i)
+        for i in range(args.episodes)
+    ]
     instruction = instructions[0]
 
     time_episodes(policy, episodes[:1], instruction, device)  # warm-up: allocator, kernels, caches

@@ -103,34 +103,56 @@ def main() -> None:
                 ok, steps, _ = run_expert(rt, task, sim.max_episode_steps)
                 wins += int(ok)
                 lengths.append(steps)
-            per_task[name] = {"success": wins, "total": args.seeds, "mean_steps": round(float(np.mean(lengths)), 1),
-                              "max_steps": int(max(lengths)), "infeasible_scenes_skipped": skipped}
-            print(f"  expert {name:18s} {wins}/{args.seeds}  steps mean {per_task[name]['mean_steps']:5.1f} "
-                  f"max {per_task[name]['max_steps']}", flush=True)
+            per_task[name] = {
+                "success": wins,
+                "total": args.seeds,
+                "mean_steps": round(float(np.mean(lengths)), 1),
+                "max_steps": int(max(lengths)),
+                "infeasible_scenes_skipped": skipped,
+            }
+            print(
+                f"  expert {name:18s} {wins}/{args.seeds}  steps mean {per_task[name]['mean_steps']:5.1f} "
+                f"max {per_task[name]['max_steps']}",
+                flush=True,
+            )
 
         # 3. Blind baseline and round-trip expert on the evaluate stage's chains.
         blind = BlindPolicy(names, np.concatenate(obs), np.concatenate(rels), args.k)
         chains = seeded_chains(env, tasks, args.chains, cfg.eval.chain_length, cfg.eval.seed)
         max_steps = cfg.eval.max_steps_per_subtask
         blind_sum = summarize(evaluate_chains(env, blind, chains, get_task, max_steps), cfg.eval.chain_length)
-        expert_sum = summarize(evaluate_chains(rt, ExpertPolicy(env), chains, get_task, max_steps),
-                               cfg.eval.chain_length)
+        expert_sum = summarize(
+            evaluate_chains(rt, ExpertPolicy(env), chains, get_task, max_steps), cfg.eval.chain_length
+        )
 
     def chain_figures(s: dict[str, Any]) -> dict[str, Any]:
-        return {"avg_len": s["avg_seq_len"], **{f"sr_{i}": v for i, v in s["chain_sr"].items()},
-                "task_info": s["task_info"]}
+        return {
+            "avg_len": s["avg_seq_len"],
+            **{f"sr_{i}": v for i, v in s["chain_sr"].items()},
+            "task_info": s["task_info"],
+        }
 
     lengths_all = [n for v in demo_len.values() for n in v]
     result = {
         "benchmark": "reference_policies",
-        "demos": {"episodes": len(lengths_all), "frames": int(len(arm)),
-                  "clipped_fraction": clipped, "clipped_fraction_no_tolerance": clipped_strict,
-                  "max_abs_arm": float(np.abs(arm).max()), "mean_steps": round(float(np.mean(lengths_all)), 1),
-                  "max_steps": int(max(lengths_all)),
-                  "norm_range": [norm.norm_min, norm.norm_max], "expert_max_action": sim.expert_max_action},
+        "demos": {
+            "episodes": len(lengths_all),
+            "frames": int(len(arm)),
+            "clipped_fraction": clipped,
+            "clipped_fraction_no_tolerance": clipped_strict,
+            "max_abs_arm": float(np.abs(arm).max()),
+            "mean_steps": round(float(np.mean(lengths_all)), 1),
+            "max_steps": int(max(lengths_all)),
+            "norm_range": [norm.norm_min, norm.norm_max],
+            "expert_max_action": sim.expert_max_action,
+        },
         "expert_round_trip_per_task": per_task,
-        "chains": {"num_chains": args.chains, "chain_length": cfg.eval.chain_length, "seed": cfg.eval.seed,
-                   "max_steps_per_subtask": max_steps},
+        "chains": {
+            "num_chains": args.chains,
+            "chain_length": cfg.eval.chain_length,
+            "seed": cfg.eval.seed,
+            "max_steps_per_subtask": max_steps,
+        },
         "blind": {"k": args.k, **chain_figures(blind_sum)},
         "expert_round_trip_chains": chain_figures(expert_sum),
         "wall_time_s": round(time.perf_counter() - started, 1),
@@ -140,9 +162,11 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     d = result["demos"]
-    print(f"demos: {d['episodes']} episodes, {d['frames']} frames, steps mean {d['mean_steps']} max {d['max_steps']}; "
-          f"arm values clipped at [{norm.norm_min}, {norm.norm_max}]: {clipped:.4f} "
-          f"({clipped_strict:.4f} without the {CLIP_TOL} round-off tolerance), max |arm| {d['max_abs_arm']:.4f}")
+    print(
+        f"demos: {d['episodes']} episodes, {d['frames']} frames, steps mean {d['mean_steps']} max {d['max_steps']}; "
+        f"arm values clipped at [{norm.norm_min}, {norm.norm_max}]: {clipped:.4f} "
+        f"({clipped_strict:.4f} without the {CLIP_TOL} round-off tolerance), max |arm| {d['max_abs_arm']:.4f}"
+    )
     worst = min(v["success"] / v["total"] for v in per_task.values())
     print(f"expert through the round trip, {args.seeds} scenes per task: worst task {worst:.3f}")
     for label, s in (("blind baseline", blind_sum), ("expert (round trip)", expert_sum)):

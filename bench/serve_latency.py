@@ -40,19 +40,31 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def synthetic_episode(steps: int, static: int, gripper: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [{"rgb_static": rng.integers(0, 256, (static, static, 3), dtype=np.uint8),
-             "rgb_gripper": rng.integers(0, 256, (gripper, gripper, 3), dtype=np.uint8)} for _ in range(steps)]
+    return [
+        {
+            "rgb_static": rng.integers(0, 256, (static, static, 3), dtype=np.uint8),
+            "rgb_gripper": rng.integers(0, 256, (gripper, gripper, 3), dtype=np.uint8),
+        }
+        for _ in range(steps)
+    ]
 
 
 def export_random_policy(overrides: list[str], out: Path) -> Path:
     """The default tiny policy (conf/ + overrides) with random weights, exported as train exports it."""
     cfg = load_config(overrides, ROOT / "conf")
     torch.manual_seed(cfg.seed)
-    processor = build_offline_processor([get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size,
-                                        image_size=cfg.model.image_size)
+    processor = build_offline_processor(
+        [get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size, image_size=cfg.model.image_size
+    )
     model = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
-    return save_policy(out, model, processor, ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max), cfg.model,
-                       extra={"train_config": to_container(cfg)})
+    return save_policy(
+        out,
+        model,
+        processor,
+        ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max),
+        cfg.model,
+        extra={"train_config": to_container(cfg)},
+    )
 
 
 def free_port() -> int:
@@ -63,8 +75,16 @@ def free_port() -> int:
 
 def start_server(model_dir: Path, port: int, threads: int, log_file: Path) -> subprocess.Popen:
     """``vlaops serve`` in its own process with ``threads`` torch threads; returns once /health answers."""
-    cmd = [sys.executable, "-m", "vlaops.cli", "serve", f"paths.model_dir={model_dir}", "serve.host=127.0.0.1",
-           f"serve.port={port}", "serve.device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlaops.cli",
+        "serve",
+        f"paths.model_dir={model_dir}",
+        "serve.host=127.0.0.1",
+        f"serve.port={port}",
+        "serve.device=cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # torch's intra-op pool
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file.open("w"), stderr=subprocess.STDOUT)
     client = PolicyClient(f"http://127.0.0.1:{port}")
@@ -80,8 +100,9 @@ def start_server(model_dir: Path, port: int, threads: int, log_file: Path) -> su
     raise SystemExit(f"vlaops serve did not answer /health within 60 s:\n{log_file.read_text()}")
 
 
-def time_interleaved(policies: dict[str, object], episodes: list[list[dict]], instruction: str
-                     ) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
+def time_interleaved(
+    policies: dict[str, object], episodes: list[list[dict]], instruction: str
+) -> dict[str, tuple[np.ndarray, list[np.ndarray]]]:
     """Milliseconds of every step of ``episodes`` (reset between them) and the actions, per policy.
 
     The policies take turns on each frame (in-process, then each HTTP client), so a change in the
@@ -107,12 +128,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="steps per episode")
     parser.add_argument("--episodes", type=int, default=3)
-    parser.add_argument("--model-dir", type=Path, help="an exported policy; default: the tiny default with random weights")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of each side (default 1: two processes spinning two OpenMP threads each on "
-                             "a 2-core machine measure their contention, not serving)")
+    parser.add_argument(
+        "--model-dir", type=Path, help="an exported policy; default: the tiny default with random weights"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each side (default 1: two processes spinning two OpenMP threads each on "
+        "a 2-core machine measure their contention, not serving)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "bench" / "serve_latency.json")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/ for the random policy, e.g. model.image_size=224")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of conf/ for the random policy, e.g. model.image_size=224"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -143,8 +172,11 @@ def main() -> None:
     http = timed
 
     def pct(ms: np.ndarray) -> dict[str, float]:
-        return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
-                "mean_ms": round(float(ms.mean()), 3)}
+        return {
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p95_ms": round(float(np.percentile(ms, 95)), 3),
+            "mean_ms": round(float(ms.mean()), 3),
+        }
 
     result = {
         "benchmark": "serve_latency",
@@ -167,8 +199,10 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    print(f"serve latency, window {facts['window_size']}, {local_ms.size} steps, {args.threads} torch thread(s) per side, "
-          f"load average {load_before} -> {load_after}:")
+    print(
+        f"serve latency, window {facts['window_size']}, {local_ms.size} steps, {args.threads} torch thread(s) per side, "
+        f"load average {load_before} -> {load_after}:"
+    )
     print(f"  {'':24} {'p50 ms':>9} {'p95 ms':>9} {'p50 ratio':>10} {'p95 ratio':>10}")
     base = result["in_process"]
     print(f"  {'PolicyRuntime.step':24} {base['p50_ms']:9.2f} {base['p95_ms']:9.2f}")
@@ -179,8 +213,10 @@ def main() -> None:
         stats["overhead_p50_ms"] = round(stats["p50_ms"] - base["p50_ms"], 3)
         stats["max_action_difference"] = float(np.max(np.abs(np.stack(actions) - np.stack(local_actions))))
         result["http"][enc] = stats
-        print(f"  {'HTTP, ' + enc + ' images':24} {stats['p50_ms']:9.2f} {stats['p95_ms']:9.2f} "
-              f"{stats['p50_ratio']:9.2f}x {stats['p95_ratio']:9.2f}x   max |action difference| {stats['max_action_difference']:.1e}")
+        print(
+            f"  {'HTTP, ' + enc + ' images':24} {stats['p50_ms']:9.2f} {stats['p95_ms']:9.2f} "
+            f"{stats['p50_ratio']:9.2f}x {stats['p95_ratio']:9.2f}x   max |action difference| {stats['max_action_difference']:.1e}"
+        )
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

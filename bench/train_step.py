@@ -31,8 +31,8 @@ import argparse
 import os
 import platform
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,11 +49,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # microsoft/kosmos-2-patch14-224's architecture (its config.json) and RoboVLMs' head, as overrides of the
 # tiny model so that the same construction path builds it with random weights
 REAL_SIZE = [
-    "model.tiny.text_embed_dim=2048", "model.tiny.text_layers=24", "model.tiny.text_attention_heads=32",
-    "model.tiny.text_ffn_dim=8192", "model.tiny.vision_hidden_size=1024", "model.tiny.vision_layers=24",
-    "model.tiny.vision_attention_heads=16", "model.tiny.vision_intermediate_size=4096", "model.tiny.patch_size=14",
-    "model.tiny.latent_query_num=64", "model.image_size=224", "model.lstm_hidden_size=1024",
-    "model.lstm_num_layers=4", "model.head_mlp_dims=[1024,512,256]", "train.batch_size=4",
+    "model.tiny.text_embed_dim=2048",
+    "model.tiny.text_layers=24",
+    "model.tiny.text_attention_heads=32",
+    "model.tiny.text_ffn_dim=8192",
+    "model.tiny.vision_hidden_size=1024",
+    "model.tiny.vision_layers=24",
+    "model.tiny.vision_attention_heads=16",
+    "model.tiny.vision_intermediate_size=4096",
+    "model.tiny.patch_size=14",
+    "model.tiny.latent_query_num=64",
+    "model.image_size=224",
+    "model.lstm_hidden_size=1024",
+    "model.lstm_num_layers=4",
+    "model.head_mlp_dims=[1024,512,256]",
+    "train.batch_size=4",
 ]
 REAL_VOCAB = 65037  # the Kosmos-2 tokenizer (sentencepiece + the grounding tags)
 
@@ -67,8 +77,14 @@ MODES: dict[str, dict[str, Any]] = {
     # and token embeddings still train (train_vision, train_text_embedding default true)
     "lora": {"freeze_backbone": True, "lora_enable": True, "lora_r": 8, "lora_alpha": 16},
     # LoRA with the vision tower and token embeddings frozen: only adapters, resampler, action token, head
-    "lora_frozen": {"freeze_backbone": True, "lora_enable": True, "lora_r": 8, "lora_alpha": 16,
-                    "train_vision": False, "train_text_embedding": False},
+    "lora_frozen": {
+        "freeze_backbone": True,
+        "lora_enable": True,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "train_vision": False,
+        "train_text_embedding": False,
+    },
 }
 
 
@@ -95,7 +111,13 @@ def peak_flops(device: torch.device) -> float | None:
 def synthetic_batch(cfg, vocab_size: int, device: torch.device, seed: int) -> dict[str, torch.Tensor]:
     """The training batch contract (vlaops.data.keys) with random content of the configured shapes."""
     g = torch.Generator().manual_seed(seed)
-    b, w, c, a, s = cfg.train.batch_size, cfg.model.window_size, cfg.model.fwd_pred_next_n, cfg.model.action_dim, cfg.model.image_size
+    b, w, c, a, s = (
+        cfg.train.batch_size,
+        cfg.model.window_size,
+        cfg.model.fwd_pred_next_n,
+        cfg.model.action_dim,
+        cfg.model.image_size,
+    )
     length = cfg.model.max_text_len
     text_mask = torch.zeros(b, length, dtype=torch.long)
     text_mask[:, : min(16, length)] = 1  # an instruction of ~16 tokens, padded to max_text_len
@@ -132,8 +154,17 @@ def matmul_tflops(device: torch.device) -> float | None:
     return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
 
 
-def bench_mode(cfg, mode: str, variant: str, vocab_size: int, device: torch.device, steps: int, warmup: int,
-               checkpointing: bool, profile: bool = False) -> dict[str, Any]:
+def bench_mode(
+    cfg,
+    mode: str,
+    variant: str,
+    vocab_size: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    checkpointing: bool,
+    profile: bool = False,
+) -> dict[str, Any]:
     """Build the policy for one recipe on ``device``, count its FLOPs, then time ``steps`` optimiser steps
     of ``train_step`` (the loop's own step) as ``variant`` sets the optimizer and compilation."""
     for key, value in MODES[mode].items():
@@ -169,7 +200,7 @@ def bench_mode(cfg, mode: str, variant: str, vocab_size: int, device: torch.devi
         _set_checkpointing(accelerator.unwrap_model(model).backbone.model, True)
 
     def step() -> dict[str, torch.Tensor]:
-        return train_step(model, batch, accelerator, optimizer, trainable, cfg.train.gradient_clip_val)
+        return train_step(model, batch, accelerator, optimizer, trainable, cfg.train.gradient_clip_val)  # noqa: F821
 
     start = time.perf_counter()
     for _ in range(max(warmup, 1)):  # the optimiser state exists from the first step on; compilation happens here
@@ -177,7 +208,8 @@ def bench_mode(cfg, mode: str, variant: str, vocab_size: int, device: torch.devi
     sync(device)
     warmup_s = time.perf_counter() - start
     if profile:  # where one step's time goes, by operator (self time on the device, else on the CPU)
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=activities) as prof:
@@ -240,15 +272,24 @@ def step_times(step: Callable[[], Any], steps: int, device: torch.device) -> lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "real"], default="tiny", help="real: Kosmos-2 1.66 B + RoboVLMs' head, batch 4")
+    parser.add_argument(
+        "--size", choices=["tiny", "real"], default="tiny", help="real: Kosmos-2 1.66 B + RoboVLMs' head, batch 4"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["full", "lora", "lora_frozen"])
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
-                        help="how the step runs (default: base fused compiled on CUDA, base on CPU, the loop's CPU path)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=sorted(VARIANTS),
+        default=None,
+        help="how the step runs (default: base fused compiled on CUDA, base on CPU, the loop's CPU path)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per mode (the median is reported)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true", help="time with Kosmos-2's activation checkpointing on")
-    parser.add_argument("--profile", action="store_true", help="print one step's operators by device time (torch.profiler)")
+    parser.add_argument(
+        "--profile", action="store_true", help="print one step's operators by device time (torch.profiler)"
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. train.batch_size=8")
     args = parser.parse_args()
@@ -265,27 +306,38 @@ def main() -> None:
             cfg = load_config(overrides, ROOT / "conf")
             vocab = REAL_VOCAB if args.size == "real" else cfg.model.vocab_size
             try:
-                r = bench_mode(cfg, mode, variant, vocab, device, args.steps, args.warmup, args.checkpointing, args.profile)
+                r = bench_mode(
+                    cfg, mode, variant, vocab, device, args.steps, args.warmup, args.checkpointing, args.profile
+                )
             except Exception as e:  # noqa: BLE001 - one variant failing (out of memory, a compiler error) is a result too
-                print(f"{args.size} {mode} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}", flush=True)
+                print(
+                    f"{args.size} {mode} {variant}: failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                    flush=True,
+                )
                 results.append({"mode": mode, "variant": variant, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
             r["fraction_of_matmul"] = round(r["achieved_tflops"] / matmul, 3) if matmul else None
-            base = next((b for b in results if b["mode"] == mode and b.get("variant") == "base" and "error" not in b), None)
+            base = next(
+                (b for b in results if b["mode"] == mode and b.get("variant") == "base" and "error" not in b), None
+            )
             r["speedup_vs_base"] = round(base["step_s_median"] / r["step_s_median"], 3) if base else None
             results.append(r)
-            print(f"{args.size} {mode:11s} {variant:8s}: {r['step_s_median'] * 1000:9.1f} ms/step "
-                  f"(x{r['speedup_vs_base'] or '-'} of base)  {r['samples_per_s']:7.2f} samples/s  "
-                  f"{r['achieved_tflops']:7.2f} TFLOP/s ({r['fraction_of_matmul'] or '-'} of matmul)  "
-                  f"MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
-                  f"peak {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} GiB  "
-                  f"warm-up {r['warmup_s']} s  trainable {r['params_trainable'] / 1e6:.1f} M of {r['params_total'] / 1e6:.1f} M",
-                  flush=True)
+            print(
+                f"{args.size} {mode:11s} {variant:8s}: {r['step_s_median'] * 1000:9.1f} ms/step "
+                f"(x{r['speedup_vs_base'] or '-'} of base)  {r['samples_per_s']:7.2f} samples/s  "
+                f"{r['achieved_tflops']:7.2f} TFLOP/s ({r['fraction_of_matmul'] or '-'} of matmul)  "
+                f"MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
+                f"peak {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} GiB  "
+                f"warm-up {r['warmup_s']} s  trainable {r['params_trainable'] / 1e6:.1f} M of {r['params_total'] / 1e6:.1f} M",
+                flush=True,
+            )
     cfg = load_config(overrides, ROOT / "conf")
     if matmul is not None:
-        print(f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: {peak_flops(device) or '-'})")
+        print(
+            f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: {peak_flops(device) or '-'})"
+        )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     report = {
         "benchmark": "train_step",
@@ -305,8 +357,11 @@ def main() -> None:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
-    out = args.out or ROOT / "reports" / "bench" / ("train_step.json" if args.size == "tiny" and device.type == "cpu"
-                                                   else f"train_step_{args.size}_{device.type}.json")
+    out = args.out or ROOT / "reports" / "bench" / (
+        "train_step.json"
+        if args.size == "tiny" and device.type == "cpu"
+        else f"train_step_{args.size}_{device.type}.json"
+    )
     write_json(out, report)
     print(f"wrote {out}")
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -105,8 +106,9 @@ class MultiArrayTypes:
 def action_message(target: np.ndarray, types: MultiArrayTypes) -> Any:
     """(7,) absolute target -> std_msgs/Float64MultiArray with one dimension labelled "action"."""
     data = np.asarray(target, dtype=np.float64)
-    layout = types.MultiArrayLayout(dim=[types.MultiArrayDimension(label="action", size=data.size, stride=data.size)],
-                                    data_offset=0)
+    layout = types.MultiArrayLayout(
+        dim=[types.MultiArrayDimension(label="action", size=data.size, stride=data.size)], data_offset=0
+    )
     return types.Float64MultiArray(layout=layout, data=types.sequence(data))
 
 
@@ -119,8 +121,9 @@ class PolicyLoop:
     stream never seen or older than ``max_age_s``, no instruction yet, or the tick not due).
     """
 
-    def __init__(self, policy: StepPolicy, topics: dict[str, str], control_hz: float, max_age_s: float,
-                 use_gripper: bool = True) -> None:
+    def __init__(
+        self, policy: StepPolicy, topics: dict[str, str], control_hz: float, max_age_s: float, use_gripper: bool = True
+    ) -> None:
         self.policy, self.topics, self.max_age_s = policy, topics, max_age_s
         self.period = 1.0 / control_hz
         self.needed = ["rgb_static", *(["rgb_gripper"] if use_gripper else []), "tcp_pose"]
@@ -162,11 +165,16 @@ class PolicyLoop:
                 return None
             age = now - self.latest[name][0]
             if age > self.max_age_s:
-                self.skipped = f"{self.topics[name]} ({name}) is {age:.3f} s old (data.sync_tolerance_s={self.max_age_s})"
+                self.skipped = (
+                    f"{self.topics[name]} ({name}) is {age:.3f} s old (data.sync_tolerance_s={self.max_age_s})"
+                )
                 return None
         try:
-            return {name: camera_image(self.latest[name][1], name, self.topics[name])
-                    for name in self.needed if name in CAMERA_SIZES}
+            return {
+                name: camera_image(self.latest[name][1], name, self.topics[name])
+                for name in self.needed
+                if name in CAMERA_SIZES
+            }
         except RecordingError as exc:  # an undecodable frame: skip the tick, keep the node alive
             self.skipped = str(exc)
             return None
@@ -200,10 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     from vlaops.config import load_config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--server", metavar="URL", help="step a policy served by `vlaops serve` at URL instead of loading paths.model_dir")
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help="step a policy served by `vlaops serve` at URL instead of loading paths.model_dir",
+    )
     parser.add_argument("--compressed", action="store_true", help="the camera topics carry sensor_msgs/CompressedImage")
     parser.add_argument("--device", default="cpu", help="torch device of the in-process policy")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. data.topics.rgb_static=/cam paths.model_dir=...")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of conf/, e.g. data.topics.rgb_static=/cam paths.model_dir=..."
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.overrides)
     topics = {name: getattr(cfg.data.topics, name) for name in STREAMS}
@@ -227,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     camera_type = CompressedImage if args.compressed else ImageMsg
     msg_types = {"rgb_static": camera_type, "rgb_gripper": camera_type, "instruction": String, "tcp_pose": PoseStamped}
     for name in ["instruction", *loop.needed]:
-        node.create_subscription(msg_types[name], topics[name],
-                                 lambda msg, name=name: loop.on_message(name, msg, now()), 10)
+        node.create_subscription(
+            msg_types[name], topics[name], lambda msg, name=name: loop.on_message(name, msg, now()), 10
+        )
     publisher = node.create_publisher(Float64MultiArray, cfg.data.topics.action, 10)
 
     def on_timer() -> None:

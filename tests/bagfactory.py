@@ -23,7 +23,6 @@ JOINTS = [f"panda_joint{i}" for i in range(1, 8)] + ["panda_finger_joint1", "pan
 PANDA_READY = np.array([0.0, -0.785, 0.0, -2.356, 0.0, 1.571, 0.785])  # a pose inside the Panda's joint limits
 
 
-
 def _tweaked_writer(writer, connections: dict, conns: dict, tweak):
     """write(key, t, msg, k): serialise ``msg`` on ``key``'s connection at time t, after ``tweak(key, k, t, msg)``
     (which returns the (t, msg) to write, or None to drop the message); keys without a connection are skipped."""
@@ -39,9 +38,12 @@ def _tweaked_writer(writer, connections: dict, conns: dict, tweak):
 
     return write
 
+
 def _header(t: float, frame: str = "panda_link0"):
     sec = int(t)
-    return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t - sec) * 1e9))), frame_id=frame)
+    return T["std_msgs/msg/Header"](
+        stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t - sec) * 1e9))), frame_id=frame
+    )
 
 
 def _pixels(size: int, value: int) -> np.ndarray:
@@ -60,13 +62,20 @@ def _compressed(t: float, size: int, value: int, fmt: str):
         Image.fromarray(_pixels(size, value)).save(buf, format=fmt.upper())
         payload = buf.getvalue()
     return T["sensor_msgs/msg/CompressedImage"](
-        header=_header(t, "camera"), format=f"rgb8; {fmt} compressed bgr8", data=np.frombuffer(payload, dtype=np.uint8))
+        header=_header(t, "camera"), format=f"rgb8; {fmt} compressed bgr8", data=np.frombuffer(payload, dtype=np.uint8)
+    )
 
 
 def _image(t: float, size: int, value: int):
     data = _pixels(size, value)
     return T["sensor_msgs/msg/Image"](
-        header=_header(t, "camera"), height=size, width=size, encoding="rgb8", is_bigendian=0, step=size * 3, data=data.reshape(-1)
+        header=_header(t, "camera"),
+        height=size,
+        width=size,
+        encoding="rgb8",
+        is_bigendian=0,
+        step=size * 3,
+        data=data.reshape(-1),
     )
 
 
@@ -122,8 +131,14 @@ def write_arm_bag(
             for sub in range(4):  # joint states at 4x the control rate
                 ts = t + sub / (4 * hz)
                 q = np.concatenate([PANDA_READY + 0.01 * k, [0.04, 0.04]])
-                write("joints", ts, T["sensor_msgs/msg/JointState"](
-                    header=_header(ts), name=JOINTS, position=q, velocity=np.zeros(9), effort=np.zeros(9)), k)
+                write(
+                    "joints",
+                    ts,
+                    T["sensor_msgs/msg/JointState"](
+                        header=_header(ts), name=JOINTS, position=q, velocity=np.zeros(9), effort=np.zeros(9)
+                    ),
+                    k,
+                )
             static = _compressed(t, static_size, k % 256, compressed) if compressed else _image(t, static_size, k % 256)
             write("static", t, static, k)
             write("gripper", t, _image(t, gripper_size, (3 * k) % 256), k)
@@ -146,15 +161,19 @@ Tweak = Callable[[str, int, float, Any], tuple[float, Any] | None]
 
 def resize_camera(from_frame: int, size: int) -> Tweak:
     """The static camera switches to ``size`` x ``size`` from ``from_frame`` on (a driver reconfigured)."""
+
     def tweak(key, k, t, msg):
         return (t, _image(t, size, k % 256)) if key == "static" and k >= from_frame else (t, msg)
+
     return tweak
 
 
 def set_array(topic_key: str, frame: int, values) -> Tweak:
     """The Float64MultiArray of ``topic_key`` ('action' or 'scene') at ``frame`` holds ``values``."""
+
     def tweak(key, k, t, msg):
         return (t, _array(values)) if key == topic_key and k == frame else (t, msg)
+
     return tweak
 
 
@@ -165,48 +184,59 @@ def set_action(frame: int, values) -> Tweak:
 
 def rename_joints(names: list[str]) -> Tweak:
     """Joint states name their joints ``names`` (a rig whose joints are not data.arm_joint_names)."""
+
     def tweak(key, k, t, msg):
         if key == "joints":
-            msg = T["sensor_msgs/msg/JointState"](header=msg.header, name=names, position=msg.position,
-                                                  velocity=msg.velocity, effort=msg.effort)
+            msg = T["sensor_msgs/msg/JointState"](
+                header=msg.header, name=names, position=msg.position, velocity=msg.velocity, effort=msg.effort
+            )
         return t, msg
+
     return tweak
 
 
 def set_instruction(text: str) -> Tweak:
     def tweak(key, k, t, msg):
         return (t, T["std_msgs/msg/String"](data=text)) if key == "instruction" else (t, msg)
+
     return tweak
 
 
 def set_joint(frame: int, joint: int, value: float) -> Tweak:
     """Every joint-state message of ``frame`` has joint index ``joint`` at ``value`` (NaN, past a limit)."""
+
     def tweak(key, k, t, msg):
         if key == "joints" and k == frame:
             q = np.array(msg.position)
             q[joint] = value
-            msg = T["sensor_msgs/msg/JointState"](header=msg.header, name=msg.name, position=q,
-                                                  velocity=msg.velocity, effort=msg.effort)
+            msg = T["sensor_msgs/msg/JointState"](
+                header=msg.header, name=msg.name, position=q, velocity=msg.velocity, effort=msg.effort
+            )
         return t, msg
+
     return tweak
 
 
 def stamp_back(topic_key: str, frame: int, seconds: float) -> Tweak:
     """The header of the ``topic_key`` message of ``frame`` is stamped ``seconds`` earlier (a driver's clock
     that jumped back); the bag's log time, when the recorder received it, is unchanged."""
+
     def tweak(key, k, t, msg):
         if key == topic_key and k == frame:
             msg.header = _header(t - seconds, msg.header.frame_id)
         return t, msg
+
     return tweak
 
 
 def drop(topic_key: str, from_frame: int = 0, to_frame: int | None = None) -> Tweak:
     """No ``topic_key`` message for frames ``from_frame`` .. ``to_frame`` (a sensor that dropped out)."""
+
     def tweak(key, k, t, msg):
         if key == topic_key and k >= from_frame and (to_frame is None or k <= to_frame):
             return None
         return t, msg
+
     return tweak
 
 
@@ -218,6 +248,7 @@ def chain(*tweaks: Tweak) -> Tweak:
                 return None
             t, msg = out
         return t, msg
+
     return tweak
 
 
@@ -268,7 +299,8 @@ def base_commands(n_frames: int) -> tuple[np.ndarray, np.ndarray]:
 def _twist(v, stamped: bool, t: float):
     twist = T["geometry_msgs/msg/Twist"](
         linear=T["geometry_msgs/msg/Vector3"](x=float(v[0]), y=float(v[1]), z=0.0),
-        angular=T["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=float(v[2])))
+        angular=T["geometry_msgs/msg/Vector3"](x=0.0, y=0.0, z=float(v[2])),
+    )
     return T["geometry_msgs/msg/TwistStamped"](header=_header(t, "base_link"), twist=twist) if stamped else twist
 
 
@@ -320,19 +352,23 @@ def write_base_bag(
 
 def set_twist(frame: int, values) -> Tweak:
     """The velocity command of ``frame`` is ``values`` (linear_x, linear_y, angular_z): NaN, say."""
+
     def tweak(key, k, t, msg):
         if key == "cmd_vel" and k == frame:
             msg = _twist(values, hasattr(msg, "header"), t)
         return t, msg
+
     return tweak
 
 
 def set_action_type(frame: int, data) -> Tweak:
     """The action_type message of ``frame`` (one exists where the class changes) holds ``data``."""
+
     def tweak(key, k, t, msg):
         if key == "action_type" and k == frame:
             msg = type(msg)(data=data)
         return t, msg
+
     return tweak
 
 
@@ -407,15 +443,25 @@ def tf_link7(k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _transform(parent: str, child: str, t: float, xyz, quat):
     return T["geometry_msgs/msg/TransformStamped"](
-        header=_header(t, parent), child_frame_id=child,
+        header=_header(t, parent),
+        child_frame_id=child,
         transform=T["geometry_msgs/msg/Transform"](
             translation=T["geometry_msgs/msg/Vector3"](x=float(xyz[0]), y=float(xyz[1]), z=float(xyz[2])),
-            rotation=T["geometry_msgs/msg/Quaternion"](x=float(quat[0]), y=float(quat[1]), z=float(quat[2]),
-                                                        w=float(quat[3]))))
+            rotation=T["geometry_msgs/msg/Quaternion"](
+                x=float(quat[0]), y=float(quat[1]), z=float(quat[2]), w=float(quat[3])
+            ),
+        ),
+    )
 
 
-def write_tf_bag(path: Path, n_frames: int = 16, static: dict | None = None, tf_until: int | None = None,
-                 tool_parent: str = "panda_link0", **kwargs) -> Path:
+def write_tf_bag(
+    path: Path,
+    n_frames: int = 16,
+    static: dict | None = None,
+    tf_until: int | None = None,
+    tool_parent: str = "panda_link0",
+    **kwargs,
+) -> Path:
     """The episode of :func:`write_arm_bag` (its knobs in ``kwargs``) with no /tcp_pose: the TCP is on /tf.
 
     /tf carries ``tool_parent`` -> panda_link7 (:func:`tf_link7`) at 4x the control rate, the joint states'
@@ -435,10 +481,14 @@ def write_tf_bag(path: Path, n_frames: int = 16, static: dict | None = None, tf_
     latched = T["tf2_msgs/msg/TFMessage"](transforms=[_transform(p, c, 0.0, *v) for (p, c), v in static.items()])
     with tempfile.TemporaryDirectory() as tmp:
         src = write_arm_bag(Path(tmp) / "src", n_frames=n_frames, omit=("tcp",), **kwargs)
-        return rewrite_bag(path, [(src, 0.0)], extra={
-            "/tf": ("tf2_msgs/msg/TFMessage", moving),
-            "/tf_static": ("tf2_msgs/msg/TFMessage", [(EPOCH - 0.5, latched)] if static else []),
-        })
+        return rewrite_bag(
+            path,
+            [(src, 0.0)],
+            extra={
+                "/tf": ("tf2_msgs/msg/TFMessage", moving),
+                "/tf_static": ("tf2_msgs/msg/TFMessage", [(EPOCH - 0.5, latched)] if static else []),
+            },
+        )
 
 
 # A team's own messages: the arm command and state of a rig whose driver is not a ROS standard one.
@@ -471,8 +521,9 @@ def write_custom_msg_bag(path: Path, definitions: str = "none", **kwargs) -> Pat
     c = store.types
 
     def command(msg, t):
-        return c["my_pkg/msg/ArmCommand"](header=_header(t, "panda_link0"), target=np.asarray(msg.data[:6]),
-                                          gripper=float(msg.data[6]))
+        return c["my_pkg/msg/ArmCommand"](
+            header=_header(t, "panda_link0"), target=np.asarray(msg.data[:6]), gripper=float(msg.data[6])
+        )
 
     def state(msg, t):
         fingers = c["my_pkg/msg/Fingers"](left=float(msg.position[7]), right=float(msg.position[8]))
@@ -480,8 +531,12 @@ def write_custom_msg_bag(path: Path, definitions: str = "none", **kwargs) -> Pat
 
     with tempfile.TemporaryDirectory() as tmp:
         src = write_arm_bag(Path(tmp) / "src", **kwargs)
-        rewrite_bag(path, [(src, 0.0)], typestore=store, convert={
-            "/action": ("my_pkg/msg/ArmCommand", command), "/joint_states": ("my_pkg/msg/ArmState", state)})
+        rewrite_bag(
+            path,
+            [(src, 0.0)],
+            typestore=store,
+            convert={"/action": ("my_pkg/msg/ArmCommand", command), "/joint_states": ("my_pkg/msg/ArmState", state)},
+        )
     if definitions != "all":
         [db] = path.glob("*.db3")
         with sqlite3.connect(db) as con:
@@ -491,7 +546,9 @@ def write_custom_msg_bag(path: Path, definitions: str = "none", **kwargs) -> Pat
     return path
 
 
-def write_long_bag(path: Path, parts: list[dict], pause_s: float = 0.0, hz: float = 30.0, storage: str = "sqlite3") -> Path:
+def write_long_bag(
+    path: Path, parts: list[dict], pause_s: float = 0.0, hz: float = 30.0, storage: str = "sqlite3"
+) -> Path:
     """One long recording of several episodes of :func:`write_arm_bag` (``parts``: their knobs, n_frames
     and instruction among them), each starting where the one before ended plus ``pause_s`` (the robot
     idle, nothing commanded), each with its instruction message at its start."""

@@ -70,7 +70,8 @@ SHRINK_MODEL = [
     "model.tiny.latent_query_num=4",
     "model.max_text_len=12",
     "data.min_episode_len=8",
-    "data.num_workers=1",  # ingest in this process: tiny data, and the machine is shared (tests/test_ingest_corpus.py checks 2)
+    # ingest in this process: tiny data, and the machine is shared (tests/test_ingest_corpus.py checks 2)
+    "data.num_workers=1",
 ]
 # ... and of the pipeline around it: three tasks, a few demos, four training steps, two short chains.
 SHRINK_PIPELINE = [
@@ -137,9 +138,9 @@ def raw_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def calvin_dir(cfg: Config, raw_dir: Path) -> Path:
     """raw_dir ingested, converted and normalised with the library functions of the stages."""
+    from vlaops.data.action_stats import normalize
     from vlaops.data.convert import convert
     from vlaops.data.ingest import ingest
-    from vlaops.data.action_stats import normalize
 
     ingest(Path(cfg.data.raw_dir), Path(cfg.data.episodes_dir), cfg.data)
     convert(Path(cfg.data.episodes_dir), Path(cfg.data.calvin_dir), cfg.data)
@@ -165,8 +166,17 @@ class SyntheticWindows:
     [-1, 1], gripper {0, 1}), chunk_mask (W, C) with the last step of every odd window past its
     episode's end, text/text_mask (L,). A map-style dataset for a DataLoader."""
 
-    def __init__(self, processor, n: int, window: int, chunk: int, text_len: int, seed: int = 0,
-                 size: int = 224, action_dim: int = 7) -> None:
+    def __init__(
+        self,
+        processor,
+        n: int,
+        window: int,
+        chunk: int,
+        text_len: int,
+        seed: int = 0,
+        size: int = 224,
+        action_dim: int = 7,
+    ) -> None:
         import torch
 
         from vlaops.data import keys
@@ -181,16 +191,18 @@ class SyntheticWindows:
             grip = (torch.rand(window, chunk, 1, generator=g) > 0.5).float()
             chunk_mask = torch.ones(window, chunk, dtype=torch.bool)
             chunk_mask[-1, -1] = i % 2 == 0
-            self.items.append({
-                keys.RGB: torch.randn(window, 3, size, size, generator=g),
-                keys.HAND_RGB: torch.randn(window, 3, size, size, generator=g),
-                keys.ACTION: torch.cat([arm[:, 0], grip[:, 0]], -1),
-                keys.ACTION_CHUNK: torch.cat([arm, grip], -1),
-                keys.CHUNK_MASK: chunk_mask,
-                keys.TEXT: text[i],
-                keys.TEXT_MASK: mask[i],
-                keys.RAW_TEXT: instructions[i],
-            })
+            self.items.append(
+                {
+                    keys.RGB: torch.randn(window, 3, size, size, generator=g),
+                    keys.HAND_RGB: torch.randn(window, 3, size, size, generator=g),
+                    keys.ACTION: torch.cat([arm[:, 0], grip[:, 0]], -1),
+                    keys.ACTION_CHUNK: torch.cat([arm, grip], -1),
+                    keys.CHUNK_MASK: chunk_mask,
+                    keys.TEXT: text[i],
+                    keys.TEXT_MASK: mask[i],
+                    keys.RAW_TEXT: instructions[i],
+                }
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -221,9 +233,16 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("tiny_policy")
     cfg = tiny_config(tmp)
-    processor = build_offline_processor([get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size,
-                                        image_size=cfg.model.image_size)
+    processor = build_offline_processor(
+        [get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size, image_size=cfg.model.image_size
+    )
     torch.manual_seed(0)
     policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
-    return save_policy(cfg.paths.model_dir, policy, processor, ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max),
-                       cfg.model, extra={"train_config": to_container(cfg)})
+    return save_policy(
+        cfg.paths.model_dir,
+        policy,
+        processor,
+        ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max),
+        cfg.model,
+        extra={"train_config": to_container(cfg)},
+    )

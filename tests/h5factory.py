@@ -9,9 +9,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from PIL import Image
-
 from bagfactory import PANDA_READY
+from PIL import Image
 
 ROBOMIMIC_POS_SCALE, ROBOMIMIC_ROT_SCALE = 0.05, 0.5  # robosuite OSC_POSE output_max (input_max 1)
 
@@ -19,7 +18,7 @@ ROBOMIMIC_POS_SCALE, ROBOMIMIC_ROT_SCALE = 0.05, 0.5  # robosuite OSC_POSE outpu
 def _frames(n: int, size: int, offset: int = 0) -> np.ndarray:
     """(n, size, size, 3) uint8; frame k holds value (k + offset) % 256 in its lower half."""
     img = np.zeros((n, size, size, 3), dtype=np.uint8)
-    img[:, size // 2:] = ((np.arange(n) + offset) % 256)[:, None, None, None]
+    img[:, size // 2 :] = ((np.arange(n) + offset) % 256)[:, None, None, None]
     img[:, : size // 2, :, 0] = 200
     return img
 
@@ -48,8 +47,15 @@ def tcp_path(n: int) -> tuple[np.ndarray, np.ndarray]:
     return pos, quat
 
 
-def write_aloha(path: Path, n_frames: int = 20, size: int = 32, compressed: bool = False, pose: bool = True,
-                instruction: str | None = "fold the towel", break_: str | None = None) -> Path:
+def write_aloha(
+    path: Path,
+    n_frames: int = 20,
+    size: int = 32,
+    compressed: bool = False,
+    pose: bool = True,
+    instruction: str | None = "fold the towel",
+    break_: str | None = None,
+) -> Path:
     """An ALOHA/ACT episode file. ``pose=False``: the standard bimanual file (qpos and action 14 joint values,
     no TCP pose); ``pose=True``: a 7-DOF arm recorded in the ALOHA layout with its TCP pose
     (``observations/ee_pos`` xyz, ``observations/ee_quat`` quaternion xyzw) and a pose action (xyz + quaternion + gripper, 1 open).
@@ -76,7 +82,9 @@ def write_aloha(path: Path, n_frames: int = 20, size: int = 32, compressed: bool
         if compressed:
             f.create_dataset("compress_len", data=np.stack([lengths, lengths]))  # (n_cameras, T)
         if pose:
-            qpos = np.concatenate([PANDA_READY + 0.01 * np.arange(n_frames)[:, None], np.full((n_frames, 1), 0.08)], axis=1)
+            qpos = np.concatenate(
+                [PANDA_READY + 0.01 * np.arange(n_frames)[:, None], np.full((n_frames, 1), 0.08)], axis=1
+            )
             obs.create_dataset("ee_pos", data=pos)
             obs.create_dataset("ee_quat", data=quat)
             grip = np.where(np.arange(n_frames) < n_frames // 2, 1.0, 0.0)[:, None]  # 1 open, 0 closed
@@ -106,19 +114,35 @@ ALOHA_POSE_OVERRIDES = [  # how a user maps the pose-recording ALOHA file above
 ]
 
 
-def write_robomimic(path: Path, n_demos: int = 3, n_frames: int = 20, size: int = 32, control_freq: int = 20,
-                    broken: dict[int, str] | None = None) -> Path:
+def write_robomimic(
+    path: Path,
+    n_demos: int = 3,
+    n_frames: int = 20,
+    size: int = 32,
+    control_freq: int = 20,
+    broken: dict[int, str] | None = None,
+) -> Path:
     """A robomimic file (robosuite Panda, OSC_POSE delta actions, gripper -1 open): ``data/demo_<i>`` with
     obs (agentview and eye-in-hand images, eef pos/quat, joint pos, gripper qpos), actions, states.
     The delta action of frame k leads to the pose of frame k + 1. ``broken`` {demo: 'nan_action' |
     'missing_image' | 'huge_action'}."""
     broken = broken or {}
     path.parent.mkdir(parents=True, exist_ok=True)
-    env_args = {"env_name": "Lift", "type": 1, "env_kwargs": {
-        "robots": ["Panda"], "control_freq": control_freq,
-        "controller_configs": {"type": "OSC_POSE", "input_max": 1, "input_min": -1,
-                               "output_max": [ROBOMIMIC_POS_SCALE] * 3 + [ROBOMIMIC_ROT_SCALE] * 3,
-                               "output_min": [-ROBOMIMIC_POS_SCALE] * 3 + [-ROBOMIMIC_ROT_SCALE] * 3}}}
+    env_args = {
+        "env_name": "Lift",
+        "type": 1,
+        "env_kwargs": {
+            "robots": ["Panda"],
+            "control_freq": control_freq,
+            "controller_configs": {
+                "type": "OSC_POSE",
+                "input_max": 1,
+                "input_min": -1,
+                "output_max": [ROBOMIMIC_POS_SCALE] * 3 + [ROBOMIMIC_ROT_SCALE] * 3,
+                "output_min": [-ROBOMIMIC_POS_SCALE] * 3 + [-ROBOMIMIC_ROT_SCALE] * 3,
+            },
+        },
+    }
     with h5py.File(path, "w") as f:
         data = f.create_group("data")
         data.attrs["env_args"] = json.dumps(env_args)

@@ -22,49 +22,81 @@ R = "tests/test_reliability.py::"
 
 # (guarantee, tests that prove it): a test id without parameters covers all its parametrisations
 GUARANTEES: list[tuple[str, list[str]]] = [
-    ("Exact resume: a train SIGKILLed after a checkpoint and rerun ends with torch.equal weights, the same "
-     "MLflow run (FINISHED) and the same curve file bytes as an uninterrupted run",
-     [f"{R}test_a_train_killed_after_a_checkpoint_resumes_to_the_same_bits",
-      "tests/test_frame_cache.py::test_augmentation_stays_per_sample_on_cached_frames"]),
-    ("Under `dvc repro` the checkpoints survive (no stage output, so DVC never deletes them: a killed train can resume)",
-     ["tests/test_dvc_params.py::test_train_checkpoints_survive_dvc_so_a_killed_train_resumes"]),
-    ("SIGTERM and SIGINT end a stage like an error: exit 128+signal with one line, MLflow run KILLED, "
-     "no temporaries, the previous output untouched",
-     [f"{R}test_a_signalled_train_ends_killed_without_leftovers",
-      f"{R}test_a_signalled_convert_keeps_the_old_output_and_no_temporary",
-      f"{R}test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run[15]",
-      f"{R}test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running",
-      f"{R}test_a_signal_hidden_under_a_library_error_still_ends_the_stage_killed",
-      "tests/test_atomic.py::test_a_failing_block_leaves_the_old_output_and_no_temporary"]),
-    ("After SIGKILL the next run sweeps its output's stale temporaries (and logs it); a live writer's are kept; "
-     "the rerun's output is byte-identical to a clean run's",
-     [f"{R}test_after_sigkill_the_rerun_sweeps_the_stale_temporary_and_matches_a_clean_run",
-      f"{R}test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run[9]",
-      f"{R}test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running",
-      "tests/test_atomic.py::test_a_live_writers_temporary_is_kept_a_dead_ones_is_swept"]),
-    ("Only checkpoints vlaops wrote (manifest of sha256) are resumed unless train.trust_checkpoint; no "
-     "pickled custom state is saved or loaded",
-     ["tests/test_train.py::test_only_checkpoints_vlaops_wrote_are_resumed"]),
-    ("Concurrency: two trainings starting together on a fresh sqlite store both FINISH; a second trainer on a "
-     "checkpoint directory is refused with one line naming the holder (pid, host)",
-     [f"{R}test_two_trainings_starting_together_on_a_fresh_store_both_finish",
-      f"{R}test_a_signalled_train_ends_killed_without_leftovers[15]"]),
-    ("Validation before cost: output paths, inputs and the tracking store are checked first, the error names "
-     "the config key and path; a truncated model.safetensors names the file; experiment=nosuch lists the options",
-     ["tests/test_validation.py", "tests/test_model.py::test_a_truncated_weights_file_is_named"]),
-    ("Deterministic bytes: ingest's, convert's and normalize's outputs and the data fingerprint do not depend on "
-     "where the data lives (each stage run into two directories, every byte compared); collect reruns to the same bytes; "
-     "ingest's report, collect's summary and the exported policy hold no wall time",
-     ["tests/test_convert.py::test_convert_bytes_do_not_depend_on_where_the_data_lives",
-      "tests/test_ingest.py::test_reingest_is_byte_identical",
-      "tests/test_sim.py::test_collect_writes_readable_bags",
-      "tests/test_stages.py::test_export_holds_everything_policy_load_needs"]),
-    ("Bad input: every recording of the broken-recording corpus is quarantined with its reason (or one line with "
-     "on_bad_input=error), never a traceback, and the good episodes beside it are byte-identical",
-     ["tests/test_ingest_corpus.py"]),
-    ("Permissions: outputs get the user's umask permissions, not the temporaries' 0700/0600",
-     ["tests/test_atomic.py::test_outputs_get_the_umask_permissions_not_the_temporaries",
-      "tests/test_frame_cache.py::test_cache_gets_the_umask_permissions"]),
+    (
+        "Exact resume: a train SIGKILLed after a checkpoint and rerun ends with torch.equal weights, the same "
+        "MLflow run (FINISHED) and the same curve file bytes as an uninterrupted run",
+        [
+            f"{R}test_a_train_killed_after_a_checkpoint_resumes_to_the_same_bits",
+            "tests/test_frame_cache.py::test_augmentation_stays_per_sample_on_cached_frames",
+        ],
+    ),
+    (
+        "Under `dvc repro` the checkpoints survive (no stage output, so DVC never deletes them: a killed train can resume)",
+        ["tests/test_dvc_params.py::test_train_checkpoints_survive_dvc_so_a_killed_train_resumes"],
+    ),
+    (
+        "SIGTERM and SIGINT end a stage like an error: exit 128+signal with one line, MLflow run KILLED, "
+        "no temporaries, the previous output untouched",
+        [
+            f"{R}test_a_signalled_train_ends_killed_without_leftovers",
+            f"{R}test_a_signalled_convert_keeps_the_old_output_and_no_temporary",
+            f"{R}test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run[15]",
+            f"{R}test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running",
+            f"{R}test_a_signal_hidden_under_a_library_error_still_ends_the_stage_killed",
+            "tests/test_atomic.py::test_a_failing_block_leaves_the_old_output_and_no_temporary",
+        ],
+    ),
+    (
+        "After SIGKILL the next run sweeps its output's stale temporaries (and logs it); a live writer's are kept; "
+        "the rerun's output is byte-identical to a clean run's",
+        [
+            f"{R}test_after_sigkill_the_rerun_sweeps_the_stale_temporary_and_matches_a_clean_run",
+            f"{R}test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run[9]",
+            f"{R}test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running",
+            "tests/test_atomic.py::test_a_live_writers_temporary_is_kept_a_dead_ones_is_swept",
+        ],
+    ),
+    (
+        "Only checkpoints vlaops wrote (manifest of sha256) are resumed unless train.trust_checkpoint; no "
+        "pickled custom state is saved or loaded",
+        ["tests/test_train.py::test_only_checkpoints_vlaops_wrote_are_resumed"],
+    ),
+    (
+        "Concurrency: two trainings starting together on a fresh sqlite store both FINISH; a second trainer on a "
+        "checkpoint directory is refused with one line naming the holder (pid, host)",
+        [
+            f"{R}test_two_trainings_starting_together_on_a_fresh_store_both_finish",
+            f"{R}test_a_signalled_train_ends_killed_without_leftovers[15]",
+        ],
+    ),
+    (
+        "Validation before cost: output paths, inputs and the tracking store are checked first, the error names "
+        "the config key and path; a truncated model.safetensors names the file; experiment=nosuch lists the options",
+        ["tests/test_validation.py", "tests/test_model.py::test_a_truncated_weights_file_is_named"],
+    ),
+    (
+        "Deterministic bytes: ingest's, convert's and normalize's outputs and the data fingerprint do not depend on "
+        "where the data lives (each stage run into two directories, every byte compared); collect reruns to the same bytes; "
+        "ingest's report, collect's summary and the exported policy hold no wall time",
+        [
+            "tests/test_convert.py::test_convert_bytes_do_not_depend_on_where_the_data_lives",
+            "tests/test_ingest.py::test_reingest_is_byte_identical",
+            "tests/test_sim.py::test_collect_writes_readable_bags",
+            "tests/test_stages.py::test_export_holds_everything_policy_load_needs",
+        ],
+    ),
+    (
+        "Bad input: every recording of the broken-recording corpus is quarantined with its reason (or one line with "
+        "on_bad_input=error), never a traceback, and the good episodes beside it are byte-identical",
+        ["tests/test_ingest_corpus.py"],
+    ),
+    (
+        "Permissions: outputs get the user's umask permissions, not the temporaries' 0700/0600",
+        [
+            "tests/test_atomic.py::test_outputs_get_the_umask_permissions_not_the_temporaries",
+            "tests/test_frame_cache.py::test_cache_gets_the_umask_permissions",
+        ],
+    ),
 ]
 
 
@@ -122,19 +154,26 @@ def render(found: dict[str, tuple[str, float]], when: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--junit", type=Path, nargs="*", help="pytest --junitxml files to read instead of running the tests")
+    parser.add_argument(
+        "--junit", type=Path, nargs="*", help="pytest --junitxml files to read instead of running the tests"
+    )
     args = parser.parse_args(argv)
     junits = args.junit
     if not junits:
         junit = ROOT / "reports" / "reliability.xml"
         junit.parent.mkdir(parents=True, exist_ok=True)
         tests = sorted({t for _, ts in GUARANTEES for t in ts})
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *tests], cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *tests], cwd=ROOT
+        )
         junits = [junit]
     found: dict[str, tuple[str, float]] = {}
     for junit in junits:
         found.update(results(junit))
-    stamps = sorted(datetime.datetime.fromtimestamp(j.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC") for j in junits)
+    stamps = sorted(
+        datetime.datetime.fromtimestamp(j.stat().st_mtime, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        for j in junits
+    )
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text(render(found, ", ".join(stamps)))
     print(f"wrote {REPORT}")

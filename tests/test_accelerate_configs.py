@@ -47,7 +47,10 @@ def test_the_shipped_configs_are_the_intended_ones():
     zero = load_config_from_file(str(ACCELERATE / "deepspeed_zero2.yaml")).deepspeed_config
     assert zero["zero_stage"] == 2
     recipe = TrainConfig()  # DeepSpeed clips and accumulates itself: as the recipe does
-    assert (zero["gradient_clipping"], zero["gradient_accumulation_steps"]) == (recipe.gradient_clip_val, recipe.gradient_accumulation_steps)
+    assert (zero["gradient_clipping"], zero["gradient_accumulation_steps"]) == (
+        recipe.gradient_clip_val,
+        recipe.gradient_accumulation_steps,
+    )
 
 
 def test_a_misspelt_key_fails_accelerates_loader(tmp_path):
@@ -70,28 +73,54 @@ def _refused(monkeypatch, env: dict[str, str], match: str, train: dict | None = 
 
 
 def test_launches_that_cannot_train_the_recipe_are_one_line(monkeypatch):
-    _refused(monkeypatch, {"ACCELERATE_MIXED_PRECISION": "bf16"}, r"asks for mixed_precision=bf16 .* train.train_setup.precision=fp32 is fp32 here")
-    _refused(monkeypatch, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_CLIPPING": "0.5"},
-             r"DeepSpeed's gradient_clipping: 0.5 .* differs from train.gradient_clip_val=1.0")
+    _refused(
+        monkeypatch,
+        {"ACCELERATE_MIXED_PRECISION": "bf16"},
+        r"asks for mixed_precision=bf16 .* train.train_setup.precision=fp32 is fp32 here",
+    )
+    _refused(
+        monkeypatch,
+        {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_CLIPPING": "0.5"},
+        r"DeepSpeed's gradient_clipping: 0.5 .* differs from train.gradient_clip_val=1.0",
+    )
     for engine in ("FSDP", "DEEPSPEED"):  # before the engine's own checks: whatever the machine
-        _refused(monkeypatch, {f"ACCELERATE_USE_{engine}": "true"}, r"train.compile=true under (FSDP|DeepSpeed): .* set train.compile=false",
-                 train={"compile": True})
+        _refused(
+            monkeypatch,
+            {f"ACCELERATE_USE_{engine}": "true"},
+            r"train.compile=true under (FSDP|DeepSpeed): .* set train.compile=false",
+            train={"compile": True},
+        )
     if not torch.cuda.is_available():
-        _refused(monkeypatch, {"ACCELERATE_USE_FSDP": "true"}, r"FSDP .* needs GPUs, and this machine has no CUDA device")
+        _refused(
+            monkeypatch, {"ACCELERATE_USE_FSDP": "true"}, r"FSDP .* needs GPUs, and this machine has no CUDA device"
+        )
     # the FSDP options that cannot work whatever the machine (as if it had GPUs)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fsdp = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "FSDP_USE_ORIG_PARAMS": "true"}
-    _refused(monkeypatch, {**fsdp, "FSDP_USE_ORIG_PARAMS": "false"}, r"fsdp_use_orig_params: false cannot hold frozen",
-             lora_enable=True, freeze_backbone=True)
-    _refused(monkeypatch, {**fsdp, "FSDP_STATE_DICT_TYPE": "LOCAL_STATE_DICT"}, r"LOCAL_STATE_DICT .* cannot consolidate")
-    _refused(monkeypatch, {**fsdp, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, r"checkpoint the same layers twice",
-             gradient_checkpointing=True)
+    _refused(
+        monkeypatch,
+        {**fsdp, "FSDP_USE_ORIG_PARAMS": "false"},
+        r"fsdp_use_orig_params: false cannot hold frozen",
+        lora_enable=True,
+        freeze_backbone=True,
+    )
+    _refused(
+        monkeypatch, {**fsdp, "FSDP_STATE_DICT_TYPE": "LOCAL_STATE_DICT"}, r"LOCAL_STATE_DICT .* cannot consolidate"
+    )
+    _refused(
+        monkeypatch,
+        {**fsdp, "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+        r"checkpoint the same layers twice",
+        gradient_checkpointing=True,
+    )
     for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     for key, value in fsdp.items():
         monkeypatch.setenv(key, value)
-    check_launch(TrainConfig(train_setup=TrainSetupConfig(precision="fp32", lora_enable=True, freeze_backbone=True)))  # as shipped: fine
+    check_launch(
+        TrainConfig(train_setup=TrainSetupConfig(precision="fp32", lora_enable=True, freeze_backbone=True))
+    )  # as shipped: fine
 
 
 def test_more_processes_than_batches_is_one_line(calvin_dir, tmp_path, monkeypatch, capsys):
@@ -104,9 +133,16 @@ def test_more_processes_than_batches_is_one_line(calvin_dir, tmp_path, monkeypat
 
 
 def _launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
@@ -118,8 +154,21 @@ def test_accelerate_refuses_a_config_file_that_does_not_exist(tmp_path):
 @pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 @pytest.mark.skipif(torch.cuda.is_available(), reason="FSDP runs where there is CUDA")
 def test_fsdp_on_a_machine_without_gpus_stops_at_once_in_one_line(tmp_path):
-    done = _launch("--config_file", str(ACCELERATE / "fsdp.yaml"), "--num_processes", "1", "-m", "vlaops.cli", "train",
-                   "--config-dir", str(CONF), *path_overrides(tmp_path), "train.train_setup.precision=bf16")
+    done = _launch(
+        "--config_file",
+        str(ACCELERATE / "fsdp.yaml"),
+        "--num_processes",
+        "1",
+        "-m",
+        "vlaops.cli",
+        "train",
+        "--config-dir",
+        str(CONF),
+        *path_overrides(tmp_path),
+        "train.train_setup.precision=bf16",
+    )
     assert done.returncode != 0
-    assert "vlaops train: error: accelerate launch with FSDP (distributed_type: FSDP) needs GPUs" in done.stderr, done.stderr[-2000:]
+    assert "vlaops train: error: accelerate launch with FSDP (distributed_type: FSDP) needs GPUs" in done.stderr, (
+        done.stderr[-2000:]
+    )
     assert "Traceback" not in done.stderr.split("vlaops train: error")[0]  # nothing failed before our line

@@ -50,7 +50,9 @@ with atomic_dir(sys.argv[1]) as tmp:
 
 
 def _holder(target: Path, seconds: float) -> tuple[subprocess.Popen, Path]:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(target), str(seconds)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(target), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     return proc, Path(proc.stdout.readline().strip())
 
 

@@ -67,8 +67,12 @@ def test_the_expert_comes_closest_to_the_instructed_block_and_a_wrong_block_poli
 @pytest.mark.slow  # a subprocess with the config stack: the quick loop keeps the in-process check above
 def test_grounding_bench_writes_its_report(tmp_path: Path) -> None:
     out = tmp_path / "grounding.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--expert", "--chains", "2", "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(BENCH), "--expert", "--chains", "2", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["policy"] == "expert" and report["summary"]["episodes"] == 2

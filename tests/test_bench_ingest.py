@@ -19,13 +19,33 @@ BENCH = ROOT / "bench" / "ingest.py"
 
 @pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
 def test_ingest_bench_runs_at_a_tiny_size_and_writes_its_report(tmp_path):
-    help_text = subprocess.run([sys.executable, str(BENCH), "--help"], cwd=tmp_path, check=True,
-                               capture_output=True, text=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, str(BENCH), "--help"], cwd=tmp_path, check=True, capture_output=True, text=True
+    ).stdout
     assert "--bags" in help_text and "--frames" in help_text
 
     out = tmp_path / "ingest.json"
-    run = subprocess.run([sys.executable, str(BENCH), "--bags", "2", "--frames", "20", "--scenes", "1", "--repeats", "1",
-                          "--workers", "1,2", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH),
+            "--bags",
+            "2",
+            "--frames",
+            "20",
+            "--scenes",
+            "1",
+            "--repeats",
+            "1",
+            "--workers",
+            "1,2",
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "ratio" in run.stdout and f"wrote {out}" in run.stdout
     result = json.loads(out.read_text())

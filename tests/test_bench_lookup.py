@@ -31,14 +31,20 @@ def _bench() -> Any:
 
 def test_named_block_finds_the_one_colour_word() -> None:
     bench = _bench()
-    assert [bench.named_block(t) for t in ("push the red block to the left", "Lift the BLUE block.", "green")] == [0, 1, 2]
+    assert [bench.named_block(t) for t in ("push the red block to the left", "Lift the BLUE block.", "green")] == [
+        0,
+        1,
+        2,
+    ]
     for text, n in (("lift the block", 0), ("put red on green", 2), ("lift the reddish block", 0)):
         with pytest.raises(VlaopsError, match=f"names {n} of the blocks"):
             bench.named_block(text)
 
 
 @pytest.mark.slow  # seconds: the full suite only (the quick loop stays under 5 minutes)
-def test_the_targets_are_the_named_block_the_others_and_the_tcp_on_the_first_frames(calvin_dir, tiny_policy_dir) -> None:
+def test_the_targets_are_the_named_block_the_others_and_the_tcp_on_the_first_frames(
+    calvin_dir, tiny_policy_dir
+) -> None:
     bench = _bench()
     split = CalvinSplit(calvin_dir / "training")
     tokens, targets = bench.features(PolicyRuntime.load(tiny_policy_dir), split, frames=2)
@@ -48,7 +54,11 @@ def test_the_targets_are_the_named_block_the_others_and_the_tcp_on_the_first_fra
         named = 0 if "red" in ann.instruction else 1  # the test bags: push the red block / lift the blue block
         others = [o for o in range(3) if o != named]
         row = 2 * k  # each span's first frame
-        np.testing.assert_array_equal(targets["named_block"][row], first["scene_obs"][6 + 6 * named: 8 + 6 * named])
-        np.testing.assert_array_equal(targets["other_block_1"][row], first["scene_obs"][6 + 6 * others[0]: 8 + 6 * others[0]])
-        np.testing.assert_array_equal(targets["other_block_2"][row], first["scene_obs"][6 + 6 * others[1]: 8 + 6 * others[1]])
+        np.testing.assert_array_equal(targets["named_block"][row], first["scene_obs"][6 + 6 * named : 8 + 6 * named])
+        np.testing.assert_array_equal(
+            targets["other_block_1"][row], first["scene_obs"][6 + 6 * others[0] : 8 + 6 * others[0]]
+        )
+        np.testing.assert_array_equal(
+            targets["other_block_2"][row], first["scene_obs"][6 + 6 * others[1] : 8 + 6 * others[1]]
+        )
         np.testing.assert_array_equal(targets["tcp"][row], first["robot_obs"][:2])

@@ -67,14 +67,25 @@ def test_ingest_defaults_to_what_the_simulator_records(tmp_path):
     assert {k: v for k, v in vars(cfg.data.topics).items() if k != "task"} == vars(cfg.sim.topics)
     assert cfg.data.control_hz == cfg.sim.control_hz and isinstance(cfg.data.control_hz, float)
     out = tmp_path / "params.yaml"
-    compose_and_dump(out, str(CONF), None, "config", str(ROOT),
-                     ["paths.collect_dir=elsewhere", "sim.topics.rgb_static=/cam", "sim.control_hz=15"])
+    compose_and_dump(
+        out,
+        str(CONF),
+        None,
+        "config",
+        str(ROOT),
+        ["paths.collect_dir=elsewhere", "sim.topics.rgb_static=/cam", "sim.control_hz=15"],
+    )
     params = load_params(out)
     assert (params.data.raw_dir, params.data.topics.rgb_static, params.data.control_hz) == ("elsewhere", "/cam", 15.0)
     assert "${" not in out.read_text()
     # a real rig overrides them directly
     own = load_config(["data.raw_dir=/recordings", "data.topics.rgb_static=/my/cam", "data.control_hz=12.5"], CONF)
-    assert (own.data.raw_dir, own.data.topics.rgb_static, own.data.control_hz, own.sim.control_hz) == ("/recordings", "/my/cam", 12.5, 30)
+    assert (own.data.raw_dir, own.data.topics.rgb_static, own.data.control_hz, own.sim.control_hz) == (
+        "/recordings",
+        "/my/cam",
+        12.5,
+        30,
+    )
 
 
 @pytest.mark.parametrize(
@@ -109,7 +120,11 @@ def test_experiment_changes_what_it_says():
     assert (cfg.sim.episodes_per_task, cfg.train.max_steps) == (30, 3000)
     assert {**cfg.train.__dict__, "max_steps": default.train.max_steps} == default.train.__dict__
     long = load_config(["experiment=lookup_long"], CONF)  # lookup, on twice the demos for twice the steps
-    assert long.model == cfg.model and (long.sim.episodes_per_task, long.sim.max_attempts_per_task, long.train.max_steps) == (60, 120, 6000)
+    assert long.model == cfg.model and (
+        long.sim.episodes_per_task,
+        long.sim.max_attempts_per_task,
+        long.train.max_steps,
+    ) == (60, 120, 6000)
 
 
 def test_kosmos2_without_weights_dir_names_the_key():
@@ -161,7 +176,10 @@ def test_cli_params_check(tmp_path, monkeypatch):
 
 def test_cli_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path, capsys):
     out_dir = tmp_path / "never-written"
-    assert main(["train", "--cfg", "job", "train.max_steps=7", f"paths.model_dir={out_dir}", "--config-dir", str(CONF)]) == 0
+    assert (
+        main(["train", "--cfg", "job", "train.max_steps=7", f"paths.model_dir={out_dir}", "--config-dir", str(CONF)])
+        == 0
+    )
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["max_steps"] == 7
     assert printed["model"]["window_size"] == load_config([], CONF).model.window_size

@@ -34,8 +34,12 @@ def test_layout_and_global_frame_ids(calvin_dir):
     frame = np.load(calvin.frame_path(calvin_dir / "training", 0))
     shapes = {k: frame[k].shape for k in frame.files}
     assert shapes == {
-        "actions": (7,), "rel_actions": (7,), "robot_obs": (15,), "scene_obs": (24,),
-        "rgb_static": (200, 200, 3), "rgb_gripper": (84, 84, 3),
+        "actions": (7,),
+        "rel_actions": (7,),
+        "robot_obs": (15,),
+        "scene_obs": (24,),
+        "rgb_static": (200, 200, 3),
+        "rgb_gripper": (84, 84, 3),
     }
     assert frame["rgb_static"].dtype == np.uint8
 
@@ -59,7 +63,7 @@ def test_language_annotations_json_twin_matches_the_pickle(calvin_dir):
     np.testing.assert_allclose(pickled["language"]["emb"], np.array(twin["language"]["emb"]), rtol=1e-6)
     assert [tuple(x) for x in twin["info"]["indx"]] == pickled["info"]["indx"]
     val = np.load(calvin_dir / "validation" / calvin.LANG_DIR / calvin.LANG_EMB, allow_pickle=True).item()
-    (task, entry), = val.items()
+    ((task, entry),) = val.items()
     assert entry["emb"].shape == (1, 384) and isinstance(entry["ann"], str)
 
 

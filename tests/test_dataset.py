@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
-from vlaops.data import keys
 from torch.utils.data import default_collate
 
+from vlaops.data import keys
 from vlaops.data.dataset import CalvinWindowDataset
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.io.calvin import CalvinSplit
@@ -22,7 +21,9 @@ def _tokenize(texts):
 def test_windows_follow_the_batch_contract(calvin_dir, cfg):
     split = CalvinSplit(calvin_dir / "training")
     normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
-    ds = CalvinWindowDataset(split, normalizer, _tokenize, window_size=3, chunk_size=4, image_size=64, augment=cfg.data.augment)
+    ds = CalvinWindowDataset(
+        split, normalizer, _tokenize, window_size=3, chunk_size=4, image_size=64, augment=cfg.data.augment
+    )
     assert len(ds) == 3 * (20 - 3 + 1)
     batch = default_collate([ds[0], ds[len(ds) - 1]])
     assert batch[keys.RGB].shape == (2, 3, 3, 64, 64) and batch[keys.HAND_RGB].shape == (2, 3, 3, 64, 64)
@@ -114,7 +115,7 @@ def test_the_instructed_target_is_the_scene_group_of_the_word_each_instruction_n
         x, y = plain[i][keys.AUX_TARGET], named[i][keys.AUX_TARGET]  # (W, K), (W, K + 2)
         assert y.shape == (3, k + 2)
         torch.testing.assert_close(y[:, :k], x)
-        torch.testing.assert_close(y[:, k:], x[:, at:at + 2])
+        torch.testing.assert_close(y[:, k:], x[:, at : at + 2])
         seen.add(instruction)
     assert seen == {"push the red block to the left", "lift the blue block"}
     for words, n in ((["red", "green"], 0), (["red", "block"], 2)):

@@ -18,10 +18,18 @@ from safetensors.torch import load_file
 import vlaops
 
 SRC = Path(vlaops.__file__).resolve().parents[1]
-STEPS = ["train.max_steps=4", "train.save_every=2", "train.val_every=2", "train.val_batches=1", "train.log_every=2",
-         # SGD: the step is linear in the gradient, so what the test compares is which samples each step saw
-         # (Adam's per-weight normalisation would blow up the float-order differences of tiny gradients)
-         "train.optimizer=sgd", "train.momentum=0.0", "train.learning_rate=0.05"]
+STEPS = [
+    "train.max_steps=4",
+    "train.save_every=2",
+    "train.val_every=2",
+    "train.val_batches=1",
+    "train.log_every=2",
+    # SGD: the step is linear in the gradient, so what the test compares is which samples each step saw
+    # (Adam's per-weight normalisation would blow up the float-order differences of tiny gradients)
+    "train.optimizer=sgd",
+    "train.momentum=0.0",
+    "train.learning_rate=0.05",
+]
 
 
 def _env() -> dict[str, str]:
@@ -34,9 +42,21 @@ def _env() -> dict[str, str]:
 
 def _train(tmp_path: Path, calvin_dir: Path, name: str, launcher: list[str], *extra: str) -> Path:
     out = tmp_path / name
-    cmd = [*launcher, "-m", "vlaops.cli", "train", "--config-dir", str(CONF), *path_overrides(out),
-           f"data.calvin_dir={calvin_dir}", f"data.normalized_dir={calvin_dir.parent / 'normalized'}",
-           *SHRINK_MODEL, *STEPS, "train.batch_size=2", *extra]
+    cmd = [
+        *launcher,
+        "-m",
+        "vlaops.cli",
+        "train",
+        "--config-dir",
+        str(CONF),
+        *path_overrides(out),
+        f"data.calvin_dir={calvin_dir}",
+        f"data.normalized_dir={calvin_dir.parent / 'normalized'}",
+        *SHRINK_MODEL,
+        *STEPS,
+        "train.batch_size=2",
+        *extra,
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return out
@@ -56,14 +76,18 @@ def test_two_processes_train_like_one_with_the_same_effective_batch(calvin_dir, 
     assert [r.info.status for r in runs] == ["FINISHED"]
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")] == [2, 4]
     assert sorted(p.name for p in (two / "models" / "checkpoints").iterdir() if p.name.startswith("step_")) == [
-        "step_0000002", "step_0000004"]
+        "step_0000002",
+        "step_0000004",
+    ]
 
     # each process took one of the two batches of every step: the same samples, the same mean of means, so
     # the weights match up to float summation order. "Close" is measured against a run that differs only
     # in its data: one process on single batches of 2 (half the samples of each step)
     two_w = load_file(two / "models" / "policy" / "model.safetensors")
     one_w = load_file(one / "models" / "policy" / "model.safetensors")
-    half_w = load_file(_train(tmp_path, calvin_dir, "half", [sys.executable]) / "models" / "policy" / "model.safetensors")
+    half_w = load_file(
+        _train(tmp_path, calvin_dir, "half", [sys.executable]) / "models" / "policy" / "model.safetensors"
+    )
     assert two_w.keys() == one_w.keys() == half_w.keys()
 
     def distance(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> float:
@@ -85,10 +109,24 @@ def test_lora_gradient_checkpointing_and_bf16_under_ddp_resume_exactly_and_expor
     if not torch.cuda.is_available() and not cpu_bf16_autocast_works():
         pytest.skip("this CPU runs no bf16 autocast: precision=bf16 stops with one line (tests/test_train.py)")
     config = Path(CONF) / "accelerate" / "ddp.yaml"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-              "--main_process_port", "0"]
-    combo = ["experiment=lora", "train.train_setup.train_vision=false", "train.train_setup.gradient_checkpointing=true",
-             "train.train_setup.precision=bf16", "train.keep_checkpoints=2"]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
+    ]
+    combo = [
+        "experiment=lora",
+        "train.train_setup.train_vision=false",
+        "train.train_setup.gradient_checkpointing=true",
+        "train.train_setup.precision=bf16",
+        "train.keep_checkpoints=2",
+    ]
     whole = _train(tmp_path, calvin_dir, "ddp", launch, *combo)
     policy = load_file(whole / "models" / "policy" / "model.safetensors")
     ckpts = whole / "models" / "checkpoints"

@@ -57,7 +57,7 @@ def _chains(path: Path, roots: tuple[str, ...]) -> set[str]:
         dotted = ".".join([cur.id, *reversed(parts)]) if isinstance(cur, ast.Name) else ""
         for root in roots:
             if dotted.startswith(root + "."):
-                out.add(dotted[len(root) + 1:])
+                out.add(dotted[len(root) + 1 :])
     return out
 
 
@@ -156,6 +156,11 @@ def test_train_checkpoints_survive_dvc_so_a_killed_train_resumes(dvc):
     """DVC deletes a stage's outputs before it runs the stage, so a killed train could never resume if the
     checkpoint directory were one; and a clone that pulled the policy would retrain for the checkpoints it
     lacks (tests/test_e2e.py). The trainer alone owns it: no stage names it."""
-    named = [s for s, spec in dvc.items() for k in ("outs", "deps") for o in spec.get(k, [])
-             if "${paths.checkpoint_dir}" in (o if isinstance(o, str) else next(iter(o)))]
+    named = [
+        s
+        for s, spec in dvc.items()
+        for k in ("outs", "deps")
+        for o in spec.get(k, [])
+        if "${paths.checkpoint_dir}" in (o if isinstance(o, str) else next(iter(o)))
+    ]
     assert named == []

@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # `dvc exp run` commits experiments; a CI machine may have no git identity configured
 GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "vlaops test", "GIT_AUTHOR_EMAIL": "test@vlaops.local",
-    "GIT_COMMITTER_NAME": "vlaops test", "GIT_COMMITTER_EMAIL": "test@vlaops.local",
+    "GIT_AUTHOR_NAME": "vlaops test",
+    "GIT_AUTHOR_EMAIL": "test@vlaops.local",
+    "GIT_COMMITTER_NAME": "vlaops test",
+    "GIT_COMMITTER_EMAIL": "test@vlaops.local",
 }
 
 # conftest's shrink, written into conf/ of the copy (what `vlaops params` and `dvc exp run` compose);
@@ -47,7 +49,11 @@ def make_repo(repo: Path) -> Path:
     """The project's files (tracked, and untracked but not ignored) copied into ``repo``, conf/ shrunk,
     params.yaml composed, committed to a fresh git repository: a DVC project to run experiments in."""
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for name in listed:
         if (ROOT / name).is_file():
@@ -85,7 +91,9 @@ def test_dvc_repro_then_experiment(tmp_path):
     _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     _run(["dvc", "pull"], clone)
     assert (clone / "reports" / "metrics.json").read_bytes() == (repo / "reports" / "metrics.json").read_bytes()
-    assert (clone / "models" / "policy" / "model.safetensors").read_bytes() == (repo / "models" / "policy" / "model.safetensors").read_bytes()
+    assert (clone / "models" / "policy" / "model.safetensors").read_bytes() == (
+        repo / "models" / "policy" / "model.safetensors"
+    ).read_bytes()
     pulled = _run(["dvc", "repro", "--dry"], clone)  # pulled outputs match dvc.lock: nothing to run
     assert "Running stage" not in pulled, pulled[-2000:]
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], clone, stdout_only=True))
@@ -93,11 +101,17 @@ def test_dvc_repro_then_experiment(tmp_path):
     _run(["dvc", "metrics", "diff", "HEAD"], clone)  # works on main: the metrics of HEAD come from the cache
 
     exp = _run(["dvc", "exp", "run", "-S", "train.max_steps=6"], repo)
-    ran = {s for s in ("collect", "ingest", "convert", "normalize", "train", "evaluate") if f"Running stage '{s}'" in exp}
+    ran = {
+        s for s in ("collect", "ingest", "convert", "normalize", "train", "evaluate") if f"Running stage '{s}'" in exp
+    }
     assert ran == {"train", "evaluate"}, exp[-2000:]
 
     # reports/ is git-ignored: the experiment's metrics must come back from the DVC cache
-    (baseline,) = [row for row in json.loads(_run(["dvc", "exp", "show", "--json"], repo, stdout_only=True)) if row.get("experiments")]
+    (baseline,) = [
+        row
+        for row in json.loads(_run(["dvc", "exp", "show", "--json"], repo, stdout_only=True))
+        if row.get("experiments")
+    ]
     (shown,) = [e["revs"][0] for e in baseline["experiments"]]
     assert shown["data"]["params"]["params.yaml"]["data"]["train"]["max_steps"] == 6
     assert {"avg_len", "sr_1", "sr_2"} <= set(shown["data"]["metrics"]["reports/metrics.json"]["data"])

@@ -63,7 +63,10 @@ def test_figures_and_table_carry_every_interval() -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("eval.ablations=[blank_images,mute]", "eval.ablations: unknown value(s) ['mute']; allowed: blank_images, swap_instruction"),
+        (
+            "eval.ablations=[blank_images,mute]",
+            "eval.ablations: unknown value(s) ['mute']; allowed: blank_images, swap_instruction",
+        ),
         ("eval.references=[oracle]", "eval.references: unknown value(s) ['oracle']; allowed: expert, blind"),
         ("eval.ablations=[blank_images,blank_images]", "eval.ablations: each value at most once"),
         ("eval.num_workers=-1", "eval.num_workers must be >= 0"),

@@ -101,7 +101,9 @@ def check_a_killed_worker_is_retried(compute: ComputeConfig, tmp_path: Path, cap
     tmp_path.mkdir(parents=True, exist_ok=True)
     marker = tmp_path / "killed"
     with caplog.at_level(logging.WARNING, logger="vlaops.utils.executor"):
-        out = map_ordered(_die_once, [(str(marker), i) for i in range(6)], 2, desc="collect", compute=compute, label=_name)
+        out = map_ordered(
+            _die_once, [(str(marker), i) for i in range(6)], 2, desc="collect", compute=compute, label=_name
+        )
     assert marker.exists(), "item 3 never killed its worker: the test proves nothing"
     assert out == [i * 10 for i in range(6)]
     assert "collect: item 3: its worker died" in caplog.text
@@ -121,7 +123,9 @@ def check_an_exception_is_raised_once_in_item_order(compute: ComputeConfig, tmp_
     tmp_path.mkdir(parents=True, exist_ok=True)
     attempts = tmp_path / "attempts"
     with pytest.raises(ValueError, match="^bad item 2") as info:
-        map_ordered(_raise_some, [(str(attempts), i) for i in range(7)], 2, desc="evaluate", compute=compute, label=_name)
+        map_ordered(
+            _raise_some, [(str(attempts), i) for i in range(7)], 2, desc="evaluate", compute=compute, label=_name
+        )
     assert "(while running evaluate: item 2)" in info.value.__notes__
     assert "bad item 2" in str(info.value.__cause__)  # the worker's traceback
     assert sorted(_lines(attempts)) == ["2", "5"]  # an exception is not retried: it would raise again
@@ -181,11 +185,14 @@ def _stage(stage: str, tmp_path: Path, *extra: str) -> int:
     return main([stage, "--config-dir", str(CONF), *path_overrides(tmp_path), *extra])
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("compute.executor=dask", "compute.executor must be one of ['local', 'ray'], got 'dask'"),
-    ("compute.ray_address=somewhere", "compute.ray_address must be null"),
-    ("compute.max_retries=-1", "compute.max_retries must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("compute.executor=dask", "compute.executor must be one of ['local', 'ray'], got 'dask'"),
+        ("compute.ray_address=somewhere", "compute.ray_address must be null"),
+        ("compute.max_retries=-1", "compute.max_retries must be >= 0"),
+    ],
+)
 def test_bad_compute_values_are_one_line(tmp_path, capsys, override, expected):
     assert _stage("collect", tmp_path, override) == 1
     err = capsys.readouterr().err.strip()
@@ -198,8 +205,10 @@ def test_executor_ray_without_ray_is_one_line_before_any_work(tmp_path, capsys, 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where it is not installed
     assert _stage(stage, tmp_path, "compute.executor=ray") == 1
     err = capsys.readouterr().err.strip()
-    assert err == (f"vlaops {stage}: error: compute.executor=ray, but Ray is not installed; pip install vlaops[ray] "
-                   "(or set compute.executor=local)")
+    assert err == (
+        f"vlaops {stage}: error: compute.executor=ray, but Ray is not installed; pip install vlaops[ray] "
+        "(or set compute.executor=local)"
+    )
     assert not (tmp_path / "raw").exists() and not (tmp_path / "reports").exists()
 
 
@@ -215,12 +224,28 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, scheme
     pytest.importorskip("ray")
     address = f"{scheme}127.0.0.1:{_closed_port()}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "vlaops.cli", "collect", "--config-dir", str(CONF), *path_overrides(tmp_path),
-                           "compute.executor=ray", f"compute.ray_address={address}"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vlaops.cli",
+            "collect",
+            "--config-dir",
+            str(CONF),
+            *path_overrides(tmp_path),
+            "compute.executor=ray",
+            f"compute.ray_address={address}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1
     (line,) = [x for x in proc.stderr.splitlines() if "error" in x.lower()]
-    assert line.startswith(f"vlaops collect: error: compute.ray_address={address}: cannot reach 127.0.0.1:"), proc.stderr
+    assert line.startswith(f"vlaops collect: error: compute.ray_address={address}: cannot reach 127.0.0.1:"), (
+        proc.stderr
+    )
     assert not (tmp_path / "raw").exists()
 
 
@@ -230,8 +255,14 @@ def test_evaluation_on_cuda_under_ray_is_one_line():
     from vlaops.sim.config import SimConfig
 
     with pytest.raises(VlaopsError, match=r"^eval.device=cuda with compute.executor=ray: not supported yet"):
-        run_chains(RuntimeFactory("unused", device="cuda"), SimConfig(), [(0, ["lift_blue"])], 5, 2,
-                   compute=ComputeConfig(executor="ray"))
+        run_chains(
+            RuntimeFactory("unused", device="cuda"),
+            SimConfig(),
+            [(0, ["lift_blue"])],
+            5,
+            2,
+            compute=ComputeConfig(executor="ray"),
+        )
 
 
 # ---- a local Ray instance -------------------------------------------------------------------------------
@@ -313,7 +344,12 @@ def test_evaluate_chains_give_the_same_metrics_on_every_executor(tmp_path, reque
     for name, workers, compute in _executors(request):
         expert = run_chains(ExpertFactory(), cfg.sim, chains, 120, workers, compute=compute)
         policy = run_chains(RuntimeFactory(str(tiny_policy_dir)), cfg.sim, chains, 6, workers, compute=compute)
-        runs[name] = ([r.__dict__ for r in expert], [r.__dict__ for r in policy], figures(expert, 2), figures(policy, 2))
+        runs[name] = (
+            [r.__dict__ for r in expert],
+            [r.__dict__ for r in policy],
+            figures(expert, 2),
+            figures(policy, 2),
+        )
     first = runs["local-1"]
     assert [r["completed"] for r in first[0]] == [2, 2, 2, 2]  # the expert completes them: the metrics mean something
     assert all(run == first for run in runs.values()), "chain results differ between executors"

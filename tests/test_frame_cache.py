@@ -22,7 +22,14 @@ from vlaops.data.dataset import CalvinWindowDataset, make_window_dataset
 from vlaops.data.frame_cache import FRAME_IDS_FILE, META_FILE, annotated_frame_ids, open_frame_cache
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.data.sampling import SampleKey
-from vlaops.data.transforms import CLIP_MEAN, CLIP_STD, augment_to_model_input, normalize_uint8, resize_uint8, to_model_input
+from vlaops.data.transforms import (
+    CLIP_MEAN,
+    CLIP_STD,
+    augment_to_model_input,
+    normalize_uint8,
+    resize_uint8,
+    to_model_input,
+)
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import CalvinSplit, write_split_metadata
 
@@ -56,7 +63,9 @@ def test_cached_samples_equal_the_npz_path_bit_for_bit(calvin_dir, cfg, pad_hist
         a, b = cached[i], plain[i]
         assert torch.equal(a[keys.RGB], b[keys.RGB]) and torch.equal(a[keys.HAND_RGB], b[keys.HAND_RGB])
         assert a[keys.RGB].shape == (3, 3, S, S) and a[keys.RGB].dtype == torch.float32
-        assert torch.equal(a[keys.ACTION_CHUNK], b[keys.ACTION_CHUNK]) and torch.equal(a[keys.CHUNK_MASK], b[keys.CHUNK_MASK])
+        assert torch.equal(a[keys.ACTION_CHUNK], b[keys.ACTION_CHUNK]) and torch.equal(
+            a[keys.CHUNK_MASK], b[keys.CHUNK_MASK]
+        )
 
 
 def test_augmentation_stays_per_sample_on_cached_frames(calvin_dir, cfg):
@@ -178,7 +187,11 @@ def test_the_factory_reuses_the_cache_or_reads_npz_without_one(calvin_dir, cfg):
     b = make_window_dataset(split, normalizer, processor, cfg.model, None, cfg.data.cache_dir)
     plain = make_window_dataset(split, normalizer, processor, cfg.model, None, None)
     assert a.frames.built and not b.frames.built and plain.frames is None
-    assert (a.window_size, a.chunk_size, a.image_size) == (cfg.model.window_size, cfg.model.fwd_pred_next_n, cfg.model.image_size)
+    assert (a.window_size, a.chunk_size, a.image_size) == (
+        cfg.model.window_size,
+        cfg.model.fwd_pred_next_n,
+        cfg.model.image_size,
+    )
     assert torch.equal(a[0][keys.RGB], plain[0][keys.RGB]) and torch.equal(a[0][keys.TEXT], plain[0][keys.TEXT])
 
 
@@ -213,7 +226,9 @@ def test_added_episode_rebuilds(calvin_dir, cfg):
     grown = CalvinSplit(split_dir)
     new = open_frame_cache(grown, S, cfg.data.cache_dir)
     assert new.built and len(new) == len(old) + first.end - first.start + 1
-    np.testing.assert_array_equal(new.window(new.row(start), 3)["rgb_gripper"], old.window(old.row(first.start), 3)["rgb_gripper"])
+    np.testing.assert_array_equal(
+        new.window(new.row(start), 3)["rgb_gripper"], old.window(old.row(first.start), 3)["rgb_gripper"]
+    )
 
 
 BUILDER = """

@@ -47,7 +47,10 @@ def test_empty_bag_is_named(cfg, tmp_path):
 
 def test_bag_without_mapped_image_topic_is_named(cfg, tmp_path):
     write_arm_bag(tmp_path / "raw" / "nocam", omit=("static",))
-    with pytest.raises(VlaopsError, match=r"nocam: mapped topic '/camera/static/image_raw' \(data.topics.rgb_static\) is not in the bag"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"nocam: mapped topic '/camera/static/image_raw' \(data.topics.rgb_static\) is not in the bag",
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
 
 
@@ -185,18 +188,41 @@ def test_nan_joint_reason_names_the_recording_not_a_temp_file(tmp_path):
     assert ".tmp-" not in text and ".episodes" not in text
 
 
-@pytest.mark.parametrize("tweak, check, stream, reason", [
-    (("set_action", 12, [1e30, 0.0, 0.3, np.pi, 0.0, 0.0, 1.0]), "position_bound", "action/abs[:, 0]",
-     r"1e\+30 m at frame \d+, beyond data.checks.max_abs_position_m=2.0"),
-    (("set_action", 12, [0.4, -0.12, 0.3, 40.0, 0.0, 0.0, 1.0]), "angle_bound", "action/abs[:, 3]",
-     r"40 rad at frame \d+, beyond data.checks.max_abs_angle_rad=6.3"),
-    (("set_action", 12, [0.4, -0.4, 0.3, np.pi, 0.0, 0.0, 1.0]), "action_jump", "action/abs[:, 0:3]",
-     r"the target position jumps [\d.]+ m/s between frames \d+ and \d+, beyond data.checks.max_target_speed_m_s=3.0"),
-    (("set_joint", 7, 3, 0.5), "joint_limits", "obs/robot_obs[:, 10]",
-     r"joint 4 is 0.5 rad at frame \d+, outside data.checks.joint_min/joint_max \[-3.0718, -0.0698\]"),
-    (("stamp_back", "gripper", 9, 0.2), "non_monotonic_stamps", "/camera/gripper/image_raw",
-     r"topic '/camera/gripper/image_raw': message 9 is stamped -0.167 s before the one before it"),
-])
+@pytest.mark.parametrize(
+    "tweak, check, stream, reason",
+    [
+        (
+            ("set_action", 12, [1e30, 0.0, 0.3, np.pi, 0.0, 0.0, 1.0]),
+            "position_bound",
+            "action/abs[:, 0]",
+            r"1e\+30 m at frame \d+, beyond data.checks.max_abs_position_m=2.0",
+        ),
+        (
+            ("set_action", 12, [0.4, -0.12, 0.3, 40.0, 0.0, 0.0, 1.0]),
+            "angle_bound",
+            "action/abs[:, 3]",
+            r"40 rad at frame \d+, beyond data.checks.max_abs_angle_rad=6.3",
+        ),
+        (
+            ("set_action", 12, [0.4, -0.4, 0.3, np.pi, 0.0, 0.0, 1.0]),
+            "action_jump",
+            "action/abs[:, 0:3]",
+            r"the target position jumps [\d.]+ m/s between frames \d+ and \d+, beyond data.checks.max_target_speed_m_s=3.0",
+        ),
+        (
+            ("set_joint", 7, 3, 0.5),
+            "joint_limits",
+            "obs/robot_obs[:, 10]",
+            r"joint 4 is 0.5 rad at frame \d+, outside data.checks.joint_min/joint_max \[-3.0718, -0.0698\]",
+        ),
+        (
+            ("stamp_back", "gripper", 9, 0.2),
+            "non_monotonic_stamps",
+            "/camera/gripper/image_raw",
+            r"topic '/camera/gripper/image_raw': message 9 is stamped -0.167 s before the one before it",
+        ),
+    ],
+)
 def test_implausible_recordings_are_quarantined_with_the_check_that_failed(tmp_path, tweak, check, stream, reason):
     import bagfactory
 
@@ -216,8 +242,9 @@ def test_checks_are_configurable(tmp_path):
     are sorted when data.checks.monotonic_stamps is false (the earlier behaviour)."""
     from bagfactory import chain, set_joint, stamp_back
 
-    cfg = _quarantine_cfg(tmp_path, "data.checks.joint_min=null", "data.checks.joint_max=null",
-                          "data.checks.monotonic_stamps=false")
+    cfg = _quarantine_cfg(
+        tmp_path, "data.checks.joint_min=null", "data.checks.joint_max=null", "data.checks.monotonic_stamps=false"
+    )
     write_arm_bag(tmp_path / "raw" / "odd", tweak=chain(set_joint(7, 3, 0.5), stamp_back("gripper", 9, 0.05)))
     report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
     assert list(report["episodes"]) == ["odd"] and report["quarantined"] == []
@@ -240,8 +267,13 @@ def test_report_summary_counts_recordings_episodes_frames_and_reasons(tmp_path):
     write_arm_bag(tmp_path / "raw" / "nan", tweak=set_joint(5, 2, float("nan")))
     (tmp_path / "raw" / "notes.txt").write_text("hello")
     summary = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)["summary"]
-    assert summary == {"recordings": 3, "episodes": 1, "frames": 24, "hours": round(24 / 30 / 3600, 4),
-                       "quarantined": {"non_finite": 1, "unknown_format": 1}}
+    assert summary == {
+        "recordings": 3,
+        "episodes": 1,
+        "frames": 24,
+        "hours": round(24 / 30 / 3600, 4),
+        "quarantined": {"non_finite": 1, "unknown_format": 1},
+    }
 
 
 def _same_data(a, b) -> None:

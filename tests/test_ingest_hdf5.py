@@ -86,8 +86,12 @@ def test_robomimic_demos_become_episodes_with_absolute_pose_actions(tmp_path):
 
 def test_robomimic_relative_scale_comes_from_env_args(tmp_path):
     """The config's scale is only the fallback: a file whose controller says 0.05 m per unit is read with it."""
-    cfg = _cfg(tmp_path, "data.control_hz=20", "data.hdf5.robomimic.instruction=lift",
-               "data.hdf5.robomimic.relative_pos_scale=0.5")
+    cfg = _cfg(
+        tmp_path,
+        "data.control_hz=20",
+        "data.hdf5.robomimic.instruction=lift",
+        "data.hdf5.robomimic.relative_pos_scale=0.5",
+    )
     write_robomimic(tmp_path / "raw" / "lift.hdf5", n_demos=1)
     ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
     ep = read_episode(tmp_path / "episodes" / "lift_demo_0.h5")
@@ -100,8 +104,10 @@ def test_one_bad_demo_is_quarantined_alone(tmp_path):
     report = ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
     assert list(report["episodes"]) == ["lift_demo_0", "lift_demo_3"]
     got = [(q["recording"], q["episode"], q["check"], q["stream"]) for q in report["quarantined"]]
-    assert got == [("lift.hdf5", "demo_1", "non_finite", "action/abs"),
-                   ("lift.hdf5", "demo_2", "missing_stream", "obs/agentview_image")]
+    assert got == [
+        ("lift.hdf5", "demo_1", "non_finite", "action/abs"),
+        ("lift.hdf5", "demo_2", "missing_stream", "obs/agentview_image"),
+    ]
 
 
 def test_error_mode_names_file_and_demo(tmp_path):
@@ -111,9 +117,11 @@ def test_error_mode_names_file_and_demo(tmp_path):
     write_robomimic(tmp_path / "raw" / "lift.hdf5", n_demos=2, broken={1: "missing_image"})
     with pytest.raises(VlaopsError) as info:
         ingest(tmp_path / "raw", tmp_path / "episodes", cfg)
-    assert str(info.value) == (f"{tmp_path}/raw/lift.hdf5 episode 'demo_1': key 'obs/agentview_image' "
-                               "(data.hdf5.robomimic.rgb_static) is not in the file; obs has ['robot0_eef_pos', "
-                               "'robot0_eef_quat', 'robot0_eye_in_hand_image', 'robot0_gripper_qpos', 'robot0_joint_pos']")
+    assert str(info.value) == (
+        f"{tmp_path}/raw/lift.hdf5 episode 'demo_1': key 'obs/agentview_image' "
+        "(data.hdf5.robomimic.rgb_static) is not in the file; obs has ['robot0_eef_pos', "
+        "'robot0_eef_quat', 'robot0_eye_in_hand_image', 'robot0_gripper_qpos', 'robot0_joint_pos']"
+    )
 
 
 def test_layout_is_chosen_by_content_not_extension(tmp_path, cfg, raw_dir):
@@ -150,15 +158,20 @@ def test_unknown_hdf5_layout_is_named(cfg, tmp_path):
     (tmp_path / "raw").mkdir()
     with h5py.File(tmp_path / "raw" / "other.h5", "w") as f:
         f.create_dataset("foo", data=np.zeros(3))
-    with pytest.raises(VlaopsError, match=r"other.h5: an HDF5 file in no layout vlaops reads \(top-level keys \['foo'\]\)"):
+    with pytest.raises(
+        VlaopsError, match=r"other.h5: an HDF5 file in no layout vlaops reads \(top-level keys \['foo'\]\)"
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes", cfg.data)
 
 
 def test_hdf5_map_is_validated_at_once(tmp_path):
     from conftest import tiny_config
 
-    with pytest.raises(VlaopsError, match=r"data.hdf5.aloha.action_expression must be one of \('absolute_pose', "
-                       r"'relative_pose', 'absolute_joint'\), got 'joint'"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"data.hdf5.aloha.action_expression must be one of \('absolute_pose', "
+        r"'relative_pose', 'absolute_joint'\), got 'joint'",
+    ):
         tiny_config(tmp_path, "data.hdf5.aloha.action_expression=joint")
     with pytest.raises(VlaopsError, match=r"data.hdf5.robomimic.gripper_open_sign must be 1 or -1, got 0.5"):
         tiny_config(tmp_path, "data.hdf5.robomimic.gripper_open_sign=0.5")

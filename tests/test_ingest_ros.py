@@ -10,8 +10,17 @@ import sqlite3
 
 import numpy as np
 import pytest
-from bagfactory import (CUSTOM_MSGS, TF_STATIC, drop, strip_to_database, tf_link7, write_arm_bag,
-                        write_custom_msg_bag, write_long_bag, write_tf_bag)
+from bagfactory import (
+    CUSTOM_MSGS,
+    TF_STATIC,
+    drop,
+    strip_to_database,
+    tf_link7,
+    write_arm_bag,
+    write_custom_msg_bag,
+    write_long_bag,
+    write_tf_bag,
+)
 from omegaconf import OmegaConf
 from scipy.spatial.transform import Rotation
 
@@ -69,8 +78,11 @@ def _expected_tcp(base: str, n: int) -> np.ndarray:
     return np.array([np.concatenate([p[:3, 3], Rotation.from_matrix(p[:3, :3]).as_euler("xyz")]) for p in poses])
 
 
-TF_SETTINGS = ("data.tcp_source=tf", "data.tf.tool_frame=panda_hand_tcp",
-               "data.checks.max_target_offset_m=null")  # the synthetic arm's tf is not where its commands point
+TF_SETTINGS = (
+    "data.tcp_source=tf",
+    "data.tf.tool_frame=panda_hand_tcp",
+    "data.checks.max_target_offset_m=null",
+)  # the synthetic arm's tf is not where its commands point
 
 
 @pytest.mark.parametrize("base", ["panda_link0", "table"])
@@ -90,17 +102,32 @@ def test_tcp_pose_from_tf_is_the_composed_chain(tmp_path, base):
     _same_data(ep, ref, skip=("robot_obs",))
 
 
-@pytest.mark.parametrize("bag, overrides, check, reason", [
-    (dict(), ("data.tf.tool_frame=panda_hand_tpc",), "missing_tf_frame",
-     r"frame 'panda_hand_tpc' \(data.tf.tool_frame\) is in no transform published on '/tf' / '/tf_static'; "
-     r"frames present: \['camera_link', 'panda_hand', 'panda_hand_tcp'"),
-    (dict(static={k: v for k, v in TF_STATIC.items() if k[1] != "panda_hand_tcp"}), (), "missing_tf_frame",
-     r"frame 'panda_hand_tcp' \(data.tf.tool_frame\) is in no transform"),
-    (dict(tool_parent="base_footprint"), (), "no_tf_chain",
-     r"no chain of transforms from 'panda_link0' \(data.tf.base_frame\) to 'panda_hand_tcp' \(data.tf.tool_frame\) "
-     r"on '/tf' / '/tf_static': 'panda_link0' is under 'world', 'panda_hand_tcp' under 'base_footprint'"),
-    (dict(tf_until=8), (), "out_of_sync", r"stream '/tf 'panda_link0' -> 'panda_link7'' is \d+ ms old at tick"),
-])
+@pytest.mark.parametrize(
+    "bag, overrides, check, reason",
+    [
+        (
+            dict(),
+            ("data.tf.tool_frame=panda_hand_tpc",),
+            "missing_tf_frame",
+            r"frame 'panda_hand_tpc' \(data.tf.tool_frame\) is in no transform published on '/tf' / '/tf_static'; "
+            r"frames present: \['camera_link', 'panda_hand', 'panda_hand_tcp'",
+        ),
+        (
+            dict(static={k: v for k, v in TF_STATIC.items() if k[1] != "panda_hand_tcp"}),
+            (),
+            "missing_tf_frame",
+            r"frame 'panda_hand_tcp' \(data.tf.tool_frame\) is in no transform",
+        ),
+        (
+            dict(tool_parent="base_footprint"),
+            (),
+            "no_tf_chain",
+            r"no chain of transforms from 'panda_link0' \(data.tf.base_frame\) to 'panda_hand_tcp' \(data.tf.tool_frame\) "
+            r"on '/tf' / '/tf_static': 'panda_link0' is under 'world', 'panda_hand_tcp' under 'base_footprint'",
+        ),
+        (dict(tf_until=8), (), "out_of_sync", r"stream '/tf 'panda_link0' -> 'panda_link7'' is \d+ ms old at tick"),
+    ],
+)
 def test_tf_problems_name_the_frames(tmp_path, bag, overrides, check, reason):
     """Quarantined with the check, the /tf topic as the stream and the frames in the reason; in error mode
     the same reason is the one line ingest stops with."""
@@ -134,8 +161,11 @@ def test_bag_without_tf_is_named_and_the_tf_bags_kept(tmp_path):
 
 
 def test_tf_source_needs_both_frames(tmp_path):
-    with pytest.raises(VlaopsError, match=r"data.tcp_source is 'tf': data.tf.base_frame and data.tf.tool_frame must "
-                                          r"name the frames, got None and 'panda_hand_tcp'"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"data.tcp_source is 'tf': data.tf.base_frame and data.tf.tool_frame must "
+        r"name the frames, got None and 'panda_hand_tcp'",
+    ):
         ros_config(tmp_path, "data.tcp_source=tf", "data.tf.tool_frame=panda_hand_tcp")
     with pytest.raises(VlaopsError, match=r"data.tcp_source must be one of \('pose', 'tf'\), got 'tff'"):
         ros_config(tmp_path, "data.tcp_source=tff")
@@ -145,7 +175,9 @@ def test_tf_source_needs_both_frames(tmp_path):
 OWN_FIELDS = {"fields": {"action": ["target", "gripper"], "joint_states": ["q", "fingers.left", "fingers.right"]}}
 
 
-@pytest.mark.parametrize("definitions, lone_db3", [("none", False), ("standard", False), ("all", False), ("none", True)])
+@pytest.mark.parametrize(
+    "definitions, lone_db3", [("none", False), ("standard", False), ("all", False), ("none", True)]
+)
 def test_own_message_types_are_read_from_the_config_definitions(tmp_path, definitions, lone_db3):
     """/action as my_pkg/msg/ArmCommand and /joint_states as my_pkg/msg/ArmState, in a bag with no
     definitions (an old recorder; also a .db3 without metadata.yaml), with the standard ones only (the
@@ -155,41 +187,67 @@ def test_own_message_types_are_read_from_the_config_definitions(tmp_path, defini
     if lone_db3:
         strip_to_database(bag).rename(tmp_path / "raw" / "own.db3")
         bag.rmdir()
-    report = ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path, custom_msgs=CUSTOM_MSGS, **OWN_FIELDS))
+    report = ingest(
+        tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path, custom_msgs=CUSTOM_MSGS, **OWN_FIELDS)
+    )
     assert list(report["episodes"]) == ["own"]
     _same_data(read_episode(tmp_path / "episodes" / "own.h5"), _reference(tmp_path, n_frames=12, seed=2, **SMALL))
 
 
 def test_own_message_types_without_their_definition_are_named(tmp_path):
     write_custom_msg_bag(tmp_path / "raw" / "own", definitions="standard", n_frames=12, **SMALL)
-    with pytest.raises(VlaopsError, match=r"own: topic '/joint_states' \(data.topics.joint_states\) has type "
-                                          r"my_pkg/msg/ArmState, expected sensor_msgs/msg/JointState \(or set "
-                                          r"data.fields.joint_states for a custom type\)"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"own: topic '/joint_states' \(data.topics.joint_states\) has type "
+        r"my_pkg/msg/ArmState, expected sensor_msgs/msg/JointState \(or set "
+        r"data.fields.joint_states for a custom type\)",
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path))
-    with pytest.raises(VlaopsError, match=r"own: topic '/joint_states' \(data.topics.joint_states\): the bag holds no "
-                                          r"definition of my_pkg/msg/ArmState and data.typestore 'ros2_humble' has "
-                                          r"none, nor data.custom_msgs"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"own: topic '/joint_states' \(data.topics.joint_states\): the bag holds no "
+        r"definition of my_pkg/msg/ArmState and data.typestore 'ros2_humble' has "
+        r"none, nor data.custom_msgs",
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path, **OWN_FIELDS))
     fields = {"fields": {"action": ["target", "grip"], "joint_states": OWN_FIELDS["fields"]["joint_states"]}}
-    with pytest.raises(VlaopsError, match=r"own: topic '/action': my_pkg/msg/ArmCommand has no field 'grip' "
-                                          r"\(data.fields.action\); its fields: \['header', 'target', 'gripper'\]"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"own: topic '/action': my_pkg/msg/ArmCommand has no field 'grip' "
+        r"\(data.fields.action\); its fields: \['header', 'target', 'gripper'\]",
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path, custom_msgs=CUSTOM_MSGS, **fields))
     fields = {"fields": {"action": ["target", "gripper"], "joint_states": ["q", "fingers.left"]}}
-    with pytest.raises(VlaopsError, match=r"own: topic '/joint_states': data.fields.joint_states gives 8 values, "
-                                          r"expected 9"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"own: topic '/joint_states': data.fields.joint_states gives 8 values, "
+        r"expected 9",
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path, custom_msgs=CUSTOM_MSGS, **fields))
 
 
-@pytest.mark.parametrize("msgs, reason", [
-    ({"my_pkg/msg/ArmCommand": "float64[6 target\nfloat64 gripper\n"},
-     r"^conf: data.custom_msgs\['my_pkg/msg/ArmCommand'\]: not a valid .msg definition \(cannot parse "),
-    ({"my_pkg/msg/ArmState": "float64[7] q\nFingers fingers\n"},
-     r"^conf: data.custom_msgs\['my_pkg/msg/ArmState'\]: field 'fingers' has type my_pkg/msg/Fingers, which neither "
-     r"data.custom_msgs nor data.typestore defines$"),
-    ({"ArmCommand": "float64 x\n"}, r"data.custom_msgs\['ArmCommand'\]: a message type is named <package>/msg/<Name>"),
-    ({"std_msgs/msg/String": "int32 data\n"},
-     r"^conf: data.custom_msgs: Type 'std_msgs/msg/String' is already present with different definition"),
-])
+@pytest.mark.parametrize(
+    "msgs, reason",
+    [
+        (
+            {"my_pkg/msg/ArmCommand": "float64[6 target\nfloat64 gripper\n"},
+            r"^conf: data.custom_msgs\['my_pkg/msg/ArmCommand'\]: not a valid .msg definition \(cannot parse ",
+        ),
+        (
+            {"my_pkg/msg/ArmState": "float64[7] q\nFingers fingers\n"},
+            r"^conf: data.custom_msgs\['my_pkg/msg/ArmState'\]: field 'fingers' has type my_pkg/msg/Fingers, which neither "
+            r"data.custom_msgs nor data.typestore defines$",
+        ),
+        (
+            {"ArmCommand": "float64 x\n"},
+            r"data.custom_msgs\['ArmCommand'\]: a message type is named <package>/msg/<Name>",
+        ),
+        (
+            {"std_msgs/msg/String": "int32 data\n"},
+            r"^conf: data.custom_msgs: Type 'std_msgs/msg/String' is already present with different definition",
+        ),
+    ],
+)
 def test_bad_msg_text_is_one_line_naming_the_key(tmp_path, msgs, reason):
     with pytest.raises(VlaopsError) as info:
         ros_config(tmp_path, custom_msgs=msgs)
@@ -207,8 +265,11 @@ def test_bag_without_embedded_definitions_is_read_with_the_typestore(tmp_path):
     con.close()
     ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path))
     _same_data(read_episode(tmp_path / "episodes" / "old.h5"), _reference(tmp_path, n_frames=12, seed=1, **SMALL))
-    with pytest.raises(VlaopsError, match=r"old: topic '/camera/static/image_raw' \(data.topics.rgb_static\): the bag "
-                                          r"holds no definition of sensor_msgs/msg/Image and data.typestore 'empty'"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"old: topic '/camera/static/image_raw' \(data.topics.rgb_static\): the bag "
+        r"holds no definition of sensor_msgs/msg/Image and data.typestore 'empty'",
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes2", ros_config(tmp_path, "data.typestore=empty"))
 
 
@@ -243,27 +304,47 @@ def test_instruction_from_sidecar_or_default_topic_first(tmp_path):
 def test_no_instruction_anywhere_is_named(tmp_path):
     write_arm_bag(tmp_path / "raw" / "mute", n_frames=10, omit=("instruction",), **SMALL)
     (tmp_path / "raw" / "notes.json").write_text("{}")  # no recording's sidecar: an unknown entry, as before
-    report = ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(
-        tmp_path, "data.on_bad_input=quarantine", "data.default_instruction=x") )
+    report = ingest(
+        tmp_path / "raw",
+        tmp_path / "episodes",
+        ros_config(tmp_path, "data.on_bad_input=quarantine", "data.default_instruction=x"),
+    )
     assert [(q["recording"], q["check"]) for q in report["quarantined"]] == [("notes.json", "unknown_format")]
-    with pytest.raises(VlaopsError, match=r"mute: mapped topic '/instruction' \(data.topics.instruction\) is not in the bag"):
+    with pytest.raises(
+        VlaopsError, match=r"mute: mapped topic '/instruction' \(data.topics.instruction\) is not in the bag"
+    ):
         ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path))
 
 
-@pytest.mark.parametrize("inside, text, reason", [
-    (False, '{"instruction": "open the', r"^sidecar 'bad\.json': not valid JSON \(Unterminated string"),
-    (False, '["open the drawer"]', r"^sidecar 'bad\.json': holds a list, expected an object"),
-    (True, '{"instructions": "open the drawer"}',
-     r"^sidecar 'bad/instruction\.json': has neither 'instruction' nor 'task' \(keys: \['instructions'\]\)$"),
-    (False, '{"instruction": 3}', r"^sidecar 'bad\.json': 'instruction' must be a non-empty string, got 3$"),
-    (None, '{"instruction": "a"}', r"^two instruction sidecars, 'bad\.json' and 'bad/instruction\.json': keep one$"),
-])
+@pytest.mark.parametrize(
+    "inside, text, reason",
+    [
+        (False, '{"instruction": "open the', r"^sidecar 'bad\.json': not valid JSON \(Unterminated string"),
+        (False, '["open the drawer"]', r"^sidecar 'bad\.json': holds a list, expected an object"),
+        (
+            True,
+            '{"instructions": "open the drawer"}',
+            r"^sidecar 'bad/instruction\.json': has neither 'instruction' nor 'task' \(keys: \['instructions'\]\)$",
+        ),
+        (False, '{"instruction": 3}', r"^sidecar 'bad\.json': 'instruction' must be a non-empty string, got 3$"),
+        (
+            None,
+            '{"instruction": "a"}',
+            r"^two instruction sidecars, 'bad\.json' and 'bad/instruction\.json': keep one$",
+        ),
+    ],
+)
 def test_malformed_sidecar_is_quarantined_naming_it(tmp_path, inside, text, reason):
     raw = tmp_path / "raw"
     write_arm_bag(raw / "bad", n_frames=10, **SMALL)
     write_arm_bag(raw / "good", n_frames=10, **SMALL)
-    for where in ([raw / "bad.json"] if inside is False else [raw / "bad" / "instruction.json"] if inside else
-                  [raw / "bad.json", raw / "bad" / "instruction.json"]):
+    for where in (
+        [raw / "bad.json"]
+        if inside is False
+        else [raw / "bad" / "instruction.json"]
+        if inside
+        else [raw / "bad.json", raw / "bad" / "instruction.json"]
+    ):
         where.write_text(text)
     report = ingest(raw, tmp_path / "episodes", ros_config(tmp_path, "data.on_bad_input=quarantine"))
     assert list(report["episodes"]) == ["good"] and report["summary"]["recordings"] == 2
@@ -274,10 +355,12 @@ def test_malformed_sidecar_is_quarantined_naming_it(tmp_path, inside, text, reas
 
 
 # ---- one long recording cut into episodes -----------------------------------------------------------
-PARTS = [dict(n_frames=10, instruction="lift the blue block", seed=1),
-         dict(n_frames=12, instruction="push the red block to the left", seed=2),
-         dict(n_frames=4, instruction="open the drawer", seed=3),
-         dict(n_frames=9, instruction="turn on the led", seed=4)]
+PARTS = [
+    dict(n_frames=10, instruction="lift the blue block", seed=1),
+    dict(n_frames=12, instruction="push the red block to the left", seed=2),
+    dict(n_frames=4, instruction="open the drawer", seed=3),
+    dict(n_frames=9, instruction="turn on the led", seed=4),
+]
 
 
 def test_long_recording_cut_by_instruction(tmp_path):
@@ -311,15 +394,26 @@ def test_long_recording_cut_by_gaps(tmp_path):
     write_long_bag(tmp_path / "raw" / "session", parts, pause_s=2.5, storage="mcap")
     report = ingest(tmp_path / "raw", tmp_path / "episodes", ros_config(tmp_path, "data.split.by=gap"))
     got = {k: (v["frames"], v["instruction"]) for k, v in report["episodes"].items()}
-    assert got == {"session_000": (10, PARTS[0]["instruction"]), "session_001": (12, PARTS[0]["instruction"]),
-                   "session_002": (9, PARTS[3]["instruction"])}
+    assert got == {
+        "session_000": (10, PARTS[0]["instruction"]),
+        "session_001": (12, PARTS[0]["instruction"]),
+        "session_002": (9, PARTS[3]["instruction"]),
+    }
     for i, part in zip((0, 1, 2), (PARTS[0], PARTS[1], PARTS[3])):
-        _same_data(read_episode(tmp_path / "episodes" / f"session_{i:03d}.h5"),
-                   _reference(tmp_path, f"part{i}", **{**part, **SMALL}))
-    with pytest.raises(VlaopsError, match=r"session: key 'action/abs\[:, 0:3\]': the target position jumps [\d.]+ m/s "
-                                          r"between frames 21 and 22"):
-        ingest(tmp_path / "raw", tmp_path / "episodes_uncut", ros_config(tmp_path, "data.split.by=gap",
-                                                                         "data.split.gap_s=5.0"))
+        _same_data(
+            read_episode(tmp_path / "episodes" / f"session_{i:03d}.h5"),
+            _reference(tmp_path, f"part{i}", **{**part, **SMALL}),
+        )
+    with pytest.raises(
+        VlaopsError,
+        match=r"session: key 'action/abs\[:, 0:3\]': the target position jumps [\d.]+ m/s "
+        r"between frames 21 and 22",
+    ):
+        ingest(
+            tmp_path / "raw",
+            tmp_path / "episodes_uncut",
+            ros_config(tmp_path, "data.split.by=gap", "data.split.gap_s=5.0"),
+        )
 
 
 def test_split_settings_are_checked(tmp_path):

@@ -31,7 +31,7 @@ def _cell_colour(sheet: np.ndarray, row: int, column: int, upper: bool) -> np.nd
     left, top, right, bottom = cell_box(row, column)
     y = top + (bottom - top) // 4 if upper else bottom - (bottom - top) // 4
     x = (left + right) // 2
-    return sheet[y - 4:y + 4, x - 4:x + 4].reshape(-1, 3).mean(0)
+    return sheet[y - 4 : y + 4, x - 4 : x + 4].reshape(-1, 3).mean(0)
 
 
 def test_raw_directory_summary_equals_the_recordings(cfg, raw_dir, tmp_path):
@@ -55,7 +55,10 @@ def test_raw_directory_summary_equals_the_recordings(cfg, raw_dir, tmp_path):
     np.testing.assert_allclose(act["mean"][6], 0.0, atol=1e-9)
 
     # both bad entries listed with ingest's reasons, in recording order
-    assert [(u["recording"], u["check"]) for u in summary["unreadable"]] == [("bad", "frame_size"), ("notes.txt", "unknown_format")]
+    assert [(u["recording"], u["check"]) for u in summary["unreadable"]] == [
+        ("bad", "frame_size"),
+        ("notes.txt", "unknown_format"),
+    ]
     assert "frame size changes mid-episode, from (64, 64, 3) to (32, 32, 3)" in summary["unreadable"][0]["reason"]
     assert "not a recording vlaops can read" in summary["unreadable"][1]["reason"]
     table = summary_table(summary)
@@ -103,8 +106,10 @@ def test_episodes_and_calvin_summaries_equal_the_files(cfg, converted, tmp_path)
     summary = inspect_path(calvin_dir, cfg.data, sheet=sheet, sheet_episodes=2)
     frames = [dict(np.load(p)) for split in calvin.SPLITS for p in sorted((calvin_dir / split).glob("episode_*.npz"))]
     assert summary["kind"] == "calvin" and summary["episodes"] == 4 and summary["frames"] == len(frames) == 80
-    assert summary["splits"] == {"training": {"episodes": 3, "frames": 60, "annotations": 3},
-                                 "validation": {"episodes": 1, "frames": 20, "annotations": 1}}
+    assert summary["splits"] == {
+        "training": {"episodes": 3, "frames": 60, "annotations": 3},
+        "validation": {"episodes": 1, "frames": 20, "annotations": 1},
+    }
     assert summary["instructions"] == {LIFT: 2, PUSH: 2} and summary["control_hz"] == {}
     assert summary["cameras"] == {"rgb_static": {"200x200": 4}, "rgb_gripper": {"84x84": 4}}
     for key in ("actions", "rel_actions"):
@@ -115,7 +120,10 @@ def test_episodes_and_calvin_summaries_equal_the_files(cfg, converted, tmp_path)
     provenance = json.loads((calvin_dir / calvin.PROVENANCE).read_text())["episodes"]
     first = next(i for i, e in provenance.items() if e["split"] == "training" and e["start"] == 0)
     last = next(i for i, e in provenance.items() if e["split"] == "validation")
-    assert [row.split(":")[0] for row in summary["sheet"]["episodes"]] == [f"{first} (training)", f"{last} (validation)"]
+    assert [row.split(":")[0] for row in summary["sheet"]["episodes"]] == [
+        f"{first} (training)",
+        f"{last} (validation)",
+    ]
     assert Image.open(sheet).size == sheet_size(2, 2)
 
     split = inspect_path(calvin_dir / "validation", cfg.data)
@@ -132,26 +140,49 @@ def test_episodes_and_calvin_summaries_equal_the_files(cfg, converted, tmp_path)
     (calvin_dir / "training" / calvin.FRAME_FILE.format(5)).unlink()
     split = inspect_path(calvin_dir / "training", cfg.data)
     assert split["episodes"] == 2 and split["frames"] == 40
-    assert split["unreadable"] == [{"recording": "training/episode_0000005.npz", "episode": first, "check": "unreadable",
-                                    "stream": None, "reason": "frame file missing"}]
+    assert split["unreadable"] == [
+        {
+            "recording": "training/episode_0000005.npz",
+            "episode": first,
+            "check": "unreadable",
+            "stream": None,
+            "reason": "frame file missing",
+        }
+    ]
 
 
 def test_mobile_base_episodes_name_their_velocity_dims(tmp_path):
     """Canonical episodes of a base (no ingest report beside them: told by content), 4-dim actions."""
     out, t = tmp_path / "episodes", 12
     for i in range(2):
-        base = np.stack([np.linspace(0.0, 0.5, t) + i, np.zeros(t), np.linspace(-0.3, 0.3, t), np.arange(t) % 3], axis=1)
-        write_episode(out / f"car{i}.h5", Episode(
-            episode_id=f"car{i}", source="car.db3", source_sha256="0" * 64, source_format="rosbag2",
-            embodiment="mobile_base", instruction="drive to the door", task="drive_to_the_door", control_hz=10.0,
-            time=np.arange(t) / 10.0, rgb_static=np.full((t, 24, 32, 3), 90 * i, np.uint8), action_base=base,
-            extra_attrs={"action_types": json.dumps(["drive", "turn", "stop"])}))
+        base = np.stack(
+            [np.linspace(0.0, 0.5, t) + i, np.zeros(t), np.linspace(-0.3, 0.3, t), np.arange(t) % 3], axis=1
+        )
+        write_episode(
+            out / f"car{i}.h5",
+            Episode(
+                episode_id=f"car{i}",
+                source="car.db3",
+                source_sha256="0" * 64,
+                source_format="rosbag2",
+                embodiment="mobile_base",
+                instruction="drive to the door",
+                task="drive_to_the_door",
+                control_hz=10.0,
+                time=np.arange(t) / 10.0,
+                rgb_static=np.full((t, 24, 32, 3), 90 * i, np.uint8),
+                action_base=base,
+                extra_attrs={"action_types": json.dumps(["drive", "turn", "stop"])},
+            ),
+        )
     sheet = tmp_path / "car.png"
     summary = inspect_path(out, DataConfig(num_workers=1), sheet=sheet, sheet_episodes=4)
     assert summary["kind"] == "episodes" and summary["embodiments"] == {"mobile_base": 2}
     assert summary["frames"] == 24 and summary["control_hz"] == {"10": 2}
     stats = summary["actions"]["action/base"]
-    assert stats["dims"] == ["linear_x", "linear_y", "angular_z", "action_type"] and set(summary["actions"]) == {"action/base"}
+    assert stats["dims"] == ["linear_x", "linear_y", "angular_z", "action_type"] and set(summary["actions"]) == {
+        "action/base"
+    }
     np.testing.assert_allclose(stats["min"], [0.0, 0.0, -0.3, 0.0])
     np.testing.assert_allclose(stats["max"], [1.5, 0.0, 0.3, 2.0])
     assert summary["cameras"] == {"rgb_static": {"24x32": 2}} and summary["sheet"]["cameras"] == ["rgb_static"]
@@ -167,8 +198,18 @@ def test_cli_reads_hdf5_with_a_key_map_and_writes_json(tmp_path, capsys):
     write_robomimic(raw / "lift.hdf5", n_demos=3, broken={1: "nan_action"})
     write_aloha(raw / "towel.hdf5", n_frames=20)
     out = tmp_path / "inspect.json"
-    rc = run_cli(str(raw), "--json", str(out), "--sheet", str(tmp_path / "sheet.png"), "--episodes", "2",
-                 "data.control_hz=20", "data.hdf5.robomimic.instruction='lift the cube'", *ALOHA_POSE_OVERRIDES)
+    rc = run_cli(
+        str(raw),
+        "--json",
+        str(out),
+        "--sheet",
+        str(tmp_path / "sheet.png"),
+        "--episodes",
+        "2",
+        "data.control_hz=20",
+        "data.hdf5.robomimic.instruction='lift the cube'",
+        *ALOHA_POSE_OVERRIDES,
+    )
     assert rc == 0
     summary = json.loads(out.read_text())
     assert summary["episodes"] == 3 and summary["frames"] == 60 and summary["control_hz"] == {"20": 3}
@@ -180,12 +221,18 @@ def test_cli_reads_hdf5_with_a_key_map_and_writes_json(tmp_path, capsys):
     assert f"{raw}: raw recordings" in printed and "lift.hdf5 episode 'demo_1'" in printed
 
 
-@pytest.mark.parametrize("make, expected", [
-    (lambda tmp: [], "expected one PATH (a directory of recordings, episodes or a CALVIN split), got none"),
-    (lambda tmp: [str(tmp / "missing")], "missing: not found; expected a raw recordings directory"),
-    (lambda tmp: [str((tmp / "empty").mkdir() or tmp / "empty")], "empty: empty directory; expected recordings"),
-    (lambda tmp: [str((tmp / "notes.txt").write_text("x") and tmp / "notes.txt")], "notes.txt: not a recording vlaops can read"),
-])
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda tmp: [], "expected one PATH (a directory of recordings, episodes or a CALVIN split), got none"),
+        (lambda tmp: [str(tmp / "missing")], "missing: not found; expected a raw recordings directory"),
+        (lambda tmp: [str((tmp / "empty").mkdir() or tmp / "empty")], "empty: empty directory; expected recordings"),
+        (
+            lambda tmp: [str((tmp / "notes.txt").write_text("x") and tmp / "notes.txt")],
+            "notes.txt: not a recording vlaops can read",
+        ),
+    ],
+)
 def test_cli_bad_path_is_one_line(tmp_path, capsys, make, expected):
     assert run_cli(*make(tmp_path)) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -196,9 +243,13 @@ def test_cli_nothing_readable_prints_the_reasons_then_fails(tmp_path, capsys):
     write_arm_bag(tmp_path / "raw" / "nocam", omit=("static",))
     assert run_cli(str(tmp_path / "raw")) == 1
     captured = capsys.readouterr()
-    assert "nocam [" in captured.out and "'/camera/static/image_raw' (data.topics.rgb_static) is not in the bag" in captured.out
+    assert (
+        "nocam [" in captured.out
+        and "'/camera/static/image_raw' (data.topics.rgb_static) is not in the bag" in captured.out
+    )
     assert captured.err.strip().splitlines()[-1] == (
-        f"vlaops inspect: error: {tmp_path / 'raw'}: no episode could be read (1 unreadable, listed above)")
+        f"vlaops inspect: error: {tmp_path / 'raw'}: no episode could be read (1 unreadable, listed above)"
+    )
 
 
 def test_sheet_needs_an_episode(tmp_path):

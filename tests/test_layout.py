@@ -29,7 +29,15 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def test_io_imports_nothing_above_it():
-    upward = ("vlaops.data", "vlaops.model", "vlaops.train", "vlaops.eval", "vlaops.stages", "vlaops.sim", "vlaops.config")
+    upward = (
+        "vlaops.data",
+        "vlaops.model",
+        "vlaops.train",
+        "vlaops.eval",
+        "vlaops.stages",
+        "vlaops.sim",
+        "vlaops.config",
+    )
     found = {
         f"{path.relative_to(SRC)}: {module}"
         for path in (SRC / "io").glob("*.py")
@@ -44,7 +52,12 @@ def test_calvin_spec_is_a_leaf():
 
 
 def test_every_import_is_absolute_and_io_is_the_stdlib():
-    relative = [f"{p.relative_to(SRC)}: {'.' * level}{module}" for p in SRC.rglob("*.py") for level, module in _imports(p) if level]
+    relative = [
+        f"{p.relative_to(SRC)}: {'.' * level}{module}"
+        for p in SRC.rglob("*.py")
+        for level, module in _imports(p)
+        if level
+    ]
     assert relative == []
     # io/images.py decodes CompressedImage with ``import io`` -> io.BytesIO: it must be the standard library's
     assert images.io is stdlib_io

@@ -26,8 +26,16 @@ BASE = [
     "data.control_hz=10",
     "model.use_hand_rgb=false",  # the rig has no gripper camera
 ]
-TRAIN = ["train.max_steps=3", "train.batch_size=2", "train.log_every=1", "train.val_every=3", "train.val_batches=1",
-         "train.save_every=0", "tracking.enabled=false", "eval.batch_size=2"]
+TRAIN = [
+    "train.max_steps=3",
+    "train.batch_size=2",
+    "train.log_every=1",
+    "train.val_every=3",
+    "train.val_batches=1",
+    "train.save_every=0",
+    "tracking.enabled=false",
+    "eval.batch_size=2",
+]
 
 
 def base_cfg(tmp_path: Path, *overrides: str):
@@ -39,9 +47,14 @@ def base_raw(tmp_path: Path) -> Path:
     """Four base bags: Twist and TwistStamped, String labels and Int32 class ids, sqlite3 and mcap."""
     raw = tmp_path / "raw"
     for i in range(4):
-        write_base_bag(raw / f"base{i}", n_frames=N, stamped=i % 2 == 1, class_as_int=i >= 2,
-                       storage="mcap" if i == 3 else "sqlite3",
-                       instruction="drive to the red door" if i % 2 else "turn towards the charger")
+        write_base_bag(
+            raw / f"base{i}",
+            n_frames=N,
+            stamped=i % 2 == 1,
+            class_as_int=i >= 2,
+            storage="mcap" if i == 3 else "sqlite3",
+            instruction="drive to the red door" if i % 2 else "turn towards the charger",
+        )
     return raw
 
 
@@ -123,7 +136,11 @@ def test_normalize_bounds_each_dim_and_keeps_the_class(base_data):
     beyond = torch.tensor([[9.0, -9.0, 0.0, 1.0]])
     out = norm.normalize(beyond)
     assert out[0, 0] == pytest.approx(0.65) and out[0, 1] == pytest.approx(-0.65) and out[0, 3] == 1.0
-    assert json.loads((Path(base_data.data.normalized_dir) / "action_stats.json").read_text())["class_counts"] == [18.0, 18.0, 18.0]
+    assert json.loads((Path(base_data.data.normalized_dir) / "action_stats.json").read_text())["class_counts"] == [
+        18.0,
+        18.0,
+        18.0,
+    ]
 
 
 def test_arm_normaliser_is_untouched():
@@ -162,10 +179,26 @@ def test_train_head_from_data_and_offline_eval(base_data):
 
     val = calvin.CalvinSplit(Path(cfg.data.calvin_dir) / calvin.VALIDATION)
     ds = make_window_dataset(val, runtime.normalizer, runtime.processor, runtime.cfg, None, None)
-    metrics = offline_action_metrics(runtime.model, ds, 2, 0, torch.device("cpu"),
-                                     constant=base_constant_action(runtime.normalizer), normalizer=runtime.normalizer)
-    for key in ("continuous_mse", "continuous_mae", "linear_x_mae", "linear_y_mae", "angular_z_mae",
-                "linear_x_mae_m_s", "angular_z_mae_rad_s", "loss", "baseline_continuous_mae"):
+    metrics = offline_action_metrics(
+        runtime.model,
+        ds,
+        2,
+        0,
+        torch.device("cpu"),
+        constant=base_constant_action(runtime.normalizer),
+        normalizer=runtime.normalizer,
+    )
+    for key in (
+        "continuous_mse",
+        "continuous_mae",
+        "linear_x_mae",
+        "linear_y_mae",
+        "angular_z_mae",
+        "linear_x_mae_m_s",
+        "angular_z_mae_rad_s",
+        "loss",
+        "baseline_continuous_mae",
+    ):
         assert np.isfinite(metrics[key]) and metrics[key] >= 0, key
     assert 0.0 <= metrics["action_type_accuracy"] <= 1.0
     # every class equally frequent in training: the majority baseline is class 0 (drive), a third of the steps
@@ -181,8 +214,10 @@ def test_train_head_from_data_and_offline_eval(base_data):
     assert written["offline"] == pytest.approx(metrics)
     assert json.loads((reports / "chains.json").read_text()) == []
     assert json.loads((reports / "videos" / "index.json").read_text()) == []
-    assert all((reports / "plots" / n).stat().st_size > 1000 for n in ("sr_by_chain_length.png", "task_success.png",
-                                                                         "action_trajectories.png"))
+    assert all(
+        (reports / "plots" / n).stat().st_size > 1000
+        for n in ("sr_by_chain_length.png", "task_success.png", "action_trajectories.png")
+    )
 
 
 def test_offline_accuracy_counts_the_class(base_data):
@@ -241,8 +276,11 @@ def test_unknown_action_type_label_is_refused(tmp_path):
 def test_base_bag_with_arm_settings_says_so(tmp_path):
     bag = write_base_bag(tmp_path / "car", n_frames=N)
     cfg = tiny_config(tmp_path, "data.control_hz=10")  # the arm's settings
-    with pytest.raises(RecordingError, match=r"velocity commands on /cmd_vel \(geometry_msgs/msg/Twist\): a mobile base "
-                                             r"recording\? set data.embodiment=mobile_base"):
+    with pytest.raises(
+        RecordingError,
+        match=r"velocity commands on /cmd_vel \(geometry_msgs/msg/Twist\): a mobile base "
+        r"recording\? set data.embodiment=mobile_base",
+    ):
         _read(bag, cfg)
 
 
@@ -278,7 +316,9 @@ def test_ingest_refuses_an_arm_episode_for_a_base(tmp_path):
     raw.mkdir()
     (tmp_path / "arm_eps" / "arm0.h5").rename(raw / "arm0.h5")
     cfg = base_cfg(tmp_path)
-    with pytest.raises(RecordingError, match=r"an episode of embodiment 'arm', but data.embodiment is 'mobile_base'") as exc:
+    with pytest.raises(
+        RecordingError, match=r"an episode of embodiment 'arm', but data.embodiment is 'mobile_base'"
+    ) as exc:
         ingest(raw, tmp_path / "episodes", cfg.data)
     assert exc.value.check == "wrong_embodiment"
 
@@ -299,16 +339,26 @@ def test_a_base_policy_learns_its_class_and_velocities(tmp_path):
 
     for i in range(4):
         write_base_bag(tmp_path / "raw" / f"b{i}", n_frames=30, stamped=i % 2 == 1)
-    cfg = base_cfg(tmp_path, "train.max_steps=300", "train.batch_size=8", "train.log_every=50", "train.val_every=300",
-                   "data.augment.rgb_pad=0", "data.augment.brightness=0", "data.augment.contrast=0",
-                   "data.augment.saturation=0", "model.arm_gripper_loss_ratio=1.0")
+    cfg = base_cfg(
+        tmp_path,
+        "train.max_steps=300",
+        "train.batch_size=8",
+        "train.log_every=50",
+        "train.val_every=300",
+        "data.augment.rgb_pad=0",
+        "data.augment.brightness=0",
+        "data.augment.contrast=0",
+        "data.augment.saturation=0",
+        "model.arm_gripper_loss_ratio=1.0",
+    )
     ingest(Path(cfg.data.raw_dir), Path(cfg.data.episodes_dir), cfg.data)
     convert(Path(cfg.data.episodes_dir), Path(cfg.data.calvin_dir), cfg.data)
     normalize(Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir), cfg.data)
     train.run(cfg)
     rt = PolicyRuntime.load(Path(cfg.paths.model_dir))
-    ds = make_window_dataset(calvin.CalvinSplit(Path(cfg.data.calvin_dir) / calvin.TRAINING), rt.normalizer,
-                             rt.processor, rt.cfg, None, None)
+    ds = make_window_dataset(
+        calvin.CalvinSplit(Path(cfg.data.calvin_dir) / calvin.TRAINING), rt.normalizer, rt.processor, rt.cfg, None, None
+    )
     m = offline_action_metrics(rt.model, ds, 8, 0, torch.device("cpu"), constant=base_constant_action(rt.normalizer))
     assert m["action_type_accuracy"] > m["baseline_action_type_accuracy"] + 0.3, m
     assert m["continuous_mae"] < 0.9 * m["baseline_continuous_mae"], m

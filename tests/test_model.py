@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import numpy as np
@@ -35,8 +34,14 @@ B, W, C, A, L = 2, 3, 4, 7, 16
 def small_cfg(**kw) -> ModelConfig:
     """Kosmos-2's 224 px (the tests' images) with 32 px patches: the default's 7x7 patch grid."""
     base = dict(
-        window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=2,
-        head_mlp_dims=[32], vocab_size=200, image_size=224,
+        window_size=W,
+        fwd_pred_next_n=C,
+        max_text_len=L,
+        lstm_hidden_size=32,
+        lstm_num_layers=2,
+        head_mlp_dims=[32],
+        vocab_size=200,
+        image_size=224,
     )
     base.update(kw)
     base["tiny"] = dataclasses.replace(base.get("tiny") or TinyKosmosConfig(), patch_size=32)
@@ -74,8 +79,11 @@ def test_load_processor_missing_dir_is_clear(tmp_path):
     with pytest.raises(VlaopsError, match="processor directory not found"):
         load_processor(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VlaopsError, match=r"model.pretrained_dir=.*/empty: no config.json, no model.safetensors or "
-                                          r"pytorch_model.bin, no tokenizer.json or tokenizer_config.json"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"model.pretrained_dir=.*/empty: no config.json, no model.safetensors or "
+        r"pytorch_model.bin, no tokenizer.json or tokenizer_config.json",
+    ):
         make_processor(ModelConfig(backbone="pretrained", pretrained_dir=str(tmp_path / "empty")), INSTRUCTIONS)
     built = make_processor(ModelConfig(vocab_size=50), INSTRUCTIONS)
     assert built.tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=False) <= 50
@@ -89,8 +97,12 @@ def test_truncation_keeps_eos(processor):
 # ---- config -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "kw, field",
-    [({"loss": "l1"}, "loss"), ({"window_size": 0}, "window_size"), ({"head_mlp_dims": []}, "head_mlp_dims"),
-     ({"action_dim": 1}, "action_dim")],
+    [
+        ({"loss": "l1"}, "loss"),
+        ({"window_size": 0}, "window_size"),
+        ({"head_mlp_dims": []}, "head_mlp_dims"),
+        ({"action_dim": 1}, "action_dim"),
+    ],
 )
 def test_model_config_names_bad_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -239,20 +251,34 @@ def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
     batch = make_batch(processor)
     batch[keys.AUX_TARGET] = torch.randn(B, W, 6, generator=torch.Generator().manual_seed(1))
     plain = make_policy(processor, loss="mse", aux_weight=0.0).eval()
-    aux = make_policy(processor, loss="mse", aux_weight=0.5, aux_inputs=read_from, aux_robot_dims=[0, 1], aux_scene_dims=[6, 7, 12, 13]).eval()
+    aux = make_policy(
+        processor,
+        loss="mse",
+        aux_weight=0.5,
+        aux_inputs=read_from,
+        aux_robot_dims=[0, 1],
+        aux_scene_dims=[6, 7, 12, 13],
+    ).eval()
     assert plain.aux_heads is None
     q, d = aux.backbone.model.config.latent_query_num, aux.backbone.hidden_size
-    assert {k: h.in_features for k, h in aux.aux_heads.items()} == {k: q * d if k == "image_tokens" else d for k in read_from}
+    assert {k: h.in_features for k, h in aux.aux_heads.items()} == {
+        k: q * d if k == "image_tokens" else d for k in read_from
+    }
     with torch.no_grad():
         a, p = aux(batch), plain(batch)
         feats, tokens = aux.backbone(
-            batch[keys.RGB].flatten(0, 1), batch[keys.HAND_RGB].flatten(0, 1),
-            batch[keys.TEXT].repeat_interleave(W, 0), batch[keys.TEXT_MASK].repeat_interleave(W, 0), return_image_tokens=True,
+            batch[keys.RGB].flatten(0, 1),
+            batch[keys.HAND_RGB].flatten(0, 1),
+            batch[keys.TEXT].repeat_interleave(W, 0),
+            batch[keys.TEXT_MASK].repeat_interleave(W, 0),
+            return_image_tokens=True,
         )
         # the static camera's tokens: what encode_images gives for the static frames alone
         torch.testing.assert_close(tokens, aux.backbone.encode_images(batch[keys.RGB].flatten(0, 1)))
         reads = {"image_tokens": tokens.flatten(1), "mean_image_token": tokens.mean(1), "action_token": feats}
-        expected = sum((aux.aux_heads[k](reads[k]) - batch[keys.AUX_TARGET].flatten(0, 1)).pow(2).mean() for k in read_from)
+        expected = sum(
+            (aux.aux_heads[k](reads[k]) - batch[keys.AUX_TARGET].flatten(0, 1)).pow(2).mean() for k in read_from
+        )
     torch.testing.assert_close(a["aux_loss"], expected)
     torch.testing.assert_close(a["loss"], a["arm_loss"] + 0.03 * a["gripper_loss"] + 0.5 * a["aux_loss"])
     torch.testing.assert_close(a["arm_loss"], p["arm_loss"])  # same seed, same backbone: the read-out is extra
@@ -281,25 +307,39 @@ def test_the_instructed_read_out_regresses_the_named_group_from_the_action_token
     embeddings: it trains the decoder to look the named object up."""
     batch = make_batch(processor)
     batch[keys.AUX_TARGET] = torch.randn(B, W, 6 + 2, generator=torch.Generator().manual_seed(2))
-    kw = dict(loss="mse", aux_weight=0.5, aux_inputs=["image_tokens"], aux_robot_dims=[0, 1], aux_scene_dims=[6, 7, 12, 13])
+    kw = dict(
+        loss="mse", aux_weight=0.5, aux_inputs=["image_tokens"], aux_robot_dims=[0, 1], aux_scene_dims=[6, 7, 12, 13]
+    )
     named = make_policy(processor, aux_instructed_words=["red", "blue"], **kw).eval()
     assert make_policy(processor, **kw).aux_instructed is None
     assert (named.aux_instructed.in_features, named.aux_instructed.out_features) == (named.backbone.hidden_size, 2)
     with torch.no_grad():
         out = named(batch)
         feats, tokens = named.backbone(
-            batch[keys.RGB].flatten(0, 1), batch[keys.HAND_RGB].flatten(0, 1),
-            batch[keys.TEXT].repeat_interleave(W, 0), batch[keys.TEXT_MASK].repeat_interleave(W, 0), return_image_tokens=True,
+            batch[keys.RGB].flatten(0, 1),
+            batch[keys.HAND_RGB].flatten(0, 1),
+            batch[keys.TEXT].repeat_interleave(W, 0),
+            batch[keys.TEXT_MASK].repeat_interleave(W, 0),
+            return_image_tokens=True,
         )
         target = batch[keys.AUX_TARGET].flatten(0, 1)
-        expected = ((named.aux_heads["image_tokens"](tokens.flatten(1)) - target[:, :6]).pow(2).mean()
-                    + (named.aux_instructed(feats) - target[:, 6:]).pow(2).mean())
+        expected = (named.aux_heads["image_tokens"](tokens.flatten(1)) - target[:, :6]).pow(2).mean() + (
+            named.aux_instructed(feats) - target[:, 6:]
+        ).pow(2).mean()
     torch.testing.assert_close(out["aux_loss"], expected)
     named.train()
     named.zero_grad()
-    torch.nn.functional.mse_loss(named.aux_instructed(named.backbone(
-        batch[keys.RGB].flatten(0, 1), batch[keys.HAND_RGB].flatten(0, 1),
-        batch[keys.TEXT].repeat_interleave(W, 0), batch[keys.TEXT_MASK].repeat_interleave(W, 0))), target[:, 6:]).backward()
+    torch.nn.functional.mse_loss(
+        named.aux_instructed(
+            named.backbone(
+                batch[keys.RGB].flatten(0, 1),
+                batch[keys.HAND_RGB].flatten(0, 1),
+                batch[keys.TEXT].repeat_interleave(W, 0),
+                batch[keys.TEXT_MASK].repeat_interleave(W, 0),
+            )
+        ),
+        target[:, 6:],
+    ).backward()
     assert named.backbone.text_embeddings.weight.grad.abs().sum() > 0
     batch[keys.AUX_TARGET] = batch[keys.AUX_TARGET][..., :6]  # a dataset built without the words
     with pytest.raises(ValueError, match=r"has 6 dims, the read-outs 8 .*aux_instructed_words \['red', 'blue'\]"):
@@ -338,11 +378,15 @@ def test_default_train_setup_trains_everything(processor):
 def test_each_module_flag_freezes_its_module(processor, kw, frozen_attr):
     policy, bb, counts = _setup(processor, **kw)
     assert _trainable(getattr(bb, frozen_attr)) == 0
-    assert counts["params_trainable"] == counts["params_total"] - sum(p.numel() for p in getattr(bb, frozen_attr).parameters())
+    assert counts["params_trainable"] == counts["params_total"] - sum(
+        p.numel() for p in getattr(bb, frozen_attr).parameters()
+    )
 
 
 def test_freeze_backbone(processor):
-    policy, bb, _ = _setup(processor, freeze_backbone=True, train_vision=False, train_text_embedding=False, freeze_resampler=True)
+    policy, bb, _ = _setup(
+        processor, freeze_backbone=True, train_vision=False, train_text_embedding=False, freeze_resampler=True
+    )
     # only the action token and the heads (the auxiliary read-outs included) are left
     assert _trainable(bb.model) == 0 and bb.action_token.requires_grad
     assert _trainable(policy) == _trainable(policy.head) + _trainable(policy.aux_heads) + bb.action_token.numel()
@@ -384,7 +428,9 @@ def test_lora_adapters_on_the_text_decoder(processor, tmp_path):
     # ... and unmerged the live model again
     x = torch.randn(1, 5, bb.hidden_size)
     q = bb.decoder_layers[0].self_attn.q_proj
-    torch.testing.assert_close(q(x), q.base_layer(x) + q.lora_B["default"](q.lora_A["default"](x)) * q.scaling["default"])
+    torch.testing.assert_close(
+        q(x), q.base_layer(x) + q.lora_B["default"](q.lora_A["default"](x)) * q.scaling["default"]
+    )
 
 
 def test_lora_target_must_match(processor):
@@ -431,8 +477,14 @@ def exported(processor, tmp_path_factory):
 def test_save_policy_layout(exported):
     out, _ = exported
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "backbone_config.json", "policy_config.json", "processor",
-            "normalization.json", "train_config.json"} <= names
+    assert {
+        "model.safetensors",
+        "backbone_config.json",
+        "policy_config.json",
+        "processor",
+        "normalization.json",
+        "train_config.json",
+    } <= names
     assert not [n for n in names if n.startswith(".")]
 
 
@@ -541,12 +593,16 @@ def test_policy_step_needs_the_gripper_camera(exported):
 def test_pretrained_dir_loads_locally(processor, tmp_path):
     """The pretrained path on a tiny checkpoint saved like microsoft/kosmos-2-patch14-224 (no hub)."""
     with pytest.raises(VlaopsError, match=r"model.pretrained_dir=.*/none: directory not found"):
-        VLAPolicy.build(small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "none")), len(processor.tokenizer))
+        VLAPolicy.build(
+            small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "none")), len(processor.tokenizer)
+        )
     tiny = make_policy(processor)
     tiny.backbone.model.config.save_pretrained(tmp_path / "kosmos")
     processor.save_pretrained(tmp_path / "kosmos")
     with pytest.raises(VlaopsError, match=r"/kosmos: no model.safetensors or pytorch_model.bin;"):
-        VLAPolicy.build(small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "kosmos")), len(processor.tokenizer))
+        VLAPolicy.build(
+            small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "kosmos")), len(processor.tokenizer)
+        )
     tiny.backbone.model.save_pretrained(tmp_path / "kosmos")
     cfg = small_cfg(backbone="pretrained", pretrained_dir=str(tmp_path / "kosmos"))
     proc = make_processor(cfg, [])

@@ -31,17 +31,29 @@ def _figs(avg: float) -> dict:
 def _write_all(out: Path, scale: float = 1.0) -> list[Path]:
     """All five figures from made-up numbers, into ``out``."""
     rng = np.random.default_rng(0)
-    episodes = [{"label": f"episode {i}", "recorded": rng.normal(size=(30, 7)) * scale,
-                 "predicted": rng.normal(size=(30, 7)) * scale} for i in range(3)]
+    episodes = [
+        {
+            "label": f"episode {i}",
+            "recorded": rng.normal(size=(30, 7)) * scale,
+            "predicted": rng.normal(size=(30, 7)) * scale,
+        }
+        for i in range(3)
+    ]
     return [
         plots.save(plots.loss_curves(CURVE, "train/loss", "val/loss"), out / plots.LOSS),
         plots.save(plots.learning_rate(CURVE, "train/lr"), out / plots.LEARNING_RATE),
-        plots.save(plots.sr_by_chain_length({"policy": _figs(0.9 * scale), "reference/expert": _figs(1.0)}, 3, 0.95),
-                   out / plots.SR_BY_LENGTH),
-        plots.save(plots.task_success({"lift_red": {"success": 3, "total": 4}, "push_blue_left": {"success": 0, "total": 5}}),
-                   out / plots.TASK_SUCCESS),
-        plots.save(plots.action_trajectories(episodes, ["x", "y", "z", "roll", "pitch", "yaw", "gripper open"]),
-                   out / plots.TRAJECTORIES),
+        plots.save(
+            plots.sr_by_chain_length({"policy": _figs(0.9 * scale), "reference/expert": _figs(1.0)}, 3, 0.95),
+            out / plots.SR_BY_LENGTH,
+        ),
+        plots.save(
+            plots.task_success({"lift_red": {"success": 3, "total": 4}, "push_blue_left": {"success": 0, "total": 5}}),
+            out / plots.TASK_SUCCESS,
+        ),
+        plots.save(
+            plots.action_trajectories(episodes, ["x", "y", "z", "roll", "pitch", "yaw", "gripper open"]),
+            out / plots.TRAJECTORIES,
+        ),
     ]
 
 
@@ -113,9 +125,20 @@ def _chromium() -> str:
 
 def _browser(chromium: str, page: Path, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,4000",
-         "--virtual-time-budget=5000", *flags, page.resolve().as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1600,4000",
+            "--virtual-time-budget=5000",
+            *flags,
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

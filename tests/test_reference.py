@@ -19,7 +19,7 @@ from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.eval.blind import BlindPolicy
 from vlaops.eval.chains import evaluate_chains, summarize
-from vlaops.io.calvin import CalvinSplit, LANG_ANN_JSON, LANG_DIR, rel_actions_from_abs
+from vlaops.io.calvin import LANG_ANN_JSON, LANG_DIR, CalvinSplit, rel_actions_from_abs
 from vlaops.sim import TASKS, SimConfig, TabletopEnv, Task, get_task, run_expert
 from vlaops.sim.record import expert_episodes
 from vlaops.stages.evaluate import seeded_chains
@@ -130,8 +130,12 @@ def test_expert_reference_moves_as_fast_as_the_recorded_demonstrations() -> None
 
 # --- the blind baseline ----------------------------------------------------------------------------
 def blind_from(demos: list[tuple[str, np.ndarray, np.ndarray]], k: int = 1) -> BlindPolicy:
-    return BlindPolicy([i for i, o, _ in demos for _ in range(len(o))], np.concatenate([o for _, o, _ in demos]),
-                       np.concatenate([r for _, _, r in demos]), k)
+    return BlindPolicy(
+        [i for i, o, _ in demos for _ in range(len(o))],
+        np.concatenate([o for _, o, _ in demos]),
+        np.concatenate([r for _, _, r in demos]),
+        k,
+    )
 
 
 def test_blind_baseline_replays_its_nearest_demonstration(demos) -> None:
@@ -161,7 +165,8 @@ def test_blind_baseline_from_a_calvin_split(calvin_dir: Path, tmp_path: Path) ->
 
     empty = tmp_path / "empty_split"
     shutil.copytree(calvin_dir / "training", empty)
-    (empty / LANG_DIR / LANG_ANN_JSON).write_text(json.dumps(
-        {"language": {"ann": [], "task": [], "emb": []}, "info": {"episodes": [], "indx": []}}))
+    (empty / LANG_DIR / LANG_ANN_JSON).write_text(
+        json.dumps({"language": {"ann": [], "task": [], "emb": []}, "info": {"episodes": [], "indx": []}})
+    )
     with pytest.raises(VlaopsError, match=f"{empty}: no annotated demonstrations"):
         BlindPolicy.from_split(CalvinSplit(empty))

@@ -38,8 +38,18 @@ def _env() -> dict[str, str]:
 
 def stage_cmd(stage: str, tmp_path: Path, *extra: str) -> list[str]:
     """``python -m vlaops.cli <stage>`` on the shrunk config with every path in ``tmp_path``."""
-    return [sys.executable, "-m", "vlaops.cli", stage, "--config-dir", str(CONF),
-            *path_overrides(tmp_path), *SHRINK_MODEL, *SHRINK_PIPELINE, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "vlaops.cli",
+        stage,
+        "--config-dir",
+        str(CONF),
+        *path_overrides(tmp_path),
+        *SHRINK_MODEL,
+        *SHRINK_PIPELINE,
+        *extra,
+    ]
 
 
 def _default_sigint() -> None:
@@ -49,14 +59,24 @@ def _default_sigint() -> None:
 
 
 def run_stage(stage: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(stage_cmd(stage, tmp_path, *extra), env=_env(), capture_output=True, text=True, timeout=1800,
-                          preexec_fn=_default_sigint)
+    return subprocess.run(
+        stage_cmd(stage, tmp_path, *extra),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        preexec_fn=_default_sigint,
+    )
 
 
-def start_and_signal(cmd: list[str], ready: callable, sig: int, timeout: float = 900, meanwhile: callable = None) -> subprocess.CompletedProcess:
+def start_and_signal(
+    cmd: list[str], ready: callable, sig: int, timeout: float = 900, meanwhile: callable = None
+) -> subprocess.CompletedProcess:
     """Start ``cmd``, send it ``sig`` as soon as ``ready()`` is true (after ``meanwhile(pid)``, if given),
     wait for it to end."""
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    proc = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -118,12 +138,22 @@ def _runs(db: Path) -> list:
 
 
 # ---- exact resume ------------------------------------------------------------------------------------
-RESUME = ["train.max_steps=12", "train.save_every=4", "train.log_every=2", "train.val_every=4", "train.keep_checkpoints=2"]
+RESUME = [
+    "train.max_steps=12",
+    "train.save_every=4",
+    "train.log_every=2",
+    "train.val_every=4",
+    "train.keep_checkpoints=2",
+]
 
 
 def _outputs(root: Path, name: str) -> list[str]:
-    return [f"paths.model_dir={root}/{name}/policy", f"paths.checkpoint_dir={root}/{name}/checkpoints",
-            f"paths.reports_dir={root}/{name}/reports", f"tracking.uri=sqlite:///{root}/{name}/mlflow.db"]
+    return [
+        f"paths.model_dir={root}/{name}/policy",
+        f"paths.checkpoint_dir={root}/{name}/checkpoints",
+        f"paths.reports_dir={root}/{name}/reports",
+        f"tracking.uri=sqlite:///{root}/{name}/mlflow.db",
+    ]
 
 
 @pytest.mark.slow  # three trainings in subprocesses: about a minute on 2 busy cores
@@ -287,7 +317,9 @@ def test_a_signal_inside_a_frame_write_is_honoured_once_the_file_is_whole(tmp_pa
 @pytest.mark.slow  # two converts in subprocesses: 20-50 s on 2 busy cores
 def test_after_sigkill_the_rerun_sweeps_the_stale_temporary_and_matches_a_clean_run(calvin_dir, tmp_path):
     out = tmp_path / "calvin_killed"
-    killed = start_and_signal(stage_cmd("convert", tmp_path, f"data.calvin_dir={out}"), _convert_started(out), signal.SIGKILL)
+    killed = start_and_signal(
+        stage_cmd("convert", tmp_path, f"data.calvin_dir={out}"), _convert_started(out), signal.SIGKILL
+    )
     assert killed.returncode == -signal.SIGKILL
     (stale,) = _temps(tmp_path)  # SIGKILL: nothing could clean up
     assert not out.exists()
@@ -309,8 +341,13 @@ def many_bags(tmp_path: Path) -> Path:
 
     raw = tmp_path / "many_raw"
     for i in range(16):
-        write_arm_bag(raw / f"ep{i:02d}", n_frames=60, static_size=128, seed=i,
-                      instruction="push the red block to the left" if i % 2 else "lift the blue block")
+        write_arm_bag(
+            raw / f"ep{i:02d}",
+            n_frames=60,
+            static_size=128,
+            seed=i,
+            instruction="push the red block to the left" if i % 2 else "lift the blue block",
+        )
     return raw
 
 
@@ -364,16 +401,18 @@ def test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running(calvin_
     names = ("metrics.json", "results.json", "chains.json")
     before = {n: (reports / n).read_bytes() for n in names}
     started = time.monotonic()  # 8 s: past the imports and the offline metrics, into the chains
-    term = start_and_signal(stage_cmd("evaluate", tmp_path, *EVAL_LONG),
-                            lambda: time.monotonic() - started > 8, signal.SIGTERM)
+    term = start_and_signal(
+        stage_cmd("evaluate", tmp_path, *EVAL_LONG), lambda: time.monotonic() - started > 8, signal.SIGTERM
+    )
     assert term.returncode == 128 + signal.SIGTERM, term.stderr[-3000:]
     _one_line_error(term.stderr, "stopped by SIGTERM")
     assert {n: (reports / n).read_bytes() for n in names} == before
     assert _temps(tmp_path) == []
     assert all(r.info.status != "RUNNING" for r in _runs(tmp_path / "mlflow.db"))
     started = time.monotonic()
-    killed = start_and_signal(stage_cmd("evaluate", tmp_path, *EVAL_LONG),
-                              lambda: time.monotonic() - started > 12, signal.SIGKILL)
+    killed = start_and_signal(
+        stage_cmd("evaluate", tmp_path, *EVAL_LONG), lambda: time.monotonic() - started > 12, signal.SIGKILL
+    )
     assert killed.returncode == -signal.SIGKILL
     assert {n: (reports / n).read_bytes() for n in names} == before
     rerun = run_stage("evaluate", tmp_path, *EVAL_LONG)
@@ -390,8 +429,13 @@ def test_two_trainings_starting_together_on_a_fresh_store_both_finish(calvin_dir
     (``duplicate column name: step``). Both start at the same instant here; both must finish."""
     store = f"tracking.uri=sqlite:///{tmp_path}/shared/mlflow.db"
     procs = [
-        subprocess.Popen(stage_cmd("train", tmp_path, "train.max_steps=2", *_outputs(tmp_path, name), store),
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            stage_cmd("train", tmp_path, "train.max_steps=2", *_outputs(tmp_path, name), store),
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in ("a", "b")
     ]
     results = [p.communicate(timeout=600) for p in procs]

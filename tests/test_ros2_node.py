@@ -19,8 +19,12 @@ from rosbags.typesys import Stores, get_typestore
 ROOT = Path(__file__).resolve().parents[1]
 TS = get_typestore(Stores.ROS2_HUMBLE)
 T = TS.types
-TOPICS = {"rgb_static": "/camera/static/image_raw", "rgb_gripper": "/camera/gripper/image_raw",
-          "instruction": "/instruction", "tcp_pose": "/tcp_pose"}
+TOPICS = {
+    "rgb_static": "/camera/static/image_raw",
+    "rgb_gripper": "/camera/gripper/image_raw",
+    "instruction": "/instruction",
+    "tcp_pose": "/tcp_pose",
+}
 HZ = 30.0
 
 
@@ -36,29 +40,42 @@ def node():
 
 def header(t: float):
     sec = int(t)
-    return T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t - sec) * 1e9))),
-                                    frame_id="camera")
+    return T["std_msgs/msg/Header"](
+        stamp=T["builtin_interfaces/msg/Time"](sec=sec, nanosec=int(round((t - sec) * 1e9))), frame_id="camera"
+    )
 
 
 def image_msg(img: np.ndarray, t: float, encoding: str = "rgb8"):
     pixels = img[..., ::-1] if encoding == "bgr8" else img
     h, w, _ = pixels.shape
-    return T["sensor_msgs/msg/Image"](header=header(t), height=h, width=w, encoding=encoding, is_bigendian=0,
-                                      step=w * 3, data=np.ascontiguousarray(pixels).reshape(-1))
+    return T["sensor_msgs/msg/Image"](
+        header=header(t),
+        height=h,
+        width=w,
+        encoding=encoding,
+        is_bigendian=0,
+        step=w * 3,
+        data=np.ascontiguousarray(pixels).reshape(-1),
+    )
 
 
 def png_msg(img: np.ndarray, t: float):
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    return T["sensor_msgs/msg/CompressedImage"](header=header(t), format="png",
-                                                data=np.frombuffer(buf.getvalue(), np.uint8))
+    return T["sensor_msgs/msg/CompressedImage"](
+        header=header(t), format="png", data=np.frombuffer(buf.getvalue(), np.uint8)
+    )
 
 
 def pose_msg(pos: np.ndarray, quat_xyzw: np.ndarray, t: float):
     g = "geometry_msgs/msg/"
-    return T[g + "PoseStamped"](header=header(t), pose=T[g + "Pose"](
-        position=T[g + "Point"](x=pos[0], y=pos[1], z=pos[2]),
-        orientation=T[g + "Quaternion"](x=quat_xyzw[0], y=quat_xyzw[1], z=quat_xyzw[2], w=quat_xyzw[3])))
+    return T[g + "PoseStamped"](
+        header=header(t),
+        pose=T[g + "Pose"](
+            position=T[g + "Point"](x=pos[0], y=pos[1], z=pos[2]),
+            orientation=T[g + "Quaternion"](x=quat_xyzw[0], y=quat_xyzw[1], z=quat_xyzw[2], w=quat_xyzw[3]),
+        ),
+    )
 
 
 def string_msg(text: str):
@@ -66,8 +83,12 @@ def string_msg(text: str):
 
 
 def rosbags_types(node):
-    return node.MultiArrayTypes(T["std_msgs/msg/Float64MultiArray"], T["std_msgs/msg/MultiArrayLayout"],
-                                T["std_msgs/msg/MultiArrayDimension"], sequence=np.asarray)
+    return node.MultiArrayTypes(
+        T["std_msgs/msg/Float64MultiArray"],
+        T["std_msgs/msg/MultiArrayLayout"],
+        T["std_msgs/msg/MultiArrayDimension"],
+        sequence=np.asarray,
+    )
 
 
 class Recorder:
@@ -114,10 +135,14 @@ def test_closed_loop_in_the_simulator_publishes_what_evaluation_would_execute(no
             assert target is not None, loop.skipped
             rel = twin.step(obs, instruction)
             expected = env.rel_to_abs(rel)
-            np.testing.assert_allclose(target[:6], expected[:6], atol=1e-9)  # pose -> euler: quat_to_euler vs PyBullet's
+            np.testing.assert_allclose(
+                target[:6], expected[:6], atol=1e-9
+            )  # pose -> euler: quat_to_euler vs PyBullet's
             assert target[6] == expected[6]
-            msg = TS.deserialize_cdr(TS.serialize_cdr(node.action_message(target, types), "std_msgs/msg/Float64MultiArray"),
-                                     "std_msgs/msg/Float64MultiArray")
+            msg = TS.deserialize_cdr(
+                TS.serialize_cdr(node.action_message(target, types), "std_msgs/msg/Float64MultiArray"),
+                "std_msgs/msg/Float64MultiArray",
+            )
             assert np.array_equal(msg.data, target) and msg.layout.dim[0].size == 7
             targets.append(target)
             obs = env.step(rel)
@@ -196,7 +221,8 @@ def test_an_undecodable_frame_skips_the_tick(node):
     loop = node.PolicyLoop(Recorder(), TOPICS, control_hz=HZ, max_age_s=0.05, use_gripper=False)
     loop.on_message("instruction", string_msg("lift the blue block"), 0.0)
     _feed(loop, node, 1.0, gripper=False)
-    bad = T["sensor_msgs/msg/Image"](header=header(1.0), height=2, width=2, encoding="yuv422", is_bigendian=0,
-                                     step=4, data=np.zeros(8, np.uint8))
+    bad = T["sensor_msgs/msg/Image"](
+        header=header(1.0), height=2, width=2, encoding="yuv422", is_bigendian=0, step=4, data=np.zeros(8, np.uint8)
+    )
     loop.on_message("rgb_static", bad, 1.0)
     assert loop.tick(1.0) is None and "yuv422" in loop.skipped

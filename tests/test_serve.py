@@ -68,13 +68,16 @@ def test_images_travel_exactly(encoding):
     assert back.dtype == np.uint8 and np.array_equal(back, STATIC)
 
 
-@pytest.mark.parametrize("payload, message", [
-    ({"encoding": "raw", "data": "AAAA"}, "'shape' is required"),
-    ({"encoding": "raw", "shape": [2, 2, 3], "data": "AAAA"}, "holds 3 bytes"),
-    ({"encoding": "raw", "shape": [2, 2, 3], "data": "not base64!"}, "not valid base64"),
-    ({"encoding": "png", "data": base64.b64encode(b"GIF89a....").decode()}, "not a readable PNG"),
-    ({"encoding": "jpeg", "data": ""}, "'encoding' must be one of"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ({"encoding": "raw", "data": "AAAA"}, "'shape' is required"),
+        ({"encoding": "raw", "shape": [2, 2, 3], "data": "AAAA"}, "holds 3 bytes"),
+        ({"encoding": "raw", "shape": [2, 2, 3], "data": "not base64!"}, "not valid base64"),
+        ({"encoding": "png", "data": base64.b64encode(b"GIF89a....").decode()}, "not a readable PNG"),
+        ({"encoding": "jpeg", "data": ""}, "'encoding' must be one of"),
+    ],
+)
 def test_bad_images_say_what_is_wrong(payload, message):
     with pytest.raises(ValueError, match=message):
         decode_image(payload)
@@ -113,8 +116,10 @@ def test_png_and_nested_observations_give_the_same_actions(url, runtime):
 
 def test_sessions_keep_their_own_windows_under_concurrent_steps(url, runtime):
     """Two robots step at once on different frames: each gets what its own in-process runtime gives."""
-    streams = {k: [{"rgb_static": np.roll(STATIC, 7 * i + k, axis=1), "rgb_gripper": GRIPPER} for i in range(6)]
-               for k in range(2)}
+    streams = {
+        k: [{"rgb_static": np.roll(STATIC, 7 * i + k, axis=1), "rgb_gripper": GRIPPER} for i in range(6)]
+        for k in range(2)
+    }
     instructions = {0: INSTRUCTION, 1: "push the red block to the left"}
     served: dict[int, list[np.ndarray]] = {}
 
@@ -153,10 +158,22 @@ BAD_REQUESTS = [
     # (what is wrong, body or raw bytes, status, field the answer names, words of its message)
     ("missing camera", _body(rgb_gripper=None), 422, "rgb_gripper", "missing"),
     ("missing static camera", _body(rgb_static=None), 422, "rgb_static", "Field required"),
-    ("wrong image size", _body(rgb_static=encode_image(STATIC[:100, :100])), 422, "rgb_static", "expected shape [200, 200, 3]"),
+    (
+        "wrong image size",
+        _body(rgb_static=encode_image(STATIC[:100, :100])),
+        422,
+        "rgb_static",
+        "expected shape [200, 200, 3]",
+    ),
     ("gripper image size", _body(rgb_gripper=encode_image(STATIC)), 422, "rgb_gripper", "got [200, 200, 3]"),
     ("bad base64", _body(rgb_static={"shape": [200, 200, 3], "data": "%%%"}), 422, "rgb_static", "not valid base64"),
-    ("misspelt camera", {**_body(rgb_gripper=None), "rgb_griper": encode_image(GRIPPER)}, 422, "rgb_griper", "Extra inputs"),
+    (
+        "misspelt camera",
+        {**_body(rgb_gripper=None), "rgb_griper": encode_image(GRIPPER)},
+        422,
+        "rgb_griper",
+        "Extra inputs",
+    ),
     ("no instruction", _body(instruction=""), 422, "instruction", "at least 1 character"),
     ("malformed JSON", b'{"instruction": "lift", "rgb_static": ', 400, "body", "not valid JSON"),
     ("not an object", b"[1, 2]", 422, "body", "valid dictionary"),
@@ -261,9 +278,22 @@ def test_vlaops_serve_command_serves_until_sigterm(tiny_policy_dir, runtime, tmp
         port = s.getsockname()[1]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "vlaops.cli", "serve", f"paths.model_dir={tiny_policy_dir}",
-                             "serve.host=127.0.0.1", f"serve.port={port}", "serve.device=cpu"],
-                            cwd=Path(__file__).parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vlaops.cli",
+            "serve",
+            f"paths.model_dir={tiny_policy_dir}",
+            "serve.host=127.0.0.1",
+            f"serve.port={port}",
+            "serve.device=cpu",
+        ],
+        cwd=Path(__file__).parents[1],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         client = PolicyClient(f"http://127.0.0.1:{port}")
         for _ in range(1200):  # until it listens (importing torch and loading the policy)

@@ -64,8 +64,10 @@ def test_expert_speed_must_fit_the_normalisation_range() -> None:
 
     with pytest.raises(VlaopsError, match=r"sim.expert_max_action=0.8 exceeds .*data.norm_min/norm_max"):
         load_config(["sim.expert_max_action=0.8"], Path(__file__).resolve().parents[1] / "conf")
-    cfg = load_config(["sim.expert_max_action=0.8", "data.norm_min=-1", "data.norm_max=1"],
-                      Path(__file__).resolve().parents[1] / "conf")
+    cfg = load_config(
+        ["sim.expert_max_action=0.8", "data.norm_min=-1", "data.norm_max=1"],
+        Path(__file__).resolve().parents[1] / "conf",
+    )
     assert cfg.sim.expert_max_action == 0.8
 
 
@@ -130,8 +132,10 @@ def test_relative_action_moves_the_tcp(fast_env: TabletopEnv) -> None:
     assert abs(moved[0]) < 0.01 and abs(moved[2]) < 0.01
 
 
-@pytest.mark.parametrize("action", [np.zeros(6), np.zeros((1, 7)), np.array([0, 0, np.nan, 0, 0, 0, 1]),
-                                    np.array([np.inf, 0, 0, 0, 0, 0, 1])])
+@pytest.mark.parametrize(
+    "action",
+    [np.zeros(6), np.zeros((1, 7)), np.array([0, 0, np.nan, 0, 0, 0, 1]), np.array([np.inf, 0, 0, 0, 0, 0, 1])],
+)
 def test_bad_action_raises(fast_env: TabletopEnv, action: np.ndarray) -> None:
     fast_env.reset(0)
     with pytest.raises(ValueError, match="action"):
@@ -140,8 +144,9 @@ def test_bad_action_raises(fast_env: TabletopEnv, action: np.ndarray) -> None:
 
 def test_out_of_range_action_is_clipped(fast_env: TabletopEnv) -> None:
     fast_env.reset(0)
-    np.testing.assert_allclose(fast_env.rel_to_abs(np.array([5.0, 0, 0, 0, 0, 0, 1])),
-                               fast_env.rel_to_abs(np.array([1.0, 0, 0, 0, 0, 0, 1])))
+    np.testing.assert_allclose(
+        fast_env.rel_to_abs(np.array([5.0, 0, 0, 0, 0, 0, 1])), fast_env.rel_to_abs(np.array([1.0, 0, 0, 0, 0, 0, 1]))
+    )
 
 
 # --- tasks, oracle, expert ------------------------------------------------------------------------
@@ -176,6 +181,7 @@ def test_expert_solves_task(fast_env: TabletopEnv, cfg: SimConfig, name: str) ->
 def test_dart_noise_perturbs_the_arm_but_records_the_experts_action(fast_env: TabletopEnv, cfg: SimConfig) -> None:
     """sim.expert_action_noise: the executed path drifts, the expert steers back (still succeeds), what
     is recorded is what the expert chose from the perturbed state, and one seed gives one episode."""
+
     def episode(noise: float, rng_seed: int) -> tuple[bool, list[np.ndarray], list[np.ndarray]]:
         fast_env.reset(12)
         tcp, chosen = [], []
@@ -185,7 +191,9 @@ def test_dart_noise_perturbs_the_arm_but_records_the_experts_action(fast_env: Ta
             chosen.append(action.copy())
 
         rng = np.random.default_rng(rng_seed) if noise > 0 else None
-        ok = run_expert(fast_env, "push_red_left", cfg.max_episode_steps, on_step=on_step, action_noise=noise, rng=rng)[0]
+        ok = run_expert(fast_env, "push_red_left", cfg.max_episode_steps, on_step=on_step, action_noise=noise, rng=rng)[
+            0
+        ]
         return ok, tcp, chosen
 
     ok_clean, tcp_clean, _ = episode(0.0, 0)
@@ -207,6 +215,7 @@ def test_dart_noise_perturbs_the_arm_but_records_the_experts_action(fast_env: Ta
 def test_shared_scenes_demonstrate_one_layout_with_several_instructions(fast_env: TabletopEnv) -> None:
     """sim.shared_scenes: every task draws its reset seeds from one sequence, so the same block layout is
     demonstrated with different instructions; off (the default), each task has scenes of its own."""
+
     def seeds(shared: bool, task: str) -> list[int]:
         cfg = SimConfig(episodes_per_task=3, max_attempts_per_task=6, num_workers=1, shared_scenes=shared)
         return [rec.seed for _, rec in expert_episodes(fast_env, cfg, task)]
@@ -224,18 +233,23 @@ def test_staged_demonstrations_start_where_another_task_left_the_scene(fast_env:
     demonstration starts with the arm moved from the reset pose (and, after a push, a block), still
     succeeds, and its bag names the task before it; the same seed stages the same way; at 0 (the
     default) the demonstration starts from the reset scene itself."""
+
     def records(fraction: float, task: str = "push_red_left", n: int = 3) -> list:
         cfg = SimConfig(episodes_per_task=n, max_attempts_per_task=2 * n, num_workers=1, staged_fraction=fraction)
         return [rec for _, rec in expert_episodes(fast_env, cfg, task)]
 
     staged, again = records(1.0), records(1.0)
     assert [(r.seed, r.staged_after) for r in staged] == [(r.seed, r.staged_after) for r in again]
-    assert all(np.array_equal(a.frames[0].obs["scene_obs"], b.frames[0].obs["scene_obs"]) for a, b in zip(staged, again))
+    assert all(
+        np.array_equal(a.frames[0].obs["scene_obs"], b.frames[0].obs["scene_obs"]) for a, b in zip(staged, again)
+    )
     for rec in staged:
         assert rec.staged_after is not None and rec.staged_after != rec.task
         robot, scene = rec.frames[0].obs["robot_obs"], rec.frames[0].obs["scene_obs"]
         fast_env.reset(rec.seed)
-        assert np.linalg.norm(robot[:3] - fast_env.robot_obs()[:3]) > 0.02, f"{rec.staged_after}: the arm starts at the reset pose"
+        assert np.linalg.norm(robot[:3] - fast_env.robot_obs()[:3]) > 0.02, (
+            f"{rec.staged_after}: the arm starts at the reset pose"
+        )
         if rec.staged_after.startswith("push"):
             assert np.abs(scene - fast_env.scene_obs()).max() > 0.02, f"{rec.staged_after} moved no block"
     for rec in records(0.0):
@@ -295,7 +309,8 @@ def test_sample_chain_respects_preconditions(fast_env: TabletopEnv) -> None:
             state = get_task(name).predict(state)
     assert len({tuple(c) for c in chains}) > 10  # sampled, not fixed
     assert sample_chain(np.random.default_rng(1), 5, list(TASKS), info) == sample_chain(
-        np.random.default_rng(1), 5, list(TASKS), info)
+        np.random.default_rng(1), 5, list(TASKS), info
+    )
     with pytest.raises(ValueError, match="no feasible chain"):
         sample_chain(rng, 2, ["place_red", "place_blue"], info)  # nothing is held at the start
 
@@ -349,8 +364,13 @@ def test_the_evaluation_harness_scores_a_competent_policy(fast_env: TabletopEnv)
 @pytest.mark.slow  # both storages: the full suite only (collect records real episodes, 12 s each)
 @pytest.mark.parametrize("storage", ["sqlite3", "mcap"])
 def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
-    cfg = SimConfig(tasks=["push_blue_right", "place_green"], episodes_per_task=1, max_attempts_per_task=2,
-                    storage=storage, num_workers=1)
+    cfg = SimConfig(
+        tasks=["push_blue_right", "place_green"],
+        episodes_per_task=1,
+        max_attempts_per_task=2,
+        storage=storage,
+        num_workers=1,
+    )
     summary = collect(cfg, tmp_path)
     assert summary["episodes"] == ["push_blue_right_0000", "place_green_0000"]
     assert summary["tasks"]["push_blue_right"] == {"attempts": 1, "successes": 1, "success_rate": 1.0}
@@ -392,8 +412,9 @@ def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
         js = msgs[topics.joint_states][0][1]
         assert list(js.name)[-2:] == ["panda_finger_joint1", "panda_finger_joint2"] and len(js.position) == 9
         actions = np.array([m.data for _, m in msgs[topics.action]])  # (n, 7) absolute targets
-        poses = np.array([[m.pose.position.x, m.pose.position.y, m.pose.position.z]
-                          for _, m in msgs[topics.tcp_pose]])  # (n, 3)
+        poses = np.array(
+            [[m.pose.position.x, m.pose.position.y, m.pose.position.z] for _, m in msgs[topics.tcp_pose]]
+        )  # (n, 3)
         assert actions.shape == (n, 7) and set(np.unique(actions[:, 6])) <= {-1.0, 1.0}
         assert np.all(np.abs(actions[:, :3] - poses) <= 0.02 + 1e-9)  # one CALVIN step from the pose
         assert len(msgs[topics.scene_obs][0][1].data) == 24
@@ -405,8 +426,9 @@ def test_collect_writes_readable_bags(tmp_path: Path, storage: str) -> None:
 
 
 def test_collect_gives_up_after_max_attempts(tmp_path: Path) -> None:
-    cfg = SimConfig(tasks=["lift_red"], episodes_per_task=1, max_attempts_per_task=2, max_episode_steps=3,
-                    num_workers=1)
+    cfg = SimConfig(
+        tasks=["lift_red"], episodes_per_task=1, max_attempts_per_task=2, max_episode_steps=3, num_workers=1
+    )
     with pytest.raises(RuntimeError, match="max_attempts_per_task"):
         collect(cfg, tmp_path)
     assert not any(tmp_path.iterdir())  # failed attempts leave nothing behind

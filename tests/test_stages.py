@@ -14,6 +14,7 @@ from vlaops import plots, tracking
 from vlaops.cli import main
 from vlaops.errors import VlaopsError
 
+
 def _stage(name: str, tmp_path: Path, *extra: str) -> int:
     return main([name, "--config-dir", str(CONF), *path_overrides(tmp_path), *SHRINK_MODEL, *SHRINK_PIPELINE, *extra])
 
@@ -35,8 +36,15 @@ def test_collect_reports_expert_success(pipeline):
     assert set(summary["tasks"]) == {"push_red_left", "lift_blue", "place_blue"}
     assert all(v["successes"] == 3 for v in summary["tasks"].values())
     assert sorted(p.name for p in (pipeline / "raw").iterdir()) == [
-        "lift_blue_0000", "lift_blue_0001", "lift_blue_0002", "place_blue_0000", "place_blue_0001", "place_blue_0002",
-        "push_red_left_0000", "push_red_left_0001", "push_red_left_0002",
+        "lift_blue_0000",
+        "lift_blue_0001",
+        "lift_blue_0002",
+        "place_blue_0000",
+        "place_blue_0001",
+        "place_blue_0002",
+        "push_red_left_0000",
+        "push_red_left_0001",
+        "push_red_left_0002",
     ]
 
 
@@ -86,9 +94,17 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["train.max_steps"] == "4" and run.data.params["model.window_size"] == "3"
-    assert {"train/loss", "val/loss", "eval/avg_len", "eval/sr_1", "eval/sr_2", "offline/arm_mae"} <= set(run.data.metrics)
-    assert {"eval/avg_len_ci_low", "eval/sr_2_ci_high", "eval_ablation/blank_images/avg_len",
-            "eval_ablation/swap_instruction/sr_1_ci_low", "eval_reference/expert/sr_2", "eval_time_s/policy"} <= set(run.data.metrics)
+    assert {"train/loss", "val/loss", "eval/avg_len", "eval/sr_1", "eval/sr_2", "offline/arm_mae"} <= set(
+        run.data.metrics
+    )
+    assert {
+        "eval/avg_len_ci_low",
+        "eval/sr_2_ci_high",
+        "eval_ablation/blank_images/avg_len",
+        "eval_ablation/swap_instruction/sr_1_ci_low",
+        "eval_reference/expert/sr_2",
+        "eval_time_s/policy",
+    } <= set(run.data.metrics)
     assert {"eval_reference/expert/avg_len_ci_high", "eval_reference/blind/avg_len_ci_high"} <= set(run.data.metrics)
     # MLflow's chart view: one section per prefix, sorted by name, unprefixed metrics last; the headline first
     sections = sorted({m.rsplit("/", 1)[0] for m in run.data.metrics if "/" in m and not m.startswith("system/")})
@@ -100,14 +116,21 @@ def test_one_mlflow_run_holds_training_and_evaluation(pipeline):
     logged = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
     assert logged == {*plots.TRAIN_PLOTS, *plots.EVAL_PLOTS}
     assert all((pipeline / "reports" / plots.PLOTS_DIR / name).stat().st_size > 10_000 for name in logged)
-    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "videos")} == {"chain_000.gif", "chain_001.gif"}
+    assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "videos")} == {
+        "chain_000.gif",
+        "chain_001.gif",
+    }
     # artifacts beside the store, not in ./mlruns of whatever the working directory was
     assert exp.artifact_location == (pipeline / tracking.ARTIFACTS_DIR).as_uri()
     assert (pipeline / tracking.ARTIFACTS_DIR / run.info.run_id / "artifacts" / "results.json").is_file()
     # counts and settings are params or tags, true measurements are metrics
     assert int(run.data.params["params_trainable"]) > 0 and not any(m.startswith("params") for m in run.data.metrics)
     assert "num_chains" not in run.data.metrics and run.data.tags["eval.num_chains"] == "2"
-    assert run.data.tags["final/steps"] == "4" and "final/steps" not in run.data.metrics and "final/best_val_loss" in run.data.metrics
+    assert (
+        run.data.tags["final/steps"] == "4"
+        and "final/steps" not in run.data.metrics
+        and "final/best_val_loss" in run.data.metrics
+    )
     assert len(run.data.tags.get("mlflow.source.git.commit", "")) == 40  # the tests run in a git checkout
     assert any(m.startswith("system/cpu_utilization") for m in run.data.metrics)
     # the splits as MLflow datasets: name, digest, source and the vlaops fingerprint
@@ -130,7 +153,11 @@ def test_rollout_videos_show_the_scored_chains(pipeline):
     chains = json.loads((pipeline / "reports" / "chains.json").read_text())
     assert [v["file"] for v in index] == ["chain_000.gif", "chain_001.gif"]
     for video, chain in zip(index, chains):
-        assert video["same_as_scored"] and (video["seed"], video["steps"], video["completed"]) == (chain["seed"], chain["steps"], chain["completed"])
+        assert video["same_as_scored"] and (video["seed"], video["steps"], video["completed"]) == (
+            chain["seed"],
+            chain["steps"],
+            chain["completed"],
+        )
         with Image.open(pipeline / "reports" / "videos" / video["file"]) as gif:
             assert gif.format == "GIF" and gif.n_frames == (sum(chain["steps"]) + 1) // 2
             assert gif.size == (200, 236)
@@ -169,8 +196,16 @@ def test_the_policy_is_a_registered_mlflow_model(pipeline):
     split = CalvinSplit(pipeline / "calvin" / VALIDATION)
     ann = split.annotations[0]
     frames = [split.load_frame(i, ("rgb_static", "rgb_gripper")) for i in range(ann.start, ann.start + 4)]
-    table = pd.DataFrame([{"instruction": ann.instruction, "rgb_static": mlflow_model.png_bytes(f["rgb_static"]),
-                           "rgb_gripper": mlflow_model.png_bytes(f["rgb_gripper"])} for f in frames])
+    table = pd.DataFrame(
+        [
+            {
+                "instruction": ann.instruction,
+                "rgb_static": mlflow_model.png_bytes(f["rgb_static"]),
+                "rgb_gripper": mlflow_model.png_bytes(f["rgb_gripper"]),
+            }
+            for f in frames
+        ]
+    )
     served = model.predict(table)
     runtime = PolicyRuntime.load(pipeline / "models" / "policy")
     runtime.reset()
@@ -185,15 +220,32 @@ def test_evaluate_takes_a_registered_model(pipeline, tmp_path, capsys):
     exist is one line naming it."""
     reports = tmp_path / "reports"
     store = f"tracking.uri=sqlite:///{pipeline}/mlflow.db"
-    assert _stage("evaluate", pipeline, "paths.model_dir=models:/vlaops-policy/1", f"paths.reports_dir={reports}", store,
-                  "eval.ablations=[]", "eval.references=[]", "eval.videos=0") == 0
+    assert (
+        _stage(
+            "evaluate",
+            pipeline,
+            "paths.model_dir=models:/vlaops-policy/1",
+            f"paths.reports_dir={reports}",
+            store,
+            "eval.ablations=[]",
+            "eval.references=[]",
+            "eval.videos=0",
+        )
+        == 0
+    )
     results = json.loads((reports / "results.json").read_text())
     assert list(results) == ["models:/vlaops-policy/1"]
-    assert results == {"models:/vlaops-policy/1": json.loads((pipeline / "reports" / "results.json").read_text()).popitem()[1]}
+    assert results == {
+        "models:/vlaops-policy/1": json.loads((pipeline / "reports" / "results.json").read_text()).popitem()[1]
+    }
     capsys.readouterr()
-    assert _stage("evaluate", pipeline, "paths.model_dir=models:/vlaops-policy/7", f"paths.reports_dir={reports}", store) == 1
+    assert (
+        _stage("evaluate", pipeline, "paths.model_dir=models:/vlaops-policy/7", f"paths.reports_dir={reports}", store)
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "models:/vlaops-policy/7" in err[0] and "no such registered policy" in err[0]
+
 
 def test_the_store_is_the_project_roots(tmp_path, monkeypatch):
     """A relative sqlite store is the project root's: $DVC_ROOT (DVC points it at the parent repository for a
@@ -207,7 +259,10 @@ def test_the_store_is_the_project_roots(tmp_path, monkeypatch):
     assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/mlflow.db"
     assert tracking.artifact_root(cfg) == (tmp_path / "mlartifacts").as_uri()
     monkeypatch.setenv("DVC_ROOT", str(tmp_path / "sub"))
-    assert tracking.tracking_uri(tracking.TrackingConfig(uri="sqlite:///runs/m.db?timeout=5")) == f"sqlite:///{tmp_path}/sub/runs/m.db?timeout=5"
+    assert (
+        tracking.tracking_uri(tracking.TrackingConfig(uri="sqlite:///runs/m.db?timeout=5"))
+        == f"sqlite:///{tmp_path}/sub/runs/m.db?timeout=5"
+    )
     assert tracking.tracking_uri(tracking.TrackingConfig(uri="sqlite:////abs/m.db")) == "sqlite:////abs/m.db"
     assert tracking.artifact_root(tracking.TrackingConfig(uri="http://127.0.0.1:5000")) is None
 
@@ -244,7 +299,9 @@ def test_under_dvc_another_recipe_sets_the_checkpoints_aside(tmp_path, monkeypat
         guard_checkpoints(ckpt, other)
     assert (ckpt / "step_0000010").is_dir()  # refused: nothing moved
     guard_checkpoints(ckpt, other, set_aside=True)
-    assert not (ckpt / "step_0000010").exists() and (ckpt / PREVIOUS_DIR / "step_0000010" / "trainer_state.json").is_file()
+    assert (
+        not (ckpt / "step_0000010").exists() and (ckpt / PREVIOUS_DIR / "step_0000010" / "trainer_state.json").is_file()
+    )
     assert json.loads((ckpt / RUN_CONFIG_FILE).read_text()) == other
     assert json.loads((ckpt / PREVIOUS_DIR / RUN_CONFIG_FILE).read_text())["config"]["train"]["learning_rate"] == 1e-3
 
@@ -263,7 +320,9 @@ def test_evaluation_does_not_depend_on_the_number_of_workers(pipeline):
     runs = {}
     for workers in (1, 2):
         assert _stage("evaluate", pipeline, f"eval.num_workers={workers}") == 0
-        runs[workers] = [json.loads((pipeline / "reports" / name).read_text()) for name in ("chains.json", "metrics.json")]
+        runs[workers] = [
+            json.loads((pipeline / "reports" / name).read_text()) for name in ("chains.json", "metrics.json")
+        ]
     (chains_1, metrics_1), (chains_2, metrics_2) = runs[1], runs[2]
     assert chains_1 == chains_2 and len(chains_1) == 2
     assert metrics_1 == metrics_2

@@ -33,8 +33,13 @@ def data(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sweep_data")
     cfg = tiny_config(tmp)
     for i in range(4):
-        write_arm_bag(tmp / "raw" / f"ep{i}", n_frames=20, seed=i, storage="mcap" if i % 2 else "sqlite3",
-                      instruction="push the red block to the left" if i % 2 else "lift the blue block")
+        write_arm_bag(
+            tmp / "raw" / f"ep{i}",
+            n_frames=20,
+            seed=i,
+            storage="mcap" if i % 2 else "sqlite3",
+            instruction="push the red block to the left" if i % 2 else "lift the blue block",
+        )
     ingest(Path(cfg.data.raw_dir), Path(cfg.data.episodes_dir), cfg.data)
     convert(Path(cfg.data.episodes_dir), Path(cfg.data.calvin_dir), cfg.data)
     normalize(Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir), cfg.data)
@@ -43,8 +48,19 @@ def data(tmp_path_factory) -> Path:
 
 def _sweep(data: Path, out: Path, *extra: str) -> int:
     """``vlaops train -m`` on the module's data, the jobs in ``out/multirun``, the runs in ``out/mlflow.db``."""
-    return main(["train", "-m", "--config-dir", str(CONF), *path_overrides(data), *TINY,
-                 f"tracking.uri=sqlite:///{out}/mlflow.db", f"hydra.sweep.dir={out}/multirun", *extra])
+    return main(
+        [
+            "train",
+            "-m",
+            "--config-dir",
+            str(CONF),
+            *path_overrides(data),
+            *TINY,
+            f"tracking.uri=sqlite:///{out}/mlflow.db",
+            f"hydra.sweep.dir={out}/multirun",
+            *extra,
+        ]
+    )
 
 
 def _runs(out: Path) -> tuple[mlflow.MlflowClient, object, list]:
@@ -53,8 +69,10 @@ def _runs(out: Path) -> tuple[mlflow.MlflowClient, object, list]:
     (exp,) = [e for e in client.search_experiments() if e.name == "vlaops"]
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
-                      key=lambda r: int(r.data.tags["sweep.job"]))
+    children = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+        key=lambda r: int(r.data.tags["sweep.job"]),
+    )
     assert len(children) == len(runs) - 1  # every other run is a child of the sweep's
     return client, parent, children
 
@@ -70,7 +88,10 @@ def grid(data, tmp_path_factory) -> Path:
 def test_a_grid_is_one_nested_run_per_setting_and_the_parent_keeps_the_best(grid):
     client, parent, children = _runs(grid)
     assert [c.data.params["train.learning_rate"] for c in children] == ["0.001", "0.003"]
-    assert [c.data.tags["sweep.settings"] for c in children] == ["train.learning_rate=0.001", "train.learning_rate=0.003"]
+    assert [c.data.tags["sweep.settings"] for c in children] == [
+        "train.learning_rate=0.001",
+        "train.learning_rate=0.003",
+    ]
     assert all(r.info.status == "FINISHED" for r in (parent, *children))
     assert parent.data.tags["sweep.sweeper"] == "basic" and parent.data.tags["sweep.swept"] == "train.learning_rate"
     assert "train.learning_rate=1e-3,3e-3" in parent.data.tags["sweep.overrides"]
@@ -81,10 +102,15 @@ def test_a_grid_is_one_nested_run_per_setting_and_the_parent_keeps_the_best(grid
     assert parent.data.tags["best.settings"] == children[best].data.tags["sweep.settings"]
     history = client.get_metric_history(parent.info.run_id, tracking.SWEEP_VAL_LOSS)
     assert sorted((m.step, m.value) for m in history) == [(0, losses[0]), (1, losses[1])]
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {"sweep/sweep.json", "sweep/multirun.yaml"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")} == {
+        "sweep/sweep.json",
+        "sweep/multirun.yaml",
+    }
     # every job logged its policy, only the best one is registered
     (version,) = client.search_model_versions("name='vlaops-policy'")
-    assert version.run_id == children[best].info.run_id and parent.data.tags["best.registered_version"] == str(version.version)
+    assert version.run_id == children[best].info.run_id and parent.data.tags["best.registered_version"] == str(
+        version.version
+    )
 
 
 @pytest.mark.slow  # heavier integration check: the quick loop (-m 'not slow') stays under 5 minutes
@@ -96,7 +122,9 @@ def test_each_job_writes_under_its_own_directory(grid, data):
         assert (job_dir / "models" / "checkpoints" / "step_0000002").is_dir()
         assert (job_dir / "reports" / "train_curve.csv").is_file()
         assert f"train.learning_rate={lr}" in yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text())
-    assert not (data / "models").exists() and not (data / "reports").exists()  # paths.* of the command line: per job instead
+    assert (
+        not (data / "models").exists() and not (data / "reports").exists()
+    )  # paths.* of the command line: per job instead
     summary = json.loads((grid / "multirun" / sweep.SUMMARY_FILE).read_text())
     assert [j["settings"] for j in summary["jobs"]] == [["train.learning_rate=0.001"], ["train.learning_rate=0.003"]]
     assert summary["best"] == min(summary["jobs"], key=lambda j: j[tracking.VAL_LOSS])
@@ -119,13 +147,21 @@ def test_a_failed_job_fails_the_sweep_and_keeps_the_jobs_that_finished(data, tmp
             (model_dir / sweep.TRAIN_RESULT_FILE).write_text(json.dumps({"last_val_loss": 0.5}))
             (model_dir / tracking.RUN_FILE).write_text(json.dumps({"run_id": tracking.active_run_id(run)}))
 
-    overrides = [*path_overrides(data), *TINY, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-                 f"hydra.sweep.dir={tmp_path}/multirun", "train.learning_rate=1e-3,3e-3"]
+    overrides = [
+        *path_overrides(data),
+        *TINY,
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+        "train.learning_rate=1e-3,3e-3",
+    ]
     with pytest.raises(VlaopsError, match="the loss diverged"):
         sweep.run_sweep("train", overrides, CONF, stage)
     client, parent, children = _runs(tmp_path)
     assert [c.info.status for c in children] == ["FINISHED", "FAILED"] and parent.info.status == "FAILED"
-    assert parent.data.metrics[tracking.BEST_VAL_LOSS] == 0.5 and parent.data.tags["best.run_id"] == children[0].info.run_id
+    assert (
+        parent.data.metrics[tracking.BEST_VAL_LOSS] == 0.5
+        and parent.data.tags["best.run_id"] == children[0].info.run_id
+    )
     assert client.search_model_versions("name='vlaops-policy'") == []
     summary = json.loads((tmp_path / "multirun" / sweep.SUMMARY_FILE).read_text())
     assert [j["job"] for j in summary["jobs"]] == [0] and summary["best"]["job"] == 0
@@ -139,7 +175,8 @@ def test_a_failed_job_fails_the_sweep_and_keeps_the_jobs_that_finished(data, tmp
         (["train.learning_rate=1e-3,,3e-3"], "Error parsing override 'train.learning_rate=1e-3,,3e-3'"),
         (["train.learning_rate=interval(1e-4,1e-2)"], "does not support sweep type"),
         pytest.param(  # Optuna's import and study alone take seconds: in make test, out of the quick loop
-            ["hparams_search=train_lr", "train.batch_size=2", "train.warmup_ratio=interval(0,2)"], "train.warmup_ratio=2",
+            ["hparams_search=train_lr", "train.batch_size=2", "train.warmup_ratio=interval(0,2)"],
+            "train.warmup_ratio=2",
             marks=pytest.mark.slow,
         ),
         (["tracking.experiment_name=a,b"], "tracking.experiment_name=a,b: tracking.* cannot be swept"),
@@ -200,9 +237,11 @@ def _queued(repo: Path) -> dict[str, dict]:
     for row in rows:
         for exp in row.get("experiments") or []:
             data = exp["revs"][0]["data"]
-            out[exp["name"]] = {"state": (exp.get("executor") or {}).get("state"),
-                                "learning_rate": data["params"]["params.yaml"]["data"]["train"]["learning_rate"],
-                                "metrics": data.get("metrics", {})}
+            out[exp["name"]] = {
+                "state": (exp.get("executor") or {}).get("state"),
+                "learning_rate": data["params"]["params.yaml"]["data"]["train"]["learning_rate"],
+                "metrics": data.get("metrics", {}),
+            }
     return out
 
 

@@ -12,9 +12,8 @@ from vlaops.data import keys
 from vlaops.errors import VlaopsError
 from vlaops.model import ModelConfig, VLAPolicy
 from vlaops.tracking import TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, VAL_LOSS
-from vlaops.train.config import TrainConfig, TrainSetupConfig
 from vlaops.train.checkpoint import latest_checkpoint
-from vlaops.utils.bf16 import cpu_bf16_autocast_works, cpu_bf16_lstm_works
+from vlaops.train.config import TrainConfig, TrainSetupConfig
 from vlaops.train.loop import (
     build_optimizer,
     evaluate,
@@ -24,6 +23,7 @@ from vlaops.train.loop import (
     train_policy,
 )
 from vlaops.train.setup import apply_train_setup
+from vlaops.utils.bf16 import cpu_bf16_autocast_works, cpu_bf16_lstm_works
 
 W, C, A, L, S = 2, 3, 7, 12, 224
 
@@ -34,7 +34,9 @@ def windows(processor, n: int, seed: int = 0) -> SyntheticWindows:
 
 def make_policy(processor, seed: int = 0) -> VLAPolicy:
     torch.manual_seed(seed)
-    cfg = ModelConfig(window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=2, head_mlp_dims=[32])
+    cfg = ModelConfig(
+        window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=2, head_mlp_dims=[32]
+    )
     policy = VLAPolicy.build(cfg, len(processor.tokenizer))
     apply_train_setup(policy, TrainSetupConfig())
     return policy
@@ -62,7 +64,9 @@ def test_loss_falls_on_a_fixed_batch(processor):
     data = windows(processor, 2)
     rec = Recorder()
     c = cfg(max_steps=20, val_every=20)
-    result = train_policy(policy, make_loader(data, c, shuffle=False), make_loader(data, c, shuffle=False), c, rec, None)
+    result = train_policy(
+        policy, make_loader(data, c, shuffle=False), make_loader(data, c, shuffle=False), c, rec, None
+    )
     losses = [v for _, v in rec.series(TRAIN_LOSS)]
     assert len(losses) == 20 and [s for s, _ in rec.series(TRAIN_LOSS)] == list(range(1, 21))
     # the default lr (1e-3) on random targets: a steady fall, ~10% in 20 steps (3e-3 gives ~35%)
@@ -82,7 +86,9 @@ def test_gradient_clipping_is_applied(processor):
     policy = make_policy(processor)
     before = torch.cat([p.detach().flatten().clone() for p in policy.parameters() if p.requires_grad])
     data = windows(processor, 2)
-    c = cfg(max_steps=1, optimizer="sgd", momentum=0.0, learning_rate=1.0, gradient_clip_val=1e-3, lr_scheduler="constant")
+    c = cfg(
+        max_steps=1, optimizer="sgd", momentum=0.0, learning_rate=1.0, gradient_clip_val=1e-3, lr_scheduler="constant"
+    )
     rec = Recorder()
     train_policy(policy, make_loader(data, c, shuffle=False), None, c, rec, None)
     after = torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad])
@@ -102,7 +108,14 @@ def test_resume_continues_at_the_right_step(processor, tmp_path):
     assert not all(torch.equal(init[k], v) for k, v in full.state_dict().items())  # it did train
 
     first_cfg = cfg(max_steps=4, save_every=4, lr_scheduler="constant")
-    train_policy(make_policy(processor), make_loader(data, first_cfg, shuffle=True), None, first_cfg, Recorder(), tmp_path / "run")
+    train_policy(
+        make_policy(processor),
+        make_loader(data, first_cfg, shuffle=True),
+        None,
+        first_cfg,
+        Recorder(),
+        tmp_path / "run",
+    )
     assert latest_checkpoint(tmp_path / "run").name == "step_0000004"
     (tmp_path / "run" / ".step_0000005.tmp").mkdir()  # a save killed midway is ignored
 
@@ -113,10 +126,15 @@ def test_resume_continues_at_the_right_step(processor, tmp_path):
     assert [s for s, _ in rec.series(TRAIN_LOSS)] == [5, 6]
     for (name, p_full), (_, p_res) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(p_res, p_full), name  # exact: the same bits as the uninterrupted run
-    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == ["step_0000004", "step_0000006"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if not p.name.startswith(".")) == [
+        "step_0000004",
+        "step_0000006",
+    ]
 
     # a finished run resumes to nothing
-    again = train_policy(make_policy(processor), make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "run")
+    again = train_policy(
+        make_policy(processor), make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "run"
+    )
     assert again["steps"] == 6 and again["resumed_from_step"] == 6
 
 
@@ -131,7 +149,9 @@ def test_validation_is_logged(processor):
     data = windows(processor, 4)
     c = cfg(max_steps=2, val_every=1, val_batches=1)
     rec = Recorder()
-    train_policy(make_policy(processor), make_loader(data, c, shuffle=False), make_loader(data, c, shuffle=False), c, rec, None)
+    train_policy(
+        make_policy(processor), make_loader(data, c, shuffle=False), make_loader(data, c, shuffle=False), c, rec, None
+    )
     assert [s for s, _ in rec.series(VAL_LOSS)] == [1, 2]
 
 
@@ -145,7 +165,9 @@ def test_lr_schedule_warmup_cosine_constant():
     assert g(0) == g(99) == 1.0
 
 
-@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)])
+@pytest.mark.parametrize(
+    "name, cls", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam), ("sgd", torch.optim.SGD)]
+)
 def test_optimizer_by_name_with_weight_decay_on_matrices(name, cls):
     lin = torch.nn.Linear(3, 2)
     opt = build_optimizer(list(lin.named_parameters()), TrainConfig(optimizer=name, weight_decay=0.1))
@@ -218,9 +240,15 @@ def test_lstm_head_under_cpu_bf16_autocast():
 
 @pytest.mark.parametrize(
     "kw, field",
-    [({"optimizer": "lion"}, "optimizer"), ({"lr_scheduler": "step"}, "lr_scheduler"), ({"max_steps": 0}, "max_steps"),
-     ({"min_lr_scale": 2.0}, "min_lr_scale"), ({"learning_rate": 0.0}, "learning_rate"), ({"ema_decay": 1.0}, "ema_decay"),
-     ({"compile": "yes"}, "compile")],
+    [
+        ({"optimizer": "lion"}, "optimizer"),
+        ({"lr_scheduler": "step"}, "lr_scheduler"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"min_lr_scale": 2.0}, "min_lr_scale"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"compile": "yes"}, "compile"),
+    ],
 )
 def test_train_config_names_bad_field(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -239,7 +267,9 @@ def test_make_loader_reads_batch_size_and_workers(processor):
 def test_bf16_then_fp32_in_one_process(processor):
     """precision acts (bf16 autocast, on CPU here) and a second run may change it."""
     if not torch.cuda.is_available() and not cpu_bf16_autocast_works():
-        pytest.skip("this CPU runs no bf16 autocast at all (a tiny bf16 Linear fails): precision=bf16 stops with one line")
+        pytest.skip(
+            "this CPU runs no bf16 autocast at all (a tiny bf16 Linear fails): precision=bf16 stops with one line"
+        )
     data = windows(processor, 2)
     for precision in ("bf16", "fp32"):
         c = cfg(max_steps=2, train_setup=TrainSetupConfig(precision=precision))
@@ -271,19 +301,26 @@ def test_only_checkpoints_vlaops_wrote_are_resumed(processor, tmp_path, caplog):
     longer = cfg(max_steps=3, save_every=2)
 
     def resume(name: str, conf: TrainConfig) -> dict:
-        return train_policy(make_policy(processor), make_loader(data, conf, shuffle=False), None, conf, Recorder(), tmp_path / name)
+        return train_policy(
+            make_policy(processor), make_loader(data, conf, shuffle=False), None, conf, Recorder(), tmp_path / name
+        )
 
     foreign = tmp_path / "foreign" / "step_0000002"
     shutil.copytree(ckpt, foreign)
     (foreign / MANIFEST_FILE).unlink()
-    with pytest.raises(VlaopsError, match=r"foreign/step_0000002: no vlaops_manifest.json.*train.trust_checkpoint=true"):
+    with pytest.raises(
+        VlaopsError, match=r"foreign/step_0000002: no vlaops_manifest.json.*train.trust_checkpoint=true"
+    ):
         resume("foreign", longer)
     altered = tmp_path / "altered" / "step_0000002"
     shutil.copytree(ckpt, altered)
     with (altered / "optimizer.bin").open("ab") as handle:
         handle.write(b"\0")
     (altered / "custom_checkpoint_0.pkl").write_bytes(b"not ours")
-    with pytest.raises(VlaopsError, match=r"differs from its manifest \(changed \['optimizer.bin'\].*unlisted \['custom_checkpoint_0.pkl'\]"):
+    with pytest.raises(
+        VlaopsError,
+        match=r"differs from its manifest \(changed \['optimizer.bin'\].*unlisted \['custom_checkpoint_0.pkl'\]",
+    ):
         resume("altered", longer)
     trusted = cfg(max_steps=3, save_every=2, trust_checkpoint=True)
     assert resume("foreign", trusted)["resumed_from_step"] == 2  # the user vouches for it
@@ -301,7 +338,9 @@ def test_ema_decay_trains_validates_and_returns_the_moving_average(processor, tm
 
     data = windows(processor, 4)
     plain = cfg(max_steps=4, save_every=1, keep_checkpoints=4, lr_scheduler="constant")
-    train_policy(make_policy(processor), make_loader(data, plain, shuffle=True), None, plain, Recorder(), tmp_path / "plain")
+    train_policy(
+        make_policy(processor), make_loader(data, plain, shuffle=True), None, plain, Recorder(), tmp_path / "plain"
+    )
     names = [n for n, p in make_policy(processor).named_parameters() if p.requires_grad]
     expected = {n: p.detach().clone() for n, p in make_policy(processor).named_parameters() if p.requires_grad}
     for step in range(1, 5):
@@ -312,12 +351,21 @@ def test_ema_decay_trains_validates_and_returns_the_moving_average(processor, tm
 
     averaged = make_policy(processor)
     c = cfg(max_steps=4, save_every=4, lr_scheduler="constant", ema_decay=0.5, val_every=4)
-    result = train_policy(averaged, make_loader(data, c, shuffle=True), make_loader(data, c, shuffle=False), c, Recorder(), tmp_path / "ema")
+    result = train_policy(
+        averaged,
+        make_loader(data, c, shuffle=True),
+        make_loader(data, c, shuffle=False),
+        c,
+        Recorder(),
+        tmp_path / "ema",
+    )
     last = dict(averaged.named_parameters())
     assert any(not torch.allclose(expected[n], weights[n]) for n in names)  # the average is not the last step
     for n in names:
         torch.testing.assert_close(last[n].detach(), expected[n], rtol=1e-5, atol=1e-6, msg=n)
-    assert result["last_val_loss"] == pytest.approx(evaluate(averaged, make_loader(data, c, shuffle=False), _cpu(), 1)["loss"])
+    assert result["last_val_loss"] == pytest.approx(
+        evaluate(averaged, make_loader(data, c, shuffle=False), _cpu(), 1)["loss"]
+    )
     saved = load_file(str(tmp_path / "ema" / "step_0000004" / EMA_FILE))
     assert set(saved) == set(names) and all(torch.equal(saved[n], last[n].detach()) for n in names)
 
@@ -334,18 +382,36 @@ def test_ema_resumes_to_the_same_average(processor, tmp_path):
     whole = make_policy(processor)
     train_policy(whole, make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "whole")
     first = cfg(max_steps=4, save_every=4, lr_scheduler="constant", ema_decay=0.9)
-    train_policy(make_policy(processor), make_loader(data, first, shuffle=True), None, first, Recorder(), tmp_path / "run")
+    train_policy(
+        make_policy(processor), make_loader(data, first, shuffle=True), None, first, Recorder(), tmp_path / "run"
+    )
     resumed = make_policy(processor, seed=123)
-    assert train_policy(resumed, make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "run")["resumed_from_step"] == 4
+    assert (
+        train_policy(resumed, make_loader(data, c, shuffle=True), None, c, Recorder(), tmp_path / "run")[
+            "resumed_from_step"
+        ]
+        == 4
+    )
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name  # the average continued, not restarted from the resumed weights
 
     # a checkpoint of a run without the average: one line, naming it and the way out
     plain = cfg(max_steps=2, save_every=2)
-    train_policy(make_policy(processor), make_loader(data, plain, shuffle=True), None, plain, Recorder(), tmp_path / "plain")
+    train_policy(
+        make_policy(processor), make_loader(data, plain, shuffle=True), None, plain, Recorder(), tmp_path / "plain"
+    )
     longer = cfg(max_steps=3, save_every=2, ema_decay=0.9)
-    with pytest.raises(VlaopsError, match=r"plain/step_0000002: no ema.safetensors, but train.ema_decay=0.9.*train.ema_decay=0"):
-        train_policy(make_policy(processor), make_loader(data, longer, shuffle=True), None, longer, Recorder(), tmp_path / "plain")
+    with pytest.raises(
+        VlaopsError, match=r"plain/step_0000002: no ema.safetensors, but train.ema_decay=0.9.*train.ema_decay=0"
+    ):
+        train_policy(
+            make_policy(processor),
+            make_loader(data, longer, shuffle=True),
+            None,
+            longer,
+            Recorder(),
+            tmp_path / "plain",
+        )
 
 
 @pytest.mark.slow
@@ -361,8 +427,14 @@ def test_compiled_layers_train_like_eager(processor, tmp_path):
     for compiled in (False, True):
         c = cfg(max_steps=3, save_every=3, compile=compiled, val_every=3)
         policy, rec = make_policy(processor), Recorder()
-        result = train_policy(policy, make_loader(data, c, shuffle=True), make_loader(data, c, shuffle=False), c, rec,
-                              tmp_path / str(compiled))
+        result = train_policy(
+            policy,
+            make_loader(data, c, shuffle=True),
+            make_loader(data, c, shuffle=False),
+            c,
+            rec,
+            tmp_path / str(compiled),
+        )
         runs[compiled] = (policy, rec.series(TRAIN_LOSS), result["last_val_loss"])
     (eager, eager_losses, eager_val), (comp, comp_losses, comp_val) = runs[False], runs[True]
     layers = [*comp.backbone.vision_layers, *comp.backbone.decoder_layers]
@@ -372,6 +444,8 @@ def test_compiled_layers_train_like_eager(processor, tmp_path):
     assert [v for _, v in comp_losses] == pytest.approx([v for _, v in eager_losses], rel=1e-4, abs=1e-5)
     assert comp_val == pytest.approx(eager_val, rel=1e-4, abs=1e-5)  # validation runs compiled too, in eval mode
     for (name, a), (_, b) in zip(eager.state_dict().items(), comp.state_dict().items()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)  # measured: at most 1.3e-5 apart; an Adam step moves ~1e-3
+        torch.testing.assert_close(
+            a, b, rtol=1e-4, atol=1e-4, msg=name
+        )  # measured: at most 1.3e-5 apart; an Adam step moves ~1e-3
     saved = {c: set(load_file(str(tmp_path / str(c) / "step_0000003" / "model.safetensors"))) for c in (False, True)}
     assert saved[True] == saved[False] and not any("_orig_mod" in k for k in saved[True])

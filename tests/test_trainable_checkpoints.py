@@ -23,7 +23,9 @@ from vlaops.train.setup import apply_train_setup
 from vlaops.train.trainable import STORED_TRAINABLE, build_policy, frozen_source, trainable_names
 
 W, C, L, S = 2, 3, 12, 224
-MODEL = ModelConfig(window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=1, head_mlp_dims=[32])
+MODEL = ModelConfig(
+    window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=1, head_mlp_dims=[32]
+)
 # experiment=lora with the vision tower frozen too (LoRA dropout on: the resume must restore its RNG)
 LORA = TrainSetupConfig(freeze_backbone=True, lora_enable=True, lora_r=4, lora_alpha=8, train_vision=False)
 
@@ -35,8 +37,17 @@ def lora_policy(processor, seed: int = 0):
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(max_steps=6, batch_size=2, log_every=1, val_every=100, val_batches=1, save_every=4, warmup_ratio=0.0,
-                lr_scheduler="constant", train_setup=LORA)
+    base = dict(
+        max_steps=6,
+        batch_size=2,
+        log_every=1,
+        val_every=100,
+        val_batches=1,
+        save_every=4,
+        warmup_ratio=0.0,
+        lr_scheduler="constant",
+        train_setup=LORA,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -59,7 +70,12 @@ def test_a_lora_checkpoint_holds_the_trainable_tensors_and_resumes_to_the_same_b
     assert not any(k.startswith("backbone.model.vision_model.") for k in saved)  # the frozen vision tower
     saved_bytes = sum(t.numel() * t.element_size() for t in saved.values())
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
-    assert len(saved) < len(full) / 2 and saved_bytes < 0.5 * full_bytes, (len(saved), len(full), saved_bytes, full_bytes)
+    assert len(saved) < len(full) / 2 and saved_bytes < 0.5 * full_bytes, (
+        len(saved),
+        len(full),
+        saved_bytes,
+        full_bytes,
+    )
     assert (ckpt / "model.safetensors").stat().st_size < 0.5 * full_bytes
     weights = json.loads((ckpt / MANIFEST_FILE).read_text())["weights"]
     assert weights["stored"] == STORED_TRAINABLE and weights["source"] == source
@@ -99,7 +115,9 @@ def test_a_frozen_part_that_is_not_the_trained_one_is_refused_in_one_line(proces
     data = SyntheticWindows(processor, 4, W, C, L, 0, S)
     train(lora_policy(processor), data, cfg(max_steps=2, save_every=2), tmp_path / "run", frozen_source(MODEL, 0))
     other = lora_policy(processor, seed=1)  # another random backbone under the adapters
-    with pytest.raises(VlaopsError, match=r"run/step_0000002: holds only the trainable weights, and the frozen part .* is not the one") as info:
+    with pytest.raises(
+        VlaopsError, match=r"run/step_0000002: holds only the trainable weights, and the frozen part .* is not the one"
+    ) as info:
         train(other, data, cfg(max_steps=4, save_every=2), tmp_path / "run", frozen_source(MODEL, 1))
     assert "\n" not in str(info.value)
 
@@ -116,18 +134,32 @@ def test_without_a_source_checkpoints_stay_whole(processor, tmp_path):
     manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
     del manifest["weights"]
     (ckpt / MANIFEST_FILE).write_text(json.dumps({**manifest, "format_version": 1}))
-    assert train(lora_policy(processor, seed=5), data, cfg(max_steps=3, save_every=2), tmp_path / "run", None)["resumed_from_step"] == 2
+    assert (
+        train(lora_policy(processor, seed=5), data, cfg(max_steps=3, save_every=2), tmp_path / "run", None)[
+            "resumed_from_step"
+        ]
+        == 2
+    )
 
 
 # ---- vlaops export -----------------------------------------------------------------------------------
-STAGE_STEPS = ["train.max_steps=4", "train.save_every=4", "train.batch_size=2", "train.log_every=2", "train.val_every=4",
-               "train.val_batches=1", "experiment=lora", "train.train_setup.train_vision=false",
-               "train.ema_decay=0.9"]  # the stage saves the weights' moving average: export must write the same
+STAGE_STEPS = [
+    "train.max_steps=4",
+    "train.save_every=4",
+    "train.batch_size=2",
+    "train.log_every=2",
+    "train.val_every=4",
+    "train.val_batches=1",
+    "experiment=lora",
+    "train.train_setup.train_vision=false",
+    "train.ema_decay=0.9",
+]  # the stage saves the weights' moving average: export must write the same
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory) -> Path:
     """``vlaops train experiment=lora`` (vision frozen too) on tiny data, through the CLI in this process."""
+    from bagfactory import write_arm_bag
     from conftest import tiny_config
 
     from vlaops.cli import main
@@ -135,13 +167,16 @@ def lora_run(tmp_path_factory) -> Path:
     from vlaops.data.convert import convert
     from vlaops.data.ingest import ingest
 
-    from bagfactory import write_arm_bag
-
     tmp = tmp_path_factory.mktemp("lora_run")
     cfg = tiny_config(tmp)
     for i in range(4):
-        write_arm_bag(tmp / "raw" / f"ep{i}", n_frames=20, seed=i, storage="sqlite3",
-                      instruction="push the red block to the left" if i % 2 else "lift the blue block")
+        write_arm_bag(
+            tmp / "raw" / f"ep{i}",
+            n_frames=20,
+            seed=i,
+            storage="sqlite3",
+            instruction="push the red block to the left" if i % 2 else "lift the blue block",
+        )
     ingest(Path(cfg.data.raw_dir), Path(cfg.data.episodes_dir), cfg.data)
     convert(Path(cfg.data.episodes_dir), Path(cfg.data.calvin_dir), cfg.data)
     normalize(Path(cfg.data.calvin_dir), Path(cfg.data.normalized_dir), cfg.data)
@@ -192,8 +227,10 @@ def _shard_and_save(rank: int, world: int, port: int, state_file: str, out: str)
     try:
         mesh = init_device_mesh("cpu", (world,))
         full = load_file(state_file)
-        state = {k: distribute_tensor(v, mesh, [Shard(0) if v.ndim and v.shape[0] >= world else Replicate()])
-                 for k, v in full.items()}
+        state = {
+            k: distribute_tensor(v, mesh, [Shard(0) if v.ndim and v.shape[0] >= world else Replicate()])
+            for k, v in full.items()
+        }
         dcp.save({"model": state}, checkpoint_id=out)
     finally:
         dist.destroy_process_group()
@@ -243,7 +280,10 @@ def test_export_refuses_what_it_cannot_export_in_one_line(lora_run, tmp_path, ca
 
     why = "DeepSpeed is installed, but" if importlib.util.find_spec("deepspeed") else "DeepSpeed is not installed here"
     cases = {
-        "zero": (zero, f"a DeepSpeed ZeRO state (bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt); vlaops cannot consolidate it ({why}"),
+        "zero": (
+            zero,
+            f"a DeepSpeed ZeRO state (bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt); vlaops cannot consolidate it ({why}",
+        ),
         "missing": (tmp_path / "nowhere", "nowhere: checkpoint directory not found"),
     }
     weights = json.loads((ckpt / MANIFEST_FILE).read_text())["weights"]
@@ -255,7 +295,10 @@ def test_export_refuses_what_it_cannot_export_in_one_line(lora_run, tmp_path, ca
     shutil.copytree(ckpt, bare)
     shutil.rmtree(bare / "processor")
     write_manifest(bare, weights)
-    cases["bare"] = (bare, "bare/step_0000004: no processor; only checkpoints of 'vlaops train' carry what an export needs")
+    cases["bare"] = (
+        bare,
+        "bare/step_0000004: no processor; only checkpoints of 'vlaops train' carry what an export needs",
+    )
     for name, (path, message) in cases.items():
         assert _export(str(path), str(tmp_path / name / "out")) == 1, name
         err = capsys.readouterr().err

@@ -22,14 +22,17 @@ def a_file(tmp_path: Path) -> Path:
     return f
 
 
-@pytest.mark.parametrize("stage, key", [
-    ("train", "paths.model_dir"),
-    ("train", "paths.checkpoint_dir"),
-    ("train", "paths.reports_dir"),
-    ("evaluate", "paths.reports_dir"),
-    ("convert", "data.calvin_dir"),
-    ("normalize", "data.normalized_dir"),
-])
+@pytest.mark.parametrize(
+    "stage, key",
+    [
+        ("train", "paths.model_dir"),
+        ("train", "paths.checkpoint_dir"),
+        ("train", "paths.reports_dir"),
+        ("evaluate", "paths.reports_dir"),
+        ("convert", "data.calvin_dir"),
+        ("normalize", "data.normalized_dir"),
+    ],
+)
 def test_an_output_under_a_file_fails_first_naming_the_key(tmp_path, a_file, capsys, stage, key):
     # the inputs are empty directories: reading them would fail, so the output check must come first
     (tmp_path / "episodes").mkdir()
@@ -65,5 +68,8 @@ def test_vlaops_check_runs_every_stages_checks(tmp_path, a_file, capsys):
     assert main(["check", "--config-dir", str(CONF), *path_overrides(tmp_path), f"data.normalized_dir={a_file}/n"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"vlaops check: error: data.normalized_dir={a_file}/n: {a_file} is a file" in line
-    assert main(["check", "--config-dir", str(CONF), *path_overrides(tmp_path), f"tracking.uri=sqlite:///{a_file}/x.db"]) == 1
+    assert (
+        main(["check", "--config-dir", str(CONF), *path_overrides(tmp_path), f"tracking.uri=sqlite:///{a_file}/x.db"])
+        == 1
+    )
     assert "tracking.uri=sqlite:///" in capsys.readouterr().err

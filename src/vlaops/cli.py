@@ -54,8 +54,10 @@ def _config_groups(config_dir: str | os.PathLike[str]) -> str:
             lines.append(f"  {group.name}: {', '.join(options)}")
     lines.append("any key of the composed config: key=value (see 'vlaops <command> --cfg job')")
     if (root / ACCELERATE_CONFIGS).is_dir():
-        lines.append(f"launch configs (accelerate launch --config_file {root.name}/{ACCELERATE_CONFIGS}/<name>.yaml -m vlaops.cli train ...): "
-                     + ", ".join(sorted(f.stem for f in (root / ACCELERATE_CONFIGS).glob("*.yaml"))))
+        lines.append(
+            f"launch configs (accelerate launch --config_file {root.name}/{ACCELERATE_CONFIGS}/<name>.yaml -m vlaops.cli train ...): "
+            + ", ".join(sorted(f.stem for f in (root / ACCELERATE_CONFIGS).glob("*.yaml")))
+        )
     return "\n".join(lines)
 
 
@@ -67,29 +69,53 @@ def _parser(config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR) -> argparse
         epilog=_config_groups(config_dir),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("command", choices=[*STAGES, "params", "check", "inspect", "serve", "export"],
-                        help="a pipeline stage; 'params' to write params.yaml from conf/; 'check' to check every "
-                             "stage's output paths and the tracking store in seconds, before a long run; 'serve' to "
-                             "serve the policy in paths.model_dir over HTTP (serve.host, serve.port; not a stage); "
-                             "'export CHECKPOINT_DIR OUT' to write the policy directory of a training checkpoint "
-                             "(trainable-only, or an FSDP sharded state; LoRA merged; not a stage)")
+    parser.add_argument(
+        "command",
+        choices=[*STAGES, "params", "check", "inspect", "serve", "export"],
+        help="a pipeline stage; 'params' to write params.yaml from conf/; 'check' to check every "
+        "stage's output paths and the tracking store in seconds, before a long run; 'serve' to "
+        "serve the policy in paths.model_dir over HTTP (serve.host, serve.port; not a stage); "
+        "'export CHECKPOINT_DIR OUT' to write the policy directory of a training checkpoint "
+        "(trainable-only, or an FSDP sharded state; LoRA merged; not a stage)",
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.max_steps=50 model=kosmos2")
-    parser.add_argument("--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/")
+    parser.add_argument(
+        "--params", metavar="FILE", help="read the composed config from FILE (what dvc.yaml does) instead of conf/"
+    )
     parser.add_argument("--config-dir", default=DEFAULT_CONFIG_DIR, help="Hydra config directory (default: ./conf)")
-    parser.add_argument("--check", action="store_true", help="with 'params': fail if params.yaml differs from conf/ instead of writing it")
-    parser.add_argument("--cfg", choices=["job"], help="print the composed config the command would run with (YAML) and exit, as Hydra's --cfg job")
-    parser.add_argument("-m", "--multirun", action="store_true",
-                        help="a sweep (Hydra's multirun; 'train' only): one job per setting of sweep overrides (a=1,2 range() "
-                             "choice() glob()) or an Optuna search (hparams_search=train_lr), each job in hydra.sweep.dir/N "
-                             "and an MLflow run nested under the sweep's, which keeps the best (src/vlaops/sweep.py)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with 'params': fail if params.yaml differs from conf/ instead of writing it",
+    )
+    parser.add_argument(
+        "--cfg",
+        choices=["job"],
+        help="print the composed config the command would run with (YAML) and exit, as Hydra's --cfg job",
+    )
+    parser.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="a sweep (Hydra's multirun; 'train' only): one job per setting of sweep overrides (a=1,2 range() "
+        "choice() glob()) or an Optuna search (hparams_search=train_lr), each job in hydra.sweep.dir/N "
+        "and an MLflow run nested under the sweep's, which keeps the best (src/vlaops/sweep.py)",
+    )
     inspect = parser.add_argument_group(
         "inspect PATH (not a stage)",
         "what to check before spending GPU hours: 'vlaops inspect PATH [key=value ...]' summarises a directory of\n"
         "recordings (read as ingest reads them, with the data.* settings), canonical episodes or a CALVIN split:\n"
         "episodes, frames, tasks, instruction counts, action ranges per dimension, image sizes, control rate,\n"
-        "and the recordings that cannot be read, with the reason")
-    inspect.add_argument("--sheet", metavar="PNG", help="draw a contact sheet there: first / middle / last frame of a few episodes, per camera")
-    inspect.add_argument("--episodes", metavar="N", type=int, default=6, help="episodes on the contact sheet (default: 6)")
+        "and the recordings that cannot be read, with the reason",
+    )
+    inspect.add_argument(
+        "--sheet",
+        metavar="PNG",
+        help="draw a contact sheet there: first / middle / last frame of a few episodes, per camera",
+    )
+    inspect.add_argument(
+        "--episodes", metavar="N", type=int, default=6, help="episodes on the contact sheet (default: 6)"
+    )
     inspect.add_argument("--json", metavar="FILE", help="also write the summary to FILE as JSON")
     return parser
 
@@ -101,7 +127,9 @@ def _write_params(args: argparse.Namespace) -> None:
     if args.check:
         current = yaml.safe_load(target.read_text()) if target.is_file() else None
         if current != yaml.safe_load(text):
-            raise VlaopsError(f"{target}: differs from the composition of {args.config_dir}/; run 'vlaops params' to rewrite it")
+            raise VlaopsError(
+                f"{target}: differs from the composition of {args.config_dir}/; run 'vlaops params' to rewrite it"
+            )
         log.info("%s matches %s/", target, args.config_dir)
         return
     with atomic_file(target) as handle:
@@ -129,8 +157,12 @@ def check_all(cfg: Config) -> None:
     keys = sorted({key for stage in STAGES for key in check_outputs(cfg, stage)})
     check_store(cfg.tracking)
     connect(cfg.compute)
-    log.info("config valid; %d output paths writable (%s); tracking store usable; executor %s", len(keys),
-             ", ".join(keys), cfg.compute.executor)
+    log.info(
+        "config valid; %d output paths writable (%s); tracking store usable; executor %s",
+        len(keys),
+        ", ".join(keys),
+        cfg.compute.executor,
+    )
 
 
 def _inspect_path(args: argparse.Namespace) -> str:
@@ -138,7 +170,9 @@ def _inspect_path(args: argparse.Namespace) -> str:
     taken out of ``args.overrides`` so the rest compose the config."""
     paths = [a for a in args.overrides if "=" not in a or Path(a).exists()]
     if len(paths) != 1:
-        raise VlaopsError(f"expected one PATH (a directory of recordings, episodes or a CALVIN split), got {paths or 'none'}")
+        raise VlaopsError(
+            f"expected one PATH (a directory of recordings, episodes or a CALVIN split), got {paths or 'none'}"
+        )
     args.overrides.remove(paths[0])
     return paths[0]
 
@@ -147,7 +181,9 @@ def _export_paths(args: argparse.Namespace) -> tuple[str, str]:
     """``vlaops export CHECKPOINT_DIR OUT [key=value ...]``: the two arguments that are not Hydra overrides."""
     paths = [a for a in args.overrides if "=" not in a]
     if len(paths) != 2:
-        raise VlaopsError(f"expected CHECKPOINT_DIR and OUT (a step_XXXXXXX or paths.checkpoint_dir, and the policy directory to write), got {paths or 'none'}")
+        raise VlaopsError(
+            f"expected CHECKPOINT_DIR and OUT (a step_XXXXXXX or paths.checkpoint_dir, and the policy directory to write), got {paths or 'none'}"
+        )
     for p in paths:
         args.overrides.remove(p)
     return paths[0], paths[1]
@@ -172,7 +208,7 @@ def _raise_signalled(signum: int, frame: object) -> None:
     signal_arrived(signum)
 
 
-def _quiet_swallowed_signal(unraisable: "sys.UnraisableHookArgs") -> None:
+def _quiet_swallowed_signal(unraisable: sys.UnraisableHookArgs) -> None:
     """Python prints an exception raised where it cannot propagate (a C callback, ``__del__``) as
     "Exception ignored ... Traceback"; for our Terminated that is the signal, which the work loops honour
     at their next item (``utils.signals.raise_if_signalled``): no traceback for the user."""
@@ -230,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         signum = signal_behind(exc)
         if signum is not None:
             name = signal.Signals(signum).name
-            print(f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is KILLED", file=sys.stderr)
+            print(
+                f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is KILLED",
+                file=sys.stderr,
+            )
             return 128 + signum
         if isinstance(exc, VlaopsError):
             print(f"vlaops {args.command}: error: {exc}", file=sys.stderr)

@@ -64,8 +64,10 @@ class Config:
         # clipped away in training (RoboVLMs' +-0.65) and no policy can reproduce it (issue 6).
         limit = min(-self.data.norm_min, self.data.norm_max)
         if self.sim.expert_max_action > limit:
-            raise ValueError(f"sim.expert_max_action={self.sim.expert_max_action} exceeds the normalisation range "
-                             f"data.norm_min/norm_max=[{self.data.norm_min}, {self.data.norm_max}]; set it <= {limit}")
+            raise ValueError(
+                f"sim.expert_max_action={self.sim.expert_max_action} exceeds the normalisation range "
+                f"data.norm_min/norm_max=[{self.data.norm_min}, {self.data.norm_max}]; set it <= {limit}"
+            )
 
 
 def validate(raw: DictConfig | dict[str, Any], source: str) -> Config:
@@ -82,7 +84,9 @@ def validate(raw: DictConfig | dict[str, Any], source: str) -> Config:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = OmegaConf.select(schema, parent) if parent else schema
         known = sorted(node.keys()) if isinstance(node, DictConfig) else []
-        raise VlaopsError(f"{source}: config key '{key}' does not exist; known keys{f' of {parent!r}' if parent else ''}: {known}") from None
+        raise VlaopsError(
+            f"{source}: config key '{key}' does not exist; known keys{f' of {parent!r}' if parent else ''}: {known}"
+        ) from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", "")
         raise VlaopsError(f"{source}: config key '{key}': {str(exc).splitlines()[0]}") from None
@@ -90,8 +94,11 @@ def validate(raw: DictConfig | dict[str, Any], source: str) -> Config:
         raise VlaopsError(f"{source}: {exc}") from None
 
 
-def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR,
-            return_hydra_config: bool = False) -> DictConfig:
+def compose(
+    overrides: list[str] | None = None,
+    config_dir: str | os.PathLike[str] = DEFAULT_CONFIG_DIR,
+    return_hydra_config: bool = False,
+) -> DictConfig:
     """Compose ``conf/config.yaml`` with Hydra overrides (``train.max_steps=10``, ``model=kosmos2``); with
     ``return_hydra_config`` the result keeps Hydra's own node too (``hydra.sweeper``, ``hydra.sweep.dir``)."""
     from hydra import compose as hydra_compose
@@ -103,7 +110,9 @@ def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[st
         raise VlaopsError(f"{config_dir}/{CONFIG_NAME}.yaml: not found; run from the project root or pass --config-dir")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides or []), return_hydra_config=return_hydra_config)
+            return hydra_compose(
+                config_name=CONFIG_NAME, overrides=list(overrides or []), return_hydra_config=return_hydra_config
+            )
     except (HydraException, OmegaConfBaseException) as exc:
         lines = [line for line in str(exc).splitlines() if line.strip()]
         unknown = re.match(r"Could not override '([^']+)'", lines[0]) if lines else None
@@ -115,7 +124,9 @@ def compose(overrides: list[str] | None = None, config_dir: str | os.PathLike[st
         options = re.search(r"Available options in '([^']+)':\n((?:\t[^\n]*\n?)*)", str(exc))
         if options:  # Hydra lists the options one per line; keep them all on the one line
             names = ", ".join(o.strip() for o in options.group(2).splitlines() if o.strip())
-            raise VlaopsError(f"{config_dir}: {lines[0]}; available options in '{options.group(1)}': {names or 'none'}") from None
+            raise VlaopsError(
+                f"{config_dir}: {lines[0]}; available options in '{options.group(1)}': {names or 'none'}"
+            ) from None
         raise VlaopsError(f"{config_dir}: {' '.join(lines[:2])}") from None
 
 

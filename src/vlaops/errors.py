@@ -19,8 +19,9 @@ class RecordingError(VlaopsError):
     (a short, stable name of what failed, e.g. ``non_finite``, ``joint_limits``, ``unreadable``).
     """
 
-    def __init__(self, recording: str, reason: str, *, check: str, stream: str | None = None,
-                 episode: str | None = None) -> None:
+    def __init__(
+        self, recording: str, reason: str, *, check: str, stream: str | None = None, episode: str | None = None
+    ) -> None:
         reason = " ".join(reason.split())  # one line, even when a library's message spans several (YAML errors)
         # and the same line in every run: a library's repr of an object names its address (PIL did)
         reason = re.sub(r" at 0x[0-9a-fA-F]+", "", reason)
@@ -31,7 +32,9 @@ class RecordingError(VlaopsError):
         return _recording_error, (self.recording, self.reason, self.check, self.stream, self.episode)
 
 
-def _recording_error(recording: str, reason: str, check: str, stream: str | None, episode: str | None) -> RecordingError:
+def _recording_error(
+    recording: str, reason: str, check: str, stream: str | None, episode: str | None
+) -> RecordingError:
     return RecordingError(recording, reason, check=check, stream=stream, episode=episode)
 
 

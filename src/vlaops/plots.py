@@ -78,10 +78,21 @@ def sr_by_chain_length(figures: Mapping[str, Mapping[str, Any]], chain_length: i
         sr = np.array([figs[f"sr_{k}"] for k in xs])
         ci = np.array([figs[f"sr_{k}_ci"] for k in xs])  # (n, 2) low, high
         err = np.stack([sr - ci[:, 0], ci[:, 1] - sr]).clip(min=0)
-        ax.bar(xs + (i - (len(figures) - 1) / 2) * width, sr, width, yerr=err, capsize=3,
-               label=f"{label} (Avg. Len {figs['avg_len']:.2f})")
-    ax.set(xlabel="tasks completed in a row", ylabel="success rate", ylim=(0, 1.05), xticks=xs,
-           title=f"Success rate by chain length ({confidence:.0%} interval)")
+        ax.bar(
+            xs + (i - (len(figures) - 1) / 2) * width,
+            sr,
+            width,
+            yerr=err,
+            capsize=3,
+            label=f"{label} (Avg. Len {figs['avg_len']:.2f})",
+        )
+    ax.set(
+        xlabel="tasks completed in a row",
+        ylabel="success rate",
+        ylim=(0, 1.05),
+        xticks=xs,
+        title=f"Success rate by chain length ({confidence:.0%} interval)",
+    )
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -95,8 +106,14 @@ def task_success(task_info: Mapping[str, Mapping[str, int]]) -> Any:
     rates = [task_info[t]["success"] / task_info[t]["total"] if task_info[t]["total"] else 0.0 for t in names]
     bars = ax.barh(names, rates, color="tab:blue")
     for bar, t in zip(bars, names):
-        ax.annotate(f"{task_info[t]['success']}/{task_info[t]['total']}", (bar.get_width(), bar.get_y() + bar.get_height() / 2),
-                    xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        ax.annotate(
+            f"{task_info[t]['success']}/{task_info[t]['total']}",
+            (bar.get_width(), bar.get_y() + bar.get_height() / 2),
+            xytext=(3, 0),
+            textcoords="offset points",
+            va="center",
+            fontsize=8,
+        )
     ax.set(xlabel="success rate", xlim=(0, 1.1), title="Per-task success (policy)")
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
@@ -115,7 +132,9 @@ def action_trajectories(episodes: Sequence[Mapping[str, Any]], dim_names: Sequen
     for d, (ax, name) in enumerate(zip(axes, dim_names)):
         for e, ep in enumerate(episodes):
             color = colors[e % len(colors)]
-            ax.plot(np.asarray(ep["recorded"])[:, d], "-", color=color, linewidth=1.2, label=ep["label"] if d == 0 else None)
+            ax.plot(
+                np.asarray(ep["recorded"])[:, d], "-", color=color, linewidth=1.2, label=ep["label"] if d == 0 else None
+            )
             ax.plot(np.asarray(ep["predicted"])[:, d], "--", color=color, linewidth=1.2)
         ax.set_title(name, fontsize=9)
         ax.grid(alpha=0.3)

@@ -122,32 +122,43 @@ def plan(overrides: list[str], config_dir: str | Path) -> Plan:
     task = [o for o in parsed if not o.is_hydra_override()]
     for o in task:
         if o.is_sweep_override() and o.key_or_group.startswith("tracking."):
-            raise VlaopsError(f"{o.input_line}: tracking.* cannot be swept (the jobs' runs nest under one parent in one store)")
+            raise VlaopsError(
+                f"{o.input_line}: tracking.* cannot be swept (the jobs' runs nest under one parent in one store)"
+            )
     fixed = [o.input_line for o in task if not o.is_sweep_override()]
     quiet = [f"{k}={v}" for k, v in QUIET_LOGGING.items() if not any(o.key_or_group == k for o in parsed)]
     raw = compose([*hydra_overrides, *quiet, *fixed], config_dir, return_hydra_config=True)
     sweeper = raw.hydra.sweeper
     sweep_dir = Path(str(OmegaConf.select(raw, "hydra.sweep.dir")))  # ${now:...} resolved once, for every job
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
-        raise VlaopsError(f"hydra.sweep.dir={sweep_dir}: exists and is not empty (its jobs would overwrite another sweep's); choose another")
+        raise VlaopsError(
+            f"hydra.sweep.dir={sweep_dir}: exists and is not empty (its jobs would overwrite another sweep's); choose another"
+        )
     # what the sweeper gets, as in Hydra: its params (hydra.sweeper.params) first, the command line after
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
     arguments = [*params, *(o.input_line for o in task)]
-    multirun = [*(o for o in hydra_overrides if not o.startswith("hydra.sweep.dir=")), *quiet,
-                f"hydra.sweep.dir={_quoted(str(sweep_dir))}", *(o.input_line for o in task)]
+    multirun = [
+        *(o for o in hydra_overrides if not o.startswith("hydra.sweep.dir=")),
+        *quiet,
+        f"hydra.sweep.dir={_quoted(str(sweep_dir))}",
+        *(o.input_line for o in task),
+    ]
     if sweeper._target_ == BASIC_SWEEPER:
         result = _plan_grid(config_dir, arguments, hydra_overrides, sweep_dir, multirun)
     elif sweeper._target_ == OPTUNA_SWEEPER:
         result = _plan_search(config_dir, arguments, hydra_overrides, sweep_dir, multirun, sweeper)
     else:
-        raise VlaopsError(f"hydra.sweeper: {sweeper._target_} is not supported; vlaops sweeps with Hydra's basic "
-                          "sweeper (a grid) or hydra-optuna-sweeper (hparams_search=...)")
+        raise VlaopsError(
+            f"hydra.sweeper: {sweeper._target_} is not supported; vlaops sweeps with Hydra's basic "
+            "sweeper (a grid) or hydra-optuna-sweeper (hparams_search=...)"
+        )
     result.fixed = [o.input_line for o in task if o.key_or_group not in result.swept]
     return result
 
 
-def _plan_grid(config_dir: Path, arguments: list[str], hydra_overrides: list[str], sweep_dir: Path,
-               multirun: list[str]) -> Plan:
+def _plan_grid(
+    config_dir: Path, arguments: list[str], hydra_overrides: list[str], sweep_dir: Path, multirun: list[str]
+) -> Plan:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.errors import HydraException
 
@@ -156,10 +167,16 @@ def _plan_grid(config_dir: Path, arguments: list[str], hydra_overrides: list[str
         try:  # the BasicSweeper's own expansion (a cartesian product, in the order of the keys)
             (jobs,) = BasicSweeper.split_arguments(parsed, None)
         except HydraException as exc:
-            raise VlaopsError(f"{_one_line(exc)} (a grid takes a=1,2 range() choice() glob(); interval() needs hparams_search=...)") from None
+            raise VlaopsError(
+                f"{_one_line(exc)} (a grid takes a=1,2 range() choice() glob(); interval() needs hparams_search=...)"
+            ) from None
     swept = list(dict.fromkeys(o.key_or_group for o in parsed if o.is_sweep_override()))
-    configs = [_job_config([*hydra_overrides, *job], config_dir, f"job #{i} ({' '.join(_settings(job, swept)) or 'nothing swept'})")
-               for i, job in enumerate(jobs)]
+    configs = [
+        _job_config(
+            [*hydra_overrides, *job], config_dir, f"job #{i} ({' '.join(_settings(job, swept)) or 'nothing swept'})"
+        )
+        for i, job in enumerate(jobs)
+    ]
     return Plan("basic", sweep_dir, multirun, swept, jobs=jobs, base=configs[0])
 
 
@@ -169,14 +186,22 @@ def _probe_values(distribution: Any) -> list[Any]:
     return list(choices) if choices is not None else [distribution.low, distribution.high]
 
 
-def _plan_search(config_dir: Path, arguments: list[str], hydra_overrides: list[str], sweep_dir: Path,
-                 multirun: list[str], sweeper: DictConfig) -> Plan:
+def _plan_search(
+    config_dir: Path,
+    arguments: list[str],
+    hydra_overrides: list[str],
+    sweep_dir: Path,
+    multirun: list[str],
+    sweeper: DictConfig,
+) -> Plan:
     from hydra.errors import HydraException
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
     direction = OmegaConf.to_container(sweeper, resolve=True)["direction"]
     if str(direction).rsplit(".", 1)[-1] != "minimize":
-        raise VlaopsError(f"hydra.sweeper.direction={direction}: a vlaops sweep minimises {OBJECTIVE}; set it to minimize")
+        raise VlaopsError(
+            f"hydra.sweeper.direction={direction}: a vlaops sweep minimises {OBJECTIVE}; set it to minimize"
+        )
     if sweeper.n_trials < 1:
         raise VlaopsError(f"hydra.sweeper.n_trials={sweeper.n_trials}: must be >= 1")
     try:  # the plugin's own reading of its params and the command line
@@ -185,18 +210,30 @@ def _plan_search(config_dir: Path, arguments: list[str], hydra_overrides: list[s
         raise VlaopsError(f"search space: {_one_line(exc)}") from None
     space = {k: v for k, v in space.items() if k not in fixed_params}
     if not space:
-        raise VlaopsError("hparams_search: the search space is empty (hydra.sweeper.params, or a sweep such as 'train.learning_rate=interval(1e-4,1e-2)')")
+        raise VlaopsError(
+            "hparams_search: the search space is empty (hydra.sweeper.params, or a sweep such as 'train.learning_rate=interval(1e-4,1e-2)')"
+        )
     fixed = [f"{k}={v}" for k, v in fixed_params.items()]
     first = {k: _probe_values(d)[0] for k, d in space.items()}
     base = None
     for key, distribution in space.items():
         for value in _probe_values(distribution):
             setting = {**first, key: value}
-            cfg = _job_config([*hydra_overrides, *fixed, *(f"{k}={v}" for k, v in setting.items())], config_dir,
-                              f"search space ({key}={value})")
+            cfg = _job_config(
+                [*hydra_overrides, *fixed, *(f"{k}={v}" for k, v in setting.items())],
+                config_dir,
+                f"search space ({key}={value})",
+            )
             base = base or cfg
-    return Plan("optuna", sweep_dir, multirun, list(space), search_space={k: repr(v) for k, v in space.items()},
-                n_trials=int(sweeper.n_trials), base=base)
+    return Plan(
+        "optuna",
+        sweep_dir,
+        multirun,
+        list(space),
+        search_space={k: repr(v) for k, v in space.items()},
+        n_trials=int(sweeper.n_trials),
+        base=base,
+    )
 
 
 def _settings(job_overrides: list[str], swept: list[str]) -> list[str]:
@@ -209,25 +246,43 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def run_sweep(stage: str, overrides: list[str], config_dir: str | Path, run_stage: Callable[[str, Config], None]) -> dict[str, Any]:
+def run_sweep(
+    stage: str, overrides: list[str], config_dir: str | Path, run_stage: Callable[[str, Config], None]
+) -> dict[str, Any]:
     """Plan the sweep, open its parent run, run every job through Hydra's multirun (``run_stage`` runs
     one job's stage), then keep the best job on the parent run and in ``hydra.sweep.dir/sweep.json``."""
     if stage not in SWEEPABLE:
         raise VlaopsError(f"-m sweeps {', '.join(SWEEPABLE)} only ({stage} re-opens the run that trained the policy)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process would run the whole sweep and open a parent run
-        raise VlaopsError("-m runs the jobs one after another in one process; start it without accelerate launch / torchrun")
+        raise VlaopsError(
+            "-m runs the jobs one after another in one process; start it without accelerate launch / torchrun"
+        )
     the_plan = plan(overrides, config_dir)
     assert the_plan.base is not None
     tracking.check_store(the_plan.base.tracking)
     name = the_plan.base.tracking.run_name or time.strftime("sweep-%Y%m%d-%H%M%S", time.gmtime())
-    parent_cfg = dataclasses.replace(the_plan.base.tracking, run_name=name, system_metrics=False)  # the jobs sample their own
-    tags = {"stage": "sweep", "sweep.sweeper": the_plan.sweeper, "sweep.stage": stage, "sweep.dir": str(the_plan.sweep_dir.resolve()),
-            "sweep.overrides": " ".join(overrides)[:5000], "sweep.swept": " ".join(the_plan.swept), "sweep.objective": OBJECTIVE,
-            "sweep.jobs": str(the_plan.n_jobs)}
+    parent_cfg = dataclasses.replace(
+        the_plan.base.tracking, run_name=name, system_metrics=False
+    )  # the jobs sample their own
+    tags = {
+        "stage": "sweep",
+        "sweep.sweeper": the_plan.sweeper,
+        "sweep.stage": stage,
+        "sweep.dir": str(the_plan.sweep_dir.resolve()),
+        "sweep.overrides": " ".join(overrides)[:5000],
+        "sweep.swept": " ".join(the_plan.swept),
+        "sweep.objective": OBJECTIVE,
+        "sweep.jobs": str(the_plan.n_jobs),
+    }
     if the_plan.search_space:
         tags["sweep.search_space"] = json.dumps(the_plan.search_space)[:5000]
-    log.info("sweep of %d %s job(s) over %s into %s", the_plan.n_jobs, the_plan.sweeper, ", ".join(the_plan.swept) or "no key",
-             the_plan.sweep_dir)
+    log.info(
+        "sweep of %d %s job(s) over %s into %s",
+        the_plan.n_jobs,
+        the_plan.sweeper,
+        ", ".join(the_plan.swept) or "no key",
+        the_plan.sweep_dir,
+    )
     jobs: list[dict[str, Any]] = []
     with tracking.run(parent_cfg, tags=tags) as mlflow:
         parent_id = tracking.active_run_id(mlflow)
@@ -249,8 +304,17 @@ def run_sweep(stage: str, overrides: list[str], config_dir: str | Path, run_stag
             value = float(json.loads((model_dir / TRAIN_RESULT_FILE).read_text())["last_val_loss"])
             run_file = model_dir / tracking.RUN_FILE
             run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
-            jobs.append({"job": num, "settings": settings, OBJECTIVE: _finite(value), "run_id": run_id,
-                         "dir": str(job_dir), "model_dir": str(model_dir), "reports_dir": cfg.paths.reports_dir})
+            jobs.append(
+                {
+                    "job": num,
+                    "settings": settings,
+                    OBJECTIVE: _finite(value),
+                    "run_id": run_id,
+                    "dir": str(job_dir),
+                    "model_dir": str(model_dir),
+                    "reports_dir": cfg.paths.reports_dir,
+                }
+            )
             tracking.log_metrics(mlflow, {tracking.SWEEP_VAL_LOSS: value}, step=num)  # the parent's: one point per job
             return value
 
@@ -263,14 +327,31 @@ def run_sweep(stage: str, overrides: list[str], config_dir: str | Path, run_stag
             best = summary["best"]
             if best is not None:
                 if finished:
-                    best["registered_version"] = tracking.register_run_model(mlflow, the_plan.base.tracking, best["run_id"])
+                    best["registered_version"] = tracking.register_run_model(
+                        mlflow, the_plan.base.tracking, best["run_id"]
+                    )
                 tracking.log_metrics(mlflow, {tracking.BEST_VAL_LOSS: best[OBJECTIVE]})
-                tracking.log_tags(mlflow, {"best.job": best["job"], "best.settings": " ".join(best["settings"]),
-                                           "best.run_id": best["run_id"], "best.model_dir": best["model_dir"],
-                                           **({"best.registered_version": best["registered_version"]} if best.get("registered_version") else {})})
+                tracking.log_tags(
+                    mlflow,
+                    {
+                        "best.job": best["job"],
+                        "best.settings": " ".join(best["settings"]),
+                        "best.run_id": best["run_id"],
+                        "best.model_dir": best["model_dir"],
+                        **(
+                            {"best.registered_version": best["registered_version"]}
+                            if best.get("registered_version")
+                            else {}
+                        ),
+                    },
+                )
             write_json(the_plan.sweep_dir / SUMMARY_FILE, summary)
             tracking.log_tags(mlflow, {"sweep.jobs_finished": len(jobs)})
-            for artifact in (SUMMARY_FILE, "optimization_results.yaml", "multirun.yaml"):  # ours, the Optuna plugin's, the BasicSweeper's
+            for artifact in (
+                SUMMARY_FILE,
+                "optimization_results.yaml",
+                "multirun.yaml",
+            ):  # ours, the Optuna plugin's, the BasicSweeper's
                 tracking.log_artifact(mlflow, the_plan.sweep_dir / artifact, "sweep")
     _report(summary, the_plan)
     return summary
@@ -282,16 +363,25 @@ def _multirun(config_dir: Path, overrides: list[str], task: Callable[[DictConfig
     from hydra.core.global_hydra import GlobalHydra
 
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        GlobalHydra.instance().hydra.multirun(config_name=CONFIG_NAME, task_function=task, overrides=overrides,
-                                              with_log_configuration=False)
+        GlobalHydra.instance().hydra.multirun(
+            config_name=CONFIG_NAME, task_function=task, overrides=overrides, with_log_configuration=False
+        )
 
 
 def _summarize(the_plan: Plan, jobs: list[dict[str, Any]], parent_id: str | None) -> dict[str, Any]:
     ranked = [j for j in jobs if j[OBJECTIVE] is not None]
     best = min(ranked, key=lambda j: (j[OBJECTIVE], j["job"])) if ranked else None
-    return {"sweeper": the_plan.sweeper, "dir": str(the_plan.sweep_dir), "objective": OBJECTIVE, "direction": "minimize",
-            "swept": the_plan.swept, "search_space": the_plan.search_space, "parent_run_id": parent_id,
-            "jobs": sorted(jobs, key=lambda j: j["job"]), "best": best}
+    return {
+        "sweeper": the_plan.sweeper,
+        "dir": str(the_plan.sweep_dir),
+        "objective": OBJECTIVE,
+        "direction": "minimize",
+        "swept": the_plan.swept,
+        "search_space": the_plan.search_space,
+        "parent_run_id": parent_id,
+        "jobs": sorted(jobs, key=lambda j: j["job"]),
+        "best": best,
+    }
 
 
 def _report(summary: dict[str, Any], the_plan: Plan) -> None:
@@ -302,7 +392,19 @@ def _report(summary: dict[str, Any], the_plan: Plan) -> None:
         log.warning("sweep: no job has a finite %s", OBJECTIVE)
         return
     own = tuple(f"paths.{k}=" for k in JOB_PATHS)  # the sweep set these per job
-    evaluate = ["vlaops", "evaluate", *(o for o in the_plan.fixed if not o.startswith(own)), *best["settings"], f"paths.model_dir={best['model_dir']}",
-                f"paths.reports_dir={best['reports_dir']}"]
-    log.info("best: job #%d (%s) %s=%.4g; evaluate it (onto its run) with: %s", best["job"], " ".join(best["settings"]) or "nothing swept",
-             OBJECTIVE, best[OBJECTIVE], shlex.join(evaluate))
+    evaluate = [
+        "vlaops",
+        "evaluate",
+        *(o for o in the_plan.fixed if not o.startswith(own)),
+        *best["settings"],
+        f"paths.model_dir={best['model_dir']}",
+        f"paths.reports_dir={best['reports_dir']}",
+    ]
+    log.info(
+        "best: job #%d (%s) %s=%.4g; evaluate it (onto its run) with: %s",
+        best["job"],
+        " ".join(best["settings"]) or "nothing swept",
+        OBJECTIVE,
+        best[OBJECTIVE],
+        shlex.join(evaluate),
+    )

@@ -14,12 +14,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from vlaops.errors import VlaopsError
 from vlaops.utils.locks import file_lock
-from vlaops.utils.paths import check_writable
 from vlaops.utils.logging import get_logger
+from vlaops.utils.paths import check_writable
 from vlaops.utils.signals import signal_behind
 
 log = get_logger(__name__)
@@ -67,19 +67,21 @@ def figure_prefix(label: str) -> str:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative path is the project root's
+    uri: str | None = (
+        None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a relative path is the project root's
+    )
     experiment_name: str = "vlaops"
-    run_name: Optional[str] = None  # None: the DVC experiment's name under `dvc exp run`, else run-<UTC time>
+    run_name: str | None = None  # None: the DVC experiment's name under `dvc exp run`, else run-<UTC time>
     system_metrics: bool = True  # CPU, memory, disk (and GPU where pynvml sees one) sampled every 10 s into the run
     log_model: bool = True  # the exported policy as an MLflow model (pyfunc) in the train run
-    registered_model: Optional[str] = "vlaops-policy"  # and registered under this name; None: not registered
+    registered_model: str | None = "vlaops-policy"  # and registered under this name; None: not registered
 
 
 SQLITE = "sqlite:///"
 
 
 def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len(SQLITE):].split("?", 1)[0]) if uri.startswith(SQLITE) else None
+    return Path(uri[len(SQLITE) :].split("?", 1)[0]) if uri.startswith(SQLITE) else None
 
 
 def project_root() -> Path:
@@ -100,7 +102,7 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     """Config beats the environment, the environment beats the default: one answer, logged once.
     A relative sqlite path is made absolute against :func:`project_root`."""
     uri = cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    path, sep, query = uri[len(SQLITE):].partition("?")
+    path, sep, query = uri[len(SQLITE) :].partition("?")
     if uri.startswith(SQLITE) and not Path(path).is_absolute():
         uri = f"{SQLITE}{project_root() / path}{sep}{query}"
     return uri
@@ -148,8 +150,6 @@ def _mlflow(cfg: TrackingConfig):  # imported lazily: mlflow takes seconds to im
     return mlflow
 
 
-
-
 def check_store(cfg: TrackingConfig) -> None:
     """Fail fast: a sqlite store must be creatable (or an existing writable file); the error names
     ``tracking.uri``. Other stores (a server) are checked when the run opens."""
@@ -176,12 +176,16 @@ def store_setup_lock(cfg: TrackingConfig) -> Iterator[None]:
             db.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(file_lock(db.with_name(f".{db.name}.lock"), wait=True))
         except OSError as exc:
-            raise VlaopsError(f"tracking.uri={uri}: cannot create the store's directory or lock file ({exc.strerror}: {exc.filename})") from None
+            raise VlaopsError(
+                f"tracking.uri={uri}: cannot create the store's directory or lock file ({exc.strerror}: {exc.filename})"
+            ) from None
         yield
 
 
 # (parent run id, tags) that new runs opened by run() nest under: set by nested_under, for a sweep's jobs
-_PARENT: contextvars.ContextVar[tuple[str, dict[str, str]] | None] = contextvars.ContextVar("vlaops_parent_run", default=None)
+_PARENT: contextvars.ContextVar[tuple[str, dict[str, str]] | None] = contextvars.ContextVar(
+    "vlaops_parent_run", default=None
+)
 
 
 @contextlib.contextmanager
@@ -189,7 +193,9 @@ def nested_under(parent_run_id: str | None, tags: dict[str, Any] | None = None) 
     """Inside the block every new run that :func:`run` opens (a sweep job's train run) is a child of
     ``parent_run_id`` (MLflow's nested runs) and carries ``tags``; a re-opened run keeps its place.
     None (tracking disabled): nothing changes."""
-    token = _PARENT.set(None if parent_run_id is None else (parent_run_id, {k: str(v) for k, v in (tags or {}).items()}))
+    token = _PARENT.set(
+        None if parent_run_id is None else (parent_run_id, {k: str(v) for k, v in (tags or {}).items()})
+    )
     try:
         yield
     finally:
@@ -197,8 +203,9 @@ def nested_under(parent_run_id: str | None, tags: dict[str, Any] | None = None) 
 
 
 @contextlib.contextmanager
-def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | None = None,
-        parent_run_id: str | None = None) -> Iterator[Any]:
+def run(
+    cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | None = None, parent_run_id: str | None = None
+) -> Iterator[Any]:
     """Open (or re-open, by ``run_id``) an MLflow run; it ends KILLED on SIGINT/SIGTERM, FAILED if the
     block raises anything else. A new run is nested under ``parent_run_id`` (or the run of an enclosing
     :func:`nested_under`), which must be running.
@@ -220,8 +227,14 @@ def run(cfg: TrackingConfig, run_id: str | None = None, tags: dict[str, str] | N
             run_name = cfg.run_name or default_run_name()
             parent_run_id = parent_run_id or (enclosing[0] if enclosing else None)
             tags = {**dvc_tags(), **(enclosing[1] if enclosing else {}), **(tags or {})}
-        active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags, log_system_metrics=cfg.system_metrics,
-                                  nested=parent_run_id is not None or enclosing is not None, parent_run_id=parent_run_id)
+        active = mlflow.start_run(
+            run_id=run_id,
+            run_name=run_name,
+            tags=tags,
+            log_system_metrics=cfg.system_metrics,
+            nested=parent_run_id is not None or enclosing is not None,
+            parent_run_id=parent_run_id,
+        )
     log.info("MLflow run %s in %s", active.info.run_id, tracking_uri(cfg))
     try:
         yield mlflow
@@ -276,7 +289,9 @@ def log_datasets(mlflow: Any, splits: dict[str, Path], fingerprint: str) -> None
 
     for split, path in splits.items():
         digest = hashlib.sha256(f"{fingerprint}/{split}".encode()).hexdigest()[:16]
-        dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=f"calvin/{split}", digest=digest)
+        dataset = MetaDataset(
+            LocalArtifactDatasetSource(str(Path(path).resolve())), name=f"calvin/{split}", digest=digest
+        )
         mlflow.log_input(dataset, context=split, tags={"vlaops.data_fingerprint": fingerprint})
 
 
@@ -306,10 +321,19 @@ def log_policy_model(mlflow: Any, cfg: TrackingConfig, model_dir: Path, signatur
     from vlaops.model import mlflow_model
 
     info = pyfunc.log_model(
-        name=MODEL_NAME, python_model=mlflow_model.__file__, artifacts={mlflow_model.POLICY_ARTIFACT: str(model_dir)},
-        signature=signature, input_example=example, registered_model_name=cfg.registered_model,
+        name=MODEL_NAME,
+        python_model=mlflow_model.__file__,
+        artifacts={mlflow_model.POLICY_ARTIFACT: str(model_dir)},
+        signature=signature,
+        input_example=example,
+        registered_model_name=cfg.registered_model,
         # what loading it needs besides vlaops itself, pinned to what trained it (no inference: it imports the model)
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}", "pillow", "pandas"],
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+            "pillow",
+            "pandas",
+        ],
     )
     version = getattr(info, "registered_model_version", None)
     if version is not None:
@@ -323,8 +347,13 @@ def register_run_model(mlflow: Any, cfg: TrackingConfig, run_id: str | None) -> 
     if mlflow is None or run_id is None or not (cfg.log_model and cfg.registered_model):
         return None
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
-    logged = [m for m in mlflow.search_logged_models(experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                                     output_format="list") if m.name == MODEL_NAME]
+    logged = [
+        m
+        for m in mlflow.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'", output_format="list"
+        )
+        if m.name == MODEL_NAME
+    ]
     if not logged:
         return None
     version = mlflow.register_model(f"{MODELS_URI}{logged[0].model_id}", cfg.registered_model).version
@@ -352,10 +381,14 @@ def policy_dir(cfg: TrackingConfig, model_dir: str) -> Iterator[Path]:
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=str(model_dir), dst_path=tmp))
         except (MlflowException, OSError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise VlaopsError(f"paths.model_dir={model_dir}: no such registered policy in {tracking_uri(cfg)} ({first})") from None
+            raise VlaopsError(
+                f"paths.model_dir={model_dir}: no such registered policy in {tracking_uri(cfg)} ({first})"
+            ) from None
         policy = local / "artifacts" / mlflow_model.POLICY_ARTIFACT
         if not policy.is_dir():
-            raise VlaopsError(f"paths.model_dir={model_dir}: not a vlaops policy (no artifacts/{mlflow_model.POLICY_ARTIFACT} in the model)")
+            raise VlaopsError(
+                f"paths.model_dir={model_dir}: not a vlaops policy (no artifacts/{mlflow_model.POLICY_ARTIFACT} in the model)"
+            )
         log.info("evaluating %s (downloaded to %s)", model_dir, policy)
         yield policy
 

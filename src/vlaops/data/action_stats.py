@@ -40,29 +40,49 @@ def normalize(calvin_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
     with atomic_dir(out_dir) as tmp:
         normalizer.save(tmp / NORMALIZATION_FILE)
         write_json(tmp / STATS_FILE, summary)
-    log.info("action stats over %d training frames; %.1f%% of arm values clipped to [%g, %g]",
-             len(actions), 100 * clipped, cfg.norm_min, cfg.norm_max)
+    log.info(
+        "action stats over %d training frames; %.1f%% of arm values clipped to [%g, %g]",
+        len(actions),
+        100 * clipped,
+        cfg.norm_min,
+        cfg.norm_max,
+    )
     return summary
 
 
-def _normalize_base(actions: np.ndarray, stats: dict[str, Any], info: calvin.DatasetInfo, out_dir: Path,
-                    cfg: DataConfig) -> dict[str, Any]:
+def _normalize_base(
+    actions: np.ndarray, stats: dict[str, Any], info: calvin.DatasetInfo, out_dir: Path, cfg: DataConfig
+) -> dict[str, Any]:
     """A mobile base's (N, 4) rel_actions: per-dimension bounds of the 3 continuous dims (the training split's
     min and max) onto [norm_min, norm_max]; the action_type class id kept as it is (its counts recorded)."""
     classes = actions[:, -1]
     k = len(info.action_types)
     if np.any(classes != np.round(classes)) or np.any(classes < 0) or np.any(classes >= k):
-        raise VlaopsError(f"{out_dir}: action_type class ids {np.unique(classes)[:5]} outside 0..{k - 1} "
-                          f"(labels {list(info.action_types)}); re-run convert")
+        raise VlaopsError(
+            f"{out_dir}: action_type class ids {np.unique(classes)[:5]} outside 0..{k - 1} "
+            f"(labels {list(info.action_types)}); re-run convert"
+        )
     stats["class_counts"] = np.bincount(classes.astype(np.int64), minlength=k).astype(np.float64).tolist()
-    normalizer = ActionNormalizer(norm_min=cfg.norm_min, norm_max=cfg.norm_max, stats=stats,
-                                  act_min_bound=stats["min"][:-1], act_max_bound=stats["max"][:-1],
-                                  action_classes=k, class_labels=list(info.action_types))
+    normalizer = ActionNormalizer(
+        norm_min=cfg.norm_min,
+        norm_max=cfg.norm_max,
+        stats=stats,
+        act_min_bound=stats["min"][:-1],
+        act_max_bound=stats["max"][:-1],
+        action_classes=k,
+        class_labels=list(info.action_types),
+    )
     summary = {"frames": len(actions), "embodiment": info.embodiment, "action_names": list(BASE_ACTION_NAMES), **stats}
     with atomic_dir(out_dir) as tmp:
         normalizer.save(tmp / NORMALIZATION_FILE)
         write_json(tmp / STATS_FILE, summary)
-    log.info("mobile base: %d training frames; continuous bounds %s..%s -> [%g, %g]; action_type counts %s",
-             len(actions), stats["min"][:-1], stats["max"][:-1], cfg.norm_min, cfg.norm_max,
-             dict(zip(info.action_types, stats["class_counts"])))
+    log.info(
+        "mobile base: %d training frames; continuous bounds %s..%s -> [%g, %g]; action_type counts %s",
+        len(actions),
+        stats["min"][:-1],
+        stats["max"][:-1],
+        cfg.norm_min,
+        cfg.norm_max,
+        dict(zip(info.action_types, stats["class_counts"])),
+    )
     return summary

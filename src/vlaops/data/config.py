@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -15,13 +14,13 @@ class TopicMap:
     defaults each one to ``${sim.topics.<name>}``, so ingest reads what collect records."""
 
     rgb_static: str = "/camera/static/image_raw"  # sensor_msgs/Image or CompressedImage
-    rgb_gripper: Optional[str] = "/camera/gripper/image_raw"
+    rgb_gripper: str | None = "/camera/gripper/image_raw"
     joint_states: str = "/joint_states"  # sensor_msgs/JointState
     tcp_pose: str = "/tcp_pose"  # geometry_msgs/PoseStamped
-    scene_obs: Optional[str] = "/scene_state"  # std_msgs/Float64MultiArray (24)
+    scene_obs: str | None = "/scene_state"  # std_msgs/Float64MultiArray (24)
     action: str = "/action"  # std_msgs/Float64MultiArray (7): absolute tcp target + gripper ±1
     instruction: str = "/instruction"  # std_msgs/String
-    task: Optional[str] = None  # std_msgs/String; None: the task name is derived from the instruction
+    task: str | None = None  # std_msgs/String; None: the task name is derived from the instruction
 
 
 # The Franka Panda's joint limits (rad), from Franka's "Robot and interface specifications" (q_min / q_max):
@@ -42,12 +41,14 @@ class CheckConfig:
     turns a bound off. Non-finite values and a frame size changing mid-episode are always errors.
     """
 
-    max_abs_position_m: Optional[float] = 2.0  # |x|, |y|, |z| of the TCP pose and of the target pose
-    max_abs_angle_rad: Optional[float] = 6.3  # |euler| of the TCP and target pose: any euler convention is within 2 pi
-    max_target_speed_m_s: Optional[float] = 3.0  # target position jump between ticks x control_hz (Panda: 1.7 m/s max)
-    max_target_offset_m: Optional[float] = 0.5  # distance of the target position from the TCP at the same tick
-    joint_min: Optional[list[float]] = field(default_factory=lambda: list(PANDA_JOINT_MIN))  # one per arm joint; null: no limit
-    joint_max: Optional[list[float]] = field(default_factory=lambda: list(PANDA_JOINT_MAX))
+    max_abs_position_m: float | None = 2.0  # |x|, |y|, |z| of the TCP pose and of the target pose
+    max_abs_angle_rad: float | None = 6.3  # |euler| of the TCP and target pose: any euler convention is within 2 pi
+    max_target_speed_m_s: float | None = 3.0  # target position jump between ticks x control_hz (Panda: 1.7 m/s max)
+    max_target_offset_m: float | None = 0.5  # distance of the target position from the TCP at the same tick
+    joint_min: list[float] | None = field(
+        default_factory=lambda: list(PANDA_JOINT_MIN)
+    )  # one per arm joint; null: no limit
+    joint_max: list[float] | None = field(default_factory=lambda: list(PANDA_JOINT_MAX))
     joint_margin_rad: float = 0.05  # a simulator or a controller overshoots a limit by a little
     monotonic_stamps: bool = True  # a topic's stamps going back in time is an error; false: sort them by stamp
 
@@ -59,8 +60,12 @@ class CheckConfig:
         if (self.joint_min is None) != (self.joint_max is None):
             raise ValueError("data.checks.joint_min and data.checks.joint_max must both be lists or both null")
         if self.joint_min is not None and self.joint_max is not None:
-            if len(self.joint_min) != len(self.joint_max) or any(lo >= hi for lo, hi in zip(self.joint_min, self.joint_max)):
-                raise ValueError(f"data.checks.joint_min < joint_max expected, one per joint; got {self.joint_min}, {self.joint_max}")
+            if len(self.joint_min) != len(self.joint_max) or any(
+                lo >= hi for lo, hi in zip(self.joint_min, self.joint_max)
+            ):
+                raise ValueError(
+                    f"data.checks.joint_min < joint_max expected, one per joint; got {self.joint_min}, {self.joint_max}"
+                )
         if self.joint_margin_rad < 0:
             raise ValueError(f"data.checks.joint_margin_rad must be >= 0, got {self.joint_margin_rad}")
 
@@ -83,25 +88,27 @@ class Hdf5StreamMap:
     reason rather than given invented poses)."""
 
     rgb_static: str = "observations/images/top"
-    rgb_gripper: Optional[str] = None  # e.g. observations/images/cam_left_wrist; null: none
+    rgb_gripper: str | None = None  # e.g. observations/images/cam_left_wrist; null: none
     joints: str = "observations/qpos"
-    joint_columns: Optional[list[int]] = None  # the arm's joints among the key's columns (7); null: all columns
-    gripper: Optional[str] = None  # finger positions; width = sum of |columns|; null: the width is not recorded (0)
-    gripper_columns: Optional[list[int]] = None
-    tcp_pos: Optional[str] = None  # (T, 3) TCP position, m; null: not recorded (an absolute_joint action needs it anyway)
-    tcp_rot: Optional[str] = None  # (T, 4) quaternion xyzw or (T, 3) euler xyz, rad
+    joint_columns: list[int] | None = None  # the arm's joints among the key's columns (7); null: all columns
+    gripper: str | None = None  # finger positions; width = sum of |columns|; null: the width is not recorded (0)
+    gripper_columns: list[int] | None = None
+    tcp_pos: str | None = None  # (T, 3) TCP position, m; null: not recorded (an absolute_joint action needs it anyway)
+    tcp_rot: str | None = None  # (T, 4) quaternion xyzw or (T, 3) euler xyz, rad
     action: str = "action"
     action_expression: str = "absolute_joint"
-    action_columns: Optional[list[int]] = None  # pose (6 or 7) + gripper (1) among the key's columns; null: all
+    action_columns: list[int] | None = None  # pose (6 or 7) + gripper (1) among the key's columns; null: all
     gripper_open_sign: float = 1.0  # the sign of an "open" gripper action in the file (robosuite: -1)
     relative_pos_scale: float = 0.05  # m per unit of a relative action (robosuite OSC_POSE output_max)
     relative_rot_scale: float = 0.5  # rad per unit
-    instruction: Optional[str] = None  # used when the file has no 'instruction' attr; null: required in the file
+    instruction: str | None = None  # used when the file has no 'instruction' attr; null: required in the file
 
     def check(self, prefix: str) -> None:
         """Raise ValueError naming ``prefix.<field>`` (Hdf5Config knows which layout this map is)."""
         if self.action_expression not in ACTION_EXPRESSIONS:
-            raise ValueError(f"{prefix}.action_expression must be one of {ACTION_EXPRESSIONS}, got {self.action_expression!r}")
+            raise ValueError(
+                f"{prefix}.action_expression must be one of {ACTION_EXPRESSIONS}, got {self.action_expression!r}"
+            )
         if self.gripper_open_sign not in (1.0, -1.0):
             raise ValueError(f"{prefix}.gripper_open_sign must be 1 or -1, got {self.gripper_open_sign}")
         if not (self.relative_pos_scale > 0 and self.relative_rot_scale > 0):
@@ -111,10 +118,15 @@ class Hdf5StreamMap:
 def _robomimic_map() -> Hdf5StreamMap:
     """robomimic's Panda datasets (robosuite: OSC_POSE delta actions, gripper -1 open)."""
     return Hdf5StreamMap(
-        rgb_static="obs/agentview_image", rgb_gripper="obs/robot0_eye_in_hand_image",
-        joints="obs/robot0_joint_pos", gripper="obs/robot0_gripper_qpos",
-        tcp_pos="obs/robot0_eef_pos", tcp_rot="obs/robot0_eef_quat",
-        action="actions", action_expression="relative_pose", gripper_open_sign=-1.0,
+        rgb_static="obs/agentview_image",
+        rgb_gripper="obs/robot0_eye_in_hand_image",
+        joints="obs/robot0_joint_pos",
+        gripper="obs/robot0_gripper_qpos",
+        tcp_pos="obs/robot0_eef_pos",
+        tcp_rot="obs/robot0_eef_quat",
+        action="actions",
+        action_expression="relative_pose",
+        gripper_open_sign=-1.0,
     )
 
 
@@ -142,9 +154,9 @@ class TfConfig:
     tool, but every ROS arm driver publishes /tf."""
 
     topic: str = "/tf"
-    static_topic: Optional[str] = "/tf_static"  # null: the rig publishes no static transforms
-    base_frame: Optional[str] = None  # e.g. panda_link0: the frame the TCP pose (and the action) is in
-    tool_frame: Optional[str] = None  # e.g. panda_hand_tcp
+    static_topic: str | None = "/tf_static"  # null: the rig publishes no static transforms
+    base_frame: str | None = None  # e.g. panda_link0: the frame the TCP pose (and the action) is in
+    tool_frame: str | None = None  # e.g. panda_hand_tcp
 
 
 @dataclass
@@ -153,8 +165,8 @@ class MessageFields:
     (``target``, ``pose.position.x``) whose values, concatenated in order, give the stream. null: the
     stream's topic has the standard type (``data.topics`` says which)."""
 
-    action: Optional[list[str]] = None  # 7 values: target tcp xyz, euler xyz, gripper ±1
-    joint_states: Optional[list[str]] = None  # data.arm_joint_names' positions, then data.gripper_joint_names'
+    action: list[str] | None = None  # 7 values: target tcp xyz, euler xyz, gripper ±1
+    joint_states: list[str] | None = None  # data.arm_joint_names' positions, then data.gripper_joint_names'
 
 
 SPLIT_MODES = ("none", "instruction", "gap")
@@ -191,11 +203,15 @@ class BaseConfig:
     def check(self) -> None:
         """Raise ValueError naming ``data.base.<field>`` (DataConfig calls it for a mobile base)."""
         if len(self.action_types) < 2 or len(set(self.action_types)) != len(self.action_types):
-            raise ValueError("data.base.action_types must list at least two distinct action_type labels (class id = "
-                             f"index) for data.embodiment=mobile_base, got {self.action_types}")
+            raise ValueError(
+                "data.base.action_types must list at least two distinct action_type labels (class id = "
+                f"index) for data.embodiment=mobile_base, got {self.action_types}"
+            )
         if not (self.cmd_vel and self.action_type):
-            raise ValueError(f"data.base.cmd_vel and data.base.action_type must name topics, got {self.cmd_vel!r}, "
-                             f"{self.action_type!r}")
+            raise ValueError(
+                f"data.base.cmd_vel and data.base.action_type must name topics, got {self.cmd_vel!r}, "
+                f"{self.action_type!r}"
+            )
 
 
 @dataclass
@@ -243,7 +259,7 @@ class DataConfig:
     tf: TfConfig = field(default_factory=TfConfig)
     # the instruction when data.topics.instruction gives none: a sidecar <recording>.json (or
     # <bag dir>/instruction.json) with {"instruction": ..., "task": ...} first, then this; null: required
-    default_instruction: Optional[str] = None
+    default_instruction: str | None = None
     split: SplitConfig = field(default_factory=SplitConfig)
     num_workers: int = 0  # processes reading recordings (0: one per core); the output does not depend on it
     checks: CheckConfig = field(default_factory=CheckConfig)
@@ -263,7 +279,7 @@ class DataConfig:
     # Git-ignored and not a DVC output: it is derived from data.calvin_dir and rebuilt whenever that
     # changes, so tracking it would only double the storage, and DVC deletes a stage's outputs before
     # running it, which would throw away the reuse the cache exists for.
-    cache_dir: Optional[str] = "data/cache"
+    cache_dir: str | None = "data/cache"
 
     def __post_init__(self) -> None:
         if self.on_bad_input not in ("error", "quarantine"):
@@ -281,16 +297,20 @@ class DataConfig:
         if self.typestore not in {s.value for s in Stores}:
             raise ValueError(f"data.typestore must be one of {sorted(s.value for s in Stores)}, got {self.typestore!r}")
         if self.checks.joint_min is not None and len(self.checks.joint_min) != len(self.arm_joint_names):
-            raise ValueError(f"data.checks.joint_min/joint_max hold {len(self.checks.joint_min)} limits, "
-                             f"data.arm_joint_names {len(self.arm_joint_names)} joints")
+            raise ValueError(
+                f"data.checks.joint_min/joint_max hold {len(self.checks.joint_min)} limits, "
+                f"data.arm_joint_names {len(self.arm_joint_names)} joints"
+            )
         self._check_ros_reading()
         if self.embodiment not in EMBODIMENTS:
             raise ValueError(f"data.embodiment must be one of {EMBODIMENTS}, got {self.embodiment!r}")
         if self.embodiment == "mobile_base":
             self.base.check()
             if self.split.by != "none":  # io/base.py reads a base's bag as one episode
-                raise ValueError(f"data.split.by={self.split.by!r} is not supported for data.embodiment=mobile_base; "
-                                 "use one bag per episode (data.split.by=none)")
+                raise ValueError(
+                    f"data.split.by={self.split.by!r} is not supported for data.embodiment=mobile_base; "
+                    "use one bag per episode (data.split.by=none)"
+                )
         if not self.norm_min < 0 < self.norm_max:
             raise ValueError(f"data.norm_min < 0 < data.norm_max expected, got {self.norm_min}, {self.norm_max}")
 
@@ -299,17 +319,23 @@ class DataConfig:
         if self.tcp_source not in TCP_SOURCES:
             raise ValueError(f"data.tcp_source must be one of {TCP_SOURCES}, got {self.tcp_source!r}")
         if self.tcp_source == "tf" and not (self.tf.base_frame and self.tf.tool_frame):
-            raise ValueError("data.tcp_source is 'tf': data.tf.base_frame and data.tf.tool_frame must name the frames, "
-                             f"got {self.tf.base_frame!r} and {self.tf.tool_frame!r}")
+            raise ValueError(
+                "data.tcp_source is 'tf': data.tf.base_frame and data.tf.tool_frame must name the frames, "
+                f"got {self.tf.base_frame!r} and {self.tf.tool_frame!r}"
+            )
         if self.split.by not in SPLIT_MODES:
             raise ValueError(f"data.split.by must be one of {SPLIT_MODES}, got {self.split.by!r}")
         if not self.split.gap_s > 0:
             raise ValueError(f"data.split.gap_s must be > 0, got {self.split.gap_s}")
         for name in ("action", "joint_states"):
             paths = getattr(self.fields, name)
-            if paths is not None and (not paths or not all(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", p) for p in paths)):
-                raise ValueError(f"data.fields.{name} must be a non-empty list of field paths like 'target' or "
-                                 f"'pose.position.x', got {paths}")
+            if paths is not None and (
+                not paths or not all(re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", p) for p in paths)
+            ):
+                raise ValueError(
+                    f"data.fields.{name} must be a non-empty list of field paths like 'target' or "
+                    f"'pose.position.x', got {paths}"
+                )
         if self.default_instruction is not None and not self.default_instruction.strip():
             raise ValueError("data.default_instruction must be an instruction or null, got a blank string")
         if self.custom_msgs:

@@ -13,8 +13,8 @@ from tqdm import tqdm
 from vlaops.data.config import DataConfig
 from vlaops.errors import VlaopsError
 from vlaops.io import calvin
-from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE, SCENE_OBS_DIM
 from vlaops.io.base import episode_labels
+from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE, SCENE_OBS_DIM
 from vlaops.io.episode import BASE_ACTION_NAMES, Episode, read_episode
 from vlaops.utils.atomic import atomic_dir, write_json
 from vlaops.utils.logging import get_logger
@@ -43,7 +43,9 @@ def _resize(frames: np.ndarray, size: int) -> np.ndarray:
 def _calvin_frames(ep: Episode) -> dict[str, np.ndarray]:
     """Per-key (T, ...) arrays in CALVIN's per-frame layout."""
     t = len(ep)
-    gripper = ep.rgb_gripper if ep.rgb_gripper is not None else np.zeros((t, RGB_GRIPPER_SIZE, RGB_GRIPPER_SIZE, 3), np.uint8)
+    gripper = (
+        ep.rgb_gripper if ep.rgb_gripper is not None else np.zeros((t, RGB_GRIPPER_SIZE, RGB_GRIPPER_SIZE, 3), np.uint8)
+    )
     if ep.embodiment == calvin.MOBILE_BASE:  # 4-dim actions, no robot or scene state: calvin.BASE_FRAME_KEYS
         return {
             "actions": ep.action_base,
@@ -79,7 +81,9 @@ def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
     }
     frame_id = 0
     train_stats: dict[str, Any] | None = None
-    kind: tuple[str, list[str] | None] | None = None  # (embodiment, base labels) of the first episode: all must share it
+    kind: tuple[str, list[str] | None] | None = (
+        None  # (embodiment, base labels) of the first episode: all must share it
+    )
     with atomic_dir(out_dir) as tmp:
         for split in calvin.SPLITS:  # training first: its statistics are written to both splits
             split_dir = tmp / split
@@ -90,12 +94,16 @@ def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
                 ep = read_episode(by_id[ep_id])
                 this = (ep.embodiment, episode_labels(ep))
                 if kind is not None and this != kind:  # one action space per dataset: it is the policy head's
-                    raise VlaopsError(f"{by_id[ep_id]}: an episode of embodiment '{this[0]}'{f' with action_types {this[1]}' if this[1] else ''}"
-                                      f", but {episodes_dir} also holds '{kind[0]}' episodes"
-                                      f"{f' with action_types {kind[1]}' if kind[1] else ''}; convert one kind at a time")
+                    raise VlaopsError(
+                        f"{by_id[ep_id]}: an episode of embodiment '{this[0]}'{f' with action_types {this[1]}' if this[1] else ''}"
+                        f", but {episodes_dir} also holds '{kind[0]}' episodes"
+                        f"{f' with action_types {kind[1]}' if kind[1] else ''}; convert one kind at a time"
+                    )
                 kind = this
                 if ep.embodiment == calvin.MOBILE_BASE and this[1] is None:
-                    raise VlaopsError(f"{by_id[ep_id]}: a mobile_base episode without its action_types labels; re-ingest it")
+                    raise VlaopsError(
+                        f"{by_id[ep_id]}: a mobile_base episode without its action_types labels; re-ingest it"
+                    )
                 frames = _calvin_frames(ep)
                 start = frame_id
                 for i in range(len(ep)):
@@ -106,16 +114,21 @@ def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
                     if key in frames:  # a base has no robot_obs / scene_obs
                         collected[key].append(frames[key])
                 provenance["episodes"][ep_id] = {
-                    "split": split, "start": start, "end": frame_id - 1,
+                    "split": split,
+                    "start": start,
+                    "end": frame_id - 1,
                     # the recording's name and content hash, not its absolute path: the output (and the data
                     # fingerprint hashed from it) must not change when the raw data moves
-                    "source_name": Path(ep.source).name, "source_sha256": ep.source_sha256,
+                    "source_name": Path(ep.source).name,
+                    "source_sha256": ep.source_sha256,
                     "has_gripper_camera": ep.rgb_gripper is not None,
                 }
             if train_stats is None and kind is not None and kind[0] == calvin.MOBILE_BASE:
                 train_stats = calvin.base_statistics_yaml(np.concatenate(collected["actions"]))
             elif train_stats is None:
-                train_stats = calvin.statistics_yaml(*(np.concatenate(collected[k]) for k in ("robot_obs", "scene_obs", "actions")))
+                train_stats = calvin.statistics_yaml(
+                    *(np.concatenate(collected[k]) for k in ("robot_obs", "scene_obs", "actions"))
+                )
             calvin.write_split_metadata(split_dir, entries, train_stats, cfg.lang_embedding_dim)
         if kind is not None and kind[0] == calvin.MOBILE_BASE:  # an arm's provenance stays as it was (no key)
             provenance["embodiment"] = calvin.MOBILE_BASE
@@ -126,6 +139,9 @@ def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
         write_json(tmp / calvin.PROVENANCE, provenance)
     log.info(
         "converted %d episodes (%d frames) in %.1fs: %s",
-        len(paths), frame_id, time.perf_counter() - started, provenance["splits"],
+        len(paths),
+        frame_id,
+        time.perf_counter() - started,
+        provenance["splits"],
     )
     return provenance

@@ -64,7 +64,9 @@ class CalvinWindowDataset(Dataset):
         aux_words: Sequence[str] = (),
     ) -> None:
         if frames is not None and frames.image_size != image_size:
-            raise VlaopsError(f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)")
+            raise VlaopsError(
+                f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)"
+            )
         self.split = split
         self.frames = frames
         self.window_size = window_size
@@ -85,15 +87,21 @@ class CalvinWindowDataset(Dataset):
         # Every frame's npz is opened once here, for its action and the read-outs' observations together.
         spans = [[split.load_frame(i, ("rel_actions", *obs_keys)) for i in range(a.start, a.end + 1)] for a in anns]
         # (n, A) normalised actions per span, read once: a window needs W + C - 1 of them.
-        self.actions = [normalizer.normalize(np.stack([f["rel_actions"] for f in frames])).astype(np.float32) for frames in spans]
-        self.aux = [standardise(frames, a.instruction) for frames, a in zip(spans, anns)] if standardise is not None else None
+        self.actions = [
+            normalizer.normalize(np.stack([f["rel_actions"] for f in frames])).astype(np.float32) for frames in spans
+        ]
+        self.aux = (
+            [standardise(frames, a.instruction) for frames, a in zip(spans, anns)] if standardise is not None else None
+        )
         texts = sorted({a.instruction for a in anns})
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
         # (span, offset of the window's first frame); a negative offset is a left-padded window
         first = 1 - window_size if pad_history else 0
         self.index = [(k, t) for k, a in enumerate(anns) for t in range(first, a.end - a.start + 2 - window_size)]
-        self.first_row = [frames.row(a.start) for a in anns] if frames is not None else None  # cache row of each span's start
+        self.first_row = (
+            [frames.row(a.start) for a in anns] if frames is not None else None
+        )  # cache row of each span's start
 
     def __len__(self) -> int:
         return len(self.index)
@@ -105,16 +113,25 @@ class CalvinWindowDataset(Dataset):
         w, c = self.window_size, self.chunk_size
         pad = max(0, -t)  # leading positions that repeat the span's first frame
         if self.frames is not None:  # resized once, at build time: (W, 3, S, S) uint8 slices of the memmaps
-            images = {key: torch.from_numpy(v) for key, v in self.frames.window(self.first_row[k] + t + pad, w - pad).items()}
+            images = {
+                key: torch.from_numpy(v) for key, v in self.frames.window(self.first_row[k] + t + pad, w - pad).items()
+            }
         else:  # RoboVLMs' way: one compressed npz per frame, inflated and resized for every sample
             frames = [self.split.load_frame(ann.start + t + i, IMAGE_KEYS) for i in range(pad, w)]
-            images = {key: resize_uint8(torch.from_numpy(np.stack([f[key] for f in frames])), self.image_size) for key in IMAGE_KEYS}
+            images = {
+                key: resize_uint8(torch.from_numpy(np.stack([f[key] for f in frames])), self.image_size)
+                for key in IMAGE_KEYS
+            }
         if pad:
             images = {key: torch.cat([v[:1].expand(pad, *v.shape[1:]), v]) for key, v in images.items()}  # (W, 3, S, S)
         if self.augment is not None:
             a, g = self.augment, sample_generator(key)
-            rgb = augment_to_model_input(images["rgb_static"], a.rgb_pad, a.brightness, a.contrast, a.saturation, g)  # (W, 3, S, S)
-            hand = augment_to_model_input(images["rgb_gripper"], a.gripper_pad, a.brightness, a.contrast, a.saturation, g)
+            rgb = augment_to_model_input(
+                images["rgb_static"], a.rgb_pad, a.brightness, a.contrast, a.saturation, g
+            )  # (W, 3, S, S)
+            hand = augment_to_model_input(
+                images["rgb_gripper"], a.gripper_pad, a.brightness, a.contrast, a.saturation, g
+            )
         else:
             rgb, hand = normalize_uint8(images["rgb_static"]), normalize_uint8(images["rgb_gripper"])  # (W, 3, S, S)
         chunk = np.zeros((w, c, acts.shape[1]), dtype=np.float32)  # (W, C, A)
@@ -162,18 +179,31 @@ def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfi
         std = (stats.get(name) or [{}])[0].get("std")
         kept[name] = [d for d in dims if std is not None and _varies(float(std[d]))]
         if kept[name] != list(dims):
-            log.warning("%s: %s dims %s never vary in the training split: the auxiliary read-outs leave them out (model.aux_%s_dims)",
-                        split.dir / STATISTICS, name, sorted(set(dims) - set(kept[name])), name[:5])
+            log.warning(
+                "%s: %s dims %s never vary in the training split: the auxiliary read-outs leave them out (model.aux_%s_dims)",
+                split.dir / STATISTICS,
+                name,
+                sorted(set(dims) - set(kept[name])),
+                name[:5],
+            )
     if not kept["robot_obs"] + kept["scene_obs"]:
-        log.warning("model.aux_weight=%g but no auxiliary target varies in %s: the read-outs are off", model_cfg.aux_weight, split.dir)
+        log.warning(
+            "model.aux_weight=%g but no auxiliary target varies in %s: the read-outs are off",
+            model_cfg.aux_weight,
+            split.dir,
+        )
         return dataclasses.replace(model_cfg, aux_weight=0.0)
     words = model_cfg.aux_instructed_words
     if words and kept["scene_obs"] != list(model_cfg.aux_scene_dims):  # its groups are no longer one per word
-        log.warning("model.aux_instructed_words=%s split model.aux_scene_dims into one group per word; with dims "
-                    "cut, that read-out is off", words)
+        log.warning(
+            "model.aux_instructed_words=%s split model.aux_scene_dims into one group per word; with dims "
+            "cut, that read-out is off",
+            words,
+        )
         words = []
-    return dataclasses.replace(model_cfg, aux_robot_dims=kept["robot_obs"], aux_scene_dims=kept["scene_obs"],
-                               aux_instructed_words=words)
+    return dataclasses.replace(
+        model_cfg, aux_robot_dims=kept["robot_obs"], aux_scene_dims=kept["scene_obs"], aux_instructed_words=words
+    )
 
 
 def words_named(instruction: str, words: Sequence[str]) -> list[int]:
@@ -230,7 +260,7 @@ class _AuxStandardiser:
         if not self.words:
             return target
         at = self.scene_at + self.named_group(instruction) * self.group
-        return np.concatenate([target, target[:, at:at + self.group]], axis=1)  # (n, K + G)
+        return np.concatenate([target, target[:, at : at + self.group]], axis=1)  # (n, K + G)
 
 
 def make_window_dataset(

@@ -168,7 +168,13 @@ def _build(split: CalvinSplit, frame_ids: np.ndarray, image_size: int, key: str,
     for array in arrays.values():
         array.flush()
     del arrays
-    meta = {"format_version": CACHE_FORMAT_VERSION, "key": key, "image_size": s, "frames": n, "split_dir": str(split.dir.resolve())}
+    meta = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "key": key,
+        "image_size": s,
+        "frames": n,
+        "split_dir": str(split.dir.resolve()),
+    }
     (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     for name in (FRAME_IDS_FILE, *(f"{k}.npy" for k in IMAGE_KEYS), META_FILE):
         _fsync(out / name)  # on disk before the rename publishes them, so a power cut cannot either
@@ -187,7 +193,11 @@ def _is_complete(directory: Path, key: str, image_size: int) -> bool:
         meta = json.loads((directory / META_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return meta.get("format_version") == CACHE_FORMAT_VERSION and meta.get("key") == key and meta.get("image_size") == image_size
+    return (
+        meta.get("format_version") == CACHE_FORMAT_VERSION
+        and meta.get("key") == key
+        and meta.get("image_size") == image_size
+    )
 
 
 def open_frame_cache(split: CalvinSplit, image_size: int, cache_dir: str | os.PathLike[str]) -> FrameCache:
@@ -211,7 +221,13 @@ def open_frame_cache(split: CalvinSplit, image_size: int, cache_dir: str | os.Pa
         if final.exists():  # a directory without a matching stamp: never taken as whole, rebuilt
             log.warning("frame cache %s: incomplete or of another format, rebuilding", final)
             shutil.rmtree(final)
-        log.info("frame cache %s: building %d frames of %s at %d px (once per split content)", final, len(frame_ids), split.dir, image_size)
+        log.info(
+            "frame cache %s: building %d frames of %s at %d px (once per split content)",
+            final,
+            len(frame_ids),
+            split.dir,
+            image_size,
+        )
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
         tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename: shared caches stay readable
         try:

@@ -46,8 +46,9 @@ def guarded(where: str, episode: str | None, fn: Callable[[], R]) -> R:
         raise RecordingError(where, reason, check="unreadable", episode=episode) from exc
     except Exception as exc:  # noqa: BLE001 - see the docstring; the traceback goes to the debug log
         log.debug("reading %s failed", where, exc_info=True)
-        raise RecordingError(where, f"cannot be read ({type(exc).__name__}: {exc})", check="reader_error",
-                             episode=episode) from exc
+        raise RecordingError(
+            where, f"cannot be read ({type(exc).__name__}: {exc})", check="reader_error", episode=episode
+        ) from exc
 
 
 def read_checked(where: str, cfg: DataConfig, read: Callable[[], Episode]) -> Episode:
@@ -55,9 +56,12 @@ def read_checked(where: str, cfg: DataConfig, read: Callable[[], Episode]) -> Ep
     temporary file it is about to be written to)."""
     episode = read()
     if episode.embodiment != cfg.embodiment:  # a dataset holds one embodiment: its action space is the head's
-        raise RecordingError(where, f"an episode of embodiment '{episode.embodiment}', but data.embodiment is "
-                             f"'{cfg.embodiment}'",
-                             check="wrong_embodiment", episode=episode.episode_id)
+        raise RecordingError(
+            where,
+            f"an episode of embodiment '{episode.embodiment}', but data.embodiment is '{cfg.embodiment}'",
+            check="wrong_embodiment",
+            episode=episode.episode_id,
+        )
     episode.validate(where)
     check_episode(episode, cfg.checks, where)
     return episode
@@ -81,7 +85,7 @@ def _relative_source(source: str, entry: Path) -> str:
     the absolute path it was read from: the episode's bytes must not change when the data moves (DVC
     hashes them). A canonical file's own ``source`` (provenance written by an earlier ingest) is kept."""
     prefix = str(entry)
-    return entry.name + source[len(prefix):] if source.startswith(prefix) else source
+    return entry.name + source[len(prefix) :] if source.startswith(prefix) else source
 
 
 def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
@@ -96,8 +100,9 @@ def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
     reader = find_reader(entry)
     try:
         if reader is None:
-            raise RecordingError(where, f"not a recording vlaops can read; expected {expected_formats()}",
-                                 check="unknown_format")
+            raise RecordingError(
+                where, f"not a recording vlaops can read; expected {expected_formats()}", check="unknown_format"
+            )
         keys = guarded(where, None, lambda: reader.episodes(entry, cfg))
     except RecordingError as exc:
         if cfg.on_bad_input == "error":
@@ -111,9 +116,13 @@ def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
             episode = guarded(where_ep, key, lambda: read_checked(where_ep, cfg, lambda: reader.read(entry, key, cfg)))
             episode.source = _relative_source(episode.source, entry)
             if not SAFE_ID.fullmatch(episode.episode_id):  # it names a file in out_dir
-                raise RecordingError(where_ep, f"episode id {episode.episode_id!r} is not a plain file name "
-                                     "(letters, digits, '.', '_', '-'; not starting with '.')",
-                                     check="bad_episode_id", episode=episode.episode_id)
+                raise RecordingError(
+                    where_ep,
+                    f"episode id {episode.episode_id!r} is not a plain file name "
+                    "(letters, digits, '.', '_', '-'; not starting with '.')",
+                    check="bad_episode_id",
+                    episode=episode.episode_id,
+                )
         except RecordingError as exc:
             if cfg.on_bad_input == "error":
                 raise
@@ -121,8 +130,13 @@ def _read_recording(item: tuple[int, Path, DataConfig, Path]) -> list[_Outcome]:
             continue
         part = f".part-{index:06d}-{n:06d}.h5"
         write_episode(tmp / part, episode)
-        facts = {"source_format": episode.source_format, "frames": len(episode), "instruction": episode.instruction,
-                 "task": episode.task, "source_sha256": episode.source_sha256}
+        facts = {
+            "source_format": episode.source_format,
+            "frames": len(episode),
+            "instruction": episode.instruction,
+            "task": episode.task,
+            "source_sha256": episode.source_sha256,
+        }
         outcomes.append(_Outcome(key, episode.episode_id, part, facts, len(episode) / episode.control_hz))
     return outcomes
 
@@ -139,7 +153,9 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, compute: ComputeConfig
     it: a bag's name, a robomimic demo key; None when the whole file failed), ``summary``.
     """
     if not raw_dir.is_dir():
-        raise VlaopsError(f"{raw_dir}: raw data directory not found (data.raw_dir); run collect or point data.raw_dir at your recordings")
+        raise VlaopsError(
+            f"{raw_dir}: raw data directory not found (data.raw_dir); run collect or point data.raw_dir at your recordings"
+        )
     entries = sorted(p for p in raw_dir.iterdir() if not p.name.startswith("."))
     claimed = sidecars(entries)  # a bag's instruction sidecar is read with the bag, not as a recording
     entries = [p for p in entries if p not in claimed]
@@ -156,13 +172,21 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, compute: ComputeConfig
         if cfg.on_bad_input == "error":
             raise exc
         log.warning("quarantined %s", exc)
-        report["quarantined"].append({"recording": entry.name, "episode": key, "stream": exc.stream,
-                                      "check": exc.check, "reason": exc.reason})
+        report["quarantined"].append(
+            {"recording": entry.name, "episode": key, "stream": exc.stream, "check": exc.check, "reason": exc.reason}
+        )
 
     with atomic_dir(out_dir) as tmp:
         items = [(i, entry, cfg, tmp) for i, entry in enumerate(entries)]
-        results = map_ordered(_read_recording, items, workers, desc="ingest", unit="rec", compute=compute,
-                              label=lambda item: f"recording {item[1].name}")
+        results = map_ordered(
+            _read_recording,
+            items,
+            workers,
+            desc="ingest",
+            unit="rec",
+            compute=compute,
+            label=lambda item: f"recording {item[1].name}",
+        )
         for entry, outcomes in zip(entries, results):
             for out in outcomes:
                 if out.error is not None:
@@ -171,9 +195,16 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, compute: ComputeConfig
                 if out.episode_id in report["episodes"]:
                     (tmp / out.part).unlink()
                     where = str(entry) if len(outcomes) == 1 else f"{entry} episode '{out.key}'"
-                    quarantine(entry, RecordingError(where, f"episode id '{out.episode_id}' is already taken by another "
-                                                     "recording", check="duplicate_episode_id", episode=out.episode_id),
-                               out.key)
+                    quarantine(
+                        entry,
+                        RecordingError(
+                            where,
+                            f"episode id '{out.episode_id}' is already taken by another recording",
+                            check="duplicate_episode_id",
+                            episode=out.episode_id,
+                        ),
+                        out.key,
+                    )
                     continue
                 (tmp / out.part).rename(tmp / f"{out.episode_id}.h5")
                 report["episodes"][out.episode_id] = out.facts
@@ -185,8 +216,12 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, compute: ComputeConfig
         # No wall time in the report: its bytes are a function of the recordings and the settings, so a
         # forced re-ingest of the same data gives DVC the same hash. Timings go to the log.
         write_json(tmp / REPORT_FILE, report)
-    log.info("ingest summary (%.1f s, %d workers):\n%s", time.perf_counter() - started, workers,
-             summary_table(report["summary"]))
+    log.info(
+        "ingest summary (%.1f s, %d workers):\n%s",
+        time.perf_counter() - started,
+        workers,
+        summary_table(report["summary"]),
+    )
     return report
 
 
@@ -203,9 +238,13 @@ def summarize(recordings: int, report: dict[str, Any], seconds: float) -> dict[s
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The summary as the aligned two-column table the log prints at the end of ingest."""
-    rows = [("recordings in", summary["recordings"]), ("episodes out", summary["episodes"]),
-            ("frames", summary["frames"]), ("hours of data", f"{summary['hours']:.3f}"),
-            ("quarantined", sum(summary["quarantined"].values()))]
+    rows = [
+        ("recordings in", summary["recordings"]),
+        ("episodes out", summary["episodes"]),
+        ("frames", summary["frames"]),
+        ("hours of data", f"{summary['hours']:.3f}"),
+        ("quarantined", sum(summary["quarantined"].values())),
+    ]
     rows += [(f"  {check}", n) for check, n in summary["quarantined"].items()]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from vlaops.data.config import DataConfig
 from vlaops.data.contact_sheet import SheetRow, draw_contact_sheet, sample_indices
+
 # the read and checks ingest runs on every episode, so inspect and ingest cannot disagree about a recording
 from vlaops.data.ingest import REPORT_FILE, guarded, read_checked
 from vlaops.errors import RecordingError, VlaopsError
@@ -42,8 +43,13 @@ from vlaops.utils.logging import get_logger
 log = get_logger(__name__)
 
 RAW, RECORDING, EPISODES, CALVIN_SPLIT, CALVIN_ROOT = "raw", "recording", "episodes", "calvin_split", "calvin"
-KIND_NAMES = {RAW: "raw recordings", RECORDING: "one recording", EPISODES: "canonical episodes",
-              CALVIN_SPLIT: "a CALVIN split", CALVIN_ROOT: "a CALVIN dataset"}
+KIND_NAMES = {
+    RAW: "raw recordings",
+    RECORDING: "one recording",
+    EPISODES: "canonical episodes",
+    CALVIN_SPLIT: "a CALVIN split",
+    CALVIN_ROOT: "a CALVIN dataset",
+}
 CAMERAS = ("rgb_static", "rgb_gripper")
 # Dimension names of the action streams: the canonical episode's (DESIGN.md "Canonical episode") and
 # CALVIN's actions / rel_actions (tcp xyz, tcp euler xyz, gripper: io/calvin_spec.py).
@@ -94,9 +100,14 @@ def dimension_names(width: int) -> list[str]:
 def action_ranges(values: np.ndarray) -> dict[str, list[float]]:
     """Per-dimension min / max / mean / std / q01 / q99 of (N, A) actions: the statistics normalize keeps
     (``data/normalization.py``, after LeRobot's), computed here without importing torch for them."""
-    return {"min": values.min(0).tolist(), "max": values.max(0).tolist(), "mean": values.mean(0).tolist(),
-            "std": values.std(0).tolist(), "q01": np.quantile(values, 0.01, axis=0).tolist(),
-            "q99": np.quantile(values, 0.99, axis=0).tolist()}
+    return {
+        "min": values.min(0).tolist(),
+        "max": values.max(0).tolist(),
+        "mean": values.mean(0).tolist(),
+        "std": values.std(0).tolist(),
+        "q01": np.quantile(values, 0.01, axis=0).tolist(),
+        "q99": np.quantile(values, 0.99, axis=0).tolist(),
+    }
 
 
 def _is_calvin_split(path: Path) -> bool:
@@ -117,8 +128,9 @@ def detect(path: Path) -> str:
     """What ``path`` holds (one of :data:`KIND_NAMES`), from its content; a VlaopsError naming it when
     it is missing, empty or holds nothing vlaops reads."""
     if not path.exists():
-        raise VlaopsError(f"{path}: not found; expected a raw recordings directory, an episodes directory or a "
-                          "CALVIN split")
+        raise VlaopsError(
+            f"{path}: not found; expected a raw recordings directory, an episodes directory or a CALVIN split"
+        )
     if path.is_file():
         if find_reader(path) is None:
             raise VlaopsError(f"{path}: not a recording vlaops can read; expected {expected_formats()}")
@@ -133,13 +145,16 @@ def detect(path: Path) -> str:
         return RECORDING
     entries = _entries(path)
     if not entries:
-        raise VlaopsError(f"{path}: empty directory; expected recordings ({expected_formats()}), canonical "
-                          "episodes (*.h5) or a CALVIN split")
+        raise VlaopsError(
+            f"{path}: empty directory; expected recordings ({expected_formats()}), canonical "
+            "episodes (*.h5) or a CALVIN split"
+        )
     if (path / REPORT_FILE).is_file() or all(_is_canonical(p) for p in entries):
         return EPISODES
     if not any(find_reader(p) for p in entries):
-        raise VlaopsError(f"{path}: no recording, canonical episode or CALVIN split here; expected recordings "
-                          f"({expected_formats()})")
+        raise VlaopsError(
+            f"{path}: no recording, canonical episode or CALVIN split here; expected recordings ({expected_formats()})"
+        )
     return RAW
 
 
@@ -151,13 +166,25 @@ def _entries(path: Path) -> list[Path]:
 def _facts(episode: Episode, label: str, sample: bool) -> EpisodeFacts:
     """An episode's facts; its sampled frames copied, so the whole image arrays can be freed."""
     images = {name: getattr(episode, name) for name in CAMERAS if getattr(episode, name) is not None}
-    actions = {stream: np.asarray(getattr(episode, attr), dtype=np.float64)
-               for stream, attr in ACTION_STREAMS.items() if getattr(episode, attr) is not None}
+    actions = {
+        stream: np.asarray(getattr(episode, attr), dtype=np.float64)
+        for stream, attr in ACTION_STREAMS.items()
+        if getattr(episode, attr) is not None
+    }
     samples = None
     if sample:
         samples = {name: [img[i].copy() for i in sample_indices(len(episode))] for name, img in images.items()}
-    return EpisodeFacts(label, episode.instruction, episode.task, episode.embodiment, len(episode), episode.control_hz,
-                        actions, {name: tuple(img.shape[1:3]) for name, img in images.items()}, samples)
+    return EpisodeFacts(
+        label,
+        episode.instruction,
+        episode.task,
+        episode.embodiment,
+        len(episode),
+        episode.control_hz,
+        actions,
+        {name: tuple(img.shape[1:3]) for name, img in images.items()},
+        samples,
+    )
 
 
 def _read_raw(item: tuple[Path, str, bool, DataConfig, bool]) -> EpisodeFacts | Unreadable:
@@ -209,8 +236,14 @@ class _Tally:
         self.rows: list[SheetRow] = []
         self.splits: dict[str, dict[str, int]] = {}
 
-    def add_frames(self, frames: int, actions: dict[str, np.ndarray], sizes: dict[str, tuple[int, int]],
-                   embodiment: str, control_hz: float | None) -> None:
+    def add_frames(
+        self,
+        frames: int,
+        actions: dict[str, np.ndarray],
+        sizes: dict[str, tuple[int, int]],
+        embodiment: str,
+        control_hz: float | None,
+    ) -> None:
         self.episodes += 1
         self.frames += frames
         self.embodiments[embodiment] += 1
@@ -237,9 +270,14 @@ class _Tally:
             values = np.concatenate(parts)  # (N, A)
             actions[stream] = {"dims": dimension_names(values.shape[1]), **action_ranges(values)}
         out: dict[str, Any] = {
-            "path": str(path), "kind": kind, "episodes": self.episodes, "frames": self.frames,
-            "embodiments": _by_count(self.embodiments), "control_hz": _by_count(self.control_hz),
-            "tasks": _by_count(self.tasks), "instructions": _by_count(self.instructions),
+            "path": str(path),
+            "kind": kind,
+            "episodes": self.episodes,
+            "frames": self.frames,
+            "embodiments": _by_count(self.embodiments),
+            "control_hz": _by_count(self.control_hz),
+            "tasks": _by_count(self.tasks),
+            "instructions": _by_count(self.instructions),
             "cameras": {cam: _by_count(sizes) for cam, sizes in self.cameras.items()},
             "actions": actions,
             # a stable sort: recordings by name (ingest's order), the episodes of one recording in its order
@@ -251,8 +289,14 @@ class _Tally:
         return out
 
 
-def _tally_episodes(tally: _Tally, fn: Callable[[Any], EpisodeFacts | Unreadable],
-                    make_item: Callable[[int, bool], Any], n_items: int, n_sheet: int, workers: int) -> None:
+def _tally_episodes(
+    tally: _Tally,
+    fn: Callable[[Any], EpisodeFacts | Unreadable],
+    make_item: Callable[[int, bool], Any],
+    n_items: int,
+    n_sheet: int,
+    workers: int,
+) -> None:
     """Read items ``0..n_items-1`` with ``fn(make_item(i, sample))`` through the executor seam, in order; the
     ``n_sheet`` spread over them keep their frames for the contact sheet. A picked episode that cannot be
     read gives its place to the nearest readable one, read again for its frames."""
@@ -279,8 +323,15 @@ def _inspect_raw(tally: _Tally, entries: list[Path], cfg: DataConfig, n_sheet: i
     for entry in entries:
         reader = find_reader(entry)
         if reader is None:
-            tally.unreadable.append(Unreadable(entry.name, None, "unknown_format", None,
-                                               f"not a recording vlaops can read; expected {expected_formats()}"))
+            tally.unreadable.append(
+                Unreadable(
+                    entry.name,
+                    None,
+                    "unknown_format",
+                    None,
+                    f"not a recording vlaops can read; expected {expected_formats()}",
+                )
+            )
             continue
         try:
             keys = guarded(str(entry), None, lambda: reader.episodes(entry, cfg))
@@ -288,7 +339,9 @@ def _inspect_raw(tally: _Tally, entries: list[Path], cfg: DataConfig, n_sheet: i
             tally.unreadable.append(Unreadable.from_error(entry.name, exc))
             continue
         listed += [(entry, key, len(keys) > 1) for key in keys]
-    _tally_episodes(tally, _read_raw, lambda i, sample: (*listed[i], cfg, sample), len(listed), n_sheet, cfg.num_workers)
+    _tally_episodes(
+        tally, _read_raw, lambda i, sample: (*listed[i], cfg, sample), len(listed), n_sheet, cfg.num_workers
+    )
 
 
 def _inspect_episodes(tally: _Tally, path: Path, cfg: DataConfig, n_sheet: int) -> None:
@@ -313,15 +366,18 @@ def _calvin_provenance(root: Path) -> _Provenance:
     try:
         stamp = json.loads((root / calvin.PROVENANCE).read_text())
         rows = {(e["split"], int(e["start"]), int(e["end"])): (ep_id, e) for ep_id, e in stamp["episodes"].items()}
-        return _Provenance({key: ep_id for key, (ep_id, _) in rows.items()},
-                           {key for key, (_, e) in rows.items() if e.get("has_gripper_camera") is False},
-                           str(stamp.get("embodiment", "arm")))
+        return _Provenance(
+            {key: ep_id for key, (ep_id, _) in rows.items()},
+            {key for key, (_, e) in rows.items() if e.get("has_gripper_camera") is False},
+            str(stamp.get("embodiment", "arm")),
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return _Provenance()
 
 
-def _calvin_episode(split: calvin.CalvinSplit, start: int,
-                    end: int) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
+def _calvin_episode(
+    split: calvin.CalvinSplit, start: int, end: int
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]]]:
     """The (T, A) actions and rel_actions of frames ``start``..``end`` (inclusive) and the image size of
     each camera (from the first frame); a RecordingError naming the frame file that cannot be read."""
     frames = []
@@ -330,8 +386,9 @@ def _calvin_episode(split: calvin.CalvinSplit, start: int,
         keys = (*CALVIN_ACTIONS, *CAMERAS) if i == start else CALVIN_ACTIONS  # images: decompressed once
         frames.append(guarded(where, None, lambda: split.load_frame(i, keys)))
     where = str(split.frame_path(start))
-    actions = {k: guarded(where, None, lambda: np.stack([f[k] for f in frames]).astype(np.float64))
-               for k in CALVIN_ACTIONS}
+    actions = {
+        k: guarded(where, None, lambda: np.stack([f[k] for f in frames]).astype(np.float64)) for k in CALVIN_ACTIONS
+    }
     return actions, {cam: tuple(frames[0][cam].shape[:2]) for cam in CAMERAS}
 
 
@@ -358,24 +415,32 @@ def _inspect_calvin(tally: _Tally, path: Path, kind: str, cfg: DataConfig, n_she
             tally.add_frames(end - start + 1, actions, sizes, stamp.embodiment, None)  # CALVIN records no control rate
         for ann in split.annotations:
             tally.add_language(ann.task, ann.instruction)
-        tally.splits[name] = {"episodes": tally.episodes - before[0], "frames": tally.frames - before[1],
-                              "annotations": len(split.annotations)}
+        tally.splits[name] = {
+            "episodes": tally.episodes - before[0],
+            "frames": tally.frames - before[1],
+            "annotations": len(split.annotations),
+        }
     windows = [(name, split, ann) for name, split in splits for ann in split.annotations]
     for i in spread(len(windows), n_sheet):
         name, split, ann = windows[i]
         label = stamp.ids.get((name, ann.start, ann.end), f"frames {ann.start}-{ann.end}")
         label = f"{label} ({name})" if kind == CALVIN_ROOT else label
         try:
-            loaded = [guarded(name, None, lambda: split.load_frame(ann.start + k, CAMERAS))
-                      for k in sample_indices(ann.end - ann.start + 1)]
+            loaded = [
+                guarded(name, None, lambda: split.load_frame(ann.start + k, CAMERAS))
+                for k in sample_indices(ann.end - ann.start + 1)
+            ]
         except RecordingError:
             continue  # its episode is listed as unreadable above
-        cameras = [cam for cam in CAMERAS if not (cam == "rgb_gripper" and (name, ann.start, ann.end) in stamp.no_gripper)]
+        cameras = [
+            cam for cam in CAMERAS if not (cam == "rgb_gripper" and (name, ann.start, ann.end) in stamp.no_gripper)
+        ]
         tally.rows.append(SheetRow(f"{label}: {ann.instruction}", {cam: [f[cam] for f in loaded] for cam in cameras}))
 
 
-def inspect_path(path: str | Path, cfg: DataConfig, sheet: str | Path | None = None,
-                 sheet_episodes: int = DEFAULT_SHEET_EPISODES) -> dict[str, Any]:
+def inspect_path(
+    path: str | Path, cfg: DataConfig, sheet: str | Path | None = None, sheet_episodes: int = DEFAULT_SHEET_EPISODES
+) -> dict[str, Any]:
     """Summarise the dataset at ``path`` (see the module docstring); with ``sheet``, also write the contact
     sheet PNG of ``sheet_episodes`` episodes there. Returns the summary (JSON-ready)."""
     path = Path(path)
@@ -397,10 +462,20 @@ def inspect_path(path: str | Path, cfg: DataConfig, sheet: str | Path | None = N
     if sheet is not None and tally.rows:
         cameras = [cam for cam in CAMERAS if any(cam in row.frames for row in tally.rows)]
         width, height = draw_contact_sheet(tally.rows, cameras, sheet)
-        summary["sheet"] = {"path": str(sheet), "episodes": [row.label for row in tally.rows], "cameras": cameras,
-                            "size": [width, height]}
-        log.info("contact sheet: %s (%d episodes x %d cameras, %dx%d px)", sheet, len(tally.rows), len(cameras),
-                 width, height)
+        summary["sheet"] = {
+            "path": str(sheet),
+            "episodes": [row.label for row in tally.rows],
+            "cameras": cameras,
+            "size": [width, height],
+        }
+        log.info(
+            "contact sheet: %s (%d episodes x %d cameras, %dx%d px)",
+            sheet,
+            len(tally.rows),
+            len(cameras),
+            width,
+            height,
+        )
     elif sheet is not None:
         log.warning("no contact sheet: no episode of %s could be read", path)
     return summary
@@ -415,14 +490,19 @@ def _counts(counter: dict[str, int], unit: str, limit: int = 20) -> list[str]:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The summary as the aligned, human-readable text ``vlaops inspect`` prints."""
+
     def sizes(counter: dict[str, int]) -> str:
         return ", ".join(f"{size} ({n})" for size, n in counter.items())
 
-    lines = [f"{summary['path']}: {KIND_NAMES[summary['kind']]}",
-             f"episodes       {summary['episodes']}", f"frames         {summary['frames']}"]
+    lines = [
+        f"{summary['path']}: {KIND_NAMES[summary['kind']]}",
+        f"episodes       {summary['episodes']}",
+        f"frames         {summary['frames']}",
+    ]
     for name, split in summary.get("splits", {}).items():
-        lines.append(f"  {name:<12} {split['episodes']} episodes, {split['frames']} frames, "
-                     f"{split['annotations']} annotations")
+        lines.append(
+            f"  {name:<12} {split['episodes']} episodes, {split['frames']} frames, {split['annotations']} annotations"
+        )
     hz = summary["control_hz"]
     lines.append(f"control rate   {', '.join(f'{r} Hz ({n})' for r, n in hz.items()) if hz else 'not recorded'}")
     lines.append(f"embodiment     {sizes(summary['embodiments']) or '-'}")
@@ -442,6 +522,9 @@ def summary_table(summary: dict[str, Any]) -> str:
         episode = f" episode '{u['episode']}'" if u["episode"] else ""
         lines.append(f"  {u['recording']}{episode} [{u['check']}]: {u['reason']}")
     sheet = summary["sheet"]
-    lines.append(f"contact sheet  {sheet['path']} ({len(sheet['episodes'])} episodes)" if sheet else
-                 "contact sheet  none (--sheet PNG draws one)")
+    lines.append(
+        f"contact sheet  {sheet['path']} ({len(sheet['episodes'])} episodes)"
+        if sheet
+        else "contact sheet  none (--sheet PNG draws one)"
+    )
     return "\n".join(lines)

@@ -62,15 +62,23 @@ class ActionNormalizer:
             raise ValueError(f"norm_min must be < norm_max, got {self.norm_min} and {self.norm_max}")
         if (self.act_min_bound is None) != (self.act_max_bound is None):
             raise ValueError("act_min_bound and act_max_bound must both be lists or both None")
-        if self.act_min_bound is not None and self.act_max_bound is not None and (
+        if (
+            self.act_min_bound is not None
+            and self.act_max_bound is not None
+            and (
                 len(self.act_min_bound) != len(self.act_max_bound)
-                or any(lo > hi for lo, hi in zip(self.act_min_bound, self.act_max_bound))):
-            raise ValueError(f"act_min_bound <= act_max_bound expected, one per dim; got {self.act_min_bound}, "
-                             f"{self.act_max_bound}")
+                or any(lo > hi for lo, hi in zip(self.act_min_bound, self.act_max_bound))
+            )
+        ):
+            raise ValueError(
+                f"act_min_bound <= act_max_bound expected, one per dim; got {self.act_min_bound}, {self.act_max_bound}"
+            )
         if self.action_classes == 1 or self.action_classes < 0:
             raise ValueError(f"action_classes must be 0 (a gripper) or >= 2, got {self.action_classes}")
         if self.class_labels is not None and len(self.class_labels) != self.action_classes:
-            raise ValueError(f"class_labels holds {len(self.class_labels)} names, action_classes is {self.action_classes}")
+            raise ValueError(
+                f"class_labels holds {len(self.class_labels)} names, action_classes is {self.action_classes}"
+            )
 
     def head_space(self) -> tuple[int, int]:
         """(action_dim A, action_classes K) of the policy head these actions train: A-1 continuous dims and a
@@ -78,8 +86,10 @@ class ActionNormalizer:
         if self.act_min_bound is not None:
             return len(self.act_min_bound) + 1, self.action_classes
         if self.stats is None or not self.stats.get("min"):
-            raise VlaopsError("the normalisation holds no action statistics, so the action space is unknown; "
-                              "re-run the normalize stage")
+            raise VlaopsError(
+                "the normalisation holds no action statistics, so the action space is unknown; "
+                "re-run the normalize stage"
+            )
         return len(self.stats["min"]), self.action_classes
 
     def normalize(self, actions: ArrayT) -> ArrayT:
@@ -116,8 +126,11 @@ class ActionNormalizer:
         const = span <= 0
         span = np.where(const, 1.0, span)
         if isinstance(like, torch.Tensor):
-            return (torch.as_tensor(lo, dtype=like.dtype, device=like.device),
-                    torch.as_tensor(span, dtype=like.dtype, device=like.device), torch.as_tensor(const, device=like.device))
+            return (
+                torch.as_tensor(lo, dtype=like.dtype, device=like.device),
+                torch.as_tensor(span, dtype=like.dtype, device=like.device),
+                torch.as_tensor(const, device=like.device),
+            )
         return lo.astype(like.dtype), span.astype(like.dtype), const
 
     def _class(self, last: ArrayT) -> ArrayT:

@@ -17,7 +17,6 @@ from vlaops.errors import RecordingError
 from vlaops.io.episode import Episode
 
 
-
 def check_episode(episode: Episode, checks: CheckConfig, where: str) -> None:
     """Raise a :class:`RecordingError` naming the key, the frame and the ``data.checks`` bound that failed.
 
@@ -42,20 +41,31 @@ def check_episode(episode: Episode, checks: CheckConfig, where: str) -> None:
                 if bad.size:
                     t, axis = (int(v) for v in bad[0])
                     dim = dims.start + axis
-                    raise fail(f"{key}[:, {dim}]", f"{values[t, axis]:.4g} {unit} at frame {t}, beyond "
-                               f"data.checks.{name}={bound}", check)
+                    raise fail(
+                        f"{key}[:, {dim}]",
+                        f"{values[t, axis]:.4g} {unit} at frame {t}, beyond data.checks.{name}={bound}",
+                        check,
+                    )
         if checks.max_target_speed_m_s is not None and len(act) > 1:
             speed = np.linalg.norm(np.diff(act[:, :3], axis=0), axis=1) * episode.control_hz  # (T-1,) m/s
             t = int(np.argmax(speed))
             if speed[t] > checks.max_target_speed_m_s:
-                raise fail("action/abs[:, 0:3]", f"the target position jumps {speed[t]:.4g} m/s between frames {t} and "
-                           f"{t + 1}, beyond data.checks.max_target_speed_m_s={checks.max_target_speed_m_s}", "action_jump")
+                raise fail(
+                    "action/abs[:, 0:3]",
+                    f"the target position jumps {speed[t]:.4g} m/s between frames {t} and "
+                    f"{t + 1}, beyond data.checks.max_target_speed_m_s={checks.max_target_speed_m_s}",
+                    "action_jump",
+                )
         if checks.max_target_offset_m is not None:
             offset = np.linalg.norm(act[:, :3] - obs[:, :3], axis=1)  # (T,) m
             t = int(np.argmax(offset))
             if offset[t] > checks.max_target_offset_m:
-                raise fail("action/abs[:, 0:3]", f"the target position is {offset[t]:.4g} m from the TCP at frame {t}, "
-                           f"beyond data.checks.max_target_offset_m={checks.max_target_offset_m}", "action_offset")
+                raise fail(
+                    "action/abs[:, 0:3]",
+                    f"the target position is {offset[t]:.4g} m from the TCP at frame {t}, "
+                    f"beyond data.checks.max_target_offset_m={checks.max_target_offset_m}",
+                    "action_offset",
+                )
     if checks.joint_min is not None and checks.joint_max is not None:
         joints = obs[:, 7:14]  # (T, 7): CALVIN's robot_obs order, io/calvin_spec.py
         lo = np.asarray(checks.joint_min) - checks.joint_margin_rad
@@ -63,6 +73,10 @@ def check_episode(episode: Episode, checks: CheckConfig, where: str) -> None:
         bad = np.argwhere((joints < lo) | (joints > hi))
         if bad.size:
             t, j = (int(v) for v in bad[0])
-            raise fail(f"obs/robot_obs[:, {7 + j}]", f"joint {j + 1} is {joints[t, j]:.4g} rad at frame {t}, outside "
-                       f"data.checks.joint_min/joint_max [{checks.joint_min[j]}, {checks.joint_max[j]}] "
-                       f"(+- joint_margin_rad {checks.joint_margin_rad})", "joint_limits")
+            raise fail(
+                f"obs/robot_obs[:, {7 + j}]",
+                f"joint {j + 1} is {joints[t, j]:.4g} rad at frame {t}, outside "
+                f"data.checks.joint_min/joint_max [{checks.joint_min[j]}, {checks.joint_max[j]}] "
+                f"(+- joint_margin_rad {checks.joint_margin_rad})",
+                "joint_limits",
+            )

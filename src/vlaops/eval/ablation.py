@@ -71,9 +71,9 @@ class AblatedPolicy:
         try:
             return obs, self.swap[instruction]
         except KeyError:
-            raise VlaopsError(f"swap_instruction: {instruction!r} is not the instruction of an evaluated task "
-                              f"({sorted(self.swap)})") from None
+            raise VlaopsError(
+                f"swap_instruction: {instruction!r} is not the instruction of an evaluated task ({sorted(self.swap)})"
+            ) from None
 
     def step(self, obs: dict[str, Any], instruction: str) -> np.ndarray:
         return self.policy.step(*self.transform(obs, instruction))
-

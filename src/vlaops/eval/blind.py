@@ -46,8 +46,10 @@ class BlindPolicy:
         if actions.shape != (len(robot_obs), ACTION_DIM):
             raise ValueError(f"actions must be (N, {ACTION_DIM}) with N={len(robot_obs)}, got shape {actions.shape}")
         if len(instructions) != len(robot_obs) or len(robot_obs) == 0:
-            raise ValueError(f"need one instruction per frame and at least one frame, got {len(instructions)} "
-                             f"instructions for {len(robot_obs)} frames")
+            raise ValueError(
+                f"need one instruction per frame and at least one frame, got {len(instructions)} "
+                f"instructions for {len(robot_obs)} frames"
+            )
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k = k
@@ -71,8 +73,10 @@ class BlindPolicy:
                 obs.append(data["robot_obs"])  # (15,)
                 acts.append(data["rel_actions"])  # (7,)
         if not obs:
-            raise VlaopsError(f"{split.dir}: no annotated demonstrations to build the blind baseline from; "
-                              "expected a CALVIN split with language annotations (run convert)")
+            raise VlaopsError(
+                f"{split.dir}: no annotated demonstrations to build the blind baseline from; "
+                "expected a CALVIN split with language annotations (run convert)"
+            )
         log.info("blind baseline: %d frames of %d instructions from %s", len(obs), len(set(instructions)), split.dir)
         return cls(instructions, np.stack(obs), np.stack(acts), k)
 
@@ -84,8 +88,9 @@ class BlindPolicy:
     @staticmethod
     def _key(robot_obs: np.ndarray) -> np.ndarray:
         """(..., 15) robot_obs -> (..., 4) lookup key: tcp xyz (m), gripper command x GRIPPER_WEIGHT."""
-        return np.concatenate([robot_obs[..., TCP_SLICE], GRIPPER_WEIGHT * robot_obs[..., GRIPPER_INDEX:GRIPPER_INDEX + 1]],
-                              axis=-1)
+        return np.concatenate(
+            [robot_obs[..., TCP_SLICE], GRIPPER_WEIGHT * robot_obs[..., GRIPPER_INDEX : GRIPPER_INDEX + 1]], axis=-1
+        )
 
     def reset(self) -> None:
         """Nothing to forget: each step is a lookup of the current state."""
@@ -95,8 +100,10 @@ class BlindPolicy:
         try:
             keys, actions = self._index[instruction]
         except KeyError:
-            raise VlaopsError(f"blind baseline: instruction {instruction!r} was never demonstrated; expected one of "
-                              f"{self.instructions}") from None
+            raise VlaopsError(
+                f"blind baseline: instruction {instruction!r} was never demonstrated; expected one of "
+                f"{self.instructions}"
+            ) from None
         query = self._key(np.asarray(obs["robot_obs"], dtype=np.float64))  # (4,)
         dist = np.linalg.norm(keys - query, axis=1)  # (M,)
         k = min(self.k, len(dist))

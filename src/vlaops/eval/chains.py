@@ -31,8 +31,15 @@ class ChainResult:
 OnStep = Callable[[dict[str, Any], int], None]  # (observation the policy saw, subtask index) -> None
 
 
-def rollout(env: EvalEnv, policy: StepPolicy, task: TaskOracle, obs: dict[str, Any], max_steps: int,
-            on_step: OnStep | None = None, subtask: int = 0) -> tuple[bool, int, dict[str, Any]]:
+def rollout(
+    env: EvalEnv,
+    policy: StepPolicy,
+    task: TaskOracle,
+    obs: dict[str, Any],
+    max_steps: int,
+    on_step: OnStep | None = None,
+    subtask: int = 0,
+) -> tuple[bool, int, dict[str, Any]]:
     """One subtask: returns (success, steps used, last observation). ``on_step`` sees every observation
     the policy is given (the rollout videos record them)."""
     policy.reset()
@@ -83,8 +90,10 @@ def evaluate_chains(
 
     ``vlaops.eval.runner.run_chains`` runs the same chains across worker processes.
     """
-    return [run_chain(env, policy, seed, names, get_task, max_steps)
-            for seed, names in tqdm(chains, desc="evaluate chains", unit="chain", disable=None)]
+    return [
+        run_chain(env, policy, seed, names, get_task, max_steps)
+        for seed, names in tqdm(chains, desc="evaluate chains", unit="chain", disable=None)
+    ]
 
 
 FIRST_SUBTASK, LATER_SUBTASKS = "first", "later"  # summarize's start_info: from the reset scene, after another subtask
@@ -108,8 +117,13 @@ def summarize(results: list[ChainResult], chain_length: int) -> dict[str, Any]:
             kind["total"] += 1
             kind["success"] += int(i < r.completed)
     task_info = {t: {"success": successes[t], "total": attempts[t]} for t in sorted(attempts)}
-    return {"avg_seq_len": float(completed.mean()), "chain_sr": chain_sr, "task_info": task_info,
-            "start_info": start_info, "num_chains": len(results)}
+    return {
+        "avg_seq_len": float(completed.mean()),
+        "chain_sr": chain_sr,
+        "task_info": task_info,
+        "start_info": start_info,
+        "num_chains": len(results),
+    }
 
 
 def start_sr(summary: dict[str, Any]) -> dict[str, float | None]:
@@ -118,7 +132,11 @@ def start_sr(summary: dict[str, Any]) -> dict[str, float | None]:
 
 
 def bootstrap_ci(
-    completed: Sequence[int], chain_length: int, resamples: int = 1000, confidence: float = 0.95, seed: int = 0,
+    completed: Sequence[int],
+    chain_length: int,
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """Percentile bootstrap intervals over chains: {"avg_len": [lo, hi], "sr_1": [lo, hi], ...}.
 
@@ -146,8 +164,9 @@ def bootstrap_ci(
     return out
 
 
-def figures(results: list[ChainResult], chain_length: int, resamples: int = 1000, confidence: float = 0.95,
-            seed: int = 0) -> dict[str, Any]:
+def figures(
+    results: list[ChainResult], chain_length: int, resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
     """The headline figures of one run of chains and their bootstrap intervals (metrics.json's keys):
     {"avg_len": x, "sr_1": x, ..., "avg_len_ci": [lo, hi], "sr_1_ci": [lo, hi], ...}."""
     summary = summarize(results, chain_length)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 # The names users may list; one home, imported by the ablation and reference modules and the stage.
 # blank_images: both cameras replaced by zeros; swap_instruction: another task's instruction (eval/ablation.py).
@@ -28,7 +27,7 @@ class EvalConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     # Chains run in this many worker processes (each with its own simulator and policy); 0 or null: one
     # per CPU core. Results are merged by chain index, so the metrics do not depend on it.
-    num_workers: Optional[int] = None
+    num_workers: int | None = None
     # The same chains again with the policy's input degraded: it must fall if the policy looks and listens.
     ablations: list[str] = field(default_factory=lambda: list(ABLATIONS))
     # Reference policies on the same chains: the floor and the ceiling beside every figure.

@@ -43,8 +43,15 @@ def offline_action_metrics(
         return offline_base_metrics(model, dataset, batch_size, max_batches, device, constant, normalizer)
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    sums: dict[str, float] = {"sq": 0.0, "abs": 0.0, "abs_first": 0.0, "grip_ok": 0.0, "loss": 0.0,
-                              "abs_const": 0.0, "grip_const": 0.0}
+    sums: dict[str, float] = {
+        "sq": 0.0,
+        "abs": 0.0,
+        "abs_first": 0.0,
+        "grip_ok": 0.0,
+        "loss": 0.0,
+        "abs_const": 0.0,
+        "grip_const": 0.0,
+    }
     counts = {"arm": 0.0, "first": 0.0, "grip": 0.0, "batches": 0}
     const = None if constant is None else constant.to(device)
     for i, batch in enumerate(loader):
@@ -122,7 +129,9 @@ def offline_base_metrics(
         target = batch[keys.ACTION_CHUNK].float()  # (B, W, C, A): continuous dims, class id
         pred = out["arm"].float()  # (B, W, C, A-1)
         if pred.shape[-1] != dims:
-            raise ValueError(f"a mobile base's policy predicts {dims} continuous dims ({', '.join(names)}), this one {pred.shape[-1]}")
+            raise ValueError(
+                f"a mobile base's policy predicts {dims} continuous dims ({', '.join(names)}), this one {pred.shape[-1]}"
+            )
         err = (pred - target[..., :-1]) * mask[..., None]  # (B, W, C, A-1)
         cls = out["class_logits"].argmax(-1)  # (B, W, C)
         truth = target[..., -1].round().long()  # (B, W, C)
@@ -155,7 +164,9 @@ def offline_base_metrics(
         "windows": float(len(dataset) if not max_batches else min(len(dataset), max_batches * batch_size)),
     }
     if normalizer is not None:
-        metrics.update({f"{name}_mae_{BASE_UNITS[name]}": float(per_dim_native[d]) / steps for d, name in enumerate(names)})
+        metrics.update(
+            {f"{name}_mae_{BASE_UNITS[name]}": float(per_dim_native[d]) / steps for d, name in enumerate(names)}
+        )
     if constant is not None:
         metrics["baseline_continuous_mae"] = sums["abs_const"] / (steps * dims)
         metrics["baseline_action_type_accuracy"] = sums["class_const"] / steps

@@ -49,7 +49,9 @@ class ExpertPolicy:
             try:
                 task = self.tasks[instruction]
             except KeyError:
-                raise VlaopsError(f"expert reference: {instruction!r} is not the instruction of a simulator task") from None
+                raise VlaopsError(
+                    f"expert reference: {instruction!r} is not the instruction of a simulator task"
+                ) from None
             self._expert = self.plan(task, info)
             self._instruction = instruction
         return self._expert.act(info)
@@ -65,8 +67,10 @@ class ExpertPolicy:
 def blind_policy(train_dir: Path, trust_pickles: bool) -> StepPolicy:
     """The blind baseline fitted on the training split's demonstrations at ``train_dir``."""
     if not Path(train_dir).is_dir():
-        raise VlaopsError(f"eval.references=blind needs the training demonstrations; {train_dir} does not exist "
-                          f"(run convert, or drop blind from eval.references)")
+        raise VlaopsError(
+            f"eval.references=blind needs the training demonstrations; {train_dir} does not exist "
+            f"(run convert, or drop blind from eval.references)"
+        )
     return BlindPolicy.from_split(CalvinSplit(Path(train_dir), trust_pickles))
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
+from vlaops.errors import VlaopsError
 from vlaops.eval.ablation import NEEDS_NO_IMAGES, AblatedPolicy
 from vlaops.eval.chains import ChainResult, run_chain
 from vlaops.eval.env import StepPolicy
-from vlaops.errors import VlaopsError
 from vlaops.eval.reference import ExpertPolicy
 from vlaops.sim.config import SimConfig
 from vlaops.sim.tasks import get_task
@@ -115,9 +115,15 @@ def _close_worker() -> None:
     _WORKER.clear()
 
 
-def run_chains(factory: Any, sim_cfg: SimConfig, chains: list[Chain], max_steps: int,
-               num_workers: Optional[int] = None, desc: str = "evaluate chains",
-               compute: ComputeConfig | None = None) -> list[ChainResult]:
+def run_chains(
+    factory: Any,
+    sim_cfg: SimConfig,
+    chains: list[Chain],
+    max_steps: int,
+    num_workers: int | None = None,
+    desc: str = "evaluate chains",
+    compute: ComputeConfig | None = None,
+) -> list[ChainResult]:
     """Every chain with ``factory``'s policy, on ``num_workers`` processes (0/None: one per core).
 
     The simulator renders only when ``factory.needs_images``. Workers fork, as collect's do, unless the
@@ -125,13 +131,24 @@ def run_chains(factory: Any, sim_cfg: SimConfig, chains: list[Chain], max_steps:
     """
     device = str(getattr(factory, "device", "cpu"))
     if compute is not None and compute.executor == "ray" and device.startswith("cuda"):
-        raise VlaopsError(f"eval.device={device} with compute.executor=ray: not supported yet (the Ray actors ask for "
-                          "no GPU); set eval.device=cpu, or compute.executor=local")
+        raise VlaopsError(
+            f"eval.device={device} with compute.executor=ray: not supported yet (the Ray actors ask for "
+            "no GPU); set eval.device=cpu, or compute.executor=local"
+        )
     threads = torch.get_num_threads()
     try:
-        return map_ordered(_run_one, chains, num_workers, initializer=_init_worker,
-                           initargs=(factory, sim_cfg, max_steps), method=start_method(device.startswith("cuda")),
-                           desc=desc, unit="chain", compute=compute, label=_chain_name)
+        return map_ordered(
+            _run_one,
+            chains,
+            num_workers,
+            initializer=_init_worker,
+            initargs=(factory, sim_cfg, max_steps),
+            method=start_method(device.startswith("cuda")),
+            desc=desc,
+            unit="chain",
+            compute=compute,
+            label=_chain_name,
+        )
     finally:  # one worker ran in this process: close its simulator, give the threads back
         _close_worker()
         torch.set_num_threads(threads)

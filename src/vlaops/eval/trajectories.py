@@ -23,8 +23,9 @@ def action_dims(model: VLAPolicy) -> tuple[str, ...]:
 
 
 @torch.inference_mode()
-def validation_trajectories(model: VLAPolicy, dataset: CalvinWindowDataset, episodes: int, batch_size: int,
-                            device: torch.device) -> list[dict[str, Any]]:
+def validation_trajectories(
+    model: VLAPolicy, dataset: CalvinWindowDataset, episodes: int, batch_size: int, device: torch.device
+) -> list[dict[str, Any]]:
     """The first ``episodes`` annotated spans of ``dataset``, teacher-forced as in training: at each window,
     the action predicted for its last frame (chunk step 0) next to the recorded one, in the normalised
     space both share: an arm's gripper as the predicted probability of open against 0/1, a mobile base's
@@ -48,6 +49,11 @@ def validation_trajectories(model: VLAPolicy, dataset: CalvinWindowDataset, epis
             predicted.append(torch.cat([arm, last], dim=-1).cpu().numpy())
             recorded.append(batch[keys.ACTION_CHUNK][:, -1, 0].float().cpu().numpy())  # (B, A)
         ann = dataset.annotations[k]
-        out.append({"label": f"{ann.instruction} ({ann.start}-{ann.end})", "predicted": np.concatenate(predicted),
-                    "recorded": np.concatenate(recorded)})
+        out.append(
+            {
+                "label": f"{ann.instruction} ({ann.start}-{ann.end})",
+                "predicted": np.concatenate(predicted),
+                "recorded": np.concatenate(recorded),
+            }
+        )
     return out

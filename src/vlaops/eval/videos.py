@@ -29,8 +29,14 @@ CAPTION_PX = 36
 OK_COLOR, FAIL_COLOR = (30, 150, 60), (200, 40, 40)
 
 
-def record_chain(env: EvalEnv, policy: StepPolicy, seed: int, names: Sequence[str],
-                 get_task: Callable[[str], TaskOracle], max_steps: int) -> tuple[ChainResult, list[tuple[np.ndarray, int]]]:
+def record_chain(
+    env: EvalEnv,
+    policy: StepPolicy,
+    seed: int,
+    names: Sequence[str],
+    get_task: Callable[[str], TaskOracle],
+    max_steps: int,
+) -> tuple[ChainResult, list[tuple[np.ndarray, int]]]:
     """Play one chain on one thread; returns its result and (static camera frame, subtask index) pairs."""
     frames: list[tuple[np.ndarray, int]] = []
     steps = [0]
@@ -60,7 +66,11 @@ def captioned(frames: Sequence[tuple[np.ndarray, int]], result: ChainResult, ins
         image.paste(Image.fromarray(frame), (0, 0))
         draw = ImageDraw.Draw(image)
         ok = i < result.completed
-        draw.text((4, h + 2), f"{i + 1}/{len(result.tasks)} {'success' if ok else 'failed'}", fill=OK_COLOR if ok else FAIL_COLOR)
+        draw.text(
+            (4, h + 2),
+            f"{i + 1}/{len(result.tasks)} {'success' if ok else 'failed'}",
+            fill=OK_COLOR if ok else FAIL_COLOR,
+        )
         draw.text((4, h + 18), instructions[i][: w // 6], fill=(0, 0, 0))
         out.append(image)
     return out
@@ -71,13 +81,26 @@ def save_gif(images: Sequence[Any], path: str | os.PathLike[str], fps: float) ->
     target = Path(path)
     first, *rest = [im.convert("P", palette=1, colors=255) for im in images]  # 1: Image.Palette.ADAPTIVE
     with atomic_file(target, "wb") as handle:
-        first.save(handle, format="GIF", save_all=True, append_images=rest, duration=int(round(1000 / fps)), loop=0,
-                   optimize=False)
+        first.save(
+            handle,
+            format="GIF",
+            save_all=True,
+            append_images=rest,
+            duration=int(round(1000 / fps)),
+            loop=0,
+            optimize=False,
+        )
     return target
 
 
-def write_videos(factory: Callable[[Any], StepPolicy], sim_cfg: Any, chains: Sequence[tuple[int, list[str]]],
-                 scored: Sequence[ChainResult], max_steps: int, out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def write_videos(
+    factory: Callable[[Any], StepPolicy],
+    sim_cfg: Any,
+    chains: Sequence[tuple[int, list[str]]],
+    scored: Sequence[ChainResult],
+    max_steps: int,
+    out_dir: str | os.PathLike[str],
+) -> list[dict[str, Any]]:
     """``chain_NNN.gif`` for each of ``chains`` (the first evaluated ones) and ``index.json`` listing them
     (file, seed, tasks, completed, steps, and whether the replay matched the scored chain), into
     ``out_dir`` atomically. ``factory`` builds the policy as the chain workers do."""
@@ -92,12 +115,28 @@ def write_videos(factory: Callable[[Any], StepPolicy], sim_cfg: Any, chains: Seq
                     result, frames = record_chain(env, policy, seed, names, get_task, max_steps)
                     same = (result.completed, result.steps) == (want.completed, want.steps)
                     if not same:
-                        log.warning("video of chain %d (seed %d): the replay completed %d subtasks in %s steps, the scored "
-                                    "chain %d in %s", i, seed, result.completed, result.steps, want.completed, want.steps)
+                        log.warning(
+                            "video of chain %d (seed %d): the replay completed %d subtasks in %s steps, the scored "
+                            "chain %d in %s",
+                            i,
+                            seed,
+                            result.completed,
+                            result.steps,
+                            want.completed,
+                            want.steps,
+                        )
                     name = f"chain_{i:03d}.gif"
                     images = captioned(frames, result, [get_task(n).instruction for n in names])
                     save_gif(images, tmp / name, sim_cfg.control_hz / VIDEO_FRAME_STEP)
-                    entries.append({"file": name, "seed": seed, "tasks": list(names), "completed": result.completed,
-                                    "steps": result.steps, "same_as_scored": same})
+                    entries.append(
+                        {
+                            "file": name,
+                            "seed": seed,
+                            "tasks": list(names),
+                            "completed": result.completed,
+                            "steps": result.steps,
+                            "same_as_scored": same,
+                        }
+                    )
         write_json(tmp / INDEX_FILE, entries)
     return entries

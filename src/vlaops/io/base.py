@@ -39,7 +39,9 @@ from vlaops.io.settings import ReaderSettings
 from vlaops.io.sync import SyncError, common_start, hold_last
 
 CMD_VEL_TYPES = ("geometry_msgs/msg/Twist", "geometry_msgs/msg/TwistStamped")
-CLASS_ID_TYPES = tuple(f"std_msgs/msg/{t}" for t in ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64"))
+CLASS_ID_TYPES = tuple(
+    f"std_msgs/msg/{t}" for t in ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
+)
 ACTION_TYPE_TYPES = ("std_msgs/msg/String", *CLASS_ID_TYPES)
 ACTION_TYPES_ATTR = "action_types"  # Episode.extra_attrs key: the JSON list of labels, class id = index
 
@@ -64,8 +66,10 @@ def embodiment_hint(present: dict[str, str]) -> str:
     twists = sorted(f"{t} ({typ})" for t, typ in present.items() if typ in CMD_VEL_TYPES)
     if not twists:
         return ""
-    return (f"; the bag holds velocity commands on {', '.join(twists)}: a mobile base recording? "
-            "set data.embodiment=mobile_base (and data.base)")
+    return (
+        f"; the bag holds velocity commands on {', '.join(twists)}: a mobile base recording? "
+        "set data.embodiment=mobile_base (and data.base)"
+    )
 
 
 def episode_labels(episode: Episode) -> list[str] | None:
@@ -80,8 +84,12 @@ def _velocity(msg: Any, where: str, topic: str, index: int) -> np.ndarray:
     v = np.array([twist.linear.x, twist.linear.y, twist.angular.z], dtype=np.float64)
     if not np.all(np.isfinite(v)):
         bad = BASE_ACTION_NAMES[int(np.flatnonzero(~np.isfinite(v))[0])]
-        raise RecordingError(where, f"topic '{topic}': message {index} has a non-finite velocity ({bad} = "
-                             f"{v[BASE_ACTION_NAMES.index(bad)]})", check="non_finite", stream=topic)
+        raise RecordingError(
+            where,
+            f"topic '{topic}': message {index} has a non-finite velocity ({bad} = {v[BASE_ACTION_NAMES.index(bad)]})",
+            check="non_finite",
+            stream=topic,
+        )
     return v
 
 
@@ -90,13 +98,22 @@ def _class_id(msg: Any, where: str, topic: str, labels: list[str]) -> int:
     if isinstance(msg.data, str):
         label = msg.data.strip()
         if label not in labels:
-            raise RecordingError(where, f"topic '{topic}': action_type '{label}' is not one of data.base.action_types "
-                                 f"{labels}", check="unknown_action_type", stream=topic)
+            raise RecordingError(
+                where,
+                f"topic '{topic}': action_type '{label}' is not one of data.base.action_types {labels}",
+                check="unknown_action_type",
+                stream=topic,
+            )
         return labels.index(label)
     value = int(msg.data)
     if not 0 <= value < len(labels):
-        raise RecordingError(where, f"topic '{topic}': action_type class id {value} is outside [0, {len(labels)}) "
-                             f"(data.base.action_types {labels})", check="unknown_action_type", stream=topic)
+        raise RecordingError(
+            where,
+            f"topic '{topic}': action_type class id {value} is outside [0, {len(labels)}) "
+            f"(data.base.action_types {labels})",
+            check="unknown_action_type",
+            stream=topic,
+        )
     return value
 
 
@@ -117,8 +134,9 @@ def read_base_bag(path: Path, cfg: ReaderSettings) -> Episode:
             reader = AnyReader(rosbag2.bag_paths(path) or [path], default_typestore=store)
             reader.open()
         except Exception as exc:  # as in read_rosbag2: anything that stops the bag opening makes it unreadable
-            raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
-                                 check="unreadable") from exc
+            raise RecordingError(
+                where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})", check="unreadable"
+            ) from exc
         stack.callback(reader.close)
         if reader.message_count == 0:
             raise RecordingError(where, "the bag has no messages", check="empty")
@@ -128,15 +146,27 @@ def read_base_bag(path: Path, cfg: ReaderSettings) -> Episode:
             if topic not in present:
                 if optional or (name == "instruction" and fallback is not None):
                     continue
-                raise RecordingError(where, f"mapped topic '{topic}' ({key}) is not in the bag; topics present: "
-                                     f"{sorted(present)}", check="missing_stream", stream=topic)
+                raise RecordingError(
+                    where,
+                    f"mapped topic '{topic}' ({key}) is not in the bag; topics present: {sorted(present)}",
+                    check="missing_stream",
+                    stream=topic,
+                )
             if present[topic] not in types:
-                raise RecordingError(where, f"topic '{topic}' ({key}) has type {present[topic]}, expected "
-                                     f"{' or '.join(types)}", check="wrong_type", stream=topic)
+                raise RecordingError(
+                    where,
+                    f"topic '{topic}' ({key}) has type {present[topic]}, expected {' or '.join(types)}",
+                    check="wrong_type",
+                    stream=topic,
+                )
             if present[topic] not in reader.typestore.types:
-                raise RecordingError(where, f"topic '{topic}' ({key}): the bag holds no definition of {present[topic]} "
-                                     f"and data.typestore '{cfg.typestore}' has none either", check="unknown_type",
-                                     stream=topic)
+                raise RecordingError(
+                    where,
+                    f"topic '{topic}' ({key}): the bag holds no definition of {present[topic]} "
+                    f"and data.typestore '{cfg.typestore}' has none either",
+                    check="unknown_type",
+                    stream=topic,
+                )
         by_topic = {topic: name for name, topic in wanted.items()}
         connections = [c for c in reader.connections if c.topic in by_topic]
         for conn, log_time, raw in reader.messages(connections=connections):
@@ -144,8 +174,12 @@ def read_base_bag(path: Path, cfg: ReaderSettings) -> Episode:
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
             except Exception as exc:  # a truncated message
-                raise RecordingError(where, f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
-                                     check="undecodable", stream=conn.topic) from exc
+                raise RecordingError(
+                    where,
+                    f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
+                    check="undecodable",
+                    stream=conn.topic,
+                ) from exc
             stream = streams[name]
             if name in ("rgb_static", "rgb_gripper"):
                 value: Any = rosbag2.decode_image(msg, where, conn.topic)
@@ -160,16 +194,24 @@ def read_base_bag(path: Path, cfg: ReaderSettings) -> Episode:
     return _assemble(path, streams, cfg, custom, labels, sidecar, fallback)
 
 
-def _assemble(path: Path, streams: dict[str, Any], cfg: ReaderSettings, custom: dict[str, str],
-              labels: list[str], sidecar: dict[str, str], fallback: str | None) -> Episode:
+def _assemble(
+    path: Path,
+    streams: dict[str, Any],
+    cfg: ReaderSettings,
+    custom: dict[str, str],
+    labels: list[str],
+    sidecar: dict[str, str],
+    fallback: str | None,
+) -> Episode:
     where = str(path)
     for name in ("rgb_static", "cmd_vel", "action_type", "instruction"):
         if name == "instruction" and fallback is not None:
             continue
         if not streams[name].stamps:
             topic = _topic(name, cfg)
-            raise RecordingError(where, f"topic '{topic}' ({_STREAMS[name][0]}) has no messages", check="missing_stream",
-                                 stream=topic)
+            raise RecordingError(
+                where, f"topic '{topic}' ({_STREAMS[name][0]}) has no messages", check="missing_stream", stream=topic
+            )
     monotonic = cfg.checks.monotonic_stamps
     for name in ("rgb_static", "rgb_gripper"):
         if name in streams and streams[name].values:
@@ -183,8 +225,9 @@ def _assemble(path: Path, streams: dict[str, Any], cfg: ReaderSettings, custom: 
     start = common_start({n: s[0][0] for n, s in sorted_streams.items()}, ticks)
     ticks, velocity = ticks[start:], velocity[start:]
     if len(ticks) < cfg.min_episode_len:
-        raise RecordingError(where, f"{len(ticks)} synchronised frames, data.min_episode_len is {cfg.min_episode_len}",
-                             check="too_short")
+        raise RecordingError(
+            where, f"{len(ticks)} synchronised frames, data.min_episode_len is {cfg.min_episode_len}", check="too_short"
+        )
     held: dict[str, np.ndarray] = {}
     for name, (stamps, values) in sorted_streams.items():
         # the class is a mode held until changed: no age limit; a camera older than the tolerance is a dropout
@@ -199,7 +242,12 @@ def _assemble(path: Path, streams: dict[str, Any], cfg: ReaderSettings, custom: 
     said = streams["instruction"].values if "instruction" in streams else []
     instruction = (said[0] if said else fallback or "").strip()
     task_values = streams["task"].values if "task" in streams else []
-    task = (task_values[0] if task_values else None) or sidecar.get("task") or custom.get("task") or rosbag2._slug(instruction)
+    task = (
+        (task_values[0] if task_values else None)
+        or sidecar.get("task")
+        or custom.get("task")
+        or rosbag2._slug(instruction)
+    )
     return Episode(
         episode_id=rosbag2.episode_id(path),
         source=str(path),

@@ -220,7 +220,9 @@ class CalvinSplit:
             language, indx = lang["language"], lang["info"]["indx"]
             anns, tasks = language["ann"], language["task"]
         except (KeyError, TypeError) as exc:
-            raise VlaopsError(f"{json_path}: missing annotation field {exc}; expected language.ann/task, info.indx") from exc
+            raise VlaopsError(
+                f"{json_path}: missing annotation field {exc}; expected language.ann/task, info.indx"
+            ) from exc
         if not (len(anns) == len(tasks) == len(indx)):
             raise VlaopsError(f"{json_path}: language.ann, language.task and info.indx differ in length")
         return [Annotation(int(s), int(e), str(a), str(t)) for (s, e), a, t in zip(indx, anns, tasks)]
@@ -254,7 +256,11 @@ def dataset_fingerprint(root: str | Path) -> str:
     digest = hashlib.sha256()
     names = [PROVENANCE] if (root / PROVENANCE).is_file() else []
     for split in SPLITS:
-        names += [f"{split}/{EP_START_END_IDS}", f"{split}/{LANG_DIR}/{LANG_ANN_JSON}", f"{split}/{LANG_DIR}/{LANG_ANN}"]
+        names += [
+            f"{split}/{EP_START_END_IDS}",
+            f"{split}/{LANG_DIR}/{LANG_ANN_JSON}",
+            f"{split}/{LANG_DIR}/{LANG_ANN}",
+        ]
     for name in names:
         path = root / name
         if path.is_file():

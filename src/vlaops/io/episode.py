@@ -59,8 +59,13 @@ class Episode:
 
         def fail(name: str, expected: str, got: object) -> None:
             check = "non_finite" if expected == "finite values" else "episode_contract"
-            raise RecordingError(where, f"field '{name}' expected {expected}, got {got}", check=check,
-                                 stream=name, episode=self.episode_id)
+            raise RecordingError(
+                where,
+                f"field '{name}' expected {expected}, got {got}",
+                check=check,
+                stream=name,
+                episode=self.episode_id,
+            )
 
         if self.embodiment not in EMBODIMENTS:
             fail("embodiment", f"one of {EMBODIMENTS}", repr(self.embodiment))
@@ -107,8 +112,11 @@ class Episode:
             labels = self.extra_attrs.get("action_types")  # JSON list (vlaops.io.base): class id = index
             n = len(json.loads(labels)) if labels is not None else None
             if np.any(classes != np.round(classes)) or np.any(classes < 0) or (n is not None and np.any(classes >= n)):
-                fail("action/base[:, 3]", f"action_type class ids in [0, {n if n is not None else 'K'})",
-                     np.unique(classes)[:5])
+                fail(
+                    "action/base[:, 3]",
+                    f"action_type class ids in [0, {n if n is not None else 'K'})",
+                    np.unique(classes)[:5],
+                )
 
 
 _ATTRS = ("episode_id", "source", "source_sha256", "source_format", "embodiment", "instruction", "task")
@@ -146,8 +154,14 @@ def write_episode(path: str | os.PathLike[str], episode: Episode) -> None:
                 # per-frame chunks: convert reads frame by frame. gzip level 1: on the simulator's frames it
                 # costs 0.31 ms a frame against level 4's 0.88 ms (most of ingest's time) for 24 % more bytes
                 # (bench/ingest.py; reports/bench/ingest*.json)
-                f.create_dataset(key, data=value, chunks=(1, *value.shape[1:]), compression="gzip",
-                                 compression_opts=IMAGE_GZIP_LEVEL, track_times=False)
+                f.create_dataset(
+                    key,
+                    data=value,
+                    chunks=(1, *value.shape[1:]),
+                    compression="gzip",
+                    compression_opts=IMAGE_GZIP_LEVEL,
+                    track_times=False,
+                )
             else:
                 f.create_dataset(key, data=value.astype(np.float64), track_times=False)
 
@@ -169,7 +183,7 @@ def read_episode(path: str | os.PathLike[str]) -> Episode:
         if "time" not in f or "obs/rgb_static" not in f:
             raise VlaopsError(f"{path}: missing dataset 'time' or 'obs/rgb_static'")
         kwargs = {a: str(f.attrs[a]) for a in _ATTRS}
-        extra = {k[len("extra/"):]: str(v) for k, v in f.attrs.items() if k.startswith("extra/")}
+        extra = {k[len("extra/") :]: str(v) for k, v in f.attrs.items() if k.startswith("extra/")}
         arrays = {attr: (f[key][()] if key in f else None) for key, attr in _DATASETS.items()}
         episode = Episode(
             **kwargs,

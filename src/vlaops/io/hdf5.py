@@ -76,8 +76,11 @@ def layout(f: h5py.File) -> str | None:
     return None
 
 
-LAYOUTS = ("canonical: format_version attr + obs/rgb_static", "ALOHA: observations/images/<cam> + observations/qpos "
-           "+ action", "robomimic: data/demo_N")
+LAYOUTS = (
+    "canonical: format_version attr + obs/rgb_static",
+    "ALOHA: observations/images/<cam> + observations/qpos + action",
+    "robomimic: data/demo_N",
+)
 
 
 def _open(path: Path) -> tuple[h5py.File, str]:
@@ -90,8 +93,11 @@ def _open(path: Path) -> tuple[h5py.File, str]:
     if kind is None:
         keys = sorted(f.keys())
         f.close()
-        raise RecordingError(where, f"an HDF5 file in no layout vlaops reads (top-level keys {keys}); expected "
-                             f"{'; '.join(LAYOUTS)}", check="unknown_layout")
+        raise RecordingError(
+            where,
+            f"an HDF5 file in no layout vlaops reads (top-level keys {keys}); expected {'; '.join(LAYOUTS)}",
+            check="unknown_layout",
+        )
     return f, kind
 
 
@@ -120,8 +126,16 @@ def read_hdf5(path: Path, key: str, cfg: ReaderSettings) -> Episode:
             return _mapped(f, path, path.stem, cfg.hdf5.aloha, cfg, "hdf5_aloha", str(path), env_args={})
         demo = f["data"][key]
         env_args = _env_args(f["data"].attrs.get("env_args"), str(path))
-        return _mapped(demo, path, f"{path.stem}_{key}", cfg.hdf5.robomimic, cfg, "hdf5_robomimic",
-                       f"{path} episode '{key}'", env_args)
+        return _mapped(
+            demo,
+            path,
+            f"{path.stem}_{key}",
+            cfg.hdf5.robomimic,
+            cfg,
+            "hdf5_robomimic",
+            f"{path} episode '{key}'",
+            env_args,
+        )
 
 
 def _env_args(raw: Any, where: str) -> dict:
@@ -131,8 +145,9 @@ def _env_args(raw: Any, where: str) -> dict:
     try:
         return json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RecordingError(where, f"attr 'data.env_args' is not JSON ({exc})", check="unreadable",
-                             stream="data.attrs['env_args']") from exc
+        raise RecordingError(
+            where, f"attr 'data.env_args' is not JSON ({exc})", check="unreadable", stream="data.attrs['env_args']"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=8)
@@ -157,8 +172,13 @@ class _Group:
         parent, _, _ = key.rpartition("/")
         holder = self.group.get(parent) if parent else self.group
         present = sorted(holder.keys()) if isinstance(holder, h5py.Group) else []
-        raise RecordingError(self.where, f"key '{key}' (data.hdf5.{self.layout}.{setting}) is not in the file; "
-                             f"{parent or 'the episode'} has {present}", check="missing_stream", stream=key)
+        raise RecordingError(
+            self.where,
+            f"key '{key}' (data.hdf5.{self.layout}.{setting}) is not in the file; "
+            f"{parent or 'the episode'} has {present}",
+            check="missing_stream",
+            stream=key,
+        )
 
     def array(self, key: str, setting: str, columns: list[int] | None = None) -> np.ndarray:
         """(T, C) float64 of dataset ``key`` (its ``columns`` when given)."""
@@ -170,8 +190,11 @@ class _Group:
             raise self.fail(key, f"has shape {value.shape}, expected (T, C)", "wrong_shape")
         if columns is not None:
             if any(not -value.shape[1] <= c < value.shape[1] for c in columns):
-                raise self.fail(key, f"has {value.shape[1]} columns, data.hdf5.{self.layout}.{setting}_columns asks "
-                                f"for {columns}", "wrong_shape")
+                raise self.fail(
+                    key,
+                    f"has {value.shape[1]} columns, data.hdf5.{self.layout}.{setting}_columns asks for {columns}",
+                    "wrong_shape",
+                )
             value = value[:, columns]
         return value
 
@@ -184,47 +207,78 @@ class _Group:
         if data.ndim == 4 and data.shape[-1] == 3:
             return data[()]
         if data.ndim != 2:
-            raise self.fail(key, f"has shape {data.shape}, expected (T, H, W, 3) or (T, N) compressed bytes", "wrong_shape")
+            raise self.fail(
+                key, f"has shape {data.shape}, expected (T, H, W, 3) or (T, N) compressed bytes", "wrong_shape"
+            )
         frames = []
         for t, row in enumerate(data[()]):
             try:
                 frames.append(decode_compressed(row.tobytes()))
             except (OSError, ValueError) as exc:
-                raise self.fail(key, f"frame {t}: cannot decode the compressed image ({exc})", "undecodable_image") from None
+                raise self.fail(
+                    key, f"frame {t}: cannot decode the compressed image ({exc})", "undecodable_image"
+                ) from None
         same_shapes(frames, self.where, key, f"key '{key}'")
         return np.stack(frames)
 
 
-def _mapped(group: h5py.Group, path: Path, episode_id: str, m: StreamMap, cfg: ReaderSettings, source_format: str,
-            where: str, env_args: dict) -> Episode:
+def _mapped(
+    group: h5py.Group,
+    path: Path,
+    episode_id: str,
+    m: StreamMap,
+    cfg: ReaderSettings,
+    source_format: str,
+    where: str,
+    env_args: dict,
+) -> Episode:
     """An ALOHA episode or a robomimic demo, mapped by ``m``, as a canonical arm episode (T frames)."""
     layout_name = source_format.removeprefix("hdf5_")
     g = _Group(group, where, layout_name)
     setting = f"data.hdf5.{layout_name}"
     if m.action_expression == "absolute_joint":
         raise RecordingError(
-            where, f"key '{m.action}' is an absolute joint action ({setting}.action_expression); the canonical episode "
+            where,
+            f"key '{m.action}' is an absolute joint action ({setting}.action_expression); the canonical episode "
             "holds TCP-pose actions (CALVIN's) and converting joints to poses needs the robot's kinematics, which "
             "vlaops does not have: record the TCP pose and a pose action, and map them (tcp_pos, tcp_rot, "
-            "action_expression absolute_pose or relative_pose)", check="needs_kinematics", stream=m.action)
+            "action_expression absolute_pose or relative_pose)",
+            check="needs_kinematics",
+            stream=m.action,
+        )
     if m.tcp_pos is None or m.tcp_rot is None:
-        raise RecordingError(where, f"the canonical episode needs the TCP pose: map {setting}.tcp_pos and tcp_rot",
-                             check="missing_stream")
+        raise RecordingError(
+            where,
+            f"the canonical episode needs the TCP pose: map {setting}.tcp_pos and tcp_rot",
+            check="missing_stream",
+        )
     control_hz = _control_hz(env_args, cfg, where)
     rgb_static = g.images(m.rgb_static, "rgb_static")
     t = len(rgb_static)
     rgb_gripper = g.images(m.rgb_gripper, "rgb_gripper") if m.rgb_gripper else None
     joints = g.array(m.joints, "joints", m.joint_columns)
     if joints.shape[1] != N_ARM_JOINTS:
-        raise g.fail(m.joints, f"gives {joints.shape[1]} joints; the canonical episode holds {N_ARM_JOINTS} arm joints "
-                     f"(set {setting}.joint_columns)", "wrong_shape")
-    width = (np.abs(g.array(m.gripper, "gripper", m.gripper_columns)).sum(axis=1, keepdims=True) if m.gripper
-             else np.zeros((t, 1)))
+        raise g.fail(
+            m.joints,
+            f"gives {joints.shape[1]} joints; the canonical episode holds {N_ARM_JOINTS} arm joints "
+            f"(set {setting}.joint_columns)",
+            "wrong_shape",
+        )
+    width = (
+        np.abs(g.array(m.gripper, "gripper", m.gripper_columns)).sum(axis=1, keepdims=True)
+        if m.gripper
+        else np.zeros((t, 1))
+    )
     tcp_pos = g.array(m.tcp_pos, "tcp_pos")
     tcp_quat = _rotation(g, m.tcp_rot, "tcp_rot")
     action = g.array(m.action, "action", m.action_columns)
-    streams = {m.rgb_static: t, m.joints: len(joints), m.tcp_pos: len(tcp_pos), m.tcp_rot: len(tcp_quat),
-               m.action: len(action)}
+    streams = {
+        m.rgb_static: t,
+        m.joints: len(joints),
+        m.tcp_pos: len(tcp_pos),
+        m.tcp_rot: len(tcp_quat),
+        m.action: len(action),
+    }
     if rgb_gripper is not None:
         streams[m.rgb_gripper] = len(rgb_gripper)
     if len(set(streams.values())) > 1:
@@ -237,8 +291,11 @@ def _mapped(group: h5py.Group, path: Path, episode_id: str, m: StreamMap, cfg: R
     assert robot_obs.shape[1] == ROBOT_OBS_DIM
     instruction = _attr(group, "instruction") or m.instruction
     if not instruction or not instruction.strip():
-        raise RecordingError(where, f"no instruction: the file has no 'instruction' attr and {setting}.instruction "
-                             "is null", check="no_instruction")
+        raise RecordingError(
+            where,
+            f"no instruction: the file has no 'instruction' attr and {setting}.instruction is null",
+            check="no_instruction",
+        )
     task = _attr(group, "task") or re.sub(r"[^a-z0-9]+", "_", instruction.lower()).strip("_")
     stat = path.stat()
     return Episode(
@@ -271,8 +328,12 @@ def _control_hz(env_args: dict, cfg: ReaderSettings, where: str) -> float:
     """data.control_hz; a robomimic file states its own (env_kwargs.control_freq), which must agree."""
     recorded = env_args.get("env_kwargs", {}).get("control_freq")
     if recorded is not None and abs(float(recorded) - cfg.control_hz) > 0.2 * cfg.control_hz:
-        raise RecordingError(where, f"env_args control_freq is {recorded} Hz, data.control_hz is {cfg.control_hz}",
-                             check="wrong_rate", stream="data.attrs['env_args']")
+        raise RecordingError(
+            where,
+            f"env_args control_freq is {recorded} Hz, data.control_hz is {cfg.control_hz}",
+            check="wrong_rate",
+            stream="data.attrs['env_args']",
+        )
     return float(cfg.control_hz)
 
 
@@ -296,8 +357,9 @@ def _relative_scales(m: StreamMap, env_args: dict) -> tuple[float, float]:
     return m.relative_pos_scale, m.relative_rot_scale
 
 
-def _action_abs(g: _Group, m: StreamMap, action: np.ndarray, tcp_pos: np.ndarray, tcp_quat: np.ndarray,
-                env_args: dict, setting: str) -> np.ndarray:
+def _action_abs(
+    g: _Group, m: StreamMap, action: np.ndarray, tcp_pos: np.ndarray, tcp_quat: np.ndarray, env_args: dict, setting: str
+) -> np.ndarray:
     """(T, 7) CALVIN absolute action: target xyz, target euler xyz, gripper ±1 (1 open)."""
     pose, grip = action[:, :-1], action[:, -1]
     gripper = np.where(grip * m.gripper_open_sign > 0, GRIPPER_OPEN, GRIPPER_CLOSE)[:, None]
@@ -307,12 +369,20 @@ def _action_abs(g: _Group, m: StreamMap, action: np.ndarray, tcp_pos: np.ndarray
         elif pose.shape[1] == 7:
             rot = pose[:, 3:7]
         else:
-            raise g.fail(m.action, f"has {action.shape[1]} columns; an absolute pose action is xyz + euler (6) or + "
-                         f"quaternion xyzw (7), then the gripper (set {setting}.action_columns)", "wrong_shape")
+            raise g.fail(
+                m.action,
+                f"has {action.shape[1]} columns; an absolute pose action is xyz + euler (6) or + "
+                f"quaternion xyzw (7), then the gripper (set {setting}.action_columns)",
+                "wrong_shape",
+            )
         return np.concatenate([pose[:, :3], quat_to_euler(rot), gripper], axis=1)
     if pose.shape[1] != 6:
-        raise g.fail(m.action, f"has {action.shape[1]} columns; a relative pose action is xyz + axis-angle (6), then "
-                     f"the gripper (set {setting}.action_columns)", "wrong_shape")
+        raise g.fail(
+            m.action,
+            f"has {action.shape[1]} columns; a relative pose action is xyz + axis-angle (6), then "
+            f"the gripper (set {setting}.action_columns)",
+            "wrong_shape",
+        )
     pos_scale, rot_scale = _relative_scales(m, env_args)
     target_pos = tcp_pos + pose[:, :3] * pos_scale
     # robosuite's OSC applies the rotation delta in the world frame: goal = delta @ current

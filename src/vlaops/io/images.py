@@ -32,6 +32,10 @@ def same_shapes(values: list[np.ndarray], where: str, stream: str, label: str) -
     changed = next((i for i, s in enumerate(shapes) if s != shapes[0]), None)
     if changed is not None:
         image = len(shapes[0]) == 3
-        raise RecordingError(where, f"{label}: {'frame size' if image else 'array shape'} changes mid-episode, from "
-                             f"{shapes[0]} to {shapes[changed]} at message {changed}",
-                             check="frame_size" if image else "wrong_shape", stream=stream)
+        raise RecordingError(
+            where,
+            f"{label}: {'frame size' if image else 'array shape'} changes mid-episode, from "
+            f"{shapes[0]} to {shapes[changed]} at message {changed}",
+            check="frame_size" if image else "wrong_shape",
+            stream=stream,
+        )

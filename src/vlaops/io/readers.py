@@ -31,10 +31,21 @@ class RecordingReader:
 
 
 READERS: tuple[RecordingReader, ...] = (
-    RecordingReader("rosbag2", "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), a lone .db3 / .mcap file, or a ROS1 .bag", is_rosbag2, rosbag2_episodes,
-                    read_rosbag2, sidecar_paths),
-    RecordingReader("hdf5", "an HDF5 file (canonical, ALOHA/ACT or robomimic layout, told by its content)", is_hdf5,
-                    hdf5_episodes, read_hdf5),
+    RecordingReader(
+        "rosbag2",
+        "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), a lone .db3 / .mcap file, or a ROS1 .bag",
+        is_rosbag2,
+        rosbag2_episodes,
+        read_rosbag2,
+        sidecar_paths,
+    ),
+    RecordingReader(
+        "hdf5",
+        "an HDF5 file (canonical, ALOHA/ACT or robomimic layout, told by its content)",
+        is_hdf5,
+        hdf5_episodes,
+        read_hdf5,
+    ),
 )
 
 

@@ -72,7 +72,9 @@ def typestore(name: str, custom_msgs: tuple[tuple[str, str], ...] = ()) -> Types
         try:
             store.register(types)
         except Exception as exc:  # rosbags' TypesysError: a type already present with another definition
-            raise ValueError(f"data.custom_msgs: {' '.join(str(exc).split())} (data.typestore '{name}' defines it)") from None
+            raise ValueError(
+                f"data.custom_msgs: {' '.join(str(exc).split())} (data.typestore '{name}' defines it)"
+            ) from None
     return store
 
 
@@ -102,8 +104,10 @@ def custom_types(custom_msgs: tuple[tuple[str, str], ...], store: Typestore) -> 
         for field_name, desc in fields:
             ref = _referenced(desc)
             if ref is not None and ref not in types and ref not in store.types:
-                raise ValueError(f"data.custom_msgs['{type_name}']: field '{field_name}' has type {ref}, which neither "
-                                 "data.custom_msgs nor data.typestore defines")
+                raise ValueError(
+                    f"data.custom_msgs['{type_name}']: field '{field_name}' has type {ref}, which neither "
+                    "data.custom_msgs nor data.typestore defines"
+                )
     return types
 
 
@@ -199,9 +203,12 @@ class _Stream:
         if monotonic and back.size:
             i = int(back[0]) + 1
             raise RecordingError(
-                where, f"topic '{self.topic}': message {i} is stamped {stamps[i] - stamps[i - 1]:.3f} s before the one "
-                f"before it (stamps go back in time; data.checks.monotonic_stamps)", check="non_monotonic_stamps",
-                stream=self.topic)
+                where,
+                f"topic '{self.topic}': message {i} is stamped {stamps[i] - stamps[i - 1]:.3f} s before the one "
+                f"before it (stamps go back in time; data.checks.monotonic_stamps)",
+                check="non_monotonic_stamps",
+                stream=self.topic,
+            )
         order = np.argsort(stamps, kind="stable")
         return stamps[order], [self.values[i] for i in order]
 
@@ -216,6 +223,7 @@ def _stamp(msg: Any, log_time_ns: int) -> float:
 
 def decode_image(msg: Any, where: str, topic: str) -> np.ndarray:
     """sensor_msgs Image (rgb8/bgr8/rgba8/bgra8/mono8) or CompressedImage -> (H, W, 3) uint8."""
+
     def fail(reason: str) -> RecordingError:
         return RecordingError(where, f"topic '{topic}': {reason}", check="undecodable_image", stream=topic)
 
@@ -244,7 +252,9 @@ def _custom_data(path: Path) -> dict[str, str]:
     """The bag's ``custom_data`` (rosbag2 metadata v6+): recorders put episode facts such as the task there."""
     try:
         # libyaml's parser where PyYAML has it: the pure-Python one cost ~5 ms a bag, 4 % of ingesting a 40-frame one
-        info = yaml.load((path / "metadata.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+        info = (
+            yaml.load((path / "metadata.yaml").read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
+        )
         return dict(info.get("rosbag2_bagfile_information", {}).get("custom_data") or {})
     except (OSError, yaml.YAMLError, AttributeError, TypeError, ValueError):
         return {}  # a malformed metadata.yaml is reported by the reader itself
@@ -278,8 +288,12 @@ def read_sidecar(path: Path) -> dict[str, str]:
         return {}
     names = [str(p.relative_to(path.parent)) for p in found]
     if len(found) > 1:
-        raise RecordingError(str(path), f"two instruction sidecars, '{names[0]}' and '{names[1]}': keep one",
-                             check="bad_sidecar", stream=names[0])
+        raise RecordingError(
+            str(path),
+            f"two instruction sidecars, '{names[0]}' and '{names[1]}': keep one",
+            check="bad_sidecar",
+            stream=names[0],
+        )
 
     def bad(reason: str) -> RecordingError:
         return RecordingError(str(path), f"sidecar '{names[0]}': {reason}", check="bad_sidecar", stream=names[0])
@@ -333,9 +347,17 @@ def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
     where = str(path)
     topics = {name: topic for name in (*WINDOWED, "instruction") if (topic := getattr(cfg.topics, name))}
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    cache_key = (str(path.resolve()), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
-                 tuple(topics.items()), cfg.split.by, cfg.split.gap_s, cfg.sync_tolerance_s,
-                 cfg.checks.monotonic_stamps, cfg.typestore, _custom_msgs(cfg))
+    cache_key = (
+        str(path.resolve()),
+        tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+        tuple(topics.items()),
+        cfg.split.by,
+        cfg.split.gap_s,
+        cfg.sync_tolerance_s,
+        cfg.checks.monotonic_stamps,
+        cfg.typestore,
+        _custom_msgs(cfg),
+    )
     if cache_key in _SEGMENTS:
         return _SEGMENTS[cache_key]
     streams = {name: _Stream(topic) for name, topic in topics.items()}  # values: the messages' log times (ns)
@@ -345,8 +367,9 @@ def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
             reader.open()
             _register_custom(reader, cfg)
         except Exception as exc:  # as in read_rosbag2: whatever stops the bag from opening makes it unreadable
-            raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
-                                 check="unreadable") from exc
+            raise RecordingError(
+                where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})", check="unreadable"
+            ) from exc
         stack.callback(reader.close)
         by_topic = {topic: name for name, topic in topics.items()}
         connections = [c for c in reader.connections if c.topic in by_topic and c.msgtype in reader.typestore.types]
@@ -354,8 +377,12 @@ def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
             except Exception as exc:
-                raise RecordingError(where, f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
-                                     check="undecodable", stream=conn.topic) from exc
+                raise RecordingError(
+                    where,
+                    f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
+                    check="undecodable",
+                    stream=conn.topic,
+                ) from exc
             streams[by_topic[conn.topic]].stamps.append(_stamp(msg, log_time))
             streams[by_topic[conn.topic]].values.append(log_time)
     empty = _Stream("")
@@ -363,13 +390,17 @@ def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
     if cfg.split.by == "instruction":
         starts = streams.get("instruction", empty).arrays(where, cfg.checks.monotonic_stamps)[0]
     else:
-        starts = ticks[np.concatenate([[0], np.flatnonzero(np.diff(ticks) > cfg.split.gap_s) + 1])] if len(ticks) else ticks
+        starts = (
+            ticks[np.concatenate([[0], np.flatnonzero(np.diff(ticks) > cfg.split.gap_s) + 1])] if len(ticks) else ticks
+        )
     if not len(starts):
         segments = [_Segment(f"{episode_id(path)}_000", -math.inf, math.inf)]
     else:
         bounds = [*starts.tolist(), math.inf]
-        segments = [_log_range(_Segment(f"{episode_id(path)}_{i:03d}", bounds[i], bounds[i + 1]), streams, cfg)
-                    for i in range(len(starts))]
+        segments = [
+            _log_range(_Segment(f"{episode_id(path)}_{i:03d}", bounds[i], bounds[i + 1]), streams, cfg)
+            for i in range(len(starts))
+        ]
     while len(_SEGMENTS) >= 8:
         del _SEGMENTS[next(iter(_SEGMENTS))]
     _SEGMENTS[cache_key] = segments
@@ -378,8 +409,13 @@ def _segments(path: Path, cfg: ReaderSettings) -> list[_Segment]:
 
 def _log_range(seg: _Segment, streams: dict[str, _Stream], cfg: ReaderSettings) -> _Segment:
     """``seg`` with the log-time range of the WINDOWED messages its episode keeps (``_in_window``)."""
-    logs = [log for name, stream in streams.items() if name in WINDOWED
-            for stamp, log in zip(stream.stamps, stream.values) if _in_window(name, stamp, seg, cfg.sync_tolerance_s)]
+    logs = [
+        log
+        for name, stream in streams.items()
+        if name in WINDOWED
+        for stamp, log in zip(stream.stamps, stream.values)
+        if _in_window(name, stamp, seg, cfg.sync_tolerance_s)
+    ]
     start, stop = (min(logs), max(logs) + 1) if logs else (0, 0)
     return _Segment(seg.key, seg.lo, seg.hi, start, stop)
 
@@ -412,8 +448,12 @@ def _window(path: Path, key: str, cfg: ReaderSettings) -> _Segment | None:
         return None
     segments = {seg.key: seg for seg in _segments(path, cfg)}
     if key not in segments:
-        raise RecordingError(str(path), f"no episode '{key}' in the bag (data.split.by '{cfg.split.by}' cuts it into "
-                             f"{list(segments)})", check="unknown_episode", episode=key)
+        raise RecordingError(
+            str(path),
+            f"no episode '{key}' in the bag (data.split.by '{cfg.split.by}' cuts it into {list(segments)})",
+            check="unknown_episode",
+            episode=key,
+        )
     return segments[key]
 
 
@@ -471,7 +511,9 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
     wanted = {name: topic for name in EXPECTED_TYPES if (topic := getattr(cfg.topics, name))}
     if cfg.tcp_source == "tf":  # the TCP pose is composed from the transform tree, not read from a pose topic
         del wanted["tcp_pose"]
-        wanted.update({name: topic for name, topic in (("tf", cfg.tf.topic), ("tf_static", cfg.tf.static_topic)) if topic})
+        wanted.update(
+            {name: topic for name, topic in (("tf", cfg.tf.topic), ("tf_static", cfg.tf.static_topic)) if topic}
+        )
     streams: dict[str, _Stream] = {name: _Stream(topic) for name, topic in wanted.items() if name not in TF_STREAMS}
     tree = TfTree(cfg.tf.topic, cfg.tf.static_topic, where)
     custom = _custom_data(path)
@@ -481,8 +523,9 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
             reader.open()
             _register_custom(reader, cfg)
         except Exception as exc:  # AnyReaderError, a malformed metadata.yaml, a truncated database: all unreadable
-            raise RecordingError(where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})",
-                                 check="unreadable") from exc
+            raise RecordingError(
+                where, f"not a readable rosbag2 recording ({type(exc).__name__}: {exc})", check="unreadable"
+            ) from exc
         stack.callback(reader.close)
         if reader.message_count == 0:
             raise RecordingError(where, "the bag has no messages", check="empty")
@@ -490,25 +533,39 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
         for name, topic in wanted.items():
             if topic not in present:
                 optional = name in ("rgb_gripper", "scene_obs", "task", "tf_static") or (
-                    name == "instruction" and fallback_instruction is not None)  # a sidecar or data.default_instruction
+                    name == "instruction" and fallback_instruction is not None
+                )  # a sidecar or data.default_instruction
                 if optional:
                     continue
                 from vlaops.io.base import embodiment_hint  # a base's bag read with arm settings says so
 
                 raise RecordingError(
-                    where, f"mapped topic '{topic}' ({_config_key(name)}) is not in the bag; topics present: {sorted(present)}"
-                    f"{embodiment_hint(present)}", check="missing_stream", stream=topic)
+                    where,
+                    f"mapped topic '{topic}' ({_config_key(name)}) is not in the bag; topics present: {sorted(present)}"
+                    f"{embodiment_hint(present)}",
+                    check="missing_stream",
+                    stream=topic,
+                )
             expected = _expected_types(name, cfg)
             if expected is not None and present[topic] not in expected:
-                fields_hint = f" (or set data.fields.{name} for a custom type)" if name in ("action", "joint_states") else ""
+                fields_hint = (
+                    f" (or set data.fields.{name} for a custom type)" if name in ("action", "joint_states") else ""
+                )
                 raise RecordingError(
-                    where, f"topic '{topic}' ({_config_key(name)}) has type {present[topic]}, "
-                    f"expected {' or '.join(expected)}{fields_hint}", check="wrong_type", stream=topic)
+                    where,
+                    f"topic '{topic}' ({_config_key(name)}) has type {present[topic]}, "
+                    f"expected {' or '.join(expected)}{fields_hint}",
+                    check="wrong_type",
+                    stream=topic,
+                )
             if present[topic] not in reader.typestore.types:
                 raise RecordingError(
-                    where, f"topic '{topic}' ({_config_key(name)}): the bag holds no definition of {present[topic]} "
-                    f"and data.typestore '{cfg.typestore}' has none, nor data.custom_msgs", check="unknown_type",
-                    stream=topic)
+                    where,
+                    f"topic '{topic}' ({_config_key(name)}): the bag holds no definition of {present[topic]} "
+                    f"and data.typestore '{cfg.typestore}' has none, nor data.custom_msgs",
+                    check="unknown_type",
+                    stream=topic,
+                )
         by_topic = {topic: name for name, topic in wanted.items()}
         connections = [c for c in reader.connections if c.topic in by_topic]
         for conn, log_time, raw in _messages(reader, connections, by_topic, window):
@@ -516,8 +573,12 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
             try:
                 msg = reader.deserialize(raw, conn.msgtype)
             except Exception as exc:  # AnyReaderError, or a struct/index error on a truncated message
-                raise RecordingError(where, f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
-                                     check="undecodable", stream=conn.topic) from exc
+                raise RecordingError(
+                    where,
+                    f"topic '{conn.topic}': undecodable message ({type(exc).__name__}: {exc})",
+                    check="undecodable",
+                    stream=conn.topic,
+                ) from exc
             if name in TF_STREAMS:
                 tree.add(msg, name == "tf_static", log_time)
                 continue
@@ -540,14 +601,21 @@ def _fields(msg: Any, paths: list[str], where: str, topic: str, key: str) -> np.
                 fields = dataclasses.fields(value) if dataclasses.is_dataclass(value) else ()
                 have = [f.name for f in fields if not f.name.startswith("_")]  # not rosbags' __msgtype__
                 raise RecordingError(
-                    where, f"topic '{topic}': {msg.__msgtype__} has no field '{path}' ({key}); its fields: {have}",
-                    check="missing_field", stream=topic)
+                    where,
+                    f"topic '{topic}': {msg.__msgtype__} has no field '{path}' ({key}); its fields: {have}",
+                    check="missing_field",
+                    stream=topic,
+                )
             value = getattr(value, attr)
         try:
             parts.append(np.asarray(value, dtype=np.float64).reshape(-1))
         except (TypeError, ValueError):
-            raise RecordingError(where, f"topic '{topic}': field '{path}' ({key}) holds {type(value).__name__}, "
-                                 "expected numbers", check="wrong_type", stream=topic) from None
+            raise RecordingError(
+                where,
+                f"topic '{topic}': field '{path}' ({key}) holds {type(value).__name__}, expected numbers",
+                check="wrong_type",
+                stream=topic,
+            ) from None
     return np.concatenate(parts)
 
 
@@ -561,8 +629,12 @@ def _payload(name: str, msg: Any, where: str, topic: str, cfg: ReaderSettings) -
         needed = len(cfg.arm_joint_names) + len(cfg.gripper_joint_names)
         if values.shape != (needed,):
             raise RecordingError(
-                where, f"topic '{topic}': data.fields.joint_states gives {values.size} values, expected {needed} "
-                "(data.arm_joint_names, then data.gripper_joint_names)", check="wrong_shape", stream=topic)
+                where,
+                f"topic '{topic}': data.fields.joint_states gives {values.size} values, expected {needed} "
+                "(data.arm_joint_names, then data.gripper_joint_names)",
+                check="wrong_shape",
+                stream=topic,
+            )
         return values
     if name == "joint_states":
         positions = dict(zip(msg.name, np.asarray(msg.position, dtype=np.float64)))
@@ -570,8 +642,12 @@ def _payload(name: str, msg: Any, where: str, topic: str, cfg: ReaderSettings) -
         missing = [j for j in needed if j not in positions]
         if missing:
             raise RecordingError(
-                where, f"topic '{topic}': joints {missing} missing (data.arm_joint_names / data.gripper_joint_names); "
-                f"message has {list(msg.name)}", check="missing_joints", stream=topic)
+                where,
+                f"topic '{topic}': joints {missing} missing (data.arm_joint_names / data.gripper_joint_names); "
+                f"message has {list(msg.name)}",
+                check="missing_joints",
+                stream=topic,
+            )
         return np.array([positions[j] for j in needed])
     if name == "tcp_pose":
         p, q = msg.pose.position, msg.pose.orientation
@@ -588,18 +664,33 @@ def check_rate(ticks: np.ndarray, control_hz: float, where: str, topic: str, nam
         step = float(np.median(np.diff(ticks)))
         rate = 1.0 / step if step > 0 else float("inf")
         if abs(rate - control_hz) > 0.2 * control_hz:
-            raise RecordingError(where, f"{named} runs at {rate:.1f} Hz, data.control_hz is {control_hz}",
-                                 check="wrong_rate", stream=topic)
+            raise RecordingError(
+                where,
+                f"{named} runs at {rate:.1f} Hz, data.control_hz is {control_hz}",
+                check="wrong_rate",
+                stream=topic,
+            )
 
 
 def bag_provenance(path: Path) -> dict[str, str]:
     """The Episode fields that say which bag an episode came from, for the arm's and the base's readers."""
-    return {"source_sha256": source_sha256(path),
-            "source_format": ROS1_SOURCE_FORMAT if path.suffix == ROS1_SUFFIX else SOURCE_FORMAT}
+    return {
+        "source_sha256": source_sha256(path),
+        "source_format": ROS1_SOURCE_FORMAT if path.suffix == ROS1_SUFFIX else SOURCE_FORMAT,
+    }
 
 
-def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, custom: dict[str, str], *, key: str,
-              window: _Segment | None, sidecar: dict[str, str], tree: TfTree) -> Episode:
+def _assemble(
+    path: Path,
+    streams: dict[str, _Stream],
+    cfg: ReaderSettings,
+    custom: dict[str, str],
+    *,
+    key: str,
+    window: _Segment | None,
+    sidecar: dict[str, str],
+    tree: TfTree,
+) -> Episode:
     """The streams read from the bag (those of ``window``'s episode in a cut bag) -> the synchronised
     Episode. The TCP pose is the tf chain data.tf.base_frame -> tool_frame when data.tcp_source is 'tf'.
     The instruction: the instruction topic's (in a cut bag, the one in force at the episode's start),
@@ -607,15 +698,17 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     where = str(path)
     fallback_instruction = sidecar.get("instruction") or cfg.default_instruction
     if window is not None and not streams["action"].stamps:
-        raise RecordingError(where, f"0 synchronised frames, data.min_episode_len is {cfg.min_episode_len}",
-                             check="too_short")
+        raise RecordingError(
+            where, f"0 synchronised frames, data.min_episode_len is {cfg.min_episode_len}", check="too_short"
+        )
     for name in ("rgb_static", "joint_states", "tcp_pose", "action", "instruction"):
         if name not in streams or (name == "instruction" and fallback_instruction is not None):
             continue  # the TCP pose from tf; an instruction from the sidecar or the default
         if not streams[name].stamps:
             topic = getattr(cfg.topics, name)
-            raise RecordingError(where, f"topic '{topic}' (data.topics.{name}) has no messages", check="missing_stream",
-                                 stream=topic)
+            raise RecordingError(
+                where, f"topic '{topic}' (data.topics.{name}) has no messages", check="missing_stream", stream=topic
+            )
     monotonic = cfg.checks.monotonic_stamps
     for stream in streams.values():
         if stream.values and not isinstance(stream.values[0], str):
@@ -623,10 +716,18 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     ticks, actions = streams["action"].arrays(where, monotonic)
     action_abs = np.stack(actions)
     if action_abs.ndim != 2 or action_abs.shape[1] != 7:
-        raise RecordingError(where, f"topic '{cfg.topics.action}' holds arrays of shape {action_abs.shape[1:]}, expected (7,)",
-                             check="wrong_shape", stream=cfg.topics.action)
+        raise RecordingError(
+            where,
+            f"topic '{cfg.topics.action}' holds arrays of shape {action_abs.shape[1:]}, expected (7,)",
+            check="wrong_shape",
+            stream=cfg.topics.action,
+        )
     check_rate(ticks, cfg.control_hz, where, cfg.topics.action, f"topic '{cfg.topics.action}'")
-    obs_names = [n for n in ("rgb_static", "rgb_gripper", "joint_states", "tcp_pose", "scene_obs") if streams.get(n) and streams[n].stamps]
+    obs_names = [
+        n
+        for n in ("rgb_static", "rgb_gripper", "joint_states", "tcp_pose", "scene_obs")
+        if streams.get(n) and streams[n].stamps
+    ]
     sorted_streams = {n: streams[n].arrays(where, monotonic) for n in obs_names}
     starts = {n: s[0][0] for n, s in sorted_streams.items()}
     if cfg.tcp_source == "tf" and (first := tree.first_stamp(cfg.tf.base_frame, cfg.tf.tool_frame)) is not None:
@@ -634,8 +735,9 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     start = common_start(starts, ticks)
     ticks, action_abs = ticks[start:], action_abs[start:]
     if len(ticks) < cfg.min_episode_len:
-        raise RecordingError(where, f"{len(ticks)} synchronised frames, data.min_episode_len is {cfg.min_episode_len}",
-                             check="too_short")
+        raise RecordingError(
+            where, f"{len(ticks)} synchronised frames, data.min_episode_len is {cfg.min_episode_len}", check="too_short"
+        )
     held: dict[str, np.ndarray] = {}
     for name, (stamps, values) in sorted_streams.items():
         topic = getattr(cfg.topics, name)
@@ -647,14 +749,20 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
     if cfg.tcp_source == "tf":
         held["tcp_pose"] = tree.pose_at(cfg.tf.base_frame, cfg.tf.tool_frame, ticks, cfg.sync_tolerance_s, monotonic)
     if held.get("scene_obs") is not None and held["scene_obs"].shape[1:] != (SCENE_OBS_DIM,):
-        raise RecordingError(where, f"topic '{cfg.topics.scene_obs}' holds arrays of shape {held['scene_obs'].shape[1:]}, "
-                             f"expected ({SCENE_OBS_DIM},)", check="wrong_shape", stream=cfg.topics.scene_obs)
+        raise RecordingError(
+            where,
+            f"topic '{cfg.topics.scene_obs}' holds arrays of shape {held['scene_obs'].shape[1:]}, "
+            f"expected ({SCENE_OBS_DIM},)",
+            check="wrong_shape",
+            stream=cfg.topics.scene_obs,
+        )
     n_arm = len(cfg.arm_joint_names)
     joints = held["joint_states"]  # (T, 7 + n_fingers)
     gripper_width = joints[:, n_arm:].sum(axis=1, keepdims=True)
     # CALVIN's robot_obs[14] is the gripper action in force when the frame was taken: the previous command.
     prev_gripper = np.concatenate([action_abs[:1, 6], action_abs[:-1, 6]])[:, None]
     robot_obs = np.concatenate([held["tcp_pose"], gripper_width, joints[:, :n_arm], prev_gripper], axis=1)
+
     def topic_value(name: str) -> str | None:
         stream = streams.get(name)
         if stream is None or not stream.values:
@@ -667,9 +775,12 @@ def _assemble(path: Path, streams: dict[str, _Stream], cfg: ReaderSettings, cust
         instruction = fallback_instruction
     if instruction is None:  # a cut bag's episode before any instruction message, with nothing to fall back on
         raise RecordingError(
-            where, f"no instruction: no message on '{cfg.topics.instruction}' (data.topics.instruction) at or after the "
-            "episode's start, no sidecar, and data.default_instruction is null", check="no_instruction",
-            stream=cfg.topics.instruction)
+            where,
+            f"no instruction: no message on '{cfg.topics.instruction}' (data.topics.instruction) at or after the "
+            "episode's start, no sidecar, and data.default_instruction is null",
+            check="no_instruction",
+            stream=cfg.topics.instruction,
+        )
     instruction = instruction.strip()
     # the task name: a mapped task topic, else the sidecar's, else the bag's custom_data 'task', else the instruction
     task = topic_value("task") or sidecar.get("task") or custom.get("task") or _slug(instruction)

@@ -7,20 +7,20 @@ here instead of importing ``DataConfig``; ``vlaops.data.config.DataConfig`` sati
 
 from __future__ import annotations
 
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 
 class TopicSettings(Protocol):
     """Which rosbag2 topic holds which stream; None for an optional stream the rig lacks."""
 
     rgb_static: str
-    rgb_gripper: Optional[str]
+    rgb_gripper: str | None
     joint_states: str
     tcp_pose: str
-    scene_obs: Optional[str]
+    scene_obs: str | None
     action: str
     instruction: str
-    task: Optional[str]
+    task: str | None
 
 
 class CheckSettings(Protocol):
@@ -33,16 +33,16 @@ class TfSettings(Protocol):
     """Where the TCP pose comes from when ``tcp_source`` is ``tf``: the transform chain base -> tool."""
 
     topic: str
-    static_topic: Optional[str]
-    base_frame: Optional[str]
-    tool_frame: Optional[str]
+    static_topic: str | None
+    base_frame: str | None
+    tool_frame: str | None
 
 
 class FieldSettings(Protocol):
     """Field paths of a stream recorded in a custom message type; None: the standard type."""
 
-    action: Optional[list[str]]
-    joint_states: Optional[list[str]]
+    action: list[str] | None
+    joint_states: list[str] | None
 
 
 class SplitSettings(Protocol):
@@ -83,7 +83,7 @@ class ReaderSettings(Protocol):
     fields: FieldSettings
     tcp_source: str
     tf: TfSettings
-    default_instruction: Optional[str]
+    default_instruction: str | None
     split: SplitSettings
     checks: CheckSettings
     hdf5: Hdf5Settings

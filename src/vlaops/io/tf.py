@@ -24,11 +24,14 @@ def quat_to_matrix(quat_xyzw: np.ndarray) -> np.ndarray:
     """(..., 4) quaternions (x, y, z, w), normalised here -> (..., 3, 3) rotation matrices."""
     q = np.asarray(quat_xyzw, dtype=np.float64)
     x, y, z, w = np.moveaxis(q / np.linalg.norm(q, axis=-1, keepdims=True), -1, 0)
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], axis=-1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], axis=-1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], axis=-1),
-    ], axis=-2)
+    return np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], axis=-1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], axis=-1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], axis=-1),
+        ],
+        axis=-2,
+    )
 
 
 def matrix_to_quat(rot: np.ndarray) -> np.ndarray:
@@ -43,10 +46,30 @@ def matrix_to_quat(rot: np.ndarray) -> np.ndarray:
     s = np.sqrt(np.maximum(np.take_along_axis(cands, k[..., None], -1)[..., 0], 1e-300)) * 2  # 4 * the largest
     q = np.empty(r.shape[:-2] + (4,))
     d = {  # (x, y, z, w) for each choice of the largest component
-        0: ((r[..., 2, 1] - r[..., 1, 2]) / s, (r[..., 0, 2] - r[..., 2, 0]) / s, (r[..., 1, 0] - r[..., 0, 1]) / s, s / 4),
-        1: (s / 4, (r[..., 0, 1] + r[..., 1, 0]) / s, (r[..., 0, 2] + r[..., 2, 0]) / s, (r[..., 2, 1] - r[..., 1, 2]) / s),
-        2: ((r[..., 0, 1] + r[..., 1, 0]) / s, s / 4, (r[..., 1, 2] + r[..., 2, 1]) / s, (r[..., 0, 2] - r[..., 2, 0]) / s),
-        3: ((r[..., 0, 2] + r[..., 2, 0]) / s, (r[..., 1, 2] + r[..., 2, 1]) / s, s / 4, (r[..., 1, 0] - r[..., 0, 1]) / s),
+        0: (
+            (r[..., 2, 1] - r[..., 1, 2]) / s,
+            (r[..., 0, 2] - r[..., 2, 0]) / s,
+            (r[..., 1, 0] - r[..., 0, 1]) / s,
+            s / 4,
+        ),
+        1: (
+            s / 4,
+            (r[..., 0, 1] + r[..., 1, 0]) / s,
+            (r[..., 0, 2] + r[..., 2, 0]) / s,
+            (r[..., 2, 1] - r[..., 1, 2]) / s,
+        ),
+        2: (
+            (r[..., 0, 1] + r[..., 1, 0]) / s,
+            s / 4,
+            (r[..., 1, 2] + r[..., 2, 1]) / s,
+            (r[..., 0, 2] - r[..., 2, 0]) / s,
+        ),
+        3: (
+            (r[..., 0, 2] + r[..., 2, 0]) / s,
+            (r[..., 1, 2] + r[..., 2, 1]) / s,
+            s / 4,
+            (r[..., 1, 0] - r[..., 0, 1]) / s,
+        ),
     }
     for case, comps in d.items():
         q = np.where((k == case)[..., None], np.stack(comps, axis=-1), q)
@@ -100,8 +123,12 @@ class TfTree:
             edge = self.edges.setdefault(child, _Edge(parent, child, static))
             if edge.parent != parent:
                 raise RecordingError(
-                    self.where, f"frame '{child}' has two parents on {self._topics()}: '{edge.parent}' and '{parent}' "
-                    "(a tf tree gives every frame one parent)", check="tf_conflict", stream=self.topic)
+                    self.where,
+                    f"frame '{child}' has two parents on {self._topics()}: '{edge.parent}' and '{parent}' "
+                    "(a tf tree gives every frame one parent)",
+                    check="tf_conflict",
+                    stream=self.topic,
+                )
             t, r = tr.transform.translation, tr.transform.rotation
             if static:
                 edge.static, edge.stamps, edge.xyz, edge.quat = True, [], [], []
@@ -119,8 +146,12 @@ class TfTree:
         while frame in self.edges:
             edge = self.edges[frame]
             if edge.parent in seen:
-                raise RecordingError(self.where, f"the transforms on {self._topics()} form a loop through frame "
-                                     f"'{edge.parent}'", check="tf_conflict", stream=self.topic)
+                raise RecordingError(
+                    self.where,
+                    f"the transforms on {self._topics()} form a loop through frame '{edge.parent}'",
+                    check="tf_conflict",
+                    stream=self.topic,
+                )
             path.append(edge)
             frame = edge.parent
             seen.add(frame)
@@ -134,17 +165,24 @@ class TfTree:
         for frame, key in ((base, "base_frame"), (tool, "tool_frame")):
             if frame not in frames:
                 raise RecordingError(
-                    self.where, f"frame '{frame}' (data.tf.{key}) is in no transform published on {self._topics()}; "
-                    f"frames present: {sorted(frames)}", check="missing_tf_frame", stream=self.topic)
+                    self.where,
+                    f"frame '{frame}' (data.tf.{key}) is in no transform published on {self._topics()}; "
+                    f"frames present: {sorted(frames)}",
+                    check="missing_tf_frame",
+                    stream=self.topic,
+                )
         up_base, up_tool = self._up(base), self._up(tool)
         base_line = [base, *(e.parent for e in up_base)]
         tool_line = [tool, *(e.parent for e in up_tool)]
         common = next((f for f in tool_line if f in base_line), None)
         if common is None:
             raise RecordingError(
-                self.where, f"no chain of transforms from '{base}' (data.tf.base_frame) to '{tool}' (data.tf.tool_frame) "
+                self.where,
+                f"no chain of transforms from '{base}' (data.tf.base_frame) to '{tool}' (data.tf.tool_frame) "
                 f"on {self._topics()}: '{base}' is under '{base_line[-1]}', '{tool}' under '{tool_line[-1]}'",
-                check="no_tf_chain", stream=self.topic)
+                check="no_tf_chain",
+                stream=self.topic,
+            )
         return up_base[: base_line.index(common)], up_tool[: tool_line.index(common)]
 
     def first_stamp(self, base: str, tool: str) -> float | None:
@@ -176,9 +214,13 @@ class TfTree:
         if monotonic and back.size:
             i = int(back[0]) + 1
             raise RecordingError(
-                self.where, f"topic '{self.topic}': transform '{edge.parent}' -> '{edge.child}' {i} is stamped "
+                self.where,
+                f"topic '{self.topic}': transform '{edge.parent}' -> '{edge.child}' {i} is stamped "
                 f"{stamps[i] - stamps[i - 1]:.3f} s before the one before it (stamps go back in time; "
-                "data.checks.monotonic_stamps)", check="non_monotonic_stamps", stream=self.topic)
+                "data.checks.monotonic_stamps)",
+                check="non_monotonic_stamps",
+                stream=self.topic,
+            )
         order = np.argsort(stamps, kind="stable")
         try:
             idx = order[hold_last(stamps[order], ticks, tolerance, name)]

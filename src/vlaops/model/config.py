@@ -10,7 +10,6 @@ finetune_kosmos_cont-lstm-post_full-ft_text_vision_wd-0_ws-8_act-10.json) are no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from vlaops.io.calvin_spec import ROBOT_OBS_DIM, SCENE_OBS_DIM
 
@@ -65,8 +64,15 @@ class TinyKosmosConfig:
 
     def __post_init__(self) -> None:
         for name in (
-            "text_embed_dim", "text_layers", "text_attention_heads", "text_ffn_dim", "vision_hidden_size",
-            "vision_layers", "vision_attention_heads", "vision_intermediate_size", "patch_size",
+            "text_embed_dim",
+            "text_layers",
+            "text_attention_heads",
+            "text_ffn_dim",
+            "vision_hidden_size",
+            "vision_layers",
+            "vision_attention_heads",
+            "vision_intermediate_size",
+            "patch_size",
             "latent_query_num",
         ):
             _positive(f"tiny.{name}", getattr(self, name))
@@ -97,7 +103,7 @@ class ModelConfig:
     backbone: str = "tiny"
     # A local directory holding microsoft/kosmos-2-patch14-224 (config + weights + processor files);
     # None builds the tiny config below with random weights. Never resolved against the hub.
-    pretrained_dir: Optional[str] = None
+    pretrained_dir: str | None = None
     tiny: TinyKosmosConfig = field(default_factory=TinyKosmosConfig)
     window_size: int = 8  # RoboVLMs window_size 8
     fwd_pred_next_n: int = 10  # RoboVLMs fwd_pred_next_n 10 (action chunk C)
@@ -162,14 +168,21 @@ class ModelConfig:
         if isinstance(self.tiny, dict):  # built from a plain dict (policy_config.json)
             self.tiny = TinyKosmosConfig(**self.tiny)
         for name in (
-            "window_size", "fwd_pred_next_n", "image_size", "max_text_len", "vocab_size",
-            "lstm_hidden_size", "lstm_num_layers",
+            "window_size",
+            "fwd_pred_next_n",
+            "image_size",
+            "max_text_len",
+            "vocab_size",
+            "lstm_hidden_size",
+            "lstm_num_layers",
         ):
             _positive(name, getattr(self, name))
         if self.action_dim < 2:
             raise ValueError(f"action_dim must be >= 2 (arm dims + gripper), got {self.action_dim!r}")
         if self.action_classes < 0 or self.action_classes == 1:
-            raise ValueError(f"action_classes must be 0 (a gripper) or >= 2 (a class head), got {self.action_classes!r}")
+            raise ValueError(
+                f"action_classes must be 0 (a gripper) or >= 2 (a class head), got {self.action_classes!r}"
+            )
         if self.max_text_len < 3:
             raise ValueError(f"max_text_len must be >= 3 (<s>, a token, </s>), got {self.max_text_len!r}")
         if not self.head_mlp_dims or any(d <= 0 for d in self.head_mlp_dims):
@@ -182,20 +195,30 @@ class ModelConfig:
             raise ValueError(f"chunk_loss_decay must be in (0, 1], got {self.chunk_loss_decay!r}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight!r}")
-        if not self.aux_inputs or any(i not in AUX_INPUTS for i in self.aux_inputs) \
-                or len(set(self.aux_inputs)) < len(self.aux_inputs):
+        if (
+            not self.aux_inputs
+            or any(i not in AUX_INPUTS for i in self.aux_inputs)
+            or len(set(self.aux_inputs)) < len(self.aux_inputs)
+        ):
             raise ValueError(f"aux_inputs must be a non-empty list of distinct {AUX_INPUTS}, got {self.aux_inputs!r}")
-        for name, dims, size in (("aux_robot_dims", self.aux_robot_dims, ROBOT_OBS_DIM), ("aux_scene_dims", self.aux_scene_dims, SCENE_OBS_DIM)):
+        for name, dims, size in (
+            ("aux_robot_dims", self.aux_robot_dims, ROBOT_OBS_DIM),
+            ("aux_scene_dims", self.aux_scene_dims, SCENE_OBS_DIM),
+        ):
             if any(not 0 <= d < size for d in dims) or len(set(dims)) < len(dims):
-                raise ValueError(f"{name} must list distinct CALVIN {name[4:9]}_obs indices 0..{size - 1}, got {dims!r}")
+                raise ValueError(
+                    f"{name} must list distinct CALVIN {name[4:9]}_obs indices 0..{size - 1}, got {dims!r}"
+                )
         if self.aux_weight > 0 and not self.aux_robot_dims + self.aux_scene_dims:
             raise ValueError("aux_weight > 0 needs a target: model.aux_robot_dims or model.aux_scene_dims")
         words = self.aux_instructed_words
         if any(not w or not w.isalnum() for w in words) or len({w.lower() for w in words}) < len(words):
             raise ValueError(f"aux_instructed_words must be distinct words (letters and digits), got {words!r}")
         if words and (not self.aux_scene_dims or len(self.aux_scene_dims) % len(words)):
-            raise ValueError(f"aux_instructed_words: {len(words)} words cannot split model.aux_scene_dims "
-                             f"{self.aux_scene_dims} into one equal group each")
+            raise ValueError(
+                f"aux_instructed_words: {len(words)} words cannot split model.aux_scene_dims "
+                f"{self.aux_scene_dims} into one equal group each"
+            )
         if self.arm_gripper_loss_ratio < 0:
             raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
         if self.pretrained_dir == "":

@@ -88,6 +88,8 @@ class LSTMPolicyHead(nn.Module):
             x, _ = self.rnn(features.to(self.rnn.weight_ih_l0.dtype))  # (B, W, H)
         arm = torch.tanh(self.arm(x)).view(b, w, self.fwd_pred_next_n, self.action_dim - 1)  # (B, W, C, A-1)
         if self.action_classes:
-            return arm, self.action_class(x).view(b, w, self.fwd_pred_next_n, self.action_classes)  # (B, W, C, K) logits
+            return arm, self.action_class(x).view(
+                b, w, self.fwd_pred_next_n, self.action_classes
+            )  # (B, W, C, K) logits
         gripper = self.gripper(x).view(b, w, self.fwd_pred_next_n, 1)  # (B, W, C, 1) logits
         return arm, gripper

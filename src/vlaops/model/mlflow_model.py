@@ -58,10 +58,16 @@ def predict_episode(runtime: Any, frames: Any) -> Any:
 
     from vlaops.io.episode import BASE_ACTION_NAMES
 
-    missing = [c for c in ("instruction", "rgb_static", *(("rgb_gripper",) if runtime.cfg.use_hand_rgb else ())) if c not in frames]
+    missing = [
+        c
+        for c in ("instruction", "rgb_static", *(("rgb_gripper",) if runtime.cfg.use_hand_rgb else ()))
+        if c not in frames
+    ]
     if missing:
-        raise ValueError(f"input lacks column(s) {missing}; expected instruction, rgb_static"
-                         f"{', rgb_gripper' if runtime.cfg.use_hand_rgb else ''} (PNG bytes), one row per frame in time order")
+        raise ValueError(
+            f"input lacks column(s) {missing}; expected instruction, rgb_static"
+            f"{', rgb_gripper' if runtime.cfg.use_hand_rgb else ''} (PNG bytes), one row per frame in time order"
+        )
     runtime.reset()
     actions = []
     for i, row in enumerate(frames.to_dict("records")):

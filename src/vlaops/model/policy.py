@@ -26,6 +26,7 @@ from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
 
+
 class VLAPolicy(nn.Module):
     """RoboVLMs' "cont-lstm-post" Kosmos policy (robovlms/model/backbone/base_backbone.py + LSTMDecoder)."""
 
@@ -43,18 +44,26 @@ class VLAPolicy(nn.Module):
             dropout=cfg.head_dropout,
             action_classes=cfg.action_classes,
         )
-        # training-only read-outs (model.aux_*: image tokens / action token -> observation dims); inference never calls them
+        # training-only read-outs (model.aux_*: image tokens / action token -> observation dims); inference never calls
+        # them
         self.aux_heads = None
         self._warned_no_aux = False
         if cfg.aux_weight > 0:
             q, d = backbone.model.config.latent_query_num, backbone.hidden_size
             self.aux_heads = nn.ModuleDict(
-                {name: nn.Linear(q * d if name == "image_tokens" else d, len(cfg.aux_robot_dims) + len(cfg.aux_scene_dims)) for name in cfg.aux_inputs}
+                {
+                    name: nn.Linear(
+                        q * d if name == "image_tokens" else d, len(cfg.aux_robot_dims) + len(cfg.aux_scene_dims)
+                    )
+                    for name in cfg.aux_inputs
+                }
             )
         # the named object's dims (model.aux_instructed_words), from the action token: the only read of the text
         self.aux_instructed = None
         if cfg.aux_weight > 0 and cfg.aux_instructed_words:
-            self.aux_instructed = nn.Linear(backbone.hidden_size, len(cfg.aux_scene_dims) // len(cfg.aux_instructed_words))
+            self.aux_instructed = nn.Linear(
+                backbone.hidden_size, len(cfg.aux_scene_dims) // len(cfg.aux_instructed_words)
+            )
 
     @classmethod
     def build(cls, cfg: ModelConfig, vocab_size: int) -> VLAPolicy:
@@ -97,8 +106,12 @@ class VLAPolicy(nn.Module):
         flat_hand = hand.flatten(0, 1) if hand is not None else None
         aux = self.aux_heads is not None and keys.AUX_TARGET in batch
         if self.aux_heads is not None and not aux and self.training and not self._warned_no_aux:
-            log.warning("model.aux_weight=%g but the batch has no '%s' (make_window_dataset adds it): "
-                        "training without the auxiliary read-outs", self.cfg.aux_weight, keys.AUX_TARGET)
+            log.warning(
+                "model.aux_weight=%g but the batch has no '%s' (make_window_dataset adds it): "
+                "training without the auxiliary read-outs",
+                self.cfg.aux_weight,
+                keys.AUX_TARGET,
+            )
             self._warned_no_aux = True
         if not aux:
             feats = self.encode_frames(rgb.flatten(0, 1), flat_hand, text, text_mask)  # (B*W, D)
@@ -107,7 +120,11 @@ class VLAPolicy(nn.Module):
         arm, gripper_logits = self.head(feats.view(b, w, -1))  # (B, W, C, A-1), (B, W, C, 1) (a base: (B, W, C, K))
         losses = self.loss(arm, gripper_logits, batch[keys.ACTION_CHUNK], batch[keys.CHUNK_MASK])
         if aux:
-            reads = {"image_tokens": lambda: tokens.flatten(1), "mean_image_token": lambda: tokens.mean(1), "action_token": lambda: feats}  # (B*W, Q*D | D | D)
+            reads = {
+                "image_tokens": lambda: tokens.flatten(1),
+                "mean_image_token": lambda: tokens.mean(1),
+                "action_token": lambda: feats,
+            }  # (B*W, Q*D | D | D)
             target = batch[keys.AUX_TARGET].flatten(0, 1).float()  # (B*W, K)
             k = len(self.cfg.aux_robot_dims) + len(self.cfg.aux_scene_dims)
             g = self.aux_instructed.out_features if self.aux_instructed is not None else 0
@@ -118,11 +135,17 @@ class VLAPolicy(nn.Module):
                     f"{self.cfg.aux_instructed_words}): build the policy from the config train cut to the data "
                     "(vlaops.data.dataset.aux_dims_from_data)"
                 )
-            aux_loss = sum(F.mse_loss(head(reads[name]()).float(), target[:, :k]) for name, head in self.aux_heads.items())
+            aux_loss = sum(
+                F.mse_loss(head(reads[name]()).float(), target[:, :k]) for name, head in self.aux_heads.items()
+            )
             if self.aux_instructed is not None:
                 aux_loss = aux_loss + F.mse_loss(self.aux_instructed(feats).float(), target[:, k:])
-            losses = {**losses, "loss": losses["loss"] + self.cfg.aux_weight * aux_loss,
-                      "policy_loss": losses["loss"].detach(), "aux_loss": aux_loss.detach()}
+            losses = {
+                **losses,
+                "loss": losses["loss"] + self.cfg.aux_weight * aux_loss,
+                "policy_loss": losses["loss"].detach(),
+                "aux_loss": aux_loss.detach(),
+            }
         if self.cfg.action_classes:
             return {**losses, "arm": arm, "class_logits": gripper_logits}
         return {**losses, "arm": arm, "gripper_logits": gripper_logits}
@@ -155,9 +178,13 @@ class VLAPolicy(nn.Module):
             arm_err = F.mse_loss(arm, target[..., :-1], reduction="none")
         arm_loss = (arm_err.float().mean(-1) * valid).sum() / denom
         if self.cfg.action_classes:  # a base's action_type: class ids in the last dim (0 where masked)
-            grip_err = F.cross_entropy(
-                gripper_logits.float().flatten(0, -2), target[..., -1].round().long().flatten(), reduction="none"
-            ).view(target.shape[:-1]).unsqueeze(-1)  # (B, W, C, 1)
+            grip_err = (
+                F.cross_entropy(
+                    gripper_logits.float().flatten(0, -2), target[..., -1].round().long().flatten(), reduction="none"
+                )
+                .view(target.shape[:-1])
+                .unsqueeze(-1)
+            )  # (B, W, C, 1)
         else:
             grip_err = F.binary_cross_entropy_with_logits(
                 gripper_logits.float(), target[..., -1:].float(), reduction="none"

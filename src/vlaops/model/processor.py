@@ -67,7 +67,9 @@ def _unigram_model(texts: list[str], vocab_size: int) -> models.Unigram:
     char_pieces = sorted(chars)
     budget = max(0, vocab_size - len(SPECIAL_TOKENS) - len(char_pieces))
     # most frequent first, ties alphabetical: the vocabulary depends on the texts only
-    kept = sorted(((w, n) for w, n in words.items() if len(w) > 1 and w not in chars), key=lambda x: (-x[1], x[0]))[:budget]
+    kept = sorted(((w, n) for w, n in words.items() if len(w) > 1 and w not in chars), key=lambda x: (-x[1], x[0]))[
+        :budget
+    ]
     total = float(sum(words.values()))
     word_scores = [(w, math.log(n / total)) for w, n in kept]
     floor = min((sc for _, sc in word_scores), default=0.0) - 10.0  # any character spelling loses to a word

@@ -112,7 +112,9 @@ def save_policy(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(policy).items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "vlaops_format_version": str(FORMAT_VERSION)})
+        save_file(
+            state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "vlaops_format_version": str(FORMAT_VERSION)}
+        )
         write_json(tmp / BACKBONE_CONFIG_FILE, policy.backbone.model.config.to_dict())
         write_json(tmp / POLICY_CONFIG_FILE, {"format_version": FORMAT_VERSION, "model": cfg_dict})
         processor.save_pretrained(str(tmp / PROCESSOR_DIR))
@@ -130,7 +132,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise VlaopsError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def load_policy_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[VLAPolicy, Any, ActionNormalizer]:
+def load_policy_model(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[VLAPolicy, Any, ActionNormalizer]:
     """(policy in eval mode on ``device``, processor, normalizer) from an export directory."""
     path = Path(path)
     if not path.is_dir():
@@ -152,7 +156,9 @@ def load_policy_model(path: str | os.PathLike[str], device: str | torch.device =
     try:
         state = load_file(str(path / WEIGHTS_FILE))
     except (SafetensorError, OSError) as exc:  # truncated, corrupt or unreadable: say which file
-        raise VlaopsError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}); re-export the policy") from None
+        raise VlaopsError(
+            f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}); re-export the policy"
+        ) from None
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -160,8 +166,10 @@ def load_policy_model(path: str | os.PathLike[str], device: str | torch.device =
     processor = load_processor(path / PROCESSOR_DIR)
     normalizer = ActionNormalizer.load(path / NORMALIZATION_FILE)
     if normalizer.action_classes != cfg.action_classes:  # a head that cannot read these actions
-        raise VlaopsError(f"{path}: the policy's head has action_classes={cfg.action_classes}, its normalisation "
-                          f"{normalizer.action_classes}; re-export the policy")
+        raise VlaopsError(
+            f"{path}: the policy's head has action_classes={cfg.action_classes}, its normalisation "
+            f"{normalizer.action_classes}; re-export the policy"
+        )
     return policy.to(device).eval(), processor, normalizer
 
 
@@ -179,7 +187,9 @@ class PolicyRuntime:
     """Closed-loop runtime of an exported policy: ``reset()``, then ``step(obs, instruction) -> (7,)
     relative action``; ``encode`` is the per-frame backbone step that ``step`` caches."""
 
-    def __init__(self, model: VLAPolicy, processor: Any, normalizer: ActionNormalizer, device: str | torch.device = "cpu"):
+    def __init__(
+        self, model: VLAPolicy, processor: Any, normalizer: ActionNormalizer, device: str | torch.device = "cpu"
+    ):
         self.model = model.to(device).eval()
         self.processor = processor
         self.normalizer = normalizer

@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -52,7 +52,10 @@ log = get_logger(__name__)
 # what ``PolicyRuntime.step`` returns, as /health states it
 ARM_ACTION = "(7,) relative, CALVIN units: xyz x 0.02 m, euler xyz x 0.05 rad, gripper 1 open / -1 close"
 MOBILE_BASE_ACTION = "(4,) linear_x m/s, linear_y m/s, angular_z rad/s, action_type class id"
-CAMERA_SHAPES = {"rgb_static": (RGB_STATIC_SIZE, RGB_STATIC_SIZE, 3), "rgb_gripper": (RGB_GRIPPER_SIZE, RGB_GRIPPER_SIZE, 3)}
+CAMERA_SHAPES = {
+    "rgb_static": (RGB_STATIC_SIZE, RGB_STATIC_SIZE, 3),
+    "rgb_gripper": (RGB_GRIPPER_SIZE, RGB_GRIPPER_SIZE, 3),
+}
 
 
 class ImagePayload(BaseModel):
@@ -60,7 +63,7 @@ class ImagePayload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     encoding: Literal["raw", "png"] = "raw"
-    shape: Optional[list[int]] = None
+    shape: list[int] | None = None
     data: str
     _pixels: np.ndarray = PrivateAttr()
 
@@ -78,7 +81,7 @@ class StepRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt camera name is named, not ignored
     instruction: str = Field(min_length=1)
     rgb_static: ImagePayload
-    rgb_gripper: Optional[ImagePayload] = None  # required when the policy uses the gripper camera
+    rgb_gripper: ImagePayload | None = None  # required when the policy uses the gripper camera
     reset: bool = False  # forget the window first: the first step of an episode
 
 
@@ -112,15 +115,23 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 class PolicyServer:
     """The shared policy and the sessions; what the HTTP endpoints call (testable without HTTP)."""
 
-    def __init__(self, runtime: Any, cfg: ServeConfig, model_dir: str | Path | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        runtime: Any,
+        cfg: ServeConfig,
+        model_dir: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         from vlaops.model import PolicyRuntime
 
         self.runtime, self.cfg, self.model_dir = runtime, cfg, model_dir
         # each session: its own window over the shared model, processor and normaliser
         self.sessions = SessionStore(
             lambda: PolicyRuntime(runtime.model, runtime.processor, runtime.normalizer, runtime.device),
-            cfg.max_sessions, cfg.session_idle_s, clock)
+            cfg.max_sessions,
+            cfg.session_idle_s,
+            clock,
+        )
         self.cameras = {k: v for k, v in CAMERA_SHAPES.items() if k == "rgb_static" or runtime.cfg.use_hand_rgb}
         self._inference = threading.Lock()
 
@@ -154,11 +165,16 @@ class PolicyServer:
         for key, shape in self.cameras.items():
             image = getattr(request, key)
             if image is None:
-                raise BadRequest(422, key, f"{key}: missing; this policy reads it (model.use_hand_rgb), "
-                                           f"a {list(shape)} uint8 image")
+                raise BadRequest(
+                    422, key, f"{key}: missing; this policy reads it (model.use_hand_rgb), a {list(shape)} uint8 image"
+                )
             if image.pixels.shape != shape:
-                raise BadRequest(422, key, f"{key}: expected shape {list(shape)} (CALVIN's {key}, what the policy "
-                                           f"was trained on), got {list(image.pixels.shape)}")
+                raise BadRequest(
+                    422,
+                    key,
+                    f"{key}: expected shape {list(shape)} (CALVIN's {key}, what the policy "
+                    f"was trained on), got {list(image.pixels.shape)}",
+                )
             obs[key] = image.pixels
         return obs
 
@@ -227,8 +243,9 @@ def create_app(server: PolicyServer) -> FastAPI:
 def _uvicorn_config(app: FastAPI, cfg: ServeConfig, log_level: str) -> Any:
     import uvicorn
 
-    return uvicorn.Config(app, host=cfg.host, port=cfg.port, timeout_keep_alive=int(cfg.keep_alive_s),
-                          log_level=log_level, lifespan="off")
+    return uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, timeout_keep_alive=int(cfg.keep_alive_s), log_level=log_level, lifespan="off"
+    )
 
 
 @contextlib.contextmanager
@@ -251,7 +268,9 @@ def running_server(app: FastAPI, cfg: ServeConfig | None = None, log_level: str 
     try:
         while not server.started:
             if not thread.is_alive():
-                raise VlaopsError(f"the policy server on {cfg.host}:{sock.getsockname()[1]} did not start (see its log)")
+                raise VlaopsError(
+                    f"the policy server on {cfg.host}:{sock.getsockname()[1]} did not start (see its log)"
+                )
             time.sleep(0.01)
         yield f"http://{cfg.host}:{sock.getsockname()[1]}"
     finally:
@@ -279,8 +298,15 @@ def serve(model_dir: str | Path, cfg: ServeConfig) -> None:
 
     runtime = PolicyRuntime.load(Path(model_dir), resolve_device(cfg.device))
     server = PolicyServer(runtime, cfg, model_dir)
-    log.info("serving %s on http://%s:%d (%s; at most %d sessions, dropped after %g s idle)",
-             model_dir, cfg.host, cfg.port, runtime.device, cfg.max_sessions, cfg.session_idle_s)
+    log.info(
+        "serving %s on http://%s:%d (%s; at most %d sessions, dropped after %g s idle)",
+        model_dir,
+        cfg.host,
+        cfg.port,
+        runtime.device,
+        cfg.max_sessions,
+        cfg.session_idle_s,
+    )
     try:
         uvicorn.Server(_uvicorn_config(create_app(server), cfg, "info")).run()
     except (KeyboardInterrupt, Terminated):

@@ -85,7 +85,9 @@ class PolicyClient:
             text = response.read()
         except (OSError, http.client.HTTPException) as exc:
             self._disconnect()
-            raise VlaopsError(f"policy server http://{self.host}:{self.port}{path}: {type(exc).__name__}: {exc}") from exc
+            raise VlaopsError(
+                f"policy server http://{self.host}:{self.port}{path}: {type(exc).__name__}: {exc}"
+            ) from exc
         self._last_used = time.monotonic()
         try:
             answer = json.loads(text) if text else None
@@ -93,8 +95,11 @@ class PolicyClient:
             answer = {"error": text.decode(errors="replace")[:200]}
         if response.status >= 400:
             answer = answer if isinstance(answer, dict) else {}
-            raise ServeError(response.status, str(answer.get("error") or answer.get("detail") or response.reason),
-                             answer.get("field"))
+            raise ServeError(
+                response.status,
+                str(answer.get("error") or answer.get("detail") or response.reason),
+                answer.get("field"),
+            )
         return answer
 
     def _disconnect(self) -> None:

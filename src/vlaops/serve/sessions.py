@@ -46,8 +46,13 @@ class Session:
 class SessionStore:
     """Sessions by id; thread-safe (one lock around the table, held only for bookkeeping)."""
 
-    def __init__(self, make_policy: Callable[[], StepPolicy], max_sessions: int, idle_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        make_policy: Callable[[], StepPolicy],
+        max_sessions: int,
+        idle_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.make_policy, self.max_sessions, self.idle_s, self.clock = make_policy, max_sessions, idle_s, clock
         self._live: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it was dropped
@@ -67,7 +72,9 @@ class SessionStore:
         for sid, session in list(self._live.items()):  # oldest first: stop at the first fresh one
             if now - session.last_used <= self.idle_s:
                 break
-            self._drop(sid, f"dropped after {now - session.last_used:.0f} s idle (serve.session_idle_s={self.idle_s:g})")
+            self._drop(
+                sid, f"dropped after {now - session.last_used:.0f} s idle (serve.session_idle_s={self.idle_s:g})"
+            )
             log.info("session %s dropped: idle", sid)
 
     def create(self) -> Session:
@@ -89,7 +96,9 @@ class SessionStore:
             self._expire(now)
             session = self._live.get(session_id)
             if session is None:
-                raise UnknownSession(session_id, self._gone.get(session_id, "never created (POST /sessions creates one)"))
+                raise UnknownSession(
+                    session_id, self._gone.get(session_id, "never created (POST /sessions creates one)")
+                )
             session.last_used = now
             self._live.move_to_end(session_id)
             return session

@@ -24,8 +24,18 @@ EXPERT_MAX_ACTION = 0.64
 # collect and the chain sampler iterate it). Written out rather than ``list(TASKS)`` (the registry's
 # order differs), and held equal to the YAML by tests/test_config.py.
 DEFAULT_TASKS = (
-    "push_red_left", "push_red_right", "push_green_left", "push_green_right", "push_blue_left", "push_blue_right",
-    "lift_red", "lift_green", "lift_blue", "place_red", "place_green", "place_blue",
+    "push_red_left",
+    "push_red_right",
+    "push_green_left",
+    "push_green_right",
+    "push_blue_left",
+    "push_blue_right",
+    "lift_red",
+    "lift_green",
+    "lift_blue",
+    "place_red",
+    "place_green",
+    "place_blue",
 )
 
 
@@ -112,9 +122,17 @@ class SimConfig:
             raise ValueError(f"sim.tasks: unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
         if not self.tasks:
             raise ValueError("sim.tasks must name at least one task, got []")
-        for key in ("episodes_per_task", "max_attempts_per_task", "control_hz", "physics_hz",
-                    "max_episode_steps", "static_camera_size", "gripper_camera_size",
-                    "joint_state_rate_factor", "num_workers"):
+        for key in (
+            "episodes_per_task",
+            "max_attempts_per_task",
+            "control_hz",
+            "physics_hz",
+            "max_episode_steps",
+            "static_camera_size",
+            "gripper_camera_size",
+            "joint_state_rate_factor",
+            "num_workers",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"sim.{key} must be a positive integer, got {value!r}")
@@ -135,14 +153,20 @@ class SimConfig:
         if self.storage not in STORAGE_PLUGINS:
             raise ValueError(f"sim.storage must be one of {list(STORAGE_PLUGINS)}, got {self.storage!r}")
         if not 0.0 < self.expert_max_action <= 1.0:
-            raise ValueError(f"sim.expert_max_action must be in (0, 1] (a fraction of CALVIN's full relative "
-                             f"action), got {self.expert_max_action!r}")
+            raise ValueError(
+                f"sim.expert_max_action must be in (0, 1] (a fraction of CALVIN's full relative "
+                f"action), got {self.expert_max_action!r}"
+            )
         if not 0.0 <= self.expert_action_noise < 1.0:
-            raise ValueError(f"sim.expert_action_noise must be in [0, 1) (a standard deviation in the env's [-1, 1] "
-                             f"action units), got {self.expert_action_noise!r}")
+            raise ValueError(
+                f"sim.expert_action_noise must be in [0, 1) (a standard deviation in the env's [-1, 1] "
+                f"action units), got {self.expert_action_noise!r}"
+            )
         if not 0.0 <= self.staged_fraction <= 1.0:
-            raise ValueError(f"sim.staged_fraction must be in [0, 1] (the fraction of demonstrations recorded after "
-                             f"another task), got {self.staged_fraction!r}")
+            raise ValueError(
+                f"sim.staged_fraction must be in [0, 1] (the fraction of demonstrations recorded after "
+                f"another task), got {self.staged_fraction!r}"
+            )
         self._check_block_area()
 
     def _check_block_area(self) -> None:
@@ -154,18 +178,24 @@ class SimConfig:
             low_edge = TABLE_CENTER[axis] - TABLE_HALF_EXTENTS[axis] + BLOCK_HALF
             high_edge = TABLE_CENTER[axis] + TABLE_HALF_EXTENTS[axis] - BLOCK_HALF
             if len(value) != 2 or not low_edge <= value[0] <= value[1] <= high_edge:
-                raise ValueError(f"sim.{key} must be [low, high] with {low_edge:.3f} <= low <= high <= "
-                                 f"{high_edge:.3f} (on the table top), got {value!r}")
+                raise ValueError(
+                    f"sim.{key} must be [low, high] with {low_edge:.3f} <= low <= high <= "
+                    f"{high_edge:.3f} (on the table top), got {value!r}"
+                )
         if not 2 * BLOCK_HALF * 2**0.5 <= self.block_min_separation <= 0.2:
-            raise ValueError(f"sim.block_min_separation must be in [{2 * BLOCK_HALF * 2**0.5:.3f}, 0.2] m "
-                             f"(blocks may not overlap), got {self.block_min_separation!r}")
+            raise ValueError(
+                f"sim.block_min_separation must be in [{2 * BLOCK_HALF * 2**0.5:.3f}, 0.2] m "
+                f"(blocks may not overlap), got {self.block_min_separation!r}"
+            )
         # Twice the length a row of blocks needs, so that rejection sampling (env.sample_block_poses) finds
         # a layout in a few tries.
         span = max(self.block_x_range[1] - self.block_x_range[0], self.block_y_range[1] - self.block_y_range[0])
         if span < (len(BLOCK_ORDER) - 1) * self.block_min_separation * 2:
-            raise ValueError(f"sim.block_x_range / block_y_range span {span:.3f} m, too small for "
-                             f"{len(BLOCK_ORDER)} blocks {self.block_min_separation} m apart (need at least "
-                             f"{(len(BLOCK_ORDER) - 1) * self.block_min_separation * 2:.3f} m)")
+            raise ValueError(
+                f"sim.block_x_range / block_y_range span {span:.3f} m, too small for "
+                f"{len(BLOCK_ORDER)} blocks {self.block_min_separation} m apart (need at least "
+                f"{(len(BLOCK_ORDER) - 1) * self.block_min_separation * 2:.3f} m)"
+            )
         if not 0.0 <= self.block_yaw_range <= 3.1416:
             raise ValueError(f"sim.block_yaw_range must be in [0, pi] rad, got {self.block_yaw_range!r}")
 

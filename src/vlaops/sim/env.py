@@ -52,7 +52,9 @@ def validate_action(action: Any) -> np.ndarray:
 MAX_LAYOUT_TRIES = 1000  # rejection-sampling budget for a block layout (a few tries suffice at the defaults)
 
 
-def sample_block_poses(cfg: SimConfig, rng: np.random.Generator) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+def sample_block_poses(
+    cfg: SimConfig, rng: np.random.Generator
+) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
     """Random start (x, y) and yaw of every block: uniform over ``cfg.block_x_range`` x ``block_y_range``,
     centres at least ``block_min_separation`` apart (rejection sampling), yaw uniform in +-block_yaw_range.
 
@@ -66,13 +68,17 @@ def sample_block_poses(cfg: SimConfig, rng: np.random.Generator) -> tuple[dict[s
         if gaps.min() >= cfg.block_min_separation:
             break
     else:
-        raise ValueError(f"no block layout with sim.block_min_separation={cfg.block_min_separation} found in "
-                         f"{MAX_LAYOUT_TRIES} tries over sim.block_x_range={cfg.block_x_range}, "
-                         f"sim.block_y_range={cfg.block_y_range}")
+        raise ValueError(
+            f"no block layout with sim.block_min_separation={cfg.block_min_separation} found in "
+            f"{MAX_LAYOUT_TRIES} tries over sim.block_x_range={cfg.block_x_range}, "
+            f"sim.block_y_range={cfg.block_y_range}"
+        )
     yaw = rng.uniform(-cfg.block_yaw_range, cfg.block_yaw_range, size=len(layout.BLOCK_ORDER))
     names = layout.BLOCK_ORDER
-    return ({n: (float(x), float(y)) for n, (x, y) in zip(names, xy, strict=True)},
-            {n: float(a) for n, a in zip(names, yaw, strict=True)})
+    return (
+        {n: (float(x), float(y)) for n, (x, y) in zip(names, xy, strict=True)},
+        {n: float(a) for n, a in zip(names, yaw, strict=True)},
+    )
 
 
 class TabletopEnv:
@@ -101,8 +107,12 @@ class TabletopEnv:
         """
         block_xy, block_yaw = sample_block_poses(self.cfg, np.random.default_rng(seed))
         p.resetSimulation(physicsClientId=self.client)
-        p.setPhysicsEngineParameter(fixedTimeStep=1.0 / self.cfg.physics_hz, numSolverIterations=50,
-                                    deterministicOverlappingPairs=1, physicsClientId=self.client)
+        p.setPhysicsEngineParameter(
+            fixedTimeStep=1.0 / self.cfg.physics_hz,
+            numSolverIterations=50,
+            deterministicOverlappingPairs=1,
+            physicsClientId=self.client,
+        )
         self._ids = scene.build_scene(self.client, block_xy, block_yaw)
         robot = self._ids.robot
         infos = [p.getJointInfo(robot, j, physicsClientId=self.client) for j in layout.RECORDED_JOINTS]
@@ -152,9 +162,17 @@ class TabletopEnv:
         pos = np.clip(target[:3], TCP_BOUNDS_LOW, TCP_BOUNDS_HIGH)
         orn = p.getQuaternionFromEuler(target[3:6].tolist())
         q = p.calculateInverseKinematics(
-            self._ids.robot, layout.TCP_LINK, pos.tolist(), orn,
-            lowerLimits=self._ll, upperLimits=self._ul, jointRanges=self._jr, restPoses=self._rest,
-            maxNumIterations=IK_ITERATIONS, residualThreshold=1e-5, physicsClientId=self.client,
+            self._ids.robot,
+            layout.TCP_LINK,
+            pos.tolist(),
+            orn,
+            lowerLimits=self._ll,
+            upperLimits=self._ul,
+            jointRanges=self._jr,
+            restPoses=self._rest,
+            maxNumIterations=IK_ITERATIONS,
+            residualThreshold=1e-5,
+            physicsClientId=self.client,
         )
         self._command(np.asarray(q[:7]), target[6])
         self._last_gripper = float(target[6])
@@ -171,14 +189,22 @@ class TabletopEnv:
     def _command(self, arm_q: np.ndarray, gripper: float) -> None:
         """Position-control the arm to ``arm_q`` (7,) and the fingers open (gripper > 0) or closed."""
         p.setJointMotorControlArray(
-            self._ids.robot, list(layout.ARM_JOINTS), p.POSITION_CONTROL, targetPositions=arm_q.tolist(),
-            forces=[layout.ARM_JOINT_FORCE] * 7, positionGains=[ARM_POSITION_GAIN] * 7,
+            self._ids.robot,
+            list(layout.ARM_JOINTS),
+            p.POSITION_CONTROL,
+            targetPositions=arm_q.tolist(),
+            forces=[layout.ARM_JOINT_FORCE] * 7,
+            positionGains=[ARM_POSITION_GAIN] * 7,
             physicsClientId=self.client,
         )
         finger = layout.FINGER_OPEN if gripper > 0 else 0.0
         p.setJointMotorControlArray(
-            self._ids.robot, list(layout.FINGER_JOINTS), p.POSITION_CONTROL, targetPositions=[finger] * 2,
-            forces=[layout.FINGER_FORCE] * 2, physicsClientId=self.client,
+            self._ids.robot,
+            list(layout.FINGER_JOINTS),
+            p.POSITION_CONTROL,
+            targetPositions=[finger] * 2,
+            forces=[layout.FINGER_FORCE] * 2,
+            physicsClientId=self.client,
         )
 
     # --- state ----------------------------------------------------------------------------------
@@ -200,8 +226,9 @@ class TabletopEnv:
     def tcp_pose(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """TCP (panda_grasptarget) position (3,), quaternion xyzw (4,), euler xyz (3,)."""
         self._require_reset()
-        pos, quat = p.getLinkState(self._ids.robot, layout.TCP_LINK, computeForwardKinematics=True,
-                                   physicsClientId=self.client)[4:6]
+        pos, quat = p.getLinkState(
+            self._ids.robot, layout.TCP_LINK, computeForwardKinematics=True, physicsClientId=self.client
+        )[4:6]
         return np.asarray(pos), np.asarray(quat), np.asarray(p.getEulerFromQuaternion(quat))
 
     def _joint_state(self) -> tuple[np.ndarray, np.ndarray]:
@@ -213,16 +240,15 @@ class TabletopEnv:
         return np.asarray(pos), np.asarray(p.getEulerFromQuaternion(quat))
 
     def _touching(self, name: str, link: int) -> bool:
-        return bool(p.getContactPoints(self._ids.robot, self._ids.blocks[name], link, -1,
-                                       physicsClientId=self.client))
+        return bool(p.getContactPoints(self._ids.robot, self._ids.blocks[name], link, -1, physicsClientId=self.client))
 
     def scene_obs(self) -> np.ndarray:
         """CALVIN scene_obs (24,): 6 zeros, then red, blue, green block pos + euler."""
         out = np.zeros(SCENE_OBS_DIM)
         for i, name in enumerate(layout.BLOCK_ORDER):
             pos, euler = self._block_pose(name)
-            out[6 + 6 * i: 9 + 6 * i] = pos
-            out[9 + 6 * i: 12 + 6 * i] = euler
+            out[6 + 6 * i : 9 + 6 * i] = pos
+            out[9 + 6 * i : 12 + 6 * i] = euler
         return out
 
     def robot_obs(self) -> np.ndarray:

@@ -86,8 +86,7 @@ def plan(task: Task, info: dict[str, Any]) -> list[Waypoint]:
             Waypoint(np.array([bx, start_y, SAFE_Z]), 0.0, GRIPPER_CLOSE, settle=True),
             Waypoint(np.array([bx, start_y, PUSH_Z]), 0.0, GRIPPER_CLOSE),
             Waypoint(np.array([bx, by + sign * PUSH_THROUGH, PUSH_Z]), 0.0, GRIPPER_CLOSE),
-            Waypoint(np.array([bx, by + sign * PUSH_THROUGH, PUSH_Z + 0.05]), 0.0, GRIPPER_CLOSE,
-                     tolerance=0.01),
+            Waypoint(np.array([bx, by + sign * PUSH_THROUGH, PUSH_Z + 0.05]), 0.0, GRIPPER_CLOSE, tolerance=0.01),
         ]
     if task.kind == "lift":
         yaw = _grasp_yaw(float(info["blocks"][task.block]["euler"][2]))
@@ -191,11 +190,16 @@ class ScriptedExpert:
 StepCallback = Callable[[dict[str, Any], np.ndarray], None]
 
 
-def run_expert(env: TabletopEnv, task: Task | str, max_steps: int, obs: dict[str, Any] | None = None,
-               on_step: StepCallback | None = None,
-               max_action: float | None = None,
-               action_noise: float = 0.0,
-               rng: np.random.Generator | None = None) -> tuple[bool, int, dict[str, Any]]:
+def run_expert(
+    env: TabletopEnv,
+    task: Task | str,
+    max_steps: int,
+    obs: dict[str, Any] | None = None,
+    on_step: StepCallback | None = None,
+    max_action: float | None = None,
+    action_noise: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[bool, int, dict[str, Any]]:
     """Run the expert for ``task`` from the env's current state until done or ``max_steps``.
 
     ``on_step(obs, rel_action)`` is called with each observation and the action chosen from it, before

@@ -25,7 +25,7 @@ import numpy as np
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from vlaops.sim import layout, scene
+from vlaops.sim import layout
 from vlaops.sim.config import SimConfig
 from vlaops.sim.env import TabletopEnv
 from vlaops.sim.expert import run_expert
@@ -106,8 +106,13 @@ class BagWriter:
     def _image(self, ns: int, frame_id: str, rgb: np.ndarray) -> Any:
         h, w, _ = rgb.shape  # (H, W, 3) uint8
         return self.t["sensor_msgs/msg/Image"](
-            header=self._header(ns, frame_id), height=h, width=w, encoding="rgb8", is_bigendian=0,
-            step=w * 3, data=np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1),
+            header=self._header(ns, frame_id),
+            height=h,
+            width=w,
+            encoding="rgb8",
+            is_bigendian=0,
+            step=w * 3,
+            data=np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1),
         )
 
     def _array(self, label: str, values: np.ndarray) -> Any:
@@ -118,15 +123,18 @@ class BagWriter:
 
     def _pose(self, ns: int, pos: np.ndarray, quat: np.ndarray) -> Any:
         point = self.t["geometry_msgs/msg/Point"](x=float(pos[0]), y=float(pos[1]), z=float(pos[2]))
-        q = self.t["geometry_msgs/msg/Quaternion"](x=float(quat[0]), y=float(quat[1]), z=float(quat[2]),
-                                                   w=float(quat[3]))
+        q = self.t["geometry_msgs/msg/Quaternion"](
+            x=float(quat[0]), y=float(quat[1]), z=float(quat[2]), w=float(quat[3])
+        )
         pose = self.t["geometry_msgs/msg/Pose"](position=point, orientation=q)
         return self.t["geometry_msgs/msg/PoseStamped"](header=self._header(ns, layout.BASE_FRAME), pose=pose)
 
     def _joint_state(self, ns: int, q: np.ndarray, dq: np.ndarray) -> Any:
         return self.t["sensor_msgs/msg/JointState"](
-            header=self._header(ns, layout.BASE_FRAME), name=list(layout.JOINT_NAMES),
-            position=np.asarray(q, dtype=np.float64), velocity=np.asarray(dq, dtype=np.float64),
+            header=self._header(ns, layout.BASE_FRAME),
+            name=list(layout.JOINT_NAMES),
+            position=np.asarray(q, dtype=np.float64),
+            velocity=np.asarray(dq, dtype=np.float64),
             effort=np.zeros(0, dtype=np.float64),
         )
 
@@ -158,11 +166,16 @@ class BagWriter:
             # write to tmp/<id>/ (deterministic names) and lift the files up into the atomic directory.
             inner = tmp / rec.episode_id
             with Writer(inner, version=ROSBAG2_VERSION, storage_plugin=STORAGE[self.cfg.storage]) as writer:
-                for key, value in (("format", BAG_FORMAT), ("format_version", BAG_FORMAT_VERSION),
-                                   ("episode_id", rec.episode_id), ("task", rec.task),
-                                   ("instruction", rec.instruction), ("seed", str(rec.seed)),
-                                   ("control_hz", str(self.cfg.control_hz)),
-                                   *((("staged_after", rec.staged_after),) if rec.staged_after else ())):
+                for key, value in (
+                    ("format", BAG_FORMAT),
+                    ("format_version", BAG_FORMAT_VERSION),
+                    ("episode_id", rec.episode_id),
+                    ("task", rec.task),
+                    ("instruction", rec.instruction),
+                    ("seed", str(rec.seed)),
+                    ("control_hz", str(self.cfg.control_hz)),
+                    *((("staged_after", rec.staged_after),) if rec.staged_after else ()),
+                ):
                     writer.set_custom_data(key, value)
                 conns = {
                     name: writer.add_connection(getattr(self.cfg.topics, name), msgtype, typestore=self.ts)
@@ -177,8 +190,9 @@ class BagWriter:
         return target
 
 
-def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, episode_id: str,
-                   start_ns: int) -> tuple[bool | None, EpisodeRecord]:
+def record_episode(
+    env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, episode_id: str, start_ns: int
+) -> tuple[bool | None, EpisodeRecord]:
     """Run the expert on ``task_name`` from ``reset(seed)`` and capture what a bag needs.
 
     A task with a ``setup`` (place needs a lifted block) first runs that task's expert unrecorded, the
@@ -214,8 +228,9 @@ def record_episode(env: TabletopEnv, cfg: SimConfig, task_name: str, seed: int, 
         rec.frames.append(Frame(env.tick - tick0, o, env.rel_to_abs(rel)))
 
     noise_rng = np.random.default_rng([seed, 1]) if cfg.expert_action_noise > 0 else None
-    ok, _, _ = run_expert(env, task, cfg.max_episode_steps, obs=obs, on_step=on_step,
-                          action_noise=cfg.expert_action_noise, rng=noise_rng)
+    ok, _, _ = run_expert(
+        env, task, cfg.max_episode_steps, obs=obs, on_step=on_step, action_noise=cfg.expert_action_noise, rng=noise_rng
+    )
     t0 = tick0 / cfg.control_hz
     rec.joint_samples = [(t - t0, q, dq) for t, q, dq in env.joint_samples[samples0:]]
     return ok, rec
@@ -237,8 +252,11 @@ def stage_predecessor(env: TabletopEnv, cfg: SimConfig, task_name: str, rng: np.
     when none was feasible, the expert failed it, or ``task_name`` is no longer feasible after it (the scene
     then allows no staged demonstration, which is no attempt of the expert's)."""
     info = env.get_info()
-    feasible = [other for other in map(get_task, cfg.tasks)
-                if other.name != task_name and get_task(other.setup or other.name).precondition(info)]
+    feasible = [
+        other
+        for other in map(get_task, cfg.tasks)
+        if other.name != task_name and get_task(other.setup or other.name).precondition(info)
+    ]
     if not feasible:
         return None
     other = feasible[int(rng.integers(len(feasible)))]
@@ -249,8 +267,9 @@ def stage_predecessor(env: TabletopEnv, cfg: SimConfig, task_name: str, rng: np.
     return other.name
 
 
-def expert_episodes(env: TabletopEnv, cfg: SimConfig, task_name: str,
-                    task_pos: int = 0) -> Iterator[tuple[int, EpisodeRecord]]:
+def expert_episodes(
+    env: TabletopEnv, cfg: SimConfig, task_name: str, task_pos: int = 0
+) -> Iterator[tuple[int, EpisodeRecord]]:
     """The seeded, successful expert episodes of one task that ``collect`` records, in order.
 
     Yields (attempts so far, record) until ``episodes_per_task`` succeeded. Scenes in which the task is
@@ -297,7 +316,7 @@ def _collect_task(cfg: SimConfig, task_name: str, task_pos: int, out_dir: Path) 
     ids: list[str] = []
     attempts = 0
     with TabletopEnv(cfg) as env:
-        for attempts, rec in expert_episodes(env, cfg, task_name, task_pos):
+        for attempts, rec in expert_episodes(env, cfg, task_name, task_pos):  # noqa: B007 (the last count is returned)
             writer.write(rec, out_dir)
             ids.append(rec.episode_id)
     return {"task": task_name, "attempts": attempts, "successes": len(ids), "episodes": ids}
@@ -315,12 +334,20 @@ def collect(cfg: SimConfig, out_dir: Path, compute: ComputeConfig | None = None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    log.info("collecting %d x %d episodes (%s storage) into %s", len(cfg.tasks), cfg.episodes_per_task,
-             cfg.storage, out_dir)
+    log.info(
+        "collecting %d x %d episodes (%s storage) into %s", len(cfg.tasks), cfg.episodes_per_task, cfg.storage, out_dir
+    )
     jobs = [(cfg, name, pos, out_dir) for pos, name in enumerate(cfg.tasks)]
     # the parent holds no PyBullet client (each worker opens its own), so fork is safe where it exists
-    results = map_ordered(_collect_job, jobs, cfg.num_workers, desc="collect", unit="task", compute=compute,
-                          label=lambda job: f"task {job[1]}")
+    results = map_ordered(
+        _collect_job,
+        jobs,
+        cfg.num_workers,
+        desc="collect",
+        unit="task",
+        compute=compute,
+        label=lambda job: f"task {job[1]}",
+    )
     # the summary is a DVC metric (reports/collect.json): its bytes depend on the seed only, the time goes to the log
     summary: dict[str, Any] = {"tasks": {}, "episodes": []}
     for res in results:
@@ -330,6 +357,10 @@ def collect(cfg: SimConfig, out_dir: Path, compute: ComputeConfig | None = None)
             "success_rate": res["successes"] / res["attempts"],
         }
         summary["episodes"] += res["episodes"]
-    log.info("collected %d episodes in %.1f s: %s", len(summary["episodes"]), time.perf_counter() - start,
-             json.dumps({k: v["success_rate"] for k, v in summary["tasks"].items()}))
+    log.info(
+        "collected %d episodes in %.1f s: %s",
+        len(summary["episodes"]),
+        time.perf_counter() - start,
+        json.dumps({k: v["success_rate"] for k, v in summary["tasks"].items()}),
+    )
     return summary

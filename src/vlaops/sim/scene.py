@@ -14,30 +14,29 @@ import pybullet as p
 import pybullet_data
 
 from vlaops.sim.layout import (
-    PANDA_URDF,
     ARM_JOINTS,
-    FINGER_JOINTS,
-    HAND_LINK,
-    HOME_JOINTS,
-    FINGER_OPEN,
-    TABLE_TOP_Z,
-    TABLE_CENTER,
-    TABLE_HALF_EXTENTS,
+    BLOCK_COLORS,
+    BLOCK_FRICTION,
     BLOCK_HALF,
     BLOCK_MASS,
-    BLOCK_FRICTION,
     BLOCK_ORDER,
-    BLOCK_COLORS,
     BLOCK_REST_Z,
-    STATIC_EYE,
-    STATIC_TARGET,
-    STATIC_FOV,
-    GRIPPER_FOV,
-    GRIPPER_CAM_OFFSET,
-    CAM_NEAR,
     CAM_FAR,
+    CAM_NEAR,
+    FINGER_JOINTS,
+    FINGER_OPEN,
+    GRIPPER_CAM_OFFSET,
+    GRIPPER_FOV,
+    HAND_LINK,
+    HOME_JOINTS,
+    PANDA_URDF,
+    STATIC_EYE,
+    STATIC_FOV,
+    STATIC_TARGET,
+    TABLE_CENTER,
+    TABLE_HALF_EXTENTS,
+    TABLE_TOP_Z,
 )
-
 
 
 @dataclass
@@ -58,36 +57,46 @@ def build_scene(client: int, block_xy: dict[str, tuple[float, float]], block_yaw
         p.resetJointState(robot, joint, q, physicsClientId=client)
     for joint in FINGER_JOINTS:
         p.resetJointState(robot, joint, FINGER_OPEN, physicsClientId=client)
-        p.changeDynamics(robot, joint, lateralFriction=BLOCK_FRICTION, spinningFriction=0.001,
-                         physicsClientId=client)
+        p.changeDynamics(robot, joint, lateralFriction=BLOCK_FRICTION, spinningFriction=0.001, physicsClientId=client)
 
     table_col = p.createCollisionShape(p.GEOM_BOX, halfExtents=TABLE_HALF_EXTENTS, physicsClientId=client)
-    table_vis = p.createVisualShape(p.GEOM_BOX, halfExtents=TABLE_HALF_EXTENTS,
-                                    rgbaColor=(0.72, 0.6, 0.45, 1.0), physicsClientId=client)
-    table = p.createMultiBody(0.0, table_col, table_vis,
-                              [TABLE_CENTER[0], TABLE_CENTER[1], TABLE_TOP_Z - TABLE_HALF_EXTENTS[2]],
-                              physicsClientId=client)
+    table_vis = p.createVisualShape(
+        p.GEOM_BOX, halfExtents=TABLE_HALF_EXTENTS, rgbaColor=(0.72, 0.6, 0.45, 1.0), physicsClientId=client
+    )
+    table = p.createMultiBody(
+        0.0,
+        table_col,
+        table_vis,
+        [TABLE_CENTER[0], TABLE_CENTER[1], TABLE_TOP_Z - TABLE_HALF_EXTENTS[2]],
+        physicsClientId=client,
+    )
     p.changeDynamics(table, -1, lateralFriction=0.5, physicsClientId=client)
 
     blocks = {}
     half = [BLOCK_HALF] * 3
     for name in BLOCK_ORDER:
         col = p.createCollisionShape(p.GEOM_BOX, halfExtents=half, physicsClientId=client)
-        vis = p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=BLOCK_COLORS[name],
-                                  physicsClientId=client)
+        vis = p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=BLOCK_COLORS[name], physicsClientId=client)
         x, y = block_xy[name]
         orn = p.getQuaternionFromEuler((0.0, 0.0, block_yaw[name]))
         body = p.createMultiBody(BLOCK_MASS, col, vis, [x, y, BLOCK_REST_Z], orn, physicsClientId=client)
-        p.changeDynamics(body, -1, lateralFriction=BLOCK_FRICTION, spinningFriction=0.001,
-                         rollingFriction=0.0, physicsClientId=client)
+        p.changeDynamics(
+            body,
+            -1,
+            lateralFriction=BLOCK_FRICTION,
+            spinningFriction=0.001,
+            rollingFriction=0.0,
+            physicsClientId=client,
+        )
         blocks[name] = body
     return SceneIds(robot=robot, table=table, blocks=blocks)
 
 
 def _rgb(client: int, size: int, view: list[float], proj: list[float]) -> np.ndarray:
     """Render one (size, size, 3) uint8 image with the CPU TinyRenderer (no GPU/EGL needed)."""
-    _, _, rgba, _, _ = p.getCameraImage(size, size, view, proj, renderer=p.ER_TINY_RENDERER,
-                                        flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=client)
+    _, _, rgba, _, _ = p.getCameraImage(
+        size, size, view, proj, renderer=p.ER_TINY_RENDERER, flags=p.ER_NO_SEGMENTATION_MASK, physicsClientId=client
+    )
     return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()  # (H, W, 3)
 
 

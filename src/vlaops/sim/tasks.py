@@ -67,8 +67,7 @@ class Task:
 def on_table(block: dict[str, Any]) -> bool:
     """The block rests on the table top (not held up, not pushed off)."""
     x, y, z = (float(v) for v in block["pos"])
-    inside = (abs(x - TABLE_CENTER[0]) <= TABLE_HALF_EXTENTS[0]
-              and abs(y - TABLE_CENTER[1]) <= TABLE_HALF_EXTENTS[1])
+    inside = abs(x - TABLE_CENTER[0]) <= TABLE_HALF_EXTENTS[0] and abs(y - TABLE_CENTER[1]) <= TABLE_HALF_EXTENTS[1]
     return inside and abs(z - BLOCK_REST_Z) <= ON_TABLE_Z_TOL and not block.get("grasped", False)
 
 
@@ -97,8 +96,12 @@ def _push(block: str, direction: str) -> Task:
     def precondition(info: Info) -> bool:
         b = info["blocks"][block]
         after = float(b["pos"][1]) + sign * PUSH_NOMINAL_DISTANCE
-        return (info["held"] is None and on_table(b) and WORKSPACE_Y[0] <= after <= WORKSPACE_Y[1]
-                and not _push_blocked(info, block, sign))
+        return (
+            info["held"] is None
+            and on_table(b)
+            and WORKSPACE_Y[0] <= after <= WORKSPACE_Y[1]
+            and not _push_blocked(info, block, sign)
+        )
 
     def predict(info: Info) -> Info:
         out = copy.deepcopy(info)
@@ -106,8 +109,16 @@ def _push(block: str, direction: str) -> Task:
         out["blocks"][block]["pos"][1] += sign * PUSH_NOMINAL_DISTANCE
         return out
 
-    return Task(f"push_{block}_{direction}", f"push the {block} block to the {direction}", "push", block,
-                direction, success, precondition, predict)
+    return Task(
+        f"push_{block}_{direction}",
+        f"push the {block} block to the {direction}",
+        "push",
+        block,
+        direction,
+        success,
+        precondition,
+        predict,
+    )
 
 
 def _lift(block: str) -> Task:
@@ -150,8 +161,17 @@ def _place(block: str) -> Task:
         out["held"] = None
         return out
 
-    return Task(f"place_{block}", f"place the {block} block on the table", "place", block, None, success,
-                precondition, predict, setup=f"lift_{block}")
+    return Task(
+        f"place_{block}",
+        f"place the {block} block on the table",
+        "place",
+        block,
+        None,
+        success,
+        precondition,
+        predict,
+        setup=f"lift_{block}",
+    )
 
 
 def _build_registry() -> dict[str, Task]:
@@ -211,8 +231,9 @@ class SceneEnv(Protocol):
     def get_info(self) -> Info: ...
 
 
-def seeded_chains(env: SceneEnv, task_names: Sequence[str], num_chains: int, length: int, seed: int,
-                  max_scenes: int | None = None) -> list[tuple[int, list[str]]]:
+def seeded_chains(
+    env: SceneEnv, task_names: Sequence[str], num_chains: int, length: int, seed: int, max_scenes: int | None = None
+) -> list[tuple[int, list[str]]]:
     """``num_chains`` (scene seed, task chain) pairs: the same seed gives the same scenes and chains.
 
     Scenes are tried in order from ``env.reset(seed)``, ``env.reset(seed + 1)``, ...; each chain's tasks are
@@ -236,6 +257,8 @@ def seeded_chains(env: SceneEnv, task_names: Sequence[str], num_chains: int, len
         except ValueError as exc:
             last_error = str(exc)
     if len(chains) < num_chains:
-        raise ValueError(f"only {len(chains)} of {limit} scenes from seed {seed} admit a chain of {length} tasks, "
-                         f"{num_chains} needed ({last_error})")
+        raise ValueError(
+            f"only {len(chains)} of {limit} scenes from seed {seed} admit a chain of {length} tasks, "
+            f"{num_chains} needed ({last_error})"
+        )
     return chains

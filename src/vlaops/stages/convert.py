@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from vlaops.config import Config
-from vlaops.utils.paths import check_input_dir, check_outputs
 from vlaops.data.convert import convert
+from vlaops.utils.paths import check_input_dir, check_outputs
 
 
 def run(cfg: Config) -> None:

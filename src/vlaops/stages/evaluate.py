@@ -24,17 +24,17 @@ from vlaops.errors import VlaopsError
 from vlaops.eval.chains import FIRST_SUBTASK, LATER_SUBTASKS, figures, results_json, start_sr, summarize, summary_table
 from vlaops.eval.offline import base_constant_action, offline_action_metrics
 from vlaops.eval.reference import blind_policy
+from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory, run_chains
 from vlaops.eval.trajectories import action_dims, validation_trajectories
 from vlaops.eval.videos import write_videos
-from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory, run_chains
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
 from vlaops.model import PolicyRuntime
 from vlaops.model.runtime import POLICY_CONFIG_FILE
 from vlaops.sim import TabletopEnv, get_task, seeded_chains
 from vlaops.utils.atomic import write_json
 from vlaops.utils.executor import connect, resolve_workers
-from vlaops.utils.paths import check_outputs
 from vlaops.utils.logging import get_logger
+from vlaops.utils.paths import check_outputs
 
 log = get_logger(__name__)
 METRICS_FILE = "metrics.json"
@@ -64,8 +64,10 @@ def check_checkpoint(model_dir: Path, policy: PolicyRuntime, cfg: Config) -> Non
     for key, value in configured.items():
         saved = getattr(policy.cfg, key)
         if saved != value:
-            raise VlaopsError(f"{model_dir / POLICY_CONFIG_FILE}: model.{key} is {saved}, but the config says "
-                              f"model.{key}={value}; evaluate with model.{key}={saved} or retrain")
+            raise VlaopsError(
+                f"{model_dir / POLICY_CONFIG_FILE}: model.{key} is {saved}, but the config says "
+                f"model.{key}={value}; evaluate with model.{key}={saved} or retrain"
+            )
 
 
 def flat_figures(prefix: str, fig: dict[str, Any]) -> dict[str, float]:
@@ -98,23 +100,45 @@ def _evaluate_offline_only(cfg: Config, model_dir: Path, policy: PolicyRuntime, 
     accuracy, each against the constant baseline) and the trajectory plot; the closed-loop outputs say
     that no chain was played (docs/mobile_base.md), so the stage's outputs exist and mean what they say."""
     reports_dir = Path(cfg.paths.reports_dir)
-    log.info("%s: a mobile base's policy (action_type classes %s): %s; offline evaluation only", model_dir,
-             policy.normalizer.class_labels, CLOSED_LOOP_NOT_RUN)
+    log.info(
+        "%s: a mobile base's policy (action_type classes %s): %s; offline evaluation only",
+        model_dir,
+        policy.normalizer.class_labels,
+        CLOSED_LOOP_NOT_RUN,
+    )
     val_split = CalvinSplit(Path(cfg.data.calvin_dir) / VALIDATION, cfg.data.trust_pickles)
     val_ds = make_window_dataset(val_split, policy.normalizer, policy.processor, policy.cfg, None, cfg.data.cache_dir)
-    offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
-                                     constant=base_constant_action(policy.normalizer), normalizer=policy.normalizer)
+    offline = offline_action_metrics(
+        policy.model,
+        val_ds,
+        cfg.eval.batch_size,
+        cfg.eval.offline_batches,
+        device,
+        constant=base_constant_action(policy.normalizer),
+        normalizer=policy.normalizer,
+    )
     log.info("offline action metrics on %s: %s", val_split.dir, offline)
     trajectories = validation_trajectories(policy.model, val_ds, cfg.eval.plot_episodes, cfg.eval.batch_size, device)
     plots_dir = reports_dir / plots.PLOTS_DIR
-    figure_files = [plots.save(plots.not_evaluated(title, CLOSED_LOOP_NOT_RUN), plots_dir / name)
-                    for name, title in ((plots.SR_BY_LENGTH, "Success rate by chain length"),
-                                        (plots.TASK_SUCCESS, "Per-task success"))]
-    figure_files.append(plots.save(plots.action_trajectories(trajectories, action_dims(policy.model)), plots_dir / plots.TRAJECTORIES))
+    figure_files = [
+        plots.save(plots.not_evaluated(title, CLOSED_LOOP_NOT_RUN), plots_dir / name)
+        for name, title in (
+            (plots.SR_BY_LENGTH, "Success rate by chain length"),
+            (plots.TASK_SUCCESS, "Per-task success"),
+        )
+    ]
+    figure_files.append(
+        plots.save(plots.action_trajectories(trajectories, action_dims(policy.model)), plots_dir / plots.TRAJECTORIES)
+    )
     write_videos(None, cfg.sim, [], [], cfg.eval.max_steps_per_subtask, reports_dir / VIDEOS_DIR)  # an empty index
     write_json(reports_dir / CHAINS_FILE, [])
-    write_json(reports_dir / RESULTS_FILE, {str(cfg.paths.model_dir): {"closed_loop": CLOSED_LOOP_NOT_RUN, "offline": offline}})
-    write_json(reports_dir / METRICS_FILE, {"embodiment": "mobile_base", "closed_loop": CLOSED_LOOP_NOT_RUN, "offline": offline})
+    write_json(
+        reports_dir / RESULTS_FILE, {str(cfg.paths.model_dir): {"closed_loop": CLOSED_LOOP_NOT_RUN, "offline": offline}}
+    )
+    write_json(
+        reports_dir / METRICS_FILE,
+        {"embodiment": "mobile_base", "closed_loop": CLOSED_LOOP_NOT_RUN, "offline": offline},
+    )
     run_file = model_dir / tracking.RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
     if run_id and cfg.tracking.enabled and not tracking.run_exists(cfg.tracking, run_id):
@@ -157,8 +181,14 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
 
     val_split = CalvinSplit(Path(cfg.data.calvin_dir) / VALIDATION, cfg.data.trust_pickles)
     val_ds = make_window_dataset(val_split, policy.normalizer, policy.processor, policy.cfg, None, cfg.data.cache_dir)
-    offline = offline_action_metrics(policy.model, val_ds, cfg.eval.batch_size, cfg.eval.offline_batches, device,
-                                     constant=mean_action(policy.normalizer))
+    offline = offline_action_metrics(
+        policy.model,
+        val_ds,
+        cfg.eval.batch_size,
+        cfg.eval.offline_batches,
+        device,
+        constant=mean_action(policy.normalizer),
+    )
     log.info("offline action metrics on %s: %s", val_split.dir, offline)
     trajectories = validation_trajectories(policy.model, val_ds, cfg.eval.plot_episodes, cfg.eval.batch_size, device)
     dims = action_dims(policy.model)
@@ -173,18 +203,34 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     results, figs, times = {}, {}, {}
     for label, factory in factories.items():
         start = time.perf_counter()
-        results[label] = run_chains(factory, cfg.sim, chains, cfg.eval.max_steps_per_subtask, workers, desc=label,
-                                    compute=cfg.compute)
+        results[label] = run_chains(
+            factory, cfg.sim, chains, cfg.eval.max_steps_per_subtask, workers, desc=label, compute=cfg.compute
+        )
         times[label] = time.perf_counter() - start
-        figs[label] = figures(results[label], cfg.eval.chain_length, cfg.eval.bootstrap_resamples, cfg.eval.confidence, cfg.eval.seed)
-        log.info("%s: Avg. Len %.3f %s in %.1f s (%.2f chains/s, %d workers%s)", label, figs[label][tracking.AVG_LEN],
-                 figs[label][f"{tracking.AVG_LEN}{tracking.CI_SUFFIX}"], times[label], len(chains) / times[label],
-                 workers, "" if factory.needs_images else ", no rendering")
+        figs[label] = figures(
+            results[label], cfg.eval.chain_length, cfg.eval.bootstrap_resamples, cfg.eval.confidence, cfg.eval.seed
+        )
+        log.info(
+            "%s: Avg. Len %.3f %s in %.1f s (%.2f chains/s, %d workers%s)",
+            label,
+            figs[label][tracking.AVG_LEN],
+            figs[label][f"{tracking.AVG_LEN}{tracking.CI_SUFFIX}"],
+            times[label],
+            len(chains) / times[label],
+            workers,
+            "" if factory.needs_images else ", no rendering",
+        )
 
     videos_dir = reports_dir / VIDEOS_DIR
     n_videos = min(cfg.eval.videos, len(chains))
-    videos = write_videos(policy_factory, cfg.sim, chains[:n_videos], results["policy"][:n_videos],
-                          cfg.eval.max_steps_per_subtask, videos_dir)
+    videos = write_videos(
+        policy_factory,
+        cfg.sim,
+        chains[:n_videos],
+        results["policy"][:n_videos],
+        cfg.eval.max_steps_per_subtask,
+        videos_dir,
+    )
     if videos:
         log.info("rollout videos of %d chains in %s", len(videos), videos_dir)
     summary = summarize(results["policy"], cfg.eval.chain_length)
@@ -196,14 +242,22 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
         "task_sr": {t: v["success"] / v["total"] for t, v in summary["task_info"].items()},
         "subtask_sr": start_sr(summary),  # first: from the reset scene; later: where the previous subtask left it
         "offline": offline,
-        "ablations": {label.removeprefix(tracking.ABLATION_PREFIX): fig for label, fig in figs.items()
-                      if label.startswith(tracking.ABLATION_PREFIX)},
-        "references": {label.removeprefix(tracking.REFERENCE_PREFIX): fig for label, fig in figs.items()
-                       if label.startswith(tracking.REFERENCE_PREFIX)},
+        "ablations": {
+            label.removeprefix(tracking.ABLATION_PREFIX): fig
+            for label, fig in figs.items()
+            if label.startswith(tracking.ABLATION_PREFIX)
+        },
+        "references": {
+            label.removeprefix(tracking.REFERENCE_PREFIX): fig
+            for label, fig in figs.items()
+            if label.startswith(tracking.REFERENCE_PREFIX)
+        },
     }
     plots_dir = reports_dir / plots.PLOTS_DIR
     figure_files = [
-        plots.save(plots.sr_by_chain_length(figs, cfg.eval.chain_length, cfg.eval.confidence), plots_dir / plots.SR_BY_LENGTH),
+        plots.save(
+            plots.sr_by_chain_length(figs, cfg.eval.chain_length, cfg.eval.confidence), plots_dir / plots.SR_BY_LENGTH
+        ),
         plots.save(plots.task_success(summary["task_info"]), plots_dir / plots.TASK_SUCCESS),
         plots.save(plots.action_trajectories(trajectories, dims), plots_dir / plots.TRAJECTORIES),
     ]
@@ -211,19 +265,36 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     write_json(reports_dir / CHAINS_FILE, [r.__dict__ for r in results["policy"]])
     write_json(reports_dir / RESULTS_FILE, results_json(summary, str(cfg.paths.model_dir)))
     write_json(reports_dir / METRICS_FILE, metrics)
-    log.info("%d chains of %d, seed %d:\n%s", len(chains), cfg.eval.chain_length, cfg.eval.seed,
-             summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence))
+    log.info(
+        "%d chains of %d, seed %d:\n%s",
+        len(chains),
+        cfg.eval.chain_length,
+        cfg.eval.seed,
+        summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence),
+    )
     first, later = summary["start_info"][FIRST_SUBTASK], summary["start_info"][LATER_SUBTASKS]
-    log.info("policy's subtasks: %d of %d succeeded from the reset scene, %d of %d after another subtask",
-             first["success"], first["total"], later["success"], later["total"])
+    log.info(
+        "policy's subtasks: %d of %d succeeded from the reset scene, %d of %d after another subtask",
+        first["success"],
+        first["total"],
+        later["success"],
+        later["total"],
+    )
 
     run_file = model_dir / tracking.RUN_FILE
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
     if run_id and cfg.tracking.enabled and not tracking.run_exists(cfg.tracking, run_id):
-        log.warning("MLflow run %s of %s is not in %s; logging evaluation to a new run", run_id, model_dir, tracking.tracking_uri(cfg.tracking))
+        log.warning(
+            "MLflow run %s of %s is not in %s; logging evaluation to a new run",
+            run_id,
+            model_dir,
+            tracking.tracking_uri(cfg.tracking),
+        )
         run_id = None
     with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else {"stage": "evaluate"}) as mlflow:
-        tracking.log_tags(mlflow, {"eval.num_chains": metrics["num_chains"], "eval.chain_length": cfg.eval.chain_length})
+        tracking.log_tags(
+            mlflow, {"eval.num_chains": metrics["num_chains"], "eval.chain_length": cfg.eval.chain_length}
+        )
         flat: dict[str, float] = {}
         for label, fig in figs.items():
             flat.update(flat_figures(tracking.figure_prefix(label), fig))
@@ -238,8 +309,14 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
             tracking.log_artifact(mlflow, path, plots.PLOTS_DIR)
         for video in videos:
             tracking.log_artifact(mlflow, videos_dir / video["file"], VIDEOS_DIR)
-        headline = {k: v for k, v in figs["policy"].items() if k == tracking.AVG_LEN or k.startswith(tracking.SR_PREFIX)}
-        versions = tracking.tag_model_versions(mlflow, cfg.tracking, tracking.active_run_id(mlflow),
-                                               {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in headline.items()})
+        headline = {
+            k: v for k, v in figs["policy"].items() if k == tracking.AVG_LEN or k.startswith(tracking.SR_PREFIX)
+        }
+        versions = tracking.tag_model_versions(
+            mlflow,
+            cfg.tracking,
+            tracking.active_run_id(mlflow),
+            {k: f"{v:.4f}" if isinstance(v, float) else v for k, v in headline.items()},
+        )
         if versions:
             log.info("tagged %s version(s) %s with the evaluation", cfg.tracking.registered_model, ", ".join(versions))

@@ -3,8 +3,8 @@
 from pathlib import Path
 
 from vlaops.config import Config
-from vlaops.utils.paths import check_input_dir, check_outputs
 from vlaops.data.action_stats import normalize
+from vlaops.utils.paths import check_input_dir, check_outputs
 
 
 def run(cfg: Config) -> None:

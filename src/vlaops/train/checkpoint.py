@@ -48,7 +48,9 @@ PREVIOUS_DIR = "previous"  # under DVC, the checkpoints of the last different re
 def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested dicts (lists compare as values)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [k for key in old.keys() | new.keys() for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+        return [
+            k for key in old.keys() | new.keys() for k in _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        ]
     return [] if old == new else [prefix.rstrip(".")]
 
 
@@ -102,8 +104,12 @@ def guard_checkpoints(checkpoint_dir: Path, recipe: dict[str, Any], set_aside: b
             for p in sorted(checkpoint_dir.iterdir()):
                 if CHECKPOINT_PATTERN.match(p.name) or p.name == RUN_CONFIG_FILE:
                     p.rename(aside / p.name)
-            log.warning("%s: checkpoints of a different run (differs in %s) moved to %s; training starts afresh",
-                        checkpoint_dir, diff[:5], aside)
+            log.warning(
+                "%s: checkpoints of a different run (differs in %s) moved to %s; training starts afresh",
+                checkpoint_dir,
+                diff[:5],
+                aside,
+            )
     write_json(stamp, recipe)
 
 
@@ -128,7 +134,11 @@ def _sha256(path: Path) -> str:
 
 
 def _files(checkpoint: Path) -> dict[str, Path]:
-    return {str(p.relative_to(checkpoint)): p for p in sorted(checkpoint.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    return {
+        str(p.relative_to(checkpoint)): p
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
 
 
 def write_manifest(checkpoint: Path, weights: dict[str, Any] | None = None) -> None:
@@ -187,8 +197,15 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, state: dict[str, Any], keep: int,
-                    weights: dict[str, Any] | None = None, write_files: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator,
+    checkpoint_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    keep: int,
+    weights: dict[str, Any] | None = None,
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``step_XXXXXXX`` atomically (every process saves its part), keep the newest ``keep``.
 
     ``weights`` goes into the manifest (what the model file holds); ``write_files(dir)`` adds the

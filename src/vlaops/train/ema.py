@@ -79,12 +79,16 @@ class WeightEMA:
         """Continue the average a checkpoint holds; one line if it is not this policy's."""
         state = read_ema(directory)
         if state is None:
-            raise VlaopsError(f"{directory}: no {EMA_FILE}, but train.ema_decay={self.decay} (the run that wrote it had no "
-                              f"weight average); resume with train.ema_decay=0, or delete the checkpoint to start afresh")
+            raise VlaopsError(
+                f"{directory}: no {EMA_FILE}, but train.ema_decay={self.decay} (the run that wrote it had no "
+                f"weight average); resume with train.ema_decay=0, or delete the checkpoint to start afresh"
+            )
         path = Path(directory) / EMA_FILE
         if set(state) != set(self.shadow) or any(state[n].shape != self.shadow[n].shape for n in state):
-            raise VlaopsError(f"{path}: holds {len(state)} tensors, this policy trains {len(self.shadow)} "
-                              f"(e.g. missing {sorted(set(self.shadow) - set(state))[:2]}); not this recipe's average")
+            raise VlaopsError(
+                f"{path}: holds {len(state)} tensors, this policy trains {len(self.shadow)} "
+                f"(e.g. missing {sorted(set(self.shadow) - set(state))[:2]}); not this recipe's average"
+            )
         self.shadow = {n: state[n].float() for n in self.shadow}
 
 

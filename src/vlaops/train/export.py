@@ -59,8 +59,14 @@ FSDP_FULL_FILE = "pytorch_model_fsdp.bin"  # Accelerate's FSDP FULL_STATE_DICT (
 ZERO_MARKERS = ("zero_pp_rank_*", "*mp_rank_*_model_states.pt", "bf16_zero_pp_rank_*")  # DeepSpeed's save_checkpoint
 
 
-def write_checkpoint_recipe(directory: Path, processor: Any, normalizer: ActionNormalizer, model_cfg: dict[str, Any],
-                            train_config: dict[str, Any], data_fingerprint: dict[str, Any]) -> None:
+def write_checkpoint_recipe(
+    directory: Path,
+    processor: Any,
+    normalizer: ActionNormalizer,
+    model_cfg: dict[str, Any],
+    train_config: dict[str, Any],
+    data_fingerprint: dict[str, Any],
+) -> None:
     """Write what :func:`export_checkpoint` needs besides the weights into a checkpoint ``directory``
     (the files of a policy export but its weights and backbone config: the build recreates both)."""
     ModelConfig(**model_cfg)  # fails here, not at export time
@@ -134,7 +140,9 @@ def export_checkpoint(checkpoint: Path, out: Path, trust: bool = False) -> Path:
     verify_checkpoint(checkpoint, trust)  # before anything in it is unpickled (DCP metadata, torch.load)
     missing = [name for name in RECIPE_FILES if not (checkpoint / name).exists()]
     if missing:
-        raise VlaopsError(f"{checkpoint}: no {', '.join(missing)}; only checkpoints of 'vlaops train' carry what an export needs")
+        raise VlaopsError(
+            f"{checkpoint}: no {', '.join(missing)}; only checkpoints of 'vlaops train' carry what an export needs"
+        )
 
     from vlaops.model.processor import load_processor
     from vlaops.train.setup import apply_train_setup
@@ -158,36 +166,55 @@ def export_checkpoint(checkpoint: Path, out: Path, trust: bool = False) -> Path:
     unexpected = sorted(set(state) - expected)
     absent = sorted(expected - set(state))
     if unexpected:
-        raise VlaopsError(f"{source}: {len(unexpected)} tensors the policy of {checkpoint / POLICY_CONFIG_FILE} does not have, e.g. {unexpected[:3]}")
+        raise VlaopsError(
+            f"{source}: {len(unexpected)} tensors the policy of {checkpoint / POLICY_CONFIG_FILE} does not have, e.g. {unexpected[:3]}"
+        )
     if recorded.get("stored") == STORED_TRAINABLE:
         trainable = {plain_name(k) for k in trainable_names(policy)}
         if set(state) != trainable:
-            raise VlaopsError(f"{source}: holds {len(state)} tensors, the run trained {len(trainable)} (e.g. missing "
-                              f"{sorted(trainable - set(state))[:2]}); not the checkpoint of this recipe")
+            raise VlaopsError(
+                f"{source}: holds {len(state)} tensors, the run trained {len(trainable)} (e.g. missing "
+                f"{sorted(trainable - set(state))[:2]}); not the checkpoint of this recipe"
+            )
         rebuilt = frozen_digest(policy)
         if rebuilt["sha256"] != recorded.get("frozen", {}).get("sha256"):
-            raise VlaopsError(f"{checkpoint}: holds only the trainable weights, and the frozen part rebuilt from "
-                              f"{recorded.get('source')} is not the one it was trained with (sha256 {rebuilt['sha256'][:12]}, "
-                              f"recorded {str(recorded.get('frozen', {}).get('sha256'))[:12]}); restore that source "
-                              f"(model.pretrained_dir, transformers version) to export it")
+            raise VlaopsError(
+                f"{checkpoint}: holds only the trainable weights, and the frozen part rebuilt from "
+                f"{recorded.get('source')} is not the one it was trained with (sha256 {rebuilt['sha256'][:12]}, "
+                f"recorded {str(recorded.get('frozen', {}).get('sha256'))[:12]}); restore that source "
+                f"(model.pretrained_dir, transformers version) to export it"
+            )
     elif absent:
         raise VlaopsError(f"{source}: lacks {len(absent)} of the policy's tensors, e.g. {absent[:3]}")
     averaged = read_ema(checkpoint)  # keys as WeightEMA wrote them: plain names
     if averaged is not None:  # a run with train.ema_decay: its policy is the average, as the train stage's is
         trainable = {plain_name(k) for k in trainable_names(policy)}
         if set(averaged) != trainable:
-            raise VlaopsError(f"{checkpoint / EMA_FILE}: averages {len(averaged)} tensors, the run trained {len(trainable)}; "
-                              f"not the average of this recipe")
+            raise VlaopsError(
+                f"{checkpoint / EMA_FILE}: averages {len(averaged)} tensors, the run trained {len(trainable)}; "
+                f"not the average of this recipe"
+            )
         state = {**state, **averaged}
     with torch.no_grad():
         policy.load_state_dict(state, strict=False)  # exactly the tensors checked above
     trainer = read_trainer_state(checkpoint) if (checkpoint / TRAINER_STATE_FILE).is_file() else {}
     out = save_policy(
-        out, policy.eval(), processor, normalizer, model_cfg,
-        extra={"train_config": train_config, "data_fingerprint": _read_json(checkpoint / DATA_FINGERPRINT_FILE),
-               "exported_from": {"checkpoint": str(checkpoint.resolve()), "step": trainer.get("step"),
-                                 "weights": recorded.get("stored", "full"), "source": source,
-                                 "moving_average": averaged is not None}},
+        out,
+        policy.eval(),
+        processor,
+        normalizer,
+        model_cfg,
+        extra={
+            "train_config": train_config,
+            "data_fingerprint": _read_json(checkpoint / DATA_FINGERPRINT_FILE),
+            "exported_from": {
+                "checkpoint": str(checkpoint.resolve()),
+                "step": trainer.get("step"),
+                "weights": recorded.get("stored", "full"),
+                "source": source,
+                "moving_average": averaged is not None,
+            },
+        },
     )
     log.info("exported %s (step %s, %s) to %s", checkpoint, trainer.get("step"), recorded.get("stored", "full"), out)
     return out

@@ -36,8 +36,14 @@ def world_size() -> int:
 
 def trains_everything(setup: TrainSetupConfig) -> bool:
     """Whether ``setup`` leaves no parameter frozen (a full fine-tune; no LoRA)."""
-    return not (setup.freeze_backbone or setup.lora_enable or not setup.train_vision or setup.freeze_resampler
-                or not setup.train_text_embedding or setup.train_decoder_layers >= 0)
+    return not (
+        setup.freeze_backbone
+        or setup.lora_enable
+        or not setup.train_vision
+        or setup.freeze_resampler
+        or not setup.train_text_embedding
+        or setup.train_decoder_layers >= 0
+    )
 
 
 def check_launch(cfg: TrainConfig) -> None:
@@ -55,10 +61,14 @@ def check_launch(cfg: TrainConfig) -> None:
             f"{'' if torch.cuda.is_available() else ' (no CUDA device)'}: set train.train_setup.precision="
             f"{ACCELERATE_PRECISION.get(asked, asked)}, or launch with --mixed_precision {mixed} (conf/accelerate/cpu.yaml on a CPU)"
         )
-    sharded = "FSDP" if _env_true("ACCELERATE_USE_FSDP") else "DeepSpeed" if _env_true("ACCELERATE_USE_DEEPSPEED") else None
+    sharded = (
+        "FSDP" if _env_true("ACCELERATE_USE_FSDP") else "DeepSpeed" if _env_true("ACCELERATE_USE_DEEPSPEED") else None
+    )
     if sharded is not None and cfg.compile:
-        raise VlaopsError(f"train.compile=true under {sharded}: compiling the layers of a sharded model is not run "
-                          "here; set train.compile=false, or launch with conf/accelerate/ddp.yaml or gpu.yaml")
+        raise VlaopsError(
+            f"train.compile=true under {sharded}: compiling the layers of a sharded model is not run "
+            "here; set train.compile=false, or launch with conf/accelerate/ddp.yaml or gpu.yaml"
+        )
     if _env_true("ACCELERATE_USE_FSDP"):
         _check_fsdp(setup)
     if _env_true("ACCELERATE_USE_DEEPSPEED"):
@@ -67,26 +77,38 @@ def check_launch(cfg: TrainConfig) -> None:
 
 def _check_fsdp(setup: TrainSetupConfig) -> None:
     if not torch.cuda.is_available():
-        raise VlaopsError("accelerate launch with FSDP (distributed_type: FSDP) needs GPUs, and this machine has no CUDA "
-                          "device: use conf/accelerate/ddp.yaml (DDP over gloo on CPUs) or cpu.yaml")
+        raise VlaopsError(
+            "accelerate launch with FSDP (distributed_type: FSDP) needs GPUs, and this machine has no CUDA "
+            "device: use conf/accelerate/ddp.yaml (DDP over gloo on CPUs) or cpu.yaml"
+        )
     version = os.environ.get("FSDP_VERSION", "1")
     if version == "1" and not _env_true("FSDP_USE_ORIG_PARAMS") and not trains_everything(setup):
-        raise VlaopsError("FSDP with fsdp_use_orig_params: false cannot hold frozen and trainable parameters in one "
-                          "unit (LoRA, freeze_backbone, train_vision=false ...): set fsdp_use_orig_params: true "
-                          "(conf/accelerate/fsdp.yaml does)")
+        raise VlaopsError(
+            "FSDP with fsdp_use_orig_params: false cannot hold frozen and trainable parameters in one "
+            "unit (LoRA, freeze_backbone, train_vision=false ...): set fsdp_use_orig_params: true "
+            "(conf/accelerate/fsdp.yaml does)"
+        )
     if os.environ.get("FSDP_STATE_DICT_TYPE", "") == "LOCAL_STATE_DICT":
-        raise VlaopsError("FSDP with fsdp_state_dict_type: LOCAL_STATE_DICT writes per-process flat shards that "
-                          "vlaops export cannot consolidate: use SHARDED_STATE_DICT (conf/accelerate/fsdp.yaml) or FULL_STATE_DICT")
+        raise VlaopsError(
+            "FSDP with fsdp_state_dict_type: LOCAL_STATE_DICT writes per-process flat shards that "
+            "vlaops export cannot consolidate: use SHARDED_STATE_DICT (conf/accelerate/fsdp.yaml) or FULL_STATE_DICT"
+        )
     if _env_true("FSDP_ACTIVATION_CHECKPOINTING") and setup.gradient_checkpointing:
-        raise VlaopsError("FSDP's fsdp_activation_checkpointing and train.train_setup.gradient_checkpointing would "
-                          "checkpoint the same layers twice: set one of them")
+        raise VlaopsError(
+            "FSDP's fsdp_activation_checkpointing and train.train_setup.gradient_checkpointing would "
+            "checkpoint the same layers twice: set one of them"
+        )
 
 
 def _check_deepspeed(cfg: TrainConfig) -> None:
     """DeepSpeed clips and accumulates itself, from its own config: it must say what the recipe says."""
-    for env, key, ours in (("ACCELERATE_GRADIENT_CLIPPING", "gradient_clipping", cfg.gradient_clip_val),
-                           ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", cfg.gradient_accumulation_steps)):
+    for env, key, ours in (
+        ("ACCELERATE_GRADIENT_CLIPPING", "gradient_clipping", cfg.gradient_clip_val),
+        ("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "gradient_accumulation_steps", cfg.gradient_accumulation_steps),
+    ):
         value = os.environ.get(env)
         if value not in (None, "", "auto", "none") and float(value) != float(ours):
-            raise VlaopsError(f"DeepSpeed's {key}: {value} (accelerate launch's config) differs from train."
-                              f"{'gradient_clip_val' if key == 'gradient_clipping' else key}={ours}: make them equal")
+            raise VlaopsError(
+                f"DeepSpeed's {key}: {value} (accelerate launch's config) differs from train."
+                f"{'gradient_clip_val' if key == 'gradient_clipping' else key}={ours}: make them equal"
+            )

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.data_loader import get_sampler
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, set_seed
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset
@@ -37,15 +37,15 @@ from vlaops.data.sampling import EpochSampler
 from vlaops.errors import VlaopsError
 from vlaops.tracking import (
     TRAIN_ARM_LOSS,
+    TRAIN_AUX_LOSS,
     TRAIN_GRAD_NORM,
     TRAIN_GRIPPER_LOSS,
     TRAIN_LOSS,
     TRAIN_LR,
-    TRAIN_AUX_LOSS,
     VAL_ARM_LOSS,
+    VAL_AUX_LOSS,
     VAL_GRIPPER_LOSS,
     VAL_LOSS,
-    VAL_AUX_LOSS,
 )
 from vlaops.train.checkpoint import (
     TRAINER_STATE_FILE,
@@ -83,7 +83,9 @@ def resolve_precision(precision: str) -> str:
     if precision == "fp16" and not torch.cuda.is_available():
         raise VlaopsError("train.train_setup.precision=fp16 needs a CUDA device; use auto, fp32 or bf16")
     if precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16_autocast_works():
-        raise VlaopsError("train.train_setup.precision=bf16: this CPU cannot run bf16 autocast (a bf16 Linear fails); use auto or fp32")
+        raise VlaopsError(
+            "train.train_setup.precision=bf16: this CPU cannot run bf16 autocast (a bf16 Linear fails); use auto or fp32"
+        )
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
@@ -134,7 +136,9 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, shuffle: bool, drop_last: bo
     )
 
 
-def build_optimizer(params: list[tuple[str, nn.Parameter]], cfg: TrainConfig, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[tuple[str, nn.Parameter]], cfg: TrainConfig, fused: bool = False
+) -> torch.optim.Optimizer:
     """Optimizer by name over the trainable parameters. Weight decay applies to matrices only
     (biases, norms and the action token are exempt), as in nanoGPT's configure_optimizers.
 
@@ -178,8 +182,14 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 LOSS_KEYS = ("loss", "arm_loss", "gripper_loss", "aux_loss")
 
 
-def train_step(model: nn.Module, batch: dict[str, Any], accelerator: Accelerator, optimizer: torch.optim.Optimizer,
-               trainable: list[nn.Parameter], max_norm: float) -> dict[str, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    batch: dict[str, Any],
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[nn.Parameter],
+    max_norm: float,
+) -> dict[str, torch.Tensor]:
     """One forward + backward, and at the end of an accumulation the clip and the optimizer step.
 
     Returns the losses (and ``grad_norm`` where one was measured) as detached tensors on the device: the
@@ -279,8 +289,10 @@ def _load_weights(checkpoint: Path, policy: nn.Module) -> None:
         missing, unexpected = policy.load_state_dict(tensors, strict=False)
     left_out = set(policy.state_dict()) - trainable if recorded.get("stored") == STORED_TRAINABLE else set()
     if unexpected or set(missing) != left_out:
-        raise VlaopsError(f"{checkpoint / MODEL_FILE}: does not fit this policy ({len(unexpected)} unexpected tensors, "
-                          f"e.g. {sorted(unexpected)[:2]}; {len(set(missing) - left_out)} missing, e.g. {sorted(set(missing) - left_out)[:2]})")
+        raise VlaopsError(
+            f"{checkpoint / MODEL_FILE}: does not fit this policy ({len(unexpected)} unexpected tensors, "
+            f"e.g. {sorted(unexpected)[:2]}; {len(set(missing) - left_out)} missing, e.g. {sorted(set(missing) - left_out)[:2]})"
+        )
 
 
 def train_policy(
@@ -312,13 +324,17 @@ def train_policy(
     accelerator = build_accelerator(cfg)
     engine = accelerator.distributed_type.value if accelerator.distributed_type in SHARDING_ENGINES else None
     if engine is not None and cfg.ema_decay > 0:
-        raise VlaopsError(f"train.ema_decay={cfg.ema_decay}: the weight average is kept on whole weights, and {engine} shards "
-                          f"them; set train.ema_decay=0, or train with conf/accelerate/ddp.yaml")
+        raise VlaopsError(
+            f"train.ema_decay={cfg.ema_decay}: the weight average is kept on whole weights, and {engine} shards "
+            f"them; set train.ema_decay=0, or train with conf/accelerate/ddp.yaml"
+        )
     # before prepare: the digest of the frozen part is taken on the policy as built, unsharded
     weights = weights_record(policy, frozen_source, engine) if checkpoint_dir is not None else None
     if cfg.compile:
-        log.info("train.compile: %d Kosmos-2 layers compiled (the first steps, and the first validation, wait for the compiler)",
-                 compile_layers(policy))
+        log.info(
+            "train.compile: %d Kosmos-2 layers compiled (the first steps, and the first validation, wait for the compiler)",
+            compile_layers(policy),
+        )
     params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, fused=accelerator.device.type == "cuda")
     # not passed through prepare(): Accelerate would step it num_processes times per optimizer step;
@@ -339,8 +355,12 @@ def train_policy(
             checkpoint_files(directory)
         if ema is not None:
             ema.save(directory)
+
     if weights is not None and weights["stored"] == STORED_TRAINABLE:
-        def trainable_only(models: list[nn.Module], state_dicts: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+
+        def trainable_only(
+            models: list[nn.Module], state_dicts: list[dict[str, torch.Tensor]], output_dir: str
+        ) -> None:
             for i, m in enumerate(models):  # Accelerate saves state_dicts[i] as models[i]'s file
                 keep = {plain_name(n) for n in trainable_names(m)}  # wrapped or not, the policy's own names
                 state_dicts[i] = {k: v for k, v in state_dicts[i].items() if plain_name(k) in keep}
@@ -353,7 +373,9 @@ def train_policy(
         verify_checkpoint(resume, cfg.trust_checkpoint)
         state = read_trainer_state(resume)
         if "scheduler" not in state:
-            raise VlaopsError(f"{resume / TRAINER_STATE_FILE}: no scheduler state (a checkpoint of an older vlaops); delete it to start afresh")
+            raise VlaopsError(
+                f"{resume / TRAINER_STATE_FILE}: no scheduler state (a checkpoint of an older vlaops); delete it to start afresh"
+            )
         if engine is None:
             _load_weights(resume, policy)
             # then the optimizer and RNG states (safetensors, and torch.load with weights_only=True); the
@@ -372,8 +394,14 @@ def train_policy(
     resumed_from = step
     log.info(
         "training %d steps (batch %d x %d process(es), accumulation %d, %s, precision %s, %s lr %.2g)",
-        cfg.max_steps, cfg.batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps,
-        accelerator.device, accelerator.mixed_precision, cfg.optimizer, cfg.learning_rate,
+        cfg.max_steps,
+        cfg.batch_size,
+        accelerator.num_processes,
+        cfg.gradient_accumulation_steps,
+        accelerator.device,
+        accelerator.mixed_precision,
+        cfg.optimizer,
+        cfg.learning_rate,
     )
 
     def trainer_state() -> dict[str, Any]:
@@ -409,7 +437,13 @@ def train_policy(
     # max_norm inf measures the norm without clipping when clipping is off
     max_norm = cfg.gradient_clip_val if cfg.gradient_clip_val > 0 else float("inf")
     start = time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=None if accelerator.is_main_process else True, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc="train",
+        disable=None if accelerator.is_main_process else True,
+        dynamic_ncols=True,
+    )
     while step < cfg.max_steps:
         for k, value in train_step(model, next(batches), accelerator, optimizer, trainable, max_norm).items():
             window[k].append(value)
@@ -422,7 +456,12 @@ def train_policy(
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             # every process's mean over the window, averaged across processes (one collective per log step)
-            means = torch.stack([_mean(window[k], accelerator.device) for k in ("loss", "arm_loss", "gripper_loss", "grad_norm", "aux_loss")])
+            means = torch.stack(
+                [
+                    _mean(window[k], accelerator.device)
+                    for k in ("loss", "arm_loss", "gripper_loss", "grad_norm", "aux_loss")
+                ]
+            )
             loss, arm_loss, gripper_loss, grad, aux_loss = accelerator.reduce(means, reduction="mean").tolist()
             last_train = loss
             metrics = {
@@ -443,7 +482,9 @@ def train_policy(
         if step % cfg.val_every == 0 or step == cfg.max_steps:
             validate()
         if checkpoint_dir is not None and cfg.save_every > 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
-            save_checkpoint(accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints, weights, write_files)
+            save_checkpoint(
+                accelerator, checkpoint_dir, step, trainer_state(), cfg.keep_checkpoints, weights, write_files
+            )
     bar.close()
     wall = time.perf_counter() - start
     if ema is not None:  # the caller saves the policy it passed in: the average, as validated

@@ -110,7 +110,10 @@ def apply_train_setup(policy: VLAPolicy, setup: TrainSetupConfig) -> dict[str, i
         "params_trainable_head": _count(policy.head)[0],
     }
     log.info(
-        "trainable parameters: %s of %s (%.1f%%)%s", f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1),
+        "trainable parameters: %s of %s (%.1f%%)%s",
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
         " with LoRA" if setup.lora_enable else "",
     )
     return counts
@@ -118,7 +121,11 @@ def apply_train_setup(policy: VLAPolicy, setup: TrainSetupConfig) -> dict[str, i
 
 def is_checkpointing(model: nn.Module) -> bool:
     """Whether Kosmos-2's own activation checkpointing is on (transformers 5 name, 4.x fallback)."""
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    name = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     return bool(getattr(model, name))
 
 

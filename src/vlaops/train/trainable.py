@@ -95,12 +95,21 @@ def weights_record(policy: nn.Module, source: dict[str, Any] | None, engine: str
             log.info("checkpoints hold the whole model: %s", reason)
         return {"stored": STORED_FULL, "reason": reason}
     frozen = frozen_digest(policy)
-    log.info("checkpoints hold the %d trainable tensors of %d; the frozen %d (%.1f MB) are rebuilt from %s and checked (sha256 %s)",
-             len(trainable), total, frozen["tensors"], frozen["bytes"] / 1e6, source, frozen["sha256"][:12])
+    log.info(
+        "checkpoints hold the %d trainable tensors of %d; the frozen %d (%.1f MB) are rebuilt from %s and checked (sha256 %s)",
+        len(trainable),
+        total,
+        frozen["tensors"],
+        frozen["bytes"] / 1e6,
+        source,
+        frozen["sha256"][:12],
+    )
     return {"stored": STORED_TRAINABLE, "source": source, "frozen": frozen, "trainable_tensors": len(trainable)}
 
 
-def check_rebuilt(checkpoint: Any, recorded: dict[str, Any], policy: nn.Module, file_keys: set[str], model_keys: set[str]) -> None:
+def check_rebuilt(
+    checkpoint: Any, recorded: dict[str, Any], policy: nn.Module, file_keys: set[str], model_keys: set[str]
+) -> None:
     """Refuse, in one line naming ``checkpoint``, a trainable-only checkpoint that ``policy`` cannot complete.
 
     ``recorded`` is the manifest's ``weights`` entry; ``policy`` the freshly built policy whose frozen part

@@ -30,11 +30,11 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from dataclasses import dataclass
 from multiprocessing import get_all_start_methods, get_context
 from multiprocessing.connection import wait as wait_ready
-from typing import Any, Optional, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -59,7 +59,11 @@ class ComputeConfig:
     for the last two 0: one per CPU core, of this machine or, under Ray, of the cluster)."""
 
     executor: str = "local"  # local: processes of this machine; ray: Ray actors
-    ray_address: Optional[str] = None  # null: Ray's default (the cluster on this machine, else a new local instance); auto; ray://host:10001; host:6379
+    ray_address: str | None = (
+        # null: Ray's default (the cluster on this machine, else a new local instance); auto; ray://host:10001;
+        # host:6379
+        None
+    )
     max_retries: int = 1  # a task whose worker died runs again this many times, then the stage fails naming it
     ray_connect_timeout_s: float = 15.0  # how long connecting to compute.ray_address may take before the stage fails
 
@@ -68,8 +72,10 @@ class ComputeConfig:
             raise ValueError(f"compute.executor must be one of {list(EXECUTORS)}, got {self.executor!r}")
         address = self.ray_address
         if address is not None and address != "auto" and not re.fullmatch(r"(ray://)?[^\s:/]+:\d+", address):
-            raise ValueError(f"compute.ray_address must be null (a local Ray instance), 'auto' (the cluster 'ray start' "
-                             f"runs on this machine), 'ray://host:10001' (Ray Client) or 'host:6379', got {address!r}")
+            raise ValueError(
+                f"compute.ray_address must be null (a local Ray instance), 'auto' (the cluster 'ray start' "
+                f"runs on this machine), 'ray://host:10001' (Ray Client) or 'host:6379', got {address!r}"
+            )
         if self.max_retries < 0:
             raise ValueError(f"compute.max_retries must be >= 0, got {self.max_retries!r}")
         if self.ray_connect_timeout_s <= 0:
@@ -80,7 +86,7 @@ class TaskFailed(VlaopsError):
     """A task whose worker died more than ``compute.max_retries`` times (the CLI prints it as one line)."""
 
 
-def resolve_workers(num_workers: Optional[int], compute: ComputeConfig | None = None) -> int:
+def resolve_workers(num_workers: int | None, compute: ComputeConfig | None = None) -> int:
     """0 or None: one worker per CPU core this process may use (under ``compute.executor=ray``: one per CPU
     of the cluster)."""
     if num_workers:
@@ -176,8 +182,9 @@ def _name_task(exc: BaseException, name: str) -> BaseException:
 
 
 # ---- the local backend: worker processes, one item at a time over a pipe each ------------------------
-def _local_worker(conn: Any, fn: Callable[[Any], Any], initializer: Callable[..., None] | None,
-                  initargs: tuple[Any, ...]) -> None:
+def _local_worker(
+    conn: Any, fn: Callable[[Any], Any], initializer: Callable[..., None] | None, initargs: tuple[Any, ...]
+) -> None:
     """A local worker's life: initialise, then ``(index, item)`` in, ``(index, ok, result or _Raised)`` out,
     until the parent sends None or goes away."""
     init_error = None
@@ -209,8 +216,13 @@ def _reply(conn: Any, reply: tuple[int, bool, Any]) -> None:
     except (EOFError, OSError):
         pass  # the parent is gone
     except Exception as exc:  # noqa: BLE001 - the result (or the exception) does not pickle
-        conn.send((reply[0], False, _Raised(RuntimeError(f"the worker's result cannot be sent back: "
-                                                         f"{type(exc).__name__}: {exc}"))))
+        conn.send(
+            (
+                reply[0],
+                False,
+                _Raised(RuntimeError(f"the worker's result cannot be sent back: {type(exc).__name__}: {exc}")),
+            )
+        )
 
 
 def _exit_cause(code: int | None) -> str:
@@ -223,8 +235,13 @@ def _exit_cause(code: int | None) -> str:
 
 
 class _LocalBackend:
-    def __init__(self, fn: Callable[[Any], Any], initializer: Callable[..., None] | None,
-                 initargs: tuple[Any, ...], method: str | None) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        initializer: Callable[..., None] | None,
+        initargs: tuple[Any, ...],
+        method: str | None,
+    ) -> None:
         self.ctx = get_context(method or start_method())
         self.args = (fn, initializer, initargs)
         self.workers: dict[int, tuple[Any, Any]] = {}  # id -> (process, the parent's end of its pipe)
@@ -246,7 +263,7 @@ class _LocalBackend:
         except (BrokenPipeError, ConnectionResetError, EOFError):
             return False
 
-    def wait(self, busy: dict[int, int]) -> list[tuple[int, Optional[bool], Any]]:
+    def wait(self, busy: dict[int, int]) -> list[tuple[int, bool | None, Any]]:
         """(worker, True/False, result/_Raised-rebuilt exception) for each finished task; None and the cause
         of death for a worker that died."""
         by_handle = {}
@@ -302,8 +319,9 @@ class _LocalBackend:
 class _RayWorker:
     """A Ray actor holding what ``initializer`` built (kept in its process, as a local worker keeps it)."""
 
-    def __init__(self, fn: Callable[[Any], Any], initializer: Callable[..., None] | None,
-                 initargs: tuple[Any, ...]) -> None:
+    def __init__(
+        self, fn: Callable[[Any], Any], initializer: Callable[..., None] | None, initargs: tuple[Any, ...]
+    ) -> None:
         self.fn = fn
         self.init_error: _Raised | None = None
         try:
@@ -325,7 +343,9 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise VlaopsError(f"compute.executor=ray, but Ray is not installed; {RAY_EXTRA} (or set compute.executor=local)") from None
+        raise VlaopsError(
+            f"compute.executor=ray, but Ray is not installed; {RAY_EXTRA} (or set compute.executor=local)"
+        ) from None
     return ray
 
 
@@ -336,9 +356,11 @@ def _reachable(address: str, timeout: float) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise VlaopsError(f"compute.ray_address={address}: cannot reach {host}:{port} ({exc.strerror or exc}); expected a "
-                          f"running Ray cluster there ('ray start --head' on that machine), or compute.ray_address=null "
-                          f"for a local instance") from None
+        raise VlaopsError(
+            f"compute.ray_address={address}: cannot reach {host}:{port} ({exc.strerror or exc}); expected a "
+            f"running Ray cluster there ('ray start --head' on that machine), or compute.ray_address=null "
+            f"for a local instance"
+        ) from None
 
 
 def connect(compute: ComputeConfig) -> None:
@@ -358,20 +380,29 @@ def connect(compute: ComputeConfig) -> None:
     started = time.perf_counter()
     try:
         # a new local instance without its dashboard; joining a cluster takes the cluster's own settings
-        ray.init(address=address, logging_level=logging.WARNING, **({"include_dashboard": False} if address is None else {}))
+        ray.init(
+            address=address, logging_level=logging.WARNING, **({"include_dashboard": False} if address is None else {})
+        )
     except ImportError as exc:  # ray://: Ray Client needs grpcio, which plain `pip install ray` lacks
         raise VlaopsError(f"compute.ray_address={address}: Ray Client is not installed ({exc}); {RAY_EXTRA}") from None
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VlaopsError(f"compute.ray_address={address if address is not None else 'null'}: cannot join a Ray "
-                          f"cluster ({first}); expected a running cluster ('ray start --head'), or null for a local instance") from None
-    log.info("Ray: joined %s in %.1f s (%s CPUs)", address or "a local instance", time.perf_counter() - started,
-             ray.cluster_resources().get("CPU", 0))
+        raise VlaopsError(
+            f"compute.ray_address={address if address is not None else 'null'}: cannot join a Ray "
+            f"cluster ({first}); expected a running cluster ('ray start --head'), or null for a local instance"
+        ) from None
+    log.info(
+        "Ray: joined %s in %.1f s (%s CPUs)",
+        address or "a local instance",
+        time.perf_counter() - started,
+        ray.cluster_resources().get("CPU", 0),
+    )
 
 
 class _RayBackend:
-    def __init__(self, fn: Callable[[Any], Any], initializer: Callable[..., None] | None,
-                 initargs: tuple[Any, ...]) -> None:
+    def __init__(
+        self, fn: Callable[[Any], Any], initializer: Callable[..., None] | None, initargs: tuple[Any, ...]
+    ) -> None:
         import ray
 
         self.ray = ray
@@ -380,7 +411,8 @@ class _RayBackend:
         # shared with other jobs, they get a sliver of a core (measured on the 2 busy cores here: one collect
         # task took 3.5 s of CPU in 64 s of wall time, 5.4 s in a local worker)
         self.actor_class = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_RayWorker).options(
-            runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
+            runtime_env={"env_vars": {"RAY_worker_niceness": "0"}}
+        )
         self.shared = [ray.put(x) for x in (fn, initializer, initargs)]  # into the object store once
         self.workers: dict[int, Any] = {}
         self.running: dict[int, Any] = {}  # worker id -> the object ref of its task
@@ -395,7 +427,7 @@ class _RayBackend:
         self.running[wid] = self.workers[wid].run.remote(item)
         return True
 
-    def wait(self, busy: dict[int, int]) -> list[tuple[int, Optional[bool], Any]]:
+    def wait(self, busy: dict[int, int]) -> list[tuple[int, bool | None, Any]]:
         ray = self.ray
         by_ref = {self.running[wid]: wid for wid in busy}
         ready: list[Any] = []
@@ -422,8 +454,9 @@ class _RayBackend:
         self.workers.clear()
 
 
-def _schedule(backend: Any, items: Sequence[Any], workers: int, max_retries: int, name: Callable[[int], str],
-              bar: tqdm) -> list[Any]:
+def _schedule(
+    backend: Any, items: Sequence[Any], workers: int, max_retries: int, name: Callable[[int], str], bar: tqdm
+) -> list[Any]:
     """Keep ``workers`` busy one item at a time; merge by index; retry an item whose worker died."""
     out: list[Any] = [None] * len(items)
     queue = deque(range(len(items)))
@@ -450,11 +483,18 @@ def _schedule(backend: Any, items: Sequence[Any], workers: int, max_retries: int
                 backend.discard(wid)
                 deaths[index] += 1
                 if deaths[index] > max_retries:
-                    failed[index] = TaskFailed(f"{name(index)}: its worker died {deaths[index]} times (last: {payload}); "
-                                               f"not run again (compute.max_retries={max_retries})")
+                    failed[index] = TaskFailed(
+                        f"{name(index)}: its worker died {deaths[index]} times (last: {payload}); "
+                        f"not run again (compute.max_retries={max_retries})"
+                    )
                 else:
-                    log.warning("%s: its worker died (%s); running it again on a new worker (%d of %d retries)",
-                                name(index), payload, deaths[index], max_retries)
+                    log.warning(
+                        "%s: its worker died (%s); running it again on a new worker (%d of %d retries)",
+                        name(index),
+                        payload,
+                        deaths[index],
+                        max_retries,
+                    )
                     queue.appendleft(index)
                     idle.append(backend.start())
         raise_if_signalled()  # a SIGTERM whose exception a C callback swallowed stops here
@@ -466,7 +506,7 @@ def _schedule(backend: Any, items: Sequence[Any], workers: int, max_retries: int
 def map_ordered(
     fn: Callable[[T], R],
     items: Sequence[T],
-    num_workers: Optional[int] = 1,
+    num_workers: int | None = 1,
     initializer: Callable[..., None] | None = None,
     initargs: tuple[Any, ...] = (),
     method: str | None = None,
@@ -505,8 +545,11 @@ def map_ordered(
                 bar.update(1)
                 raise_if_signalled()  # a SIGTERM whose exception a C callback swallowed stops here
             return out
-        backend = (_RayBackend(fn, initializer, initargs) if compute.executor == "ray"
-                   else _LocalBackend(fn, initializer, initargs, method))
+        backend = (
+            _RayBackend(fn, initializer, initargs)
+            if compute.executor == "ray"
+            else _LocalBackend(fn, initializer, initargs, method)
+        )
         try:
             out = _schedule(backend, items, workers, compute.max_retries, name, bar)
         except BaseException:

@@ -58,7 +58,9 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     arrived: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {
+        s: signal.signal(s, lambda signum, frame: arrived.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         yield
     finally:
