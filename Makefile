@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test test-fast
+.PHONY: install run test test-fast lint format
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,8 +19,17 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/dvc repro
 
-test: $(VENV)/.installed
+# the linter and the formatter first (ruff, configured in pyproject.toml), then every test
+test: lint
 	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not slow"

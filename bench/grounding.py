@@ -123,8 +123,10 @@ def main() -> None:
     print(
         f"{len(rows)} episodes in {time.perf_counter() - start:.0f} s: came closest to the instructed block in "
         f"{summary['came_closest_to_instructed']:.2f} (chance {summary['chance']:.2f}), to the block nearest the start "
-        f"in {summary['came_closest_to_nearest_at_start']:.2f}; median closest approach {summary['median_closest_cm']['instructed']:.1f} cm "
-        f"to the instructed block, {summary['median_closest_cm']['other']:.1f} cm to another; success {summary['success']:.2f}"
+        f"in {summary['came_closest_to_nearest_at_start']:.2f}; median closest approach "
+        f"{summary['median_closest_cm']['instructed']:.1f} cm "
+        f"to the instructed block, {summary['median_closest_cm']['other']:.1f} cm to another; success "
+        f"{summary['success']:.2f}"
     )
     write_json(
         args.out,

@@ -347,11 +347,13 @@ def main() -> None:
         )
         print(
             f"{n:>9}  {f['min']:>6.0f} {f['median']:>6.0f} {f['max']:>6.0f}  {v['min']:>6.0f} {v['median']:>6.0f} "
-            f"{v['max']:>6.0f}  {r['min']:>5.2f} {r['median']:>4.2f} {r['max']:>5.2f}  {c['min']:>5.2f} {c['median']:>4.2f} "
+            f"{v['max']:>6.0f}  {r['min']:>5.2f} {r['median']:>4.2f} {r['max']:>5.2f}  {c['min']:>5.2f} "
+            f"{c['median']:>4.2f} "
             f"{c['max']:>5.2f}  {'goal >= 0.5 met' if r['median'] >= 0.5 else 'below the goal of 0.5'}"
         )
     print(
-        f"same output bytes with {' and '.join(map(str, counts))} processes: {result['same_output_bytes_across_processes']}"
+        f"same output bytes with {' and '.join(map(str, counts))} processes: "
+        f"{result['same_output_bytes_across_processes']}"
     )
     write_json(args.out, result)
     print(f"wrote {args.out}")

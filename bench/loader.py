@@ -191,10 +191,12 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     print(
-        f"loader, {len(npz_ds)} training windows, batch {cfg.train.batch_size}, window {cfg.model.window_size}, {cfg.model.image_size} px:"
+        f"loader, {len(npz_ds)} training windows, batch {cfg.train.batch_size}, window {cfg.model.window_size}, "
+        f"{cfg.model.image_size} px:"
     )
     print(
-        f"  cache build {build_s:.1f} s for {len(frames)} frames ({result['cache_mib']} MiB); reuse check {reuse_s:.2f} s"
+        f"  cache build {build_s:.1f} s for {len(frames)} frames ({result['cache_mib']} MiB); reuse check "
+        f"{reuse_s:.2f} s"
     )
     for w in workers:
         n, c = loader_med["npz"][str(w)], loader_med["cache"][str(w)]

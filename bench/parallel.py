@@ -309,7 +309,8 @@ def main() -> None:
         print(f"2 vs 1 local workers, {key}: {value['median']:.2f}x (rounds {value['rounds']}; goal >= 1.8)")
     for name, cpu in i["cpu_seconds_median"].items():
         print(
-            f"ingest on {name}: {i['seconds'][name]} s wall; CPU s: main process {cpu['main']:.2f}, workers {cpu['workers']:.2f}"
+            f"ingest on {name}: {i['seconds'][name]} s wall; CPU s: main process {cpu['main']:.2f}, workers "
+            f"{cpu['workers']:.2f}"
         )
     for name, o in overhead.items():
         print(f"{name}: start-up {o['startup_s']:.2f} s, then {o['per_task_ms']:.2f} ms per task (2 workers)")

@@ -200,7 +200,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     print(
-        f"serve latency, window {facts['window_size']}, {local_ms.size} steps, {args.threads} torch thread(s) per side, "
+        f"serve latency, window {facts['window_size']}, {local_ms.size} steps, {args.threads} torch thread(s) per "
+        "side, "
         f"load average {load_before} -> {load_after}:"
     )
     print(f"  {'':24} {'p50 ms':>9} {'p95 ms':>9} {'p50 ratio':>10} {'p95 ratio':>10}")
@@ -215,7 +216,8 @@ def main() -> None:
         result["http"][enc] = stats
         print(
             f"  {'HTTP, ' + enc + ' images':24} {stats['p50_ms']:9.2f} {stats['p95_ms']:9.2f} "
-            f"{stats['p50_ratio']:9.2f}x {stats['p95_ratio']:9.2f}x   max |action difference| {stats['max_action_difference']:.1e}"
+            f"{stats['p50_ratio']:9.2f}x {stats['p95_ratio']:9.2f}x   max |action difference| "
+            f"{stats['max_action_difference']:.1e}"
         )
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -330,13 +330,15 @@ def main() -> None:
                 f"{r['achieved_tflops']:7.2f} TFLOP/s ({r['fraction_of_matmul'] or '-'} of matmul)  "
                 f"MFU {r['mfu'] if r['mfu'] is not None else '-'}  "
                 f"peak {r['peak_memory_gib'] if r['peak_memory_gib'] is not None else '-'} GiB  "
-                f"warm-up {r['warmup_s']} s  trainable {r['params_trainable'] / 1e6:.1f} M of {r['params_total'] / 1e6:.1f} M",
+                f"warm-up {r['warmup_s']} s  trainable {r['params_trainable'] / 1e6:.1f} M of "
+                f"{r['params_total'] / 1e6:.1f} M",
                 flush=True,
             )
     cfg = load_config(overrides, ROOT / "conf")
     if matmul is not None:
         print(
-            f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: {peak_flops(device) or '-'})"
+            f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: "
+            f"{peak_flops(device) or '-'})"
         )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     report = {

@@ -58,7 +58,8 @@ def write_aloha(
 ) -> Path:
     """An ALOHA/ACT episode file. ``pose=False``: the standard bimanual file (qpos and action 14 joint values,
     no TCP pose); ``pose=True``: a 7-DOF arm recorded in the ALOHA layout with its TCP pose
-    (``observations/ee_pos`` xyz, ``observations/ee_quat`` quaternion xyzw) and a pose action (xyz + quaternion + gripper, 1 open).
+    (``observations/ee_pos`` xyz, ``observations/ee_quat`` quaternion xyzw) and a pose action
+    (xyz + quaternion + gripper, 1 open).
     ``break_``: 'nan_qpos', 'short_action', 'corrupt_jpeg', 'uint16_images'."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pos, quat = tcp_path(n_frames)

@@ -31,7 +31,8 @@ GUARANTEES: list[tuple[str, list[str]]] = [
         ],
     ),
     (
-        "Under `dvc repro` the checkpoints survive (no stage output, so DVC never deletes them: a killed train can resume)",
+        "Under `dvc repro` the checkpoints survive (no stage output, so DVC never deletes them: a killed train can "
+        "resume)",
         ["tests/test_dvc_params.py::test_train_checkpoints_survive_dvc_so_a_killed_train_resumes"],
     ),
     (
@@ -76,7 +77,8 @@ GUARANTEES: list[tuple[str, list[str]]] = [
     ),
     (
         "Deterministic bytes: ingest's, convert's and normalize's outputs and the data fingerprint do not depend on "
-        "where the data lives (each stage run into two directories, every byte compared); collect reruns to the same bytes; "
+        "where the data lives (each stage run into two directories, every byte compared); collect reruns to the same "
+        "bytes; "
         "ingest's report, collect's summary and the exported policy hold no wall time",
         [
             "tests/test_convert.py::test_convert_bytes_do_not_depend_on_where_the_data_lives",

@@ -207,7 +207,8 @@ def test_nan_joint_reason_names_the_recording_not_a_temp_file(tmp_path):
             ("set_action", 12, [0.4, -0.4, 0.3, np.pi, 0.0, 0.0, 1.0]),
             "action_jump",
             "action/abs[:, 0:3]",
-            r"the target position jumps [\d.]+ m/s between frames \d+ and \d+, beyond data.checks.max_target_speed_m_s=3.0",
+            r"the target position jumps [\d.]+ m/s between frames \d+ and \d+, beyond "
+            r"data.checks.max_target_speed_m_s=3.0",
         ),
         (
             ("set_joint", 7, 3, 0.5),

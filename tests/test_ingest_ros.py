@@ -122,7 +122,8 @@ def test_tcp_pose_from_tf_is_the_composed_chain(tmp_path, base):
             dict(tool_parent="base_footprint"),
             (),
             "no_tf_chain",
-            r"no chain of transforms from 'panda_link0' \(data.tf.base_frame\) to 'panda_hand_tcp' \(data.tf.tool_frame\) "
+            r"no chain of transforms from 'panda_link0' \(data.tf.base_frame\) to 'panda_hand_tcp' "
+            r"\(data.tf.tool_frame\) "
             r"on '/tf' / '/tf_static': 'panda_link0' is under 'world', 'panda_hand_tcp' under 'base_footprint'",
         ),
         (dict(tf_until=8), (), "out_of_sync", r"stream '/tf 'panda_link0' -> 'panda_link7'' is \d+ ms old at tick"),
@@ -235,7 +236,8 @@ def test_own_message_types_without_their_definition_are_named(tmp_path):
         ),
         (
             {"my_pkg/msg/ArmState": "float64[7] q\nFingers fingers\n"},
-            r"^conf: data.custom_msgs\['my_pkg/msg/ArmState'\]: field 'fingers' has type my_pkg/msg/Fingers, which neither "
+            r"^conf: data.custom_msgs\['my_pkg/msg/ArmState'\]: field 'fingers' has type my_pkg/msg/Fingers, which "
+            r"neither "
             r"data.custom_msgs nor data.typestore defines$",
         ),
         (

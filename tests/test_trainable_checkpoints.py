@@ -282,7 +282,8 @@ def test_export_refuses_what_it_cannot_export_in_one_line(lora_run, tmp_path, ca
     cases = {
         "zero": (
             zero,
-            f"a DeepSpeed ZeRO state (bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt); vlaops cannot consolidate it ({why}",
+            "a DeepSpeed ZeRO state (bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt); vlaops cannot consolidate it "
+            f"({why}",
         ),
         "missing": (tmp_path / "nowhere", "nowhere: checkpoint directory not found"),
     }

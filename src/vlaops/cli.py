@@ -55,8 +55,8 @@ def _config_groups(config_dir: str | os.PathLike[str]) -> str:
     lines.append("any key of the composed config: key=value (see 'vlaops <command> --cfg job')")
     if (root / ACCELERATE_CONFIGS).is_dir():
         lines.append(
-            f"launch configs (accelerate launch --config_file {root.name}/{ACCELERATE_CONFIGS}/<name>.yaml -m vlaops.cli train ...): "
-            + ", ".join(sorted(f.stem for f in (root / ACCELERATE_CONFIGS).glob("*.yaml")))
+            f"launch configs (accelerate launch --config_file {root.name}/{ACCELERATE_CONFIGS}/<name>.yaml -m "
+            "vlaops.cli train ...): " + ", ".join(sorted(f.stem for f in (root / ACCELERATE_CONFIGS).glob("*.yaml")))
         )
     return "\n".join(lines)
 
@@ -182,7 +182,8 @@ def _export_paths(args: argparse.Namespace) -> tuple[str, str]:
     paths = [a for a in args.overrides if "=" not in a]
     if len(paths) != 2:
         raise VlaopsError(
-            f"expected CHECKPOINT_DIR and OUT (a step_XXXXXXX or paths.checkpoint_dir, and the policy directory to write), got {paths or 'none'}"
+            "expected CHECKPOINT_DIR and OUT (a step_XXXXXXX or paths.checkpoint_dir, and the policy directory to "
+            f"write), got {paths or 'none'}"
         )
     for p in paths:
         args.overrides.remove(p)
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if signum is not None:
             name = signal.Signals(signum).name
             print(
-                f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is KILLED",
+                f"vlaops {args.command}: stopped by {name}; no partial outputs were kept, the MLflow run (if any) is "
+                "KILLED",
                 file=sys.stderr,
             )
             return 128 + signum

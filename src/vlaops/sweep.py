@@ -132,7 +132,8 @@ def plan(overrides: list[str], config_dir: str | Path) -> Plan:
     sweep_dir = Path(str(OmegaConf.select(raw, "hydra.sweep.dir")))  # ${now:...} resolved once, for every job
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise VlaopsError(
-            f"hydra.sweep.dir={sweep_dir}: exists and is not empty (its jobs would overwrite another sweep's); choose another"
+            f"hydra.sweep.dir={sweep_dir}: exists and is not empty (its jobs would overwrite another sweep's); choose "
+            "another"
         )
     # what the sweeper gets, as in Hydra: its params (hydra.sweeper.params) first, the command line after
     params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
@@ -211,7 +212,8 @@ def _plan_search(
     space = {k: v for k, v in space.items() if k not in fixed_params}
     if not space:
         raise VlaopsError(
-            "hparams_search: the search space is empty (hydra.sweeper.params, or a sweep such as 'train.learning_rate=interval(1e-4,1e-2)')"
+            "hparams_search: the search space is empty (hydra.sweeper.params, or a sweep such as "
+            "'train.learning_rate=interval(1e-4,1e-2)')"
         )
     fixed = [f"{k}={v}" for k, v in fixed_params.items()]
     first = {k: _probe_values(d)[0] for k, d in space.items()}

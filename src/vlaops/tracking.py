@@ -387,7 +387,8 @@ def policy_dir(cfg: TrackingConfig, model_dir: str) -> Iterator[Path]:
         policy = local / "artifacts" / mlflow_model.POLICY_ARTIFACT
         if not policy.is_dir():
             raise VlaopsError(
-                f"paths.model_dir={model_dir}: not a vlaops policy (no artifacts/{mlflow_model.POLICY_ARTIFACT} in the model)"
+                f"paths.model_dir={model_dir}: not a vlaops policy (no artifacts/{mlflow_model.POLICY_ARTIFACT} in "
+                "the model)"
             )
         log.info("evaluating %s (downloaded to %s)", model_dir, policy)
         yield policy

@@ -95,7 +95,8 @@ def convert(episodes_dir: Path, out_dir: Path, cfg: DataConfig) -> dict[str, Any
                 this = (ep.embodiment, episode_labels(ep))
                 if kind is not None and this != kind:  # one action space per dataset: it is the policy head's
                     raise VlaopsError(
-                        f"{by_id[ep_id]}: an episode of embodiment '{this[0]}'{f' with action_types {this[1]}' if this[1] else ''}"
+                        f"{by_id[ep_id]}: an episode of embodiment "
+                        f"'{this[0]}'{f' with action_types {this[1]}' if this[1] else ''}"
                         f", but {episodes_dir} also holds '{kind[0]}' episodes"
                         f"{f' with action_types {kind[1]}' if kind[1] else ''}; convert one kind at a time"
                     )

@@ -65,7 +65,8 @@ class CalvinWindowDataset(Dataset):
     ) -> None:
         if frames is not None and frames.image_size != image_size:
             raise VlaopsError(
-                f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} (model.image_size)"
+                f"{frames.dir}: frame cache at {frames.image_size} px, the model expects {image_size} "
+                "(model.image_size)"
             )
         self.split = split
         self.frames = frames
@@ -180,7 +181,8 @@ def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfi
         kept[name] = [d for d in dims if std is not None and _varies(float(std[d]))]
         if kept[name] != list(dims):
             log.warning(
-                "%s: %s dims %s never vary in the training split: the auxiliary read-outs leave them out (model.aux_%s_dims)",
+                "%s: %s dims %s never vary in the training split: the auxiliary read-outs leave them out "
+                "(model.aux_%s_dims)",
                 split.dir / STATISTICS,
                 name,
                 sorted(set(dims) - set(kept[name])),

@@ -154,7 +154,8 @@ def ingest(raw_dir: Path, out_dir: Path, cfg: DataConfig, compute: ComputeConfig
     """
     if not raw_dir.is_dir():
         raise VlaopsError(
-            f"{raw_dir}: raw data directory not found (data.raw_dir); run collect or point data.raw_dir at your recordings"
+            f"{raw_dir}: raw data directory not found (data.raw_dir); run collect or point data.raw_dir at your "
+            "recordings"
         )
     entries = sorted(p for p in raw_dir.iterdir() if not p.name.startswith("."))
     claimed = sidecars(entries)  # a bag's instruction sidecar is read with the bag, not as a recording

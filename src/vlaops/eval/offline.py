@@ -130,7 +130,8 @@ def offline_base_metrics(
         pred = out["arm"].float()  # (B, W, C, A-1)
         if pred.shape[-1] != dims:
             raise ValueError(
-                f"a mobile base's policy predicts {dims} continuous dims ({', '.join(names)}), this one {pred.shape[-1]}"
+                f"a mobile base's policy predicts {dims} continuous dims ({', '.join(names)}), this one "
+                f"{pred.shape[-1]}"
             )
         err = (pred - target[..., :-1]) * mask[..., None]  # (B, W, C, A-1)
         cls = out["class_logits"].argmax(-1)  # (B, W, C)

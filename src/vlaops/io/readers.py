@@ -33,7 +33,8 @@ class RecordingReader:
 READERS: tuple[RecordingReader, ...] = (
     RecordingReader(
         "rosbag2",
-        "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), a lone .db3 / .mcap file, or a ROS1 .bag",
+        "a rosbag2 directory (metadata.yaml + .db3 or .mcap; without metadata.yaml too), a lone .db3 / .mcap file, or "
+        "a ROS1 .bag",
         is_rosbag2,
         rosbag2_episodes,
         read_rosbag2,

@@ -130,8 +130,10 @@ class VLAPolicy(nn.Module):
             g = self.aux_instructed.out_features if self.aux_instructed is not None else 0
             if target.shape[-1] != k + g:
                 raise ValueError(
-                    f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k + g} (model.aux_robot_dims "
-                    f"{self.cfg.aux_robot_dims} + aux_scene_dims {self.cfg.aux_scene_dims} + {g} of aux_instructed_words "
+                    f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k + g} "
+                    "(model.aux_robot_dims "
+                    f"{self.cfg.aux_robot_dims} + aux_scene_dims {self.cfg.aux_scene_dims} + {g} of "
+                    "aux_instructed_words "
                     f"{self.cfg.aux_instructed_words}): build the policy from the config train cut to the data "
                     "(vlaops.data.dataset.aux_dims_from_data)"
                 )

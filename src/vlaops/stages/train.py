@@ -82,8 +82,8 @@ def run(cfg: Config) -> None:
     world = world_size()  # each process of a launch takes its own batches
     if len(train_ds) < cfg.train.batch_size * world:
         raise VlaopsError(
-            f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than train.batch_size={cfg.train.batch_size}"
-            + (f" x {world} processes (one batch each)" if world > 1 else "")
+            f"{calvin_dir / TRAINING}: {len(train_ds)} training windows, fewer than "
+            f"train.batch_size={cfg.train.batch_size}" + (f" x {world} processes (one batch each)" if world > 1 else "")
         )
     fingerprint = {"calvin": dataset_fingerprint(calvin_dir), "normalization": normalizer.to_dict()}
     # the config as plain data, once: OmegaConf is not re-entered at every checkpoint (a signal landing in

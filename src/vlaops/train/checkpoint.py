@@ -184,7 +184,10 @@ def verify_checkpoint(checkpoint: Path, trust: bool) -> None:
         missing = sorted(set(expected) - set(found))
         changed = sorted(n for n in set(found) & set(expected) if _sha256(found[n]) != expected[n])
         if extra or missing or changed:
-            problem = f"{checkpoint}: differs from its manifest (changed {changed[:3]}, missing {missing[:3]}, unlisted {extra[:3]})"
+            problem = (
+                f"{checkpoint}: differs from its manifest "
+                f"(changed {changed[:3]}, missing {missing[:3]}, unlisted {extra[:3]})"
+            )
     if problem is None:
         return
     if not trust:

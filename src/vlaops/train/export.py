@@ -132,10 +132,15 @@ def export_checkpoint(checkpoint: Path, out: Path, trust: bool = False) -> Path:
     zero = _zero_files(checkpoint)
     if zero:
         installed = importlib.util.find_spec("deepspeed") is not None
+        why = (
+            "DeepSpeed is installed, but its zero_to_fp32.py is not run by vlaops"
+            if installed
+            else "DeepSpeed is not installed here"
+        )
         raise VlaopsError(
-            f"{checkpoint}: a DeepSpeed ZeRO state ({zero[0].name}); vlaops cannot consolidate it "
-            f"({'DeepSpeed is installed, but its zero_to_fp32.py is not run by vlaops' if installed else 'DeepSpeed is not installed here'}): "
-            f"run DeepSpeed's zero_to_fp32.py on it, or train with conf/accelerate/fsdp.yaml or ddp.yaml, whose checkpoints export"
+            f"{checkpoint}: a DeepSpeed ZeRO state ({zero[0].name}); vlaops cannot consolidate it ({why}): "
+            "run DeepSpeed's zero_to_fp32.py on it, or train with conf/accelerate/fsdp.yaml or ddp.yaml, whose "
+            "checkpoints export"
         )
     verify_checkpoint(checkpoint, trust)  # before anything in it is unpickled (DCP metadata, torch.load)
     missing = [name for name in RECIPE_FILES if not (checkpoint / name).exists()]
@@ -167,7 +172,8 @@ def export_checkpoint(checkpoint: Path, out: Path, trust: bool = False) -> Path:
     absent = sorted(expected - set(state))
     if unexpected:
         raise VlaopsError(
-            f"{source}: {len(unexpected)} tensors the policy of {checkpoint / POLICY_CONFIG_FILE} does not have, e.g. {unexpected[:3]}"
+            f"{source}: {len(unexpected)} tensors the policy of {checkpoint / POLICY_CONFIG_FILE} does not have, e.g. "
+            f"{unexpected[:3]}"
         )
     if recorded.get("stored") == STORED_TRAINABLE:
         trainable = {plain_name(k) for k in trainable_names(policy)}

@@ -59,7 +59,8 @@ def check_launch(cfg: TrainConfig) -> None:
             f"accelerate launch asks for mixed_precision={asked} (its config file or --mixed_precision), and "
             f"train.train_setup.precision={setup.precision} is {ACCELERATE_PRECISION[mixed]} here"
             f"{'' if torch.cuda.is_available() else ' (no CUDA device)'}: set train.train_setup.precision="
-            f"{ACCELERATE_PRECISION.get(asked, asked)}, or launch with --mixed_precision {mixed} (conf/accelerate/cpu.yaml on a CPU)"
+            f"{ACCELERATE_PRECISION.get(asked, asked)}, or launch with --mixed_precision {mixed} "
+            "(conf/accelerate/cpu.yaml on a CPU)"
         )
     sharded = (
         "FSDP" if _env_true("ACCELERATE_USE_FSDP") else "DeepSpeed" if _env_true("ACCELERATE_USE_DEEPSPEED") else None

@@ -84,7 +84,8 @@ def resolve_precision(precision: str) -> str:
         raise VlaopsError("train.train_setup.precision=fp16 needs a CUDA device; use auto, fp32 or bf16")
     if precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16_autocast_works():
         raise VlaopsError(
-            "train.train_setup.precision=bf16: this CPU cannot run bf16 autocast (a bf16 Linear fails); use auto or fp32"
+            "train.train_setup.precision=bf16: this CPU cannot run bf16 autocast (a bf16 Linear fails); use auto or "
+            "fp32"
         )
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
@@ -291,7 +292,8 @@ def _load_weights(checkpoint: Path, policy: nn.Module) -> None:
     if unexpected or set(missing) != left_out:
         raise VlaopsError(
             f"{checkpoint / MODEL_FILE}: does not fit this policy ({len(unexpected)} unexpected tensors, "
-            f"e.g. {sorted(unexpected)[:2]}; {len(set(missing) - left_out)} missing, e.g. {sorted(set(missing) - left_out)[:2]})"
+            f"e.g. {sorted(unexpected)[:2]}; {len(set(missing) - left_out)} missing, e.g. "
+            f"{sorted(set(missing) - left_out)[:2]})"
         )
 
 
@@ -310,12 +312,12 @@ def train_policy(
 
     ``policy(batch)`` must return a dict with ``loss``, ``arm_loss``, ``gripper_loss``. The policy is
     trained in place; with ``cfg.ema_decay`` it ends holding the moving average of its weights
-    (``vlaops.train.ema``), which is also what validation scored. Seed before building the policy for reproducible initial weights; this seeds
-    the loop (dropout, sampler). Returns final_train_loss, best/last val loss, steps, wall_time_s,
-    steps_per_s, resumed_from_step. ``caller_state()`` (JSON) is saved in every checkpoint's
-    trainer state under ``CALLER_STATE`` (the stage keeps its MLflow run id and curve there, so a resume
-    continues both). ``frozen_source`` (``vlaops.train.trainable.frozen_source``: how ``policy`` was built)
-    makes checkpoints hold the trainable tensors only; without it they hold the whole model.
+    (``vlaops.train.ema``), which is also what validation scored. Seed before building the policy for
+    reproducible initial weights; this seeds the loop (dropout, sampler). Returns final_train_loss,
+    best/last val loss, steps, wall_time_s, steps_per_s, resumed_from_step. ``caller_state()`` (JSON) is saved
+    in every checkpoint's trainer state under ``CALLER_STATE`` (the stage keeps its MLflow run id and curve
+    there, so a resume continues both). ``frozen_source`` (``vlaops.train.trainable.frozen_source``: how
+    ``policy`` was built) makes checkpoints hold the trainable tensors only; without it they hold the whole model.
     ``checkpoint_files(dir)`` writes the caller's files into each checkpoint.
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -332,7 +334,8 @@ def train_policy(
     weights = weights_record(policy, frozen_source, engine) if checkpoint_dir is not None else None
     if cfg.compile:
         log.info(
-            "train.compile: %d Kosmos-2 layers compiled (the first steps, and the first validation, wait for the compiler)",
+            "train.compile: %d Kosmos-2 layers compiled (the first steps, and the first validation, wait for the "
+            "compiler)",
             compile_layers(policy),
         )
     params = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
@@ -374,7 +377,8 @@ def train_policy(
         state = read_trainer_state(resume)
         if "scheduler" not in state:
             raise VlaopsError(
-                f"{resume / TRAINER_STATE_FILE}: no scheduler state (a checkpoint of an older vlaops); delete it to start afresh"
+                f"{resume / TRAINER_STATE_FILE}: no scheduler state (a checkpoint of an older vlaops); delete it to "
+                "start afresh"
             )
         if engine is None:
             _load_weights(resume, policy)

@@ -76,7 +76,8 @@ def apply_train_setup(policy: VLAPolicy, setup: TrainSetupConfig) -> dict[str, i
             ) from exc
         if not has_lora(bb.model):
             raise ValueError(
-                f"train_setup.lora_target_modules {list(setup.lora_target_modules)} matched no module in the text decoder"
+                f"train_setup.lora_target_modules {list(setup.lora_target_modules)} matched no module in the text "
+                "decoder"
             )
 
     # 1. the backbone as a whole

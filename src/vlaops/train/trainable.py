@@ -96,7 +96,8 @@ def weights_record(policy: nn.Module, source: dict[str, Any] | None, engine: str
         return {"stored": STORED_FULL, "reason": reason}
     frozen = frozen_digest(policy)
     log.info(
-        "checkpoints hold the %d trainable tensors of %d; the frozen %d (%.1f MB) are rebuilt from %s and checked (sha256 %s)",
+        "checkpoints hold the %d trainable tensors of %d; the frozen %d (%.1f MB) are rebuilt from %s and checked "
+        "(sha256 %s)",
         len(trainable),
         total,
         frozen["tensors"],
@@ -124,7 +125,8 @@ def check_rebuilt(
             f"{checkpoint}: holds only the trainable weights, and the frozen part rebuilt from "
             f"{recorded.get('source')} is not the one it was trained with (sha256 {rebuilt['sha256'][:12]} over "
             f"{rebuilt['tensors']} tensors, recorded {str(frozen.get('sha256'))[:12]} over {frozen.get('tensors')}); "
-            f"restore that source (model.pretrained_dir, seed, transformers version) or delete the checkpoint to start afresh"
+            "restore that source (model.pretrained_dir, seed, transformers version) or delete the checkpoint to "
+            "start afresh"
         )
     if file_keys != model_keys:
         extra, missing = sorted(file_keys - model_keys), sorted(model_keys - file_keys)
