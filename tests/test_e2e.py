@@ -1,6 +1,7 @@
 """The README's promise, in a temp copy of the repo: `dvc repro` runs the whole pipeline, a second
-`dvc repro` does nothing, and `dvc exp run -S train...` re-runs only train and evaluate, leaving
-one MLflow run per experiment."""
+`dvc repro` does nothing, a fresh clone with nothing pulled compares its own run with main's committed
+numbers (`dvc metrics diff main`, `dvc plots diff main`, `dvc exp show`), `dvc exp run -S train...`
+re-runs only train and evaluate, leaving one MLflow run per experiment, and a clone pulls what was pushed."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def make_repo(repo: Path) -> Path:
         path = repo / name
         path.write_text(yaml.safe_dump(_merge(yaml.safe_load(path.read_text()), update), sort_keys=False))
     _run(["vlaops", "params"], repo)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         _run(cmd, repo)
     return repo
 
@@ -81,10 +82,15 @@ def test_dvc_repro_then_experiment(tmp_path):
     again = _run(["dvc", "repro"], repo)
     assert "Running stage" not in again
 
-    # dvc.lock committed and the outputs pushed to the default remote (.dvc/config: ../vlaops-dvc-remote
-    # beside the repository): another clone pulls data, policy and metrics without running anything
-    _run(["git", "add", "dvc.lock"], repo)
-    _run(["git", "commit", "-qm", "dvc.lock of the first repro"], repo)
+    # the small reports are git's (cache: false): committed with dvc.lock, as main's are
+    small = [f"reports/{name}" for name in ("metrics.json", "results.json", "collect.json", "train_curve.csv")]
+    _run(["git", "add", "dvc.lock", *small, "reports/plots"], repo)
+    _run(["git", "commit", "-qm", "dvc.lock and reports of the first repro"], repo)
+    assert _run(["git", "status", "--porcelain", "--untracked-files=no"], repo, stdout_only=True) == ""
+    _compare_with_main_in_a_fresh_clone(repo, tmp_path / "fresh", metrics)
+
+    # the outputs pushed to the default remote (.dvc/config: ../vlaops-dvc-remote beside the
+    # repository): another clone pulls data, policy and metrics without running anything
     assert (tmp_path / "vlaops-dvc-remote").resolve() == (repo / ".dvc" / "../../vlaops-dvc-remote").resolve()
     _run(["dvc", "push"], repo)
     clone = tmp_path / "clone"
@@ -98,7 +104,7 @@ def test_dvc_repro_then_experiment(tmp_path):
     assert "Running stage" not in pulled, pulled[-2000:]
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], clone, stdout_only=True))
     assert "avg_len" in json.dumps(shown)
-    _run(["dvc", "metrics", "diff", "HEAD"], clone)  # works on main: the metrics of HEAD come from the cache
+    _run(["dvc", "metrics", "diff", "HEAD"], clone)
 
     exp = _run(["dvc", "exp", "run", "-S", "train.max_steps=6"], repo)
     ran = {
@@ -106,7 +112,7 @@ def test_dvc_repro_then_experiment(tmp_path):
     }
     assert ran == {"train", "evaluate"}, exp[-2000:]
 
-    # reports/ is git-ignored: the experiment's metrics must come back from the DVC cache
+    # the experiment's metrics come back from its git ref (cache: false), main's from main's commit
     (baseline,) = [
         row
         for row in json.loads(_run(["dvc", "exp", "show", "--json"], repo, stdout_only=True))
@@ -124,3 +130,32 @@ def test_dvc_repro_then_experiment(tmp_path):
     (exp_run,) = [r for r in runs if r.data.params["train.max_steps"] == "6"]
     assert exp_run.info.run_name == exp_run.data.tags["dvc.exp_name"] == shown["name"]  # one label in both UIs
     assert len({r.info.run_name for r in runs}) == 2
+
+
+def _compare_with_main_in_a_fresh_clone(repo: Path, fresh: Path, committed: dict) -> None:
+    """A clone with nothing pulled (its default remote does not even exist) runs the pipeline itself, then
+    sees main's committed numbers beside its own in all three of DVC's comparisons."""
+    _run(["git", "clone", "-q", str(repo), str(fresh)], repo.parent)
+    assert not (repo.parent / "vlaops-dvc-remote").exists()
+    out = _run(["dvc", "repro"], fresh)  # everything runs: nothing was pulled
+    assert "Running stage 'collect'" in out and "Running stage 'evaluate'" in out
+
+    diff = _run(["dvc", "metrics", "diff", "main", "--all", "--json"], fresh, stdout_only=True)
+    changes = json.loads(diff)["reports/metrics.json"]
+    for key in ("avg_len", "sr_1"):
+        assert changes[key]["old"] == committed[key], changes[key]
+        assert changes[key]["new"] is not None, changes[key]
+    table = _run(["dvc", "metrics", "diff", "main", "--all"], fresh)
+    assert "failed to load" not in table and "avg_len" in table
+
+    plots = _run(["dvc", "plots", "diff", "main", "-o", str(fresh / "plots_html")], fresh)
+    assert "failed to load" not in plots, plots
+    page = (fresh / "plots_html" / "index.html").read_text()
+    for name in ("loss.png", "sr_by_chain_length.png"):
+        assert page.count(name) >= 2, f"{name}: main's image and the workspace's expected in {page[:2000]}"
+
+    rows = json.loads(_run(["dvc", "exp", "show", "--json"], fresh, stdout_only=True))
+    (head,) = [row for row in rows if row["rev"] != "workspace"]
+    shown = head["data"]["metrics"]["reports/metrics.json"]["data"]
+    assert {k: shown[k] for k in ("avg_len", "sr_1")} == {k: committed[k] for k in ("avg_len", "sr_1")}
+    assert "error" not in head["data"]["metrics"]["reports/metrics.json"]
