@@ -115,8 +115,7 @@ def test_experiment_changes_what_it_says():
     cfg = load_config(["experiment=cpu_long"], CONF)
     assert cfg.train.max_steps == 3000 and cfg.model == load_config([], CONF).model
     cfg, default = load_config(["experiment=lookup"], CONF), load_config([], CONF)
-    assert cfg.model.tiny.text_layers == 4 and cfg.model.aux_instructed_words == ["red", "blue", "green"]
-    assert cfg.model.aux_scene_dims == default.model.aux_scene_dims
+    assert cfg.model.tiny.text_layers == 4 and cfg.model.aux_robot_dims == default.model.aux_robot_dims
     assert (cfg.sim.episodes_per_task, cfg.train.max_steps) == (30, 3000)
     assert {**cfg.train.__dict__, "max_steps": default.train.max_steps} == default.train.__dict__
     long = load_config(["experiment=lookup_long"], CONF)  # lookup, on twice the demos for twice the steps

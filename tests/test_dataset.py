@@ -62,10 +62,10 @@ def test_padded_windows_end_at_each_span_start_and_carry_no_loss_before_it(calvi
     torch.testing.assert_close(padded[2][keys.RGB], aligned[keys.RGB])
 
 
-def test_aux_targets_are_the_window_frames_observations_standardised_by_the_training_statistics(calvin_dir, cfg):
-    """``aux_dims`` (model.aux_robot_dims, aux_scene_dims): each window frame's robot_obs then scene_obs dims,
-    standardised by the split's statistics.yaml (the training split's mean/std in both splits); padded
-    positions repeat the first frame."""
+def test_aux_targets_are_the_window_frames_robot_state_standardised_by_the_training_statistics(calvin_dir, cfg):
+    """``aux_dims`` (model.aux_robot_dims): each window frame's robot_obs dims, standardised by the split's
+    statistics.yaml (the training split's mean/std in both splits); padded positions repeat the first frame.
+    Nothing of the scene (scene_obs) is ever a target: a robot records none."""
     import numpy as np
     import pytest
 
@@ -74,75 +74,38 @@ def test_aux_targets_are_the_window_frames_observations_standardised_by_the_trai
     split = CalvinSplit(calvin_dir / "training")
     normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
     stats = split.statistics()
-    robot = [d for d, v in enumerate(stats["robot_obs"][0]["std"]) if v > 1e-6][:3]  # the test bags hold some fixed
-    assert robot
-    dims = {"robot_obs": robot, "scene_obs": [6, 7, 12, 13]}
-    ds = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, pad_history=True, aux_dims=dims)
-    mean = np.concatenate([np.asarray(stats[k][0]["mean"])[d] for k, d in dims.items()])
-    std = np.concatenate([np.asarray(stats[k][0]["std"])[d] for k, d in dims.items()])
+    std = stats["robot_obs"][0]["std"]
+    robot = [d for d, v in enumerate(std) if v > 1e-6][:3]  # the test bags hold some fixed
+    flat = [d for d, v in enumerate(std) if v <= 1e-6]
+    assert robot and flat
+    ds = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, pad_history=True, aux_dims=robot)
+    mean, sd = np.asarray(stats["robot_obs"][0]["mean"])[robot], np.asarray(std)[robot]
     ann = ds.annotations[0]
-    frames = [split.load_frame(ann.start + i, ("robot_obs", "scene_obs")) for i in range(3)]
-    raw = np.stack([np.concatenate([f[k][d] for k, d in dims.items()]) for f in frames])  # (3, K)
+    raw = np.stack([split.load_frame(ann.start + i, ("robot_obs",))["robot_obs"][robot] for i in range(3)])  # (3, K)
     first, aligned = ds[0], ds[2]  # [f0, f0, f0] and [f0, f1, f2]
-    torch.testing.assert_close(aligned[keys.AUX_TARGET], torch.from_numpy(((raw - mean) / std).astype(np.float32)))
+    torch.testing.assert_close(aligned[keys.AUX_TARGET], torch.from_numpy(((raw - mean) / sd).astype(np.float32)))
     torch.testing.assert_close(first[keys.AUX_TARGET], aligned[keys.AUX_TARGET][:1].expand(3, -1))
     assert keys.AUX_TARGET not in CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None)[0]
-    # a recording without such state (all zeros, std 0) cannot train the read-out: say so, name the file
-    with pytest.raises(VlaopsError, match=r"statistics.yaml: scene_obs dims \[0\] never vary.*model.aux_scene_dims"):
-        CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims={"scene_obs": [0, 6]})
-
-
-def test_the_instructed_target_is_the_scene_group_of_the_word_each_instruction_names(calvin_dir, cfg):
-    """``aux_words`` (model.aux_instructed_words): after the read-outs' K dims, the aux_scene_dims group of
-    the word the span's instruction names (red: scene_obs 6, 7; blue: 12, 13), case and punctuation aside.
-    An instruction naming none of the words, or two, is refused with the split and the instruction."""
-    import pytest
-
-    from vlaops.errors import VlaopsError
-
-    split = CalvinSplit(calvin_dir / "training")
-    normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
-    robot = [d for d, v in enumerate(split.statistics()["robot_obs"][0]["std"]) if v > 1e-6][:2]
-    dims = {"robot_obs": robot, "scene_obs": [6, 7, 12, 13]}
-    args = (split, normalizer, _tokenize, 3, 4, 64, None)
-    plain = CalvinWindowDataset(*args, aux_dims=dims)
-    named = CalvinWindowDataset(*args, aux_dims=dims, aux_words=["Red", "blue"])
-    k = len(robot) + 4
-    seen = set()
-    for i in range(0, len(named), 5):
-        instruction = named.annotations[named.index[i][0]].instruction
-        at = len(robot) + (0 if "red" in instruction else 2)
-        x, y = plain[i][keys.AUX_TARGET], named[i][keys.AUX_TARGET]  # (W, K), (W, K + 2)
-        assert y.shape == (3, k + 2)
-        torch.testing.assert_close(y[:, :k], x)
-        torch.testing.assert_close(y[:, k:], x[:, at : at + 2])
-        seen.add(instruction)
-    assert seen == {"push the red block to the left", "lift the blue block"}
-    for words, n in ((["red", "green"], 0), (["red", "block"], 2)):
-        with pytest.raises(VlaopsError, match=rf"training: instruction '.*' names {n} of model.aux_instructed_words"):
-            CalvinWindowDataset(*args, aux_dims=dims, aux_words=words)
+    # a dim the recordings never move (std 0) cannot train the read-out: say so, name the file
+    with pytest.raises(VlaopsError, match=rf"statistics.yaml: robot_obs dims \[{flat[0]}\] never vary.*aux_robot_dims"):
+        CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims=[flat[0], robot[0]])
 
 
 def test_aux_dims_from_data_keeps_the_dims_that_vary_and_turns_the_read_outs_off_without_any(calvin_dir, cfg, caplog):
-    """As train sets the head's action space from the data: constant dims (a recording without scene state,
-    a TCP that never moves along an axis) are left out with a warning; none left turns the read-outs off."""
+    """As train sets the head's action space from the data: constant dims (a TCP that never moves along an
+    axis) are left out with a warning; none left turns the read-outs off."""
     import dataclasses
 
     from vlaops.data.dataset import aux_dims_from_data
 
     split = CalvinSplit(calvin_dir / "training")
-    std = {k: split.statistics()[k][0]["std"] for k in ("robot_obs", "scene_obs")}
-    model = dataclasses.replace(cfg.model, aux_weight=0.3, aux_robot_dims=[0, 1, 2], aux_scene_dims=[0, 6, 7])
+    std = split.statistics()["robot_obs"][0]["std"]
+    model = dataclasses.replace(cfg.model, aux_weight=0.3, aux_robot_dims=[0, 1, 2])
     cut = aux_dims_from_data(model, split)
-    assert cut.aux_robot_dims == [d for d in (0, 1, 2) if std["robot_obs"][d] > 1e-6] != [0, 1, 2]
-    assert cut.aux_scene_dims == [6, 7] and cut.aux_weight == 0.3  # scene_obs 0..5 are zeros in the test bags
-    assert "never vary" in caplog.text and "aux_scene_dims" in caplog.text
+    assert cut.aux_robot_dims == [d for d in (0, 1, 2) if std[d] > 1e-6] != [0, 1, 2]
+    assert cut.aux_weight == 0.3
+    assert "never vary" in caplog.text and "aux_robot_dims" in caplog.text
     assert aux_dims_from_data(cut, split) == cut  # what train cut, the datasets keep
-    off = aux_dims_from_data(dataclasses.replace(model, aux_robot_dims=[], aux_scene_dims=[0, 1]), split)
+    flat = [d for d, v in enumerate(std) if v <= 1e-6]
+    off = aux_dims_from_data(dataclasses.replace(model, aux_robot_dims=flat), split)
     assert off.aux_weight == 0.0 and "the read-outs are off" in caplog.text
-    # the instructed read-out's groups follow aux_scene_dims: kept when no dim is cut, off when one is
-    words = dataclasses.replace(cut, aux_instructed_words=["red", "blue"], aux_scene_dims=[6, 7, 12, 13])
-    assert aux_dims_from_data(words, split).aux_instructed_words == ["red", "blue"]
-    cut_words = aux_dims_from_data(dataclasses.replace(words, aux_scene_dims=[0, 1, 6, 7]), split)
-    assert cut_words.aux_scene_dims == [6, 7] and cut_words.aux_instructed_words == []
-    assert "that read-out is off" in caplog.text

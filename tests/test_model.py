@@ -249,15 +249,14 @@ def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
     """``aux_weight``: a linear read-out of the static image tokens (or their mean, or the action token)
     regresses the batch's ``aux_target``; the MSEs are added with their weight, and reach the resampler."""
     batch = make_batch(processor)
-    batch[keys.AUX_TARGET] = torch.randn(B, W, 6, generator=torch.Generator().manual_seed(1))
+    batch[keys.AUX_TARGET] = torch.randn(B, W, 3, generator=torch.Generator().manual_seed(1))
     plain = make_policy(processor, loss="mse", aux_weight=0.0).eval()
     aux = make_policy(
         processor,
         loss="mse",
         aux_weight=0.5,
         aux_inputs=read_from,
-        aux_robot_dims=[0, 1],
-        aux_scene_dims=[6, 7, 12, 13],
+        aux_robot_dims=[0, 1, 2],
     ).eval()
     assert plain.aux_heads is None
     q, d = aux.backbone.model.config.latent_query_num, aux.backbone.hidden_size
@@ -293,65 +292,17 @@ def test_aux_loss_reads_its_inputs_and_adds_into_the_loss(processor, read_from):
     for bad in (["pixels"], [], ["action_token", "action_token"]):
         with pytest.raises(ValueError, match="aux_inputs"):
             ModelConfig(aux_inputs=bad)
-    with pytest.raises(ValueError, match="aux_scene_dims"):
-        ModelConfig(aux_weight=1.0, aux_scene_dims=[24])
+    with pytest.raises(ValueError, match="aux_robot_dims"):
+        ModelConfig(aux_weight=1.0, aux_robot_dims=[15])
     with pytest.raises(ValueError, match="aux_robot_dims"):
         ModelConfig(aux_robot_dims=[0, 0])
     with pytest.raises(ValueError, match="needs a target"):
-        ModelConfig(aux_weight=1.0, aux_robot_dims=[], aux_scene_dims=[])
+        ModelConfig(aux_weight=1.0, aux_robot_dims=[])
+    # the simulator's scene state is no target any more: an old key is an unknown key
+    with pytest.raises(TypeError, match="aux_scene_dims"):
+        ModelConfig(aux_scene_dims=[6, 7])
 
 
-def test_the_instructed_read_out_regresses_the_named_group_from_the_action_token(processor):
-    """``aux_instructed_words``: one more linear read-out, of the action token only (the one feature that read
-    the instruction), regresses the aux_target's last G dims; its MSE adds into aux_loss and reaches the text
-    embeddings: it trains the decoder to look the named object up."""
-    batch = make_batch(processor)
-    batch[keys.AUX_TARGET] = torch.randn(B, W, 6 + 2, generator=torch.Generator().manual_seed(2))
-    kw = dict(
-        loss="mse", aux_weight=0.5, aux_inputs=["image_tokens"], aux_robot_dims=[0, 1], aux_scene_dims=[6, 7, 12, 13]
-    )
-    named = make_policy(processor, aux_instructed_words=["red", "blue"], **kw).eval()
-    assert make_policy(processor, **kw).aux_instructed is None
-    assert (named.aux_instructed.in_features, named.aux_instructed.out_features) == (named.backbone.hidden_size, 2)
-    with torch.no_grad():
-        out = named(batch)
-        feats, tokens = named.backbone(
-            batch[keys.RGB].flatten(0, 1),
-            batch[keys.HAND_RGB].flatten(0, 1),
-            batch[keys.TEXT].repeat_interleave(W, 0),
-            batch[keys.TEXT_MASK].repeat_interleave(W, 0),
-            return_image_tokens=True,
-        )
-        target = batch[keys.AUX_TARGET].flatten(0, 1)
-        expected = (named.aux_heads["image_tokens"](tokens.flatten(1)) - target[:, :6]).pow(2).mean() + (
-            named.aux_instructed(feats) - target[:, 6:]
-        ).pow(2).mean()
-    torch.testing.assert_close(out["aux_loss"], expected)
-    named.train()
-    named.zero_grad()
-    torch.nn.functional.mse_loss(
-        named.aux_instructed(
-            named.backbone(
-                batch[keys.RGB].flatten(0, 1),
-                batch[keys.HAND_RGB].flatten(0, 1),
-                batch[keys.TEXT].repeat_interleave(W, 0),
-                batch[keys.TEXT_MASK].repeat_interleave(W, 0),
-            )
-        ),
-        target[:, 6:],
-    ).backward()
-    assert named.backbone.text_embeddings.weight.grad.abs().sum() > 0
-    batch[keys.AUX_TARGET] = batch[keys.AUX_TARGET][..., :6]  # a dataset built without the words
-    with pytest.raises(ValueError, match=r"has 6 dims, the read-outs 8 .*aux_instructed_words \['red', 'blue'\]"):
-        named(batch)
-    for bad in (["red", "Red"], ["red block"], [""]):
-        with pytest.raises(ValueError, match="aux_instructed_words must be distinct words"):
-            ModelConfig(aux_instructed_words=bad)
-    with pytest.raises(ValueError, match="cannot split model.aux_scene_dims"):
-        ModelConfig(aux_instructed_words=["red", "blue", "green"], aux_scene_dims=[6, 7, 12, 13])
-
-
-# ---- train_setup -------------------------------------------------------------------------------------
 def _trainable(module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 

@@ -37,6 +37,7 @@ log = get_logger(__name__)
 
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # texts -> ids (B, L), mask (B, L)
 DATA_SOURCE = "calvin_action"
+ROBOT_OBS = "robot_obs"
 
 
 class CalvinWindowDataset(Dataset):
@@ -60,8 +61,7 @@ class CalvinWindowDataset(Dataset):
         augment: AugmentConfig | None = None,
         frames: FrameCache | None = None,
         pad_history: bool = False,
-        aux_dims: dict[str, list[int]] | None = None,
-        aux_words: Sequence[str] = (),
+        aux_dims: list[int] | None = None,
     ) -> None:
         if frames is not None and frames.image_size != image_size:
             raise VlaopsError(
@@ -81,19 +81,17 @@ class CalvinWindowDataset(Dataset):
                 f"{split.dir}: no annotated span has the {window_size} frames a window needs (model.window_size)"
             )
         self.annotations = anns
-        # The auxiliary target (model.aux_*_dims): (n, K) per span, standardised by statistics.yaml, whose
+        # The auxiliary target (model.aux_robot_dims): (n, K) per span, standardised by statistics.yaml, whose
         # observation mean/std convert writes from the training split into both splits.
-        standardise = _AuxStandardiser(split, aux_dims, aux_words) if aux_dims else None
-        obs_keys = standardise.obs if standardise is not None else ()
+        standardise = _AuxStandardiser(split, aux_dims) if aux_dims else None
+        obs_keys = (ROBOT_OBS,) if standardise is not None else ()
         # Every frame's npz is opened once here, for its action and the read-outs' observations together.
         spans = [[split.load_frame(i, ("rel_actions", *obs_keys)) for i in range(a.start, a.end + 1)] for a in anns]
         # (n, A) normalised actions per span, read once: a window needs W + C - 1 of them.
         self.actions = [
             normalizer.normalize(np.stack([f["rel_actions"] for f in frames])).astype(np.float32) for frames in spans
         ]
-        self.aux = (
-            [standardise(frames, a.instruction) for frames, a in zip(spans, anns)] if standardise is not None else None
-        )
+        self.aux = [standardise(frames) for frames in spans] if standardise is not None else None
         texts = sorted({a.instruction for a in anns})
         ids, mask = tokenize(texts)
         self.tokens = {t: (ids[i], mask[i]) for i, t in enumerate(texts)}
@@ -165,47 +163,32 @@ def _varies(std: float) -> bool:
 
 
 def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfig:
-    """``model_cfg`` with the auxiliary targets (``aux_robot_dims``, ``aux_scene_dims``) cut to the dims that
-    vary in ``split``'s statistics.yaml, as train sets the head's action space from the data.
+    """``model_cfg`` with the auxiliary target (``aux_robot_dims``) cut to the dims that vary in ``split``'s
+    statistics.yaml, as train sets the head's action space from the data.
 
     A dim that never varies is a constant the read-out's bias learns, and cannot be standardised; a
-    recording without scene state (convert writes zeros) or a mobile base (no robot_obs / scene_obs) has
-    none that vary, and the read-outs are then off (model.aux_weight 0), said in one warning. The export's
-    policy_config.json keeps what was trained."""
+    mobile base (no robot_obs) has none that vary, and the read-outs are then off (model.aux_weight 0),
+    said in one warning. The export's policy_config.json keeps what was trained."""
     if model_cfg.aux_weight <= 0:
         return model_cfg
-    stats = split.statistics()
-    kept: dict[str, list[int]] = {}
-    for name, dims in (("robot_obs", model_cfg.aux_robot_dims), ("scene_obs", model_cfg.aux_scene_dims)):
-        std = (stats.get(name) or [{}])[0].get("std")
-        kept[name] = [d for d in dims if std is not None and _varies(float(std[d]))]
-        if kept[name] != list(dims):
-            log.warning(
-                "%s: %s dims %s never vary in the training split: the auxiliary read-outs leave them out "
-                "(model.aux_%s_dims)",
-                split.dir / STATISTICS,
-                name,
-                sorted(set(dims) - set(kept[name])),
-                name[:5],
-            )
-    if not kept["robot_obs"] + kept["scene_obs"]:
+    std = (split.statistics().get(ROBOT_OBS) or [{}])[0].get("std")
+    dims = model_cfg.aux_robot_dims
+    kept = [d for d in dims if std is not None and _varies(float(std[d]))]
+    if kept != list(dims):
+        log.warning(
+            "%s: robot_obs dims %s never vary in the training split: the auxiliary read-outs leave them out "
+            "(model.aux_robot_dims)",
+            split.dir / STATISTICS,
+            sorted(set(dims) - set(kept)),
+        )
+    if not kept:
         log.warning(
             "model.aux_weight=%g but no auxiliary target varies in %s: the read-outs are off",
             model_cfg.aux_weight,
             split.dir,
         )
         return dataclasses.replace(model_cfg, aux_weight=0.0)
-    words = model_cfg.aux_instructed_words
-    if words and kept["scene_obs"] != list(model_cfg.aux_scene_dims):  # its groups are no longer one per word
-        log.warning(
-            "model.aux_instructed_words=%s split model.aux_scene_dims into one group per word; with dims "
-            "cut, that read-out is off",
-            words,
-        )
-        words = []
-    return dataclasses.replace(
-        model_cfg, aux_robot_dims=kept["robot_obs"], aux_scene_dims=kept["scene_obs"], aux_instructed_words=words
-    )
+    return dataclasses.replace(model_cfg, aux_robot_dims=kept)
 
 
 def words_named(instruction: str, words: Sequence[str]) -> list[int]:
@@ -215,54 +198,29 @@ def words_named(instruction: str, words: Sequence[str]) -> list[int]:
 
 
 class _AuxStandardiser:
-    """Turns a span's loaded frames into the read-outs' target: the observation dims ``{"robot_obs": [...],
-    "scene_obs": [...]}`` concatenated in that order and standardised by the split's statistics.yaml, then,
-    with ``words`` (model.aux_instructed_words), the scene_obs group of the word the span's instruction names."""
+    """Turns a span's loaded frames into the read-outs' target: the robot_obs dims ``dims``, standardised
+    by the split's statistics.yaml."""
 
-    def __init__(self, split: CalvinSplit, dims: dict[str, list[int]], words: Sequence[str] = ()) -> None:
+    def __init__(self, split: CalvinSplit, dims: list[int]) -> None:
         where = split.dir / STATISTICS
-        stats = split.statistics()
-        self.dims = dims
-        self.obs = tuple(name for name in ("robot_obs", "scene_obs") if dims.get(name))
-        mean, std = [], []
-        for name in self.obs:
-            vec = (stats.get(name) or [{}])[0]
-            if "mean" not in vec or "std" not in vec:
-                raise VlaopsError(f"{where}: no {name} mean/std; model.aux_weight > 0 needs an arm dataset with {name}")
-            m, sd = np.asarray(vec["mean"])[dims[name]], np.asarray(vec["std"])[dims[name]]
-            flat = [d for d, v in zip(dims[name], sd) if not _varies(v)]
-            if flat:  # aux_dims_from_data cuts these for train; a caller that skipped it is told here
-                key = "aux_scene_dims" if name == "scene_obs" else "aux_robot_dims"
-                raise VlaopsError(
-                    f"{where}: {name} dims {flat} never vary in the training split (std 0): the recordings carry no "
-                    f"such state; set model.aux_weight=0 or model.{key} to dims that do"
-                )
-            mean.append(m)
-            std.append(sd)
-        self.mu, self.sigma = np.concatenate(mean), np.concatenate(std)
-        self.split_dir = split.dir
-        self.words = [w.lower() for w in words]
-        self.group = len(dims.get("scene_obs") or []) // len(words) if words else 0
-        self.scene_at = len(dims.get("robot_obs") or [])  # where the scene dims start in the target
-
-    def named_group(self, instruction: str) -> int:
-        """Index of the one word of ``words`` that ``instruction`` contains."""
-        named = words_named(instruction, self.words)
-        if len(named) != 1:
+        vec = (split.statistics().get(ROBOT_OBS) or [{}])[0]
+        if "mean" not in vec or "std" not in vec:
             raise VlaopsError(
-                f"{self.split_dir}: instruction {instruction!r} names {len(named)} of model.aux_instructed_words "
-                f"{self.words}; each instruction must name exactly one (or set model.aux_instructed_words=[])"
+                f"{where}: no robot_obs mean/std; model.aux_weight > 0 needs an arm dataset with robot_obs"
             )
-        return named[0]
+        self.dims = list(dims)
+        self.mu, self.sigma = np.asarray(vec["mean"])[self.dims], np.asarray(vec["std"])[self.dims]
+        flat = [d for d, v in zip(self.dims, self.sigma) if not _varies(v)]
+        if flat:  # aux_dims_from_data cuts these for train; a caller that skipped it is told here
+            raise VlaopsError(
+                f"{where}: robot_obs dims {flat} never vary in the training split (std 0): the recordings carry no "
+                "such state; set model.aux_weight=0 or model.aux_robot_dims to dims that do"
+            )
 
-    def __call__(self, frames: list[dict[str, np.ndarray]], instruction: str) -> np.ndarray:
-        """frames of one span, each with the ``obs`` keys -> (n, K), or (n, K + G) with ``words``; float32."""
-        raw = np.stack([np.concatenate([f[name][self.dims[name]] for name in self.obs]) for f in frames])  # (n, K)
-        target = ((raw - self.mu) / self.sigma).astype(np.float32)
-        if not self.words:
-            return target
-        at = self.scene_at + self.named_group(instruction) * self.group
-        return np.concatenate([target, target[:, at : at + self.group]], axis=1)  # (n, K + G)
+    def __call__(self, frames: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """frames of one span, each with robot_obs -> (n, K) float32."""
+        raw = np.stack([f[ROBOT_OBS][self.dims] for f in frames])  # (n, K)
+        return ((raw - self.mu) / self.sigma).astype(np.float32)
 
 
 def make_window_dataset(
@@ -276,7 +234,7 @@ def make_window_dataset(
     """The window dataset of ``split`` as the model ``model_cfg`` reads it (window, chunk, image size,
     text length), tokenised by ``processor``; images from the frame cache under ``cache_dir`` (built
     or reused here), or from the npz files when ``cache_dir`` is None; the auxiliary targets
-    (``model.aux_*_dims``) those that vary in the split (:func:`aux_dims_from_data`). Train and evaluate
+    (``model.aux_robot_dims``) those that vary in the split (:func:`aux_dims_from_data`). Train and evaluate
     both call this, so their samples cannot drift apart."""
     from vlaops.model.processor import tokenize  # lazy: transformers is heavy and the cache does not need it
 
@@ -292,6 +250,5 @@ def make_window_dataset(
         augment,
         frames,
         model_cfg.pad_history,
-        {"robot_obs": aux_cfg.aux_robot_dims, "scene_obs": aux_cfg.aux_scene_dims} if aux_cfg.aux_weight > 0 else None,
-        aux_cfg.aux_instructed_words if aux_cfg.aux_weight > 0 else (),
+        aux_cfg.aux_robot_dims if aux_cfg.aux_weight > 0 else None,
     )

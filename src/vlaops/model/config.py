@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlaops.io.calvin_spec import ROBOT_OBS_DIM, SCENE_OBS_DIM
+from vlaops.io.calvin_spec import ROBOT_OBS_DIM
 
 LOSSES = ("huber", "mse")
 BACKBONES = ("tiny", "pretrained")
@@ -142,27 +142,17 @@ class ModelConfig:
     # row) 0.5 with gripper ratio 0.03 taught the next action's x-y where 1.0 did not; on the current
     # simulator neither did in 200 steps (bench/learning_signal.py, docs/results.md): re-measure.
     chunk_loss_decay: float = 0.5
-    # An auxiliary training target: linear read-outs of named features (``aux_inputs``) regress observation
-    # dims that the policy never reads (``aux_robot_dims`` of CALVIN's robot_obs, ``aux_scene_dims`` of its
-    # scene_obs), standardised by the training split's statistics.yaml; their MSEs are summed and weighted
-    # by ``aux_weight`` (0: off, no read-out is built). Training only: inference ignores the read-outs.
-    # Why: Kosmos-2's resampler throws away where the blocks are (linear-probe R^2 -0.05 from its output
-    # against 0.82 from the vision tower's patches) and the decoder does not bring it to the action token;
-    # these targets train exactly that (docs/results.md, "Teaching it where the blocks are").
+    # An auxiliary training target: linear read-outs of named features (``aux_inputs``) regress dims of the
+    # robot's own state (``aux_robot_dims`` of CALVIN's robot_obs: what any robot records), standardised by the
+    # training split's statistics.yaml; their MSEs are summed and weighted by ``aux_weight`` (0: off, no
+    # read-out is built). Training only: inference ignores the read-outs. No target reads the simulator's
+    # scene state (where the objects are): a robot records none, so a recipe that needs it cannot be a team's
+    # recipe; where the objects are comes from the pretrained backbone (the pretrain stage).
     # Inputs: "image_tokens" (the static camera's resampler output, flattened), "mean_image_token" (their
     # mean: what a uniform attention over them passes on), "action_token" (the feature the LSTM head reads).
     aux_weight: float = 0.3
     aux_inputs: list[str] = field(default_factory=lambda: ["image_tokens", "action_token"])
     aux_robot_dims: list[int] = field(default_factory=lambda: [0, 1, 2])  # the TCP position
-    # the x, y of the simulator's three blocks (scene_obs 6:12, 12:18, 18:24 are each block's position + euler)
-    aux_scene_dims: list[int] = field(default_factory=lambda: [6, 7, 12, 13, 18, 19])
-    # One more read-out, from the action token only: the dims of the object the instruction names.
-    # ``aux_scene_dims`` splits into len(aux_instructed_words) equal groups, word i naming group i; a span's
-    # instruction must contain exactly one of the words. Why: the action token holds where every block is
-    # and what the instruction says, but the head does not pick the named block (a policy comes closest to
-    # the instructed block in 0.4-0.75 of episodes, chance 0.33: docs/results.md, "Which block does it go
-    # to?"); this target trains that lookup. Empty: off.
-    aux_instructed_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # built from a plain dict (policy_config.json)
@@ -201,24 +191,13 @@ class ModelConfig:
             or len(set(self.aux_inputs)) < len(self.aux_inputs)
         ):
             raise ValueError(f"aux_inputs must be a non-empty list of distinct {AUX_INPUTS}, got {self.aux_inputs!r}")
-        for name, dims, size in (
-            ("aux_robot_dims", self.aux_robot_dims, ROBOT_OBS_DIM),
-            ("aux_scene_dims", self.aux_scene_dims, SCENE_OBS_DIM),
-        ):
-            if any(not 0 <= d < size for d in dims) or len(set(dims)) < len(dims):
-                raise ValueError(
-                    f"{name} must list distinct CALVIN {name[4:9]}_obs indices 0..{size - 1}, got {dims!r}"
-                )
-        if self.aux_weight > 0 and not self.aux_robot_dims + self.aux_scene_dims:
-            raise ValueError("aux_weight > 0 needs a target: model.aux_robot_dims or model.aux_scene_dims")
-        words = self.aux_instructed_words
-        if any(not w or not w.isalnum() for w in words) or len({w.lower() for w in words}) < len(words):
-            raise ValueError(f"aux_instructed_words must be distinct words (letters and digits), got {words!r}")
-        if words and (not self.aux_scene_dims or len(self.aux_scene_dims) % len(words)):
+        dims = self.aux_robot_dims
+        if any(not 0 <= d < ROBOT_OBS_DIM for d in dims) or len(set(dims)) < len(dims):
             raise ValueError(
-                f"aux_instructed_words: {len(words)} words cannot split model.aux_scene_dims "
-                f"{self.aux_scene_dims} into one equal group each"
+                f"aux_robot_dims must list distinct CALVIN robot_obs indices 0..{ROBOT_OBS_DIM - 1}, got {dims!r}"
             )
+        if self.aux_weight > 0 and not dims:
+            raise ValueError("aux_weight > 0 needs a target: model.aux_robot_dims")
         if self.arm_gripper_loss_ratio < 0:
             raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
         if self.pretrained_dir == "":

@@ -44,25 +44,17 @@ class VLAPolicy(nn.Module):
             dropout=cfg.head_dropout,
             action_classes=cfg.action_classes,
         )
-        # training-only read-outs (model.aux_*: image tokens / action token -> observation dims); inference never calls
-        # them
+        # training-only read-outs (model.aux_*: image tokens / action token -> the robot's own state dims);
+        # inference never calls them
         self.aux_heads = None
         self._warned_no_aux = False
         if cfg.aux_weight > 0:
             q, d = backbone.model.config.latent_query_num, backbone.hidden_size
             self.aux_heads = nn.ModuleDict(
                 {
-                    name: nn.Linear(
-                        q * d if name == "image_tokens" else d, len(cfg.aux_robot_dims) + len(cfg.aux_scene_dims)
-                    )
+                    name: nn.Linear(q * d if name == "image_tokens" else d, len(cfg.aux_robot_dims))
                     for name in cfg.aux_inputs
                 }
-            )
-        # the named object's dims (model.aux_instructed_words), from the action token: the only read of the text
-        self.aux_instructed = None
-        if cfg.aux_weight > 0 and cfg.aux_instructed_words:
-            self.aux_instructed = nn.Linear(
-                backbone.hidden_size, len(cfg.aux_scene_dims) // len(cfg.aux_instructed_words)
             )
 
     @classmethod
@@ -126,22 +118,14 @@ class VLAPolicy(nn.Module):
                 "action_token": lambda: feats,
             }  # (B*W, Q*D | D | D)
             target = batch[keys.AUX_TARGET].flatten(0, 1).float()  # (B*W, K)
-            k = len(self.cfg.aux_robot_dims) + len(self.cfg.aux_scene_dims)
-            g = self.aux_instructed.out_features if self.aux_instructed is not None else 0
-            if target.shape[-1] != k + g:
+            k = len(self.cfg.aux_robot_dims)
+            if target.shape[-1] != k:
                 raise ValueError(
-                    f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k + g} "
-                    "(model.aux_robot_dims "
-                    f"{self.cfg.aux_robot_dims} + aux_scene_dims {self.cfg.aux_scene_dims} + {g} of "
-                    "aux_instructed_words "
-                    f"{self.cfg.aux_instructed_words}): build the policy from the config train cut to the data "
-                    "(vlaops.data.dataset.aux_dims_from_data)"
+                    f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k} "
+                    f"(model.aux_robot_dims {self.cfg.aux_robot_dims}): build the policy from the config train "
+                    "cut to the data (vlaops.data.dataset.aux_dims_from_data)"
                 )
-            aux_loss = sum(
-                F.mse_loss(head(reads[name]()).float(), target[:, :k]) for name, head in self.aux_heads.items()
-            )
-            if self.aux_instructed is not None:
-                aux_loss = aux_loss + F.mse_loss(self.aux_instructed(feats).float(), target[:, k:])
+            aux_loss = sum(F.mse_loss(head(reads[name]()).float(), target) for name, head in self.aux_heads.items())
             losses = {
                 **losses,
                 "loss": losses["loss"] + self.cfg.aux_weight * aux_loss,
