@@ -1,6 +1,6 @@
 """Sweeps (`vlaops train -m`, src/vlaops/sweep.py) on tiny data: a grid and an Optuna search, each job an
 MLflow run nested under the sweep's parent run, which keeps the best; bad sweeps stop before any job;
-and the `dvc exp run --queue -S` grid the README documents, in a temp copy of the repo."""
+and the `dvc exp run --queue -S` grid docs/experiments.md documents, in a temp copy of the repo."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def test_an_optuna_search_is_seeded_and_nests_its_trials(data, tmp_path):
     assert results["best_value"] == pytest.approx(min(losses))
 
 
-# ---- the DVC queue grid of the README ---------------------------------------------------------------
+# ---- the DVC queue grid of docs/experiments.md ------------------------------------------------------
 def _queued(repo: Path) -> dict[str, dict]:
     """`dvc exp show --json`: experiment name -> {"state", "learning_rate", "metrics"}."""
     from test_e2e import _run
@@ -261,7 +261,7 @@ def test_a_dvc_queue_grid_holds_one_experiment_per_setting(tmp_path):
 
 @pytest.mark.slow
 def test_a_dvc_queue_grid_runs_and_each_experiment_is_an_mlflow_run(tmp_path):
-    """The whole README recipe: a baseline `dvc repro`, the grid queued, `dvc queue start`, then both
+    """The whole recipe of docs/experiments.md: a baseline `dvc repro`, the grid queued, `dvc queue start`, then both
     experiments in `dvc exp show` with their metrics and in the project's MLflow store (queued experiments
     run in copies under .dvc/tmp/exps and log to the parent repository's store)."""
     from test_e2e import _run, make_repo
