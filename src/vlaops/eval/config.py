@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlaops.model.execution import ACT_ENSEMBLE_COEFF, Execution
+
 # The names users may list; one home, imported by the ablation and reference modules and the stage.
 # blank_images: both cameras replaced by zeros; swap_instruction: another task's instruction (eval/ablation.py).
 ABLATIONS = ("blank_images", "swap_instruction")
@@ -35,6 +37,17 @@ class EvalConfig:
     # 95 % percentile intervals of Avg. Len and every SR by resampling the chains with replacement.
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
+    # Which action of the predicted chunks runs (vlaops.model.execution): first (RoboVLMs: a chunk every
+    # step, its first action), chunk (chunk_steps actions open loop per prediction; null: the whole chunk)
+    # or ensemble (ACT's temporal ensembling, weights exp(-ensemble_coeff * i), i = 0 the oldest prediction).
+    # The ablations and the videos run the policy the same way; the expert and blind references predict no chunks.
+    execute: str = "first"
+    chunk_steps: int | None = None
+    ensemble_coeff: float = ACT_ENSEMBLE_COEFF
+
+    def execution(self) -> Execution:
+        """The three execution settings as the runtime takes them (messages name ``eval.<key>``)."""
+        return Execution(self.execute, self.chunk_steps, self.ensemble_coeff, key_prefix="eval.")
 
     def __post_init__(self) -> None:
         for name in ("plot_episodes", "videos"):
@@ -58,3 +71,4 @@ class EvalConfig:
                 raise ValueError(f"eval.{key}: unknown value(s) {unknown}; allowed: {', '.join(allowed)}")
             if len(set(values)) != len(values):
                 raise ValueError(f"eval.{key}: each value at most once, got {values}")
+        self.execution()  # eval.execute, chunk_steps (>= 1; <= the policy's chunk is checked at load), ensemble_coeff

@@ -22,6 +22,7 @@ from vlaops.eval.ablation import NEEDS_NO_IMAGES, AblatedPolicy
 from vlaops.eval.chains import ChainResult, run_chain
 from vlaops.eval.env import StepPolicy
 from vlaops.eval.reference import ExpertPolicy
+from vlaops.model.execution import Execution
 from vlaops.sim.config import SimConfig
 from vlaops.sim.tasks import get_task
 from vlaops.utils.executor import ComputeConfig, map_ordered, start_method
@@ -31,16 +32,18 @@ Chain = tuple[int, list[str]]  # (scene seed, task names)
 
 @dataclass(frozen=True)
 class RuntimeFactory:
-    """The trained policy, loaded from its export directory in each worker."""
+    """The trained policy, loaded from its export directory in each worker, running its chunks as
+    ``execution`` says (``eval.execute``)."""
 
     model_dir: str
     device: str = "cpu"
     needs_images: bool = True
+    execution: Execution = field(default_factory=Execution)
 
     def __call__(self, env: Any) -> StepPolicy:
         from vlaops.model import PolicyRuntime  # the model stack loads only where a worker runs it
 
-        return PolicyRuntime.load(Path(self.model_dir), torch.device(self.device))
+        return PolicyRuntime.load(Path(self.model_dir), torch.device(self.device), self.execution)
 
 
 @dataclass(frozen=True)

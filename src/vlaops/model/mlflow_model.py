@@ -10,9 +10,14 @@ so far: rows in time order, the runtime reset before the first, and the action o
 ``predict`` on an episode gives what ``PolicyRuntime.step`` gives stepping through it. Images travel as
 PNG bytes (lossless, so the actions are the same bit for bit).
 
+Which action of the predicted chunks runs is a predict param, as ``eval.execute`` (``vlaops.model.execution``):
+``execute`` (first | chunk | ensemble), ``chunk_steps`` and ``ensemble_coeff``, each defaulting to the
+runtime's default (first); a bad value is one line naming ``params.<key>``.
+
     import mlflow
     model = mlflow.pyfunc.load_model("models:/vlaops-policy/1")
     model.predict(pd.DataFrame({"instruction": [...], "rgb_static": [png, ...], "rgb_gripper": [png, ...]}))
+    model.predict(frames, params={"execute": "chunk", "chunk_steps": 5})
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 
 POLICY_ARTIFACT = "policy"  # the export directory, under the model's artifacts
 ARM_ACTION_COLUMNS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")  # relative action, CALVIN units
+EXECUTION_PARAMS = ("execute", "chunk_steps", "ensemble_coeff")  # predict params: vlaops.model.execution
 
 
 def png_bytes(img: np.ndarray) -> bytes:
@@ -51,9 +57,28 @@ def action_columns(action_dim: int, action_names: tuple[str, ...] | None = None)
     return ARM_ACTION_COLUMNS if action_dim == len(ARM_ACTION_COLUMNS) else tuple(f"a{i}" for i in range(action_dim))
 
 
-def predict_episode(runtime: Any, frames: Any) -> Any:
+def execution_from_params(params: dict[str, Any] | None) -> Any:
+    """A predict call's ``params`` -> its ``Execution``; a param left out takes the runtime's default."""
+    from vlaops.model.execution import Execution
+
+    default = Execution()
+    params = params or {}
+    unknown = sorted(set(params) - set(EXECUTION_PARAMS))
+    if unknown:
+        raise ValueError(f"params: unknown key(s) {unknown}; known: {', '.join(EXECUTION_PARAMS)}")
+    steps = params.get("chunk_steps", default.chunk_steps)
+    return Execution(
+        mode=str(params.get("execute", default.mode)),
+        chunk_steps=None if steps is None else int(steps),
+        ensemble_coeff=float(params.get("ensemble_coeff", default.ensemble_coeff)),
+        key_prefix="params.",
+    )
+
+
+def predict_episode(runtime: Any, frames: Any, params: dict[str, Any] | None = None) -> Any:
     """``frames`` (a pandas DataFrame: ``instruction``, ``rgb_static`` and, for a policy with a gripper
-    camera, ``rgb_gripper``; rows in time order) -> one action per row (DataFrame), from a reset runtime."""
+    camera, ``rgb_gripper``; rows in time order) -> one action per row (DataFrame), from a fresh runtime over
+    ``runtime``'s weights that runs its chunks as ``params`` say (``execution_from_params``)."""
     import pandas as pd
 
     from vlaops.io.episode import BASE_ACTION_NAMES
@@ -68,7 +93,7 @@ def predict_episode(runtime: Any, frames: Any) -> Any:
             f"input lacks column(s) {missing}; expected instruction, rgb_static"
             f"{', rgb_gripper' if runtime.cfg.use_hand_rgb else ''} (PNG bytes), one row per frame in time order"
         )
-    runtime.reset()
+    runtime = runtime.with_execution(execution_from_params(params))  # a fresh history and chunks, this call's own
     actions = []
     for i, row in enumerate(frames.to_dict("records")):
         obs = {"rgb_static": _pixels(row["rgb_static"], "rgb_static", i)}
@@ -81,13 +106,24 @@ def predict_episode(runtime: Any, frames: Any) -> Any:
 
 
 def signature(use_hand_rgb: bool, columns: tuple[str, ...]) -> Any:
+    """Inputs, outputs and the execution params (MLflow passes a predict call only the params declared here)."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from vlaops.model.execution import Execution
 
     inputs = [ColSpec("string", "instruction"), ColSpec("binary", "rgb_static")]
     if use_hand_rgb:
         inputs.append(ColSpec("binary", "rgb_gripper"))
-    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double", c) for c in columns]))
+    default = Execution()
+    params = ParamSchema(
+        [
+            ParamSpec("execute", "string", default.mode),
+            ParamSpec("chunk_steps", "long", default.chunk_steps),
+            ParamSpec("ensemble_coeff", "double", default.ensemble_coeff),
+        ]
+    )
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema([ColSpec("double", c) for c in columns]), params=params)
 
 
 def _python_model() -> Any:
@@ -102,7 +138,7 @@ def _python_model() -> Any:
             self.runtime = PolicyRuntime.load(context.artifacts[POLICY_ARTIFACT])
 
         def predict(self, context, model_input, params=None):  # no type hints: MLflow reads them as a schema
-            return predict_episode(self.runtime, model_input)
+            return predict_episode(self.runtime, model_input, params)
 
     return PolicyModel()
 

@@ -11,10 +11,12 @@ An export directory carries everything needed to act, and nothing from the train
 
 ``PolicyRuntime`` has the interface CALVIN's evaluator calls (calvin_models/calvin_agent/evaluation/
 evaluate_policy.py: ``model.reset()``, ``model.step(obs, lang_annotation)``). It runs the backbone
-once per step on the new frame, caches earlier frames' features (the backbone is per-frame, so a
-cached feature equals a recomputed one), and runs the LSTM head over the last ``window_size`` of them;
-with ``pad_history`` an episode's first frame fills the whole window, as the training windows that end
-at a span's start are padded.
+once per prediction on the frames that arrived since the last one, caches earlier frames' features
+(the backbone is per-frame, so a cached feature equals a recomputed one), and runs the LSTM head over
+the last ``window_size`` of them; with ``pad_history`` an episode's first frame fills the whole window,
+as the training windows that end at a span's start are padded. Which action of the predicted chunks it
+runs is its ``Execution`` (``vlaops.model.execution``: ``first``, the default, predicts every step and
+runs the chunk's first action).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from vlaops.data.transforms import to_model_input
 from vlaops.errors import VlaopsError
 from vlaops.model.backbone import KosmosBackbone
 from vlaops.model.config import ModelConfig
+from vlaops.model.execution import ChunkExecutor, Execution
 from vlaops.model.policy import VLAPolicy
 from vlaops.model.processor import load_processor, tokenize
 from vlaops.utils.atomic import atomic_dir, write_json
@@ -185,10 +188,22 @@ def _camera(obs: dict[str, Any], key: str) -> np.ndarray | None:
 
 class PolicyRuntime:
     """Closed-loop runtime of an exported policy: ``reset()``, then ``step(obs, instruction) -> (7,)
-    relative action``; ``encode`` is the per-frame backbone step that ``step`` caches."""
+    relative action``; ``encode`` is the per-frame backbone step that ``step`` caches.
+
+    ``execution`` says which action of the predicted chunks each step runs (default ``first``). In
+    ``chunk`` mode the model runs once per k steps, yet every frame observed in between still enters the
+    window history: its images are prepared when it arrives and encoded, all of them in one backbone
+    call, when the next chunk is predicted, so that prediction sees the frames that passed, as the
+    training windows (consecutive frames) do.
+    """
 
     def __init__(
-        self, model: VLAPolicy, processor: Any, normalizer: ActionNormalizer, device: str | torch.device = "cpu"
+        self,
+        model: VLAPolicy,
+        processor: Any,
+        normalizer: ActionNormalizer,
+        device: str | torch.device = "cpu",
+        execution: Execution | None = None,
     ):
         self.model = model.to(device).eval()
         self.processor = processor
@@ -196,29 +211,46 @@ class PolicyRuntime:
         self.device = torch.device(device)
         self.cfg: ModelConfig = model.cfg
         self.window_size = self.cfg.window_size
+        self.execution = execution or Execution()
+        try:
+            self.executor = ChunkExecutor(self.execution, self.cfg.fwd_pred_next_n)
+        except ValueError as exc:  # chunk_steps past this policy's chunk
+            raise VlaopsError(str(exc)) from None
         self._features: deque[torch.Tensor] = deque(maxlen=self.window_size)  # each (1, D)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # frames not yet encoded: (1, 3, S, S)
         self._instruction: str | None = None
         self._text: tuple[torch.Tensor, torch.Tensor] | None = None  # (1, L) ids, (1, L) mask
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> PolicyRuntime:
+    def load(
+        cls, path: str | os.PathLike[str], device: str | torch.device = "cpu", execution: Execution | None = None
+    ) -> PolicyRuntime:
         model, processor, normalizer = load_policy_model(path, device)
         log.info("loaded policy from %s on %s", path, device)
-        return cls(model, processor, normalizer, device)
+        return cls(model, processor, normalizer, device, execution)
+
+    def with_execution(self, execution: Execution | None) -> PolicyRuntime:
+        """A runtime over the same weights, processor and normaliser with a history of its own, running
+        chunks as ``execution`` says (a served session, an MLflow predict call)."""
+        return PolicyRuntime(self.model, self.processor, self.normalizer, self.device, execution)
 
     def reset(self) -> None:
-        """Start a new episode or subtask: forget the window history."""
+        """Start a new episode or subtask: forget the window history and every predicted chunk."""
         self._features.clear()
+        self._pending.clear()
+        self.executor.reset()
         self._instruction = None
         self._text = None
 
     def text(self, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The instruction's token ids and mask, (1, L) each, on the device (tokenised once per instruction).
 
-        An instruction other than the current one forgets the history: the cached features were
-        computed with the old text."""
+        An instruction other than the current one forgets the history and the chunks: the cached
+        features were computed with the old text, and the chunks' actions were for the old task."""
         if instruction != self._instruction:
             self._features.clear()
+            self._pending.clear()
+            self.executor.reset()
             ids, mask = tokenize(self.processor, [instruction], self.cfg.max_text_len)  # (1, L) each
             self._text = (ids.to(self.device), mask.to(self.device))
             self._instruction = instruction
@@ -257,22 +289,47 @@ class PolicyRuntime:
         """obs with ``rgb_static`` (H, W, 3) u8 (and ``rgb_gripper`` when the policy uses it) -> (7,) float64.
 
         The action is relative, in CALVIN units: arm in [-1, 1] scaled by the normaliser's
-        [norm_min, norm_max] range, gripper -1 (close) or 1 (open).
+        [norm_min, norm_max] range, gripper -1 (close) or 1 (open). A step that predicts runs the backbone
+        once, over this frame and any frames that arrived since the last prediction, and the head once.
         """
-        feat = self.encode(obs, instruction)  # (1, D): the only backbone call this step
-        if not self._features and self.cfg.pad_history:  # the first frame fills the history, as in training
-            self._features.extend([feat] * (self.window_size - 1))
-        self._features.append(feat)
-        window = torch.stack(list(self._features), dim=1)  # (1, w, D), w <= window_size
-        return self.action_from_features(window)
+        ids, mask = self.text(instruction)  # (1, L) each; a new instruction forgets the history
+        self._pending.append(self.images(obs))  # (1, 3, S, S) each
+        chunk = None
+        if self.executor.needs_chunk():
+            n = len(self._pending)
+            rgb = torch.cat([r for r, _ in self._pending])  # (n, 3, S, S)
+            hand = torch.cat([h for _, h in self._pending]) if self.cfg.use_hand_rgb else None
+            self._pending.clear()
+            feats = self.model.encode_frames(rgb, hand, ids.repeat(n, 1), mask.repeat(n, 1))  # (n, D)
+            for feat in feats.split(1):  # each (1, D), oldest first
+                if not self._features and self.cfg.pad_history:  # the first frame fills the history, as in training
+                    self._features.extend([feat] * (self.window_size - 1))
+                self._features.append(feat)
+            window = torch.stack(list(self._features), dim=1)  # (1, w, D), w <= window_size
+            chunk = self.chunk_from_features(window)  # (C, A-1 + 1 | K)
+        return self.decide(self.executor.step(chunk))
+
+    @torch.inference_mode()
+    def chunk_from_features(self, window: torch.Tensor) -> np.ndarray:
+        """(1, w, D) frame features, newest last -> the chunk predicted at the newest frame, (C, A-1 + 1)
+        float32: the arm in [-1, 1] and the gripper's probability (a mobile base: (C, A-1 + K), the
+        action_type class probabilities)."""
+        arm, grip = self.model.predict_from_features(window)  # (1, w, C, A-1), (1, w, C, 1 | K)
+        return torch.cat([arm[0, -1].float(), grip[0, -1].float()], dim=-1).cpu().numpy()  # (C, A-1 + 1 | K)
+
+    def decide(self, row: np.ndarray) -> np.ndarray:
+        """One row of a chunk (or of an ensemble of them), (A-1 + 1 | K,) -> the (A,) float64 relative
+        action: the arm denormalised, the gripper +1 where its probability exceeds the normaliser's
+        threshold, else -1 (a mobile base: velocities and the most probable action_type's class id)."""
+        row = np.asarray(row, dtype=np.float64)
+        if self.cfg.action_classes:
+            a = self.cfg.action_dim - 1
+            row = np.concatenate([row[:a], [float(np.argmax(row[a:]))]])  # (A,)
+        return self.normalizer.denormalize(row)
 
     @torch.inference_mode()
     def action_from_features(self, window: torch.Tensor) -> np.ndarray:
-        """(1, w, D) frame features, newest last -> the (7,) relative action to execute now: the first
+        """(1, w, D) frame features, newest last -> the (7,) relative action of ``first``: the first
         action of the chunk predicted at the newest frame, denormalised (a mobile base: (4,) linear_x m/s,
-        linear_y m/s, angular_z rad/s and the action_type class id)."""
-        arm, grip = self.model.predict_from_features(window)  # (1, w, C, A-1), (1, w, C, 1)
-        if self.cfg.action_classes:  # a mobile base: the most probable action_type, as a class id
-            grip = grip.argmax(-1, keepdim=True).to(arm.dtype)  # (1, w, C, 1)
-        first = torch.cat([arm[0, -1, 0], grip[0, -1, 0]], dim=-1).float().cpu().numpy()  # (A,)
-        return self.normalizer.denormalize(first.astype(np.float64))
+        linear_y m/s, angular_z rad/s and the action_type class id). The history is not touched."""
+        return self.decide(self.chunk_from_features(window)[0])

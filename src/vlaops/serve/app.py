@@ -9,7 +9,9 @@
 Images travel as ``vlaops.serve.codec`` objects (raw pixels or PNG, both exact), at CALVIN's sizes, the
 sizes every vlaops policy is trained on (``data/convert.py`` resizes to them): rgb_static 200x200x3,
 rgb_gripper 84x84x3 (required when the policy uses the gripper camera). The action is ``PolicyRuntime.step``'s:
-relative, in CALVIN units, gripper +-1; JSON carries each float64 exactly (shortest round-trip repr).
+relative, in CALVIN units, gripper +-1; JSON carries each float64 exactly (shortest round-trip repr). Which
+action of the predicted chunks a step answers is ``serve.execute`` (first | chunk | ensemble, as
+``eval.execute``); each session keeps its own chunks, and a reset forgets them with the window.
 
 A bad request is answered 4xx with ``{"error": "<field>: <what is wrong>", "field": "<field>"}`` and
 changes nothing: malformed JSON 400, a missing or malformed field or a wrong image size 422, an unknown
@@ -122,12 +124,15 @@ class PolicyServer:
         model_dir: str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from vlaops.model import PolicyRuntime
-
         self.runtime, self.cfg, self.model_dir = runtime, cfg, model_dir
-        # each session: its own window over the shared model, processor and normaliser
+        self.execution = cfg.execution()
+        try:  # serve.chunk_steps past the policy's chunk: one line, before a session exists
+            self.executed = self.execution.describe(runtime.cfg.fwd_pred_next_n)
+        except ValueError as exc:
+            raise VlaopsError(str(exc)) from None
+        # each session: its own window and chunks over the shared model, processor and normaliser
         self.sessions = SessionStore(
-            lambda: PolicyRuntime(runtime.model, runtime.processor, runtime.normalizer, runtime.device),
+            lambda: runtime.with_execution(self.execution),
             cfg.max_sessions,
             cfg.session_idle_s,
             clock,
@@ -155,6 +160,7 @@ class PolicyServer:
             "image_size": m.image_size,
             "use_hand_rgb": m.use_hand_rgb,
             "pad_history": m.pad_history,
+            "execute": self.executed,  # which predicted action each step answers (serve.execute)
             "cameras": {k: list(v) for k, v in self.cameras.items()},
             "action": (MOBILE_BASE_ACTION if getattr(m, "action_classes", 0) else ARM_ACTION),
             **self.sessions.summary(),
@@ -296,14 +302,15 @@ def serve(model_dir: str | Path, cfg: ServeConfig) -> None:
 
     from vlaops.model import PolicyRuntime
 
-    runtime = PolicyRuntime.load(Path(model_dir), resolve_device(cfg.device))
+    runtime = PolicyRuntime.load(Path(model_dir), resolve_device(cfg.device), cfg.execution())
     server = PolicyServer(runtime, cfg, model_dir)
     log.info(
-        "serving %s on http://%s:%d (%s; at most %d sessions, dropped after %g s idle)",
+        "serving %s on http://%s:%d (%s, execute %s; at most %d sessions, dropped after %g s idle)",
         model_dir,
         cfg.host,
         cfg.port,
         runtime.device,
+        server.executed,
         cfg.max_sessions,
         cfg.session_idle_s,
     )

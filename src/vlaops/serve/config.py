@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vlaops.model.execution import ACT_ENSEMBLE_COEFF, Execution
+
 
 @dataclass
 class ServeConfig:
@@ -17,6 +19,15 @@ class ServeConfig:
     session_idle_s: float = 600.0
     # uvicorn's keep-alive for idle connections; the client reconnects before this runs out
     keep_alive_s: float = 5.0
+    # Which action of the predicted chunks each step answers, as eval.execute (vlaops.model.execution):
+    # first | chunk (chunk_steps per prediction; null: the whole chunk) | ensemble (ensemble_coeff: ACT's m)
+    execute: str = "first"
+    chunk_steps: int | None = None
+    ensemble_coeff: float = ACT_ENSEMBLE_COEFF
+
+    def execution(self) -> Execution:
+        """The three execution settings as the runtime takes them (messages name ``serve.<key>``)."""
+        return Execution(self.execute, self.chunk_steps, self.ensemble_coeff, key_prefix="serve.")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -28,3 +39,4 @@ class ServeConfig:
                 raise ValueError(f"serve.{name} must be > 0, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"serve.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.execution()  # serve.execute, chunk_steps (<= the policy's chunk is checked at load), ensemble_coeff

@@ -155,7 +155,8 @@ def _evaluate_offline_only(cfg: Config, model_dir: Path, policy: PolicyRuntime, 
 def _evaluate(cfg: Config, model_dir: Path) -> None:
     reports_dir = Path(cfg.paths.reports_dir)
     device = resolve_device(cfg.eval.device)
-    policy = PolicyRuntime.load(model_dir, device)
+    execution = cfg.eval.execution()
+    policy = PolicyRuntime.load(model_dir, device, execution)  # eval.chunk_steps past the policy's chunk: one line
     check_checkpoint(model_dir, policy, cfg)
     if policy.cfg.action_classes:  # the embedded simulator is an arm: a base gets the offline half only
         _evaluate_offline_only(cfg, model_dir, policy, device)
@@ -168,7 +169,9 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
             raise VlaopsError(f"eval.tasks: {exc}") from None
     instructions = {name: get_task(name).instruction for name in tasks}
     # Every run to make, in the order of the table: fail on a missing input before any chain is played.
-    policy_factory = RuntimeFactory(str(model_dir), str(device))
+    executed = execution.describe(policy.cfg.fwd_pred_next_n)  # the mode and the values in force
+    log.info("executing the predicted chunks: %s", executed)
+    policy_factory = RuntimeFactory(str(model_dir), str(device), execution=execution)
     factories: dict[str, Any] = {"policy": policy_factory}
     for mode in cfg.eval.ablations:
         factories[f"{tracking.ABLATION_PREFIX}{mode}"] = AblatedFactory(policy_factory, mode, instructions)
@@ -239,6 +242,7 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
         "num_chains": summary["num_chains"],
         "chain_length": cfg.eval.chain_length,
         "confidence": cfg.eval.confidence,
+        "execute": executed,  # how the policy's chunks ran (its ablations' too): mode, chunk_steps, ensemble_coeff
         "task_sr": {t: v["success"] / v["total"] for t, v in summary["task_info"].items()},
         "subtask_sr": start_sr(summary),  # first: from the reset scene; later: where the previous subtask left it
         "offline": offline,
@@ -266,10 +270,11 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     write_json(reports_dir / RESULTS_FILE, results_json(summary, str(cfg.paths.model_dir)))
     write_json(reports_dir / METRICS_FILE, metrics)
     log.info(
-        "%d chains of %d, seed %d:\n%s",
+        "%d chains of %d, seed %d, execute %s:\n%s",
         len(chains),
         cfg.eval.chain_length,
         cfg.eval.seed,
+        executed,
         summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence),
     )
     first, later = summary["start_info"][FIRST_SUBTASK], summary["start_info"][LATER_SUBTASKS]
@@ -293,7 +298,14 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
         run_id = None
     with tracking.run(cfg.tracking, run_id=run_id, tags=None if run_id else {"stage": "evaluate"}) as mlflow:
         tracking.log_tags(
-            mlflow, {"eval.num_chains": metrics["num_chains"], "eval.chain_length": cfg.eval.chain_length}
+            mlflow,
+            {
+                "eval.num_chains": metrics["num_chains"],
+                "eval.chain_length": cfg.eval.chain_length,
+                "eval.execute": executed["mode"],
+                "eval.chunk_steps": executed["chunk_steps"],
+                "eval.ensemble_coeff": executed["ensemble_coeff"],  # None unless ensemble: a stale value never stays
+            },
         )
         flat: dict[str, float] = {}
         for label, fig in figs.items():
