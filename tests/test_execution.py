@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import tiny_config
 
+from vlaops.config import load_config
 from vlaops.errors import VlaopsError
 from vlaops.model.execution import ChunkExecutor, Execution
 
@@ -292,3 +293,53 @@ def test_mlflow_model_takes_the_setting_as_a_param(runtime, tiny_policy_dir, tmp
         model.predict(table, params={"execute": "later"})
     with pytest.raises(Exception, match=r"params\.chunk_steps must be in 1\.\."):
         model.predict(table, params={"execute": "chunk", "chunk_steps": 99})
+
+
+def test_evaluate_runs_the_chains_as_eval_execute_says_and_records_it(tiny_policy_dir, calvin_dir, tmp_path):
+    """The evaluate stage with eval.execute=chunk: its chains, its ablation and its video run the chunks so,
+    and metrics.json and the MLflow run record the mode and the values in force; a chunk_steps past the
+    policy's chunk stops it in one line before a chain is played."""
+    import dataclasses
+    import json
+
+    import mlflow
+    from conftest import CONF, SHRINK_MODEL, path_overrides
+
+    from vlaops.model import load_policy_model, save_policy
+    from vlaops.stages import evaluate
+    from vlaops.tracking import tracking_uri
+
+    # the tiny policy without its read-outs (training-only heads): the bags' robot state does not vary as
+    # the offline metrics' read-out targets need
+    policy, processor, normalizer = load_policy_model(tiny_policy_dir)
+    policy.aux_heads = None
+    policy_dir = save_policy(
+        tmp_path / "policy", policy, processor, normalizer, dataclasses.replace(policy.cfg, aux_weight=0.0)
+    )
+    over = [
+        *path_overrides(tmp_path),
+        *SHRINK_MODEL,
+        f"paths.model_dir={policy_dir}",
+        "sim.tasks=[lift_blue,place_blue]",
+        "eval.num_chains=2",
+        "eval.chain_length=2",
+        "eval.max_steps_per_subtask=4",
+        "eval.offline_batches=1",
+        "eval.num_workers=1",
+        "eval.videos=1",
+        "eval.plot_episodes=1",
+        "eval.ablations=[blank_images]",
+        "eval.references=[]",
+        "eval.execute=chunk",
+        "eval.chunk_steps=3",
+    ]
+    stage_cfg = load_config(over, CONF)
+    evaluate.run(stage_cfg)
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["execute"] == {"mode": "chunk", "chunk_steps": 3, "ensemble_coeff": None}
+    assert metrics["ablations"]["blank_images"]["avg_len"] >= 0
+    client = mlflow.MlflowClient(tracking_uri(stage_cfg.tracking))
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert (run.data.tags["eval.execute"], run.data.tags["eval.chunk_steps"]) == ("chunk", "3")
+    with pytest.raises(VlaopsError, match=r"eval\.chunk_steps must be in 1\.\.4 "):  # before a chain is played
+        evaluate.run(load_config([*over, "eval.chunk_steps=5"], CONF))
