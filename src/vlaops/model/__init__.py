@@ -14,6 +14,8 @@ _EXPORTS = {
     "KosmosBackbone": "backbone",
     "tiny_kosmos_config": "backbone",
     "ModelConfig": "config",
+    "ChunkExecutor": "execution",
+    "Execution": "execution",
     "TinyKosmosConfig": "config",
     "LSTMPolicyHead": "head",
     "VLAPolicy": "policy",
