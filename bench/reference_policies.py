@@ -32,9 +32,8 @@ from vlaops.eval.blind import BlindPolicy
 from vlaops.eval.chains import evaluate_chains, summarize
 from vlaops.eval.reference import ExpertPolicy
 from vlaops.io.calvin import rel_actions_from_abs
-from vlaops.sim import TabletopEnv, get_task, run_expert
+from vlaops.sim import TabletopEnv, get_task, run_expert, seeded_chains
 from vlaops.sim.record import episode_seed, expert_episodes
-from vlaops.stages.evaluate import seeded_chains
 from vlaops.utils.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -180,7 +180,7 @@ class SyntheticWindows:
         import torch
 
         from vlaops.data import keys
-        from vlaops.model import tokenize
+        from vlaops.data.tokens import tokenize
 
         g = torch.Generator().manual_seed(seed)
         instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(n)]

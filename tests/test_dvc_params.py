@@ -1,6 +1,7 @@
 """dvc.yaml lists, for each stage, exactly the parameters the stage reads: derived from the code.
 
-A stage's reads are the ``cfg.<group>.<key>`` chains in ``src/vlaops/stages/<stage>.py``; where a
+A stage's reads are the ``cfg.<group>.<key>`` chains in ``src/vlaops/stages/<stage>.py`` and in the library
+module it hands the whole config to (``train(cfg)``, ``evaluate(cfg, model_dir)``: ``WHOLE`` below); where a
 stage hands a sub-config whole to the library (``ingest(..., cfg.data)``, ``TabletopEnv(cfg.sim)``) and
 dvc.yaml lists only some of its keys, the reads are the ``cfg.<key>`` / ``self.cfg.<key>`` chains of the
 library modules that receive it (``LIBRARY`` below). A key a stage reads must be in its ``params:`` (or
@@ -31,10 +32,13 @@ STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
 # read by stages, but they say where results go (tracking) or where the work runs (compute), not what it is
 NOT_PARAMS = ("tracking", "compute", "paths.checkpoint_dir")  # the last: the trainer's scratch, see below
 
+# stage -> the library modules the stage hands the whole config to, which read it as ``cfg`` throughout
+WHOLE: dict[str, list[str]] = {"train": ["train/trainer.py"], "evaluate": ["eval/evaluate.py"]}
+
 # stage -> {sub-config handed to the library whole: the modules that read it as ``cfg`` / ``self.cfg``}
 LIBRARY: dict[str, dict[str, list[str]]] = {
     "collect": {"sim": ["sim/record.py", "sim/env.py"]},
-    "ingest": {"data": ["data/ingest.py", "io/rosbag2.py", "io/base.py", "io/hdf5.py"]},
+    "ingest": {"data": ["data/ingest.py", "io/rosbag2.py", "io/mobile_base.py", "io/hdf5.py"]},
     "convert": {"data": ["data/convert.py"]},
     "normalize": {"data": ["data/action_stats.py"]},
     "train": {},  # reads its groups key by key or lists them whole
@@ -83,6 +87,8 @@ def _covers(listed: str, key: str) -> bool:
 def stage_reads(stage: str, listed: list[str], composed: dict) -> set[str]:
     """Config keys ``stage`` reads, as dotted paths of the composed config."""
     reads = _chains(SRC / "stages" / f"{stage}.py", ("cfg",))
+    for module in WHOLE.get(stage, []):
+        reads |= _chains(SRC / module, ("cfg",))
     for group, modules in LIBRARY[stage].items():
         if group in reads and not any(_covers(p, group) for p in listed):
             reads.discard(group)  # handed whole to the library, listed key by key: what does it read?

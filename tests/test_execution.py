@@ -337,7 +337,7 @@ def test_evaluate_runs_the_chains_as_eval_execute_says_and_records_it(tiny_polic
     evaluate.run(stage_cfg)
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
     assert metrics["execute"] == {"mode": "chunk", "chunk_steps": 3, "ensemble_coeff": None}
-    assert metrics["ablations"]["blank_images"]["avg_len"] >= 0
+    assert metrics["ablation/blank_images"]["avg_len"] >= 0
     client = mlflow.MlflowClient(tracking_uri(stage_cfg.tracking))
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert (run.data.tags["eval.execute"], run.data.tags["eval.chunk_steps"]) == ("chunk", "3")

@@ -15,7 +15,8 @@ from vlaops.data.normalization import ActionNormalizer
 from vlaops.model import ModelConfig, PolicyRuntime, VLAPolicy, save_policy
 from vlaops.tracking import TRAIN_LOSS
 from vlaops.train.config import TrainConfig, TrainSetupConfig
-from vlaops.train.loop import make_loader, resolve_precision, train_policy
+from vlaops.train.launch import resolve_precision
+from vlaops.train.loop import make_loader, train_policy
 from vlaops.train.setup import apply_train_setup
 
 pytestmark = [

@@ -251,9 +251,9 @@ def test_offline_accuracy_counts_the_class(base_data):
 
 # ---- bad input ----------------------------------------------------------------------------------------
 def _read(path: Path, cfg):
-    from vlaops.io.rosbag2 import read_rosbag2
+    from vlaops.io.readers import read_bag
 
-    return read_rosbag2(path, path.name, cfg.data)
+    return read_bag(path, path.name, cfg.data)
 
 
 def test_nan_twist_is_refused(tmp_path):

@@ -14,14 +14,8 @@ from vlaops.model import ModelConfig, VLAPolicy
 from vlaops.tracking import TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, VAL_LOSS
 from vlaops.train.checkpoint import latest_checkpoint
 from vlaops.train.config import TrainConfig, TrainSetupConfig
-from vlaops.train.loop import (
-    build_optimizer,
-    evaluate,
-    lr_lambda,
-    make_loader,
-    resolve_precision,
-    train_policy,
-)
+from vlaops.train.launch import resolve_precision
+from vlaops.train.loop import build_optimizer, evaluate, lr_lambda, make_loader, train_policy
 from vlaops.train.setup import apply_train_setup
 from vlaops.utils.bf16 import cpu_bf16_autocast_works, cpu_bf16_lstm_works
 

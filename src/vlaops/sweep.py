@@ -304,8 +304,7 @@ def run_sweep(
                 run_stage(stage, cfg)
             model_dir = Path(cfg.paths.model_dir)
             value = float(json.loads((model_dir / TRAIN_RESULT_FILE).read_text())["last_val_loss"])
-            run_file = model_dir / tracking.RUN_FILE
-            run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
+            run_id = tracking.policy_run_id(model_dir)
             jobs.append(
                 {
                     "job": num,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
 import os
 import subprocess
 import time
@@ -55,13 +56,9 @@ HEADLINE_PREFIX = "eval/"  # MLflow: eval/avg_len, eval/sr_1 ... (metrics.json k
 
 
 def figure_prefix(label: str) -> str:
-    """The MLflow name prefix of an evaluated policy's figures: ``eval/`` for the policy itself,
-    ``eval_ablation/<mode>/`` and ``eval_reference/<name>/`` for the others.
-
-    MLflow's run page draws one chart section per prefix, sorted by name, with unprefixed metrics in a
-    last "Model metrics" section (seen in MLflow 3.17's UI): under ``eval/`` the headline comes first,
-    its ablations and references right after it."""
-    return HEADLINE_PREFIX if label == "policy" else f"eval_{label}/"
+    """The MLflow name prefix of an evaluated policy's figures: ``eval/`` for the policy itself, its label
+    (``ablation/<mode>/``, ``reference/<name>/``) for the others, as in metrics.json and the log."""
+    return HEADLINE_PREFIX if label == "policy" else f"{label}/"
 
 
 @dataclass
@@ -246,6 +243,13 @@ def run(
 
 def active_run_id(mlflow: Any) -> str | None:
     return None if mlflow is None else mlflow.active_run().info.run_id
+
+
+def policy_run_id(model_dir: str | os.PathLike[str]) -> str | None:
+    """The MLflow run that trained the policy exported at ``model_dir`` (train writes its id into the
+    export's mlflow_run.json), or None for an export without one."""
+    run_file = Path(model_dir) / RUN_FILE
+    return json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
 
 
 def run_exists(cfg: TrackingConfig, run_id: str) -> bool:

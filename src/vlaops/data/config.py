@@ -187,7 +187,7 @@ EMBODIMENTS = ("arm", "mobile_base")  # vlaops.io.episode.EMBODIMENTS
 
 @dataclass
 class BaseConfig:
-    """A mobile base's recording (``data.embodiment: mobile_base``; ``io/base.py``): the seed's robot car,
+    """A mobile base's recording (``data.embodiment: mobile_base``; ``io/mobile_base.py``): the seed's robot car,
     whose action is linear_x, linear_y, angular_z (continuous) + an action_type class.
 
     The velocity command on ``cmd_vel`` (geometry_msgs/Twist or TwistStamped) is the action and sets the
@@ -306,7 +306,7 @@ class DataConfig:
             raise ValueError(f"data.embodiment must be one of {EMBODIMENTS}, got {self.embodiment!r}")
         if self.embodiment == "mobile_base":
             self.base.check()
-            if self.split.by != "none":  # io/base.py reads a base's bag as one episode
+            if self.split.by != "none":  # io/mobile_base.py reads a base's bag as one episode
                 raise ValueError(
                     f"data.split.by={self.split.by!r} is not supported for data.embodiment=mobile_base; "
                     "use one bag per episode (data.split.by=none)"

@@ -13,9 +13,9 @@ from tqdm import tqdm
 from vlaops.data.config import DataConfig
 from vlaops.errors import VlaopsError
 from vlaops.io import calvin
-from vlaops.io.base import episode_labels
 from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE, SCENE_OBS_DIM
 from vlaops.io.episode import BASE_ACTION_NAMES, Episode, read_episode
+from vlaops.io.mobile_base import episode_labels
 from vlaops.utils.atomic import atomic_dir, write_json
 from vlaops.utils.logging import get_logger
 

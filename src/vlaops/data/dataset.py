@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -27,10 +27,10 @@ from vlaops.data.config import AugmentConfig
 from vlaops.data.frame_cache import IMAGE_KEYS, FrameCache, open_frame_cache
 from vlaops.data.normalization import ActionNormalizer
 from vlaops.data.sampling import SampleKey, as_key, sample_generator
+from vlaops.data.tokens import tokenize
 from vlaops.data.transforms import augment_to_model_input, normalize_uint8, resize_uint8
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import STATISTICS, CalvinSplit
-from vlaops.model.config import ModelConfig
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -38,6 +38,22 @@ log = get_logger(__name__)
 Tokenize = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]  # texts -> ids (B, L), mask (B, L)
 DATA_SOURCE = "calvin_action"
 ROBOT_OBS = "robot_obs"
+
+
+class WindowSettings(Protocol):
+    """The ``model.*`` keys the windows are cut by (their meaning: ``vlaops.model.config.ModelConfig``,
+    which satisfies this protocol; the model imports the data package, never the other way round)."""
+
+    window_size: int
+    fwd_pred_next_n: int
+    image_size: int
+    max_text_len: int
+    pad_history: bool
+    aux_weight: float
+    aux_robot_dims: list[int]
+
+
+Settings = TypeVar("Settings", bound=WindowSettings)
 
 
 class CalvinWindowDataset(Dataset):
@@ -162,7 +178,7 @@ def _varies(std: float) -> bool:
     return std > 1e-6
 
 
-def aux_dims_from_data(model_cfg: ModelConfig, split: CalvinSplit) -> ModelConfig:
+def aux_dims_from_data(model_cfg: Settings, split: CalvinSplit) -> Settings:
     """``model_cfg`` with the auxiliary target (``aux_robot_dims``) cut to the dims that vary in ``split``'s
     statistics.yaml, as train sets the head's action space from the data.
 
@@ -227,7 +243,7 @@ def make_window_dataset(
     split: CalvinSplit,
     normalizer: ActionNormalizer,
     processor: Any,
-    model_cfg: ModelConfig,
+    model_cfg: WindowSettings,
     augment: AugmentConfig | None,
     cache_dir: str | os.PathLike[str] | None,
 ) -> CalvinWindowDataset:
@@ -236,8 +252,6 @@ def make_window_dataset(
     or reused here), or from the npz files when ``cache_dir`` is None; the auxiliary targets
     (``model.aux_robot_dims``) those that vary in the split (:func:`aux_dims_from_data`). Train and evaluate
     both call this, so their samples cannot drift apart."""
-    from vlaops.model.processor import tokenize  # lazy: transformers is heavy and the cache does not need it
-
     frames = open_frame_cache(split, model_cfg.image_size, cache_dir) if cache_dir is not None else None
     aux_cfg = aux_dims_from_data(model_cfg, split)  # a no-op on the config train cut the same way
     return CalvinWindowDataset(

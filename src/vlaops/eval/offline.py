@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -18,7 +19,7 @@ from vlaops.data.normalization import ActionNormalizer
 from vlaops.io.episode import BASE_ACTION_NAMES
 from vlaops.model import VLAPolicy
 
-# the units of a mobile base's continuous dims (vlaops.io.base): per-dimension errors carry them in their names
+# the units of a mobile base's continuous dims (vlaops.io.mobile_base): per-dimension errors carry them in their names
 BASE_UNITS = {"linear_x": "m_s", "linear_y": "m_s", "angular_z": "rad_s"}
 
 
@@ -172,6 +173,14 @@ def offline_base_metrics(
         metrics["baseline_continuous_mae"] = sums["abs_const"] / (steps * dims)
         metrics["baseline_action_type_accuracy"] = sums["class_const"] / steps
     return metrics
+
+
+def mean_action(normalizer: ActionNormalizer) -> torch.Tensor | None:
+    """(A,) the constant an arm's offline errors are compared to: the training split's mean action,
+    normalised; None without statistics."""
+    if not normalizer.stats:
+        return None
+    return torch.as_tensor(normalizer.normalize(np.asarray(normalizer.stats["mean"], dtype=np.float32)))
 
 
 def base_constant_action(normalizer: ActionNormalizer) -> torch.Tensor | None:

@@ -109,7 +109,7 @@ class Episode:
             fail("action/base", "present for a mobile base", "missing")
         else:
             classes = self.action_base[:, 3]
-            labels = self.extra_attrs.get("action_types")  # JSON list (vlaops.io.base): class id = index
+            labels = self.extra_attrs.get("action_types")  # JSON list (vlaops.io.mobile_base): class id = index
             n = len(json.loads(labels)) if labels is not None else None
             if np.any(classes != np.round(classes)) or np.any(classes < 0) or (n is not None and np.any(classes >= n)):
                 fail(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vlaops.io.episode import Episode
 from vlaops.io.hdf5 import hdf5_episodes, is_hdf5, read_hdf5
+from vlaops.io.mobile_base import read_base_bag
 from vlaops.io.rosbag2 import is_rosbag2, read_rosbag2, rosbag2_episodes, sidecar_paths
 from vlaops.io.settings import ReaderSettings
 
@@ -30,6 +31,15 @@ class RecordingReader:
     sidecars: Callable[[Path], list[Path]] = lambda path: []
 
 
+def read_bag(path: Path, key: str, cfg: ReaderSettings) -> Episode:
+    """One episode of a bag as its rig recorded it: a mobile base's velocity commands and action_type
+    (``data.embodiment=mobile_base``, ``vlaops.io.mobile_base``: a bag is one episode) or an arm's
+    (``vlaops.io.rosbag2``)."""
+    if cfg.embodiment == "mobile_base":
+        return read_base_bag(path, cfg)
+    return read_rosbag2(path, key, cfg)
+
+
 READERS: tuple[RecordingReader, ...] = (
     RecordingReader(
         "rosbag2",
@@ -37,7 +47,7 @@ READERS: tuple[RecordingReader, ...] = (
         "a ROS1 .bag",
         is_rosbag2,
         rosbag2_episodes,
-        read_rosbag2,
+        read_bag,
         sidecar_paths,
     ),
     RecordingReader(

@@ -41,6 +41,8 @@ SOURCE_FORMAT = "rosbag2"
 ROS1_SOURCE_FORMAT = "rosbag1"
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+# a mobile base's action (io/mobile_base.py); in an arm's bag, a sign it was read with the wrong embodiment
+CMD_VEL_TYPES = ("geometry_msgs/msg/Twist", "geometry_msgs/msg/TwistStamped")
 ARRAY_TYPES = ("std_msgs/msg/Float64MultiArray", "std_msgs/msg/Float32MultiArray")
 EXPECTED_TYPES: dict[str, tuple[str, ...]] = {
     "rgb_static": IMAGE_TYPES,
@@ -494,16 +496,24 @@ def _config_key(name: str) -> str:
     return TF_STREAMS.get(name, f"data.topics.{name}")
 
 
+def embodiment_hint(present: dict[str, str]) -> str:
+    """For an arm reading that misses a topic: a pointer to ``data.embodiment`` when the bag holds velocity
+    commands (a mobile base's recording read with arm settings), else ''."""
+    twists = sorted(f"{t} ({typ})" for t, typ in present.items() if typ in CMD_VEL_TYPES)
+    if not twists:
+        return ""
+    return (
+        f"; the bag holds velocity commands on {', '.join(twists)}: a mobile base recording? "
+        "set data.embodiment=mobile_base (and data.base)"
+    )
+
+
 def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
     """Read one rosbag2 recording (or ROS1 bag) into an arm :class:`Episode` synchronised to the action ticks.
 
     ``key`` is one of ``rosbag2_episodes``: the bag's name, or one episode of a bag cut by data.split (only
     its messages are decoded). Every problem with the data is a :class:`RecordingError` naming the bag,
     the topic and the check."""
-    if cfg.embodiment == "mobile_base":  # a robot car's Twist + action_type recording: vlaops.io.base
-        from vlaops.io.base import read_base_bag
-
-        return read_base_bag(path, cfg)
     where = str(path)
     window = _window(path, key, cfg)  # this episode's stamps in a bag cut by data.split; None: the whole bag
     sidecar = read_sidecar(path)
@@ -537,12 +547,10 @@ def read_rosbag2(path: Path, key: str, cfg: ReaderSettings) -> Episode:
                 )  # a sidecar or data.default_instruction
                 if optional:
                     continue
-                from vlaops.io.base import embodiment_hint  # a base's bag read with arm settings says so
-
                 raise RecordingError(
                     where,
                     f"mapped topic '{topic}' ({_config_key(name)}) is not in the bag; topics present: {sorted(present)}"
-                    f"{embodiment_hint(present)}",
+                    f"{embodiment_hint(present)}",  # a base's bag read with arm settings says so
                     check="missing_stream",
                     stream=topic,
                 )

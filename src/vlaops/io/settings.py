@@ -53,7 +53,7 @@ class SplitSettings(Protocol):
 
 
 class BaseSettings(Protocol):
-    """A mobile base's topics and action_type labels (``vlaops.io.base``)."""
+    """A mobile base's topics and action_type labels (``vlaops.io.mobile_base``)."""
 
     cmd_vel: str
     action_type: str

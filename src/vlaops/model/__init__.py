@@ -22,7 +22,6 @@ _EXPORTS = {
     "build_offline_processor": "processor",
     "load_processor": "processor",
     "make_processor": "processor",
-    "tokenize": "processor",
     "PolicyRuntime": "runtime",
     "load_policy_model": "runtime",
     "merged_state_dict": "runtime",

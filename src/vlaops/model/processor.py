@@ -18,7 +18,6 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoProcessor, Kosmos2Processor, XLMRobertaTokenizerFast
 
@@ -123,26 +122,6 @@ def load_processor(path: str | os.PathLike[str]):
         return AutoProcessor.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise VlaopsError(f"{path}: cannot load the processor ({exc})") from exc
-
-
-def tokenize(processor, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Instructions -> (ids (B, L) long, mask (B, L) long), L = max_len, "<s> ... </s>" right-padded.
-
-    The one tokenisation the dataset and the runtime share: the tokenizer alone (the processor's
-    ``__call__`` would insert Kosmos-2's ``<image>`` placeholder layout, which the backbone builds
-    itself from embeddings). Truncation keeps <s> and </s>.
-    """
-    tokenizer = getattr(processor, "tokenizer", processor)
-    enc = tokenizer(
-        list(texts),
-        padding="max_length",
-        truncation=True,
-        max_length=max_len,
-        padding_side="right",  # the backbone appends the action token after the last real token
-        return_tensors="pt",
-        return_token_type_ids=False,
-    )
-    return enc["input_ids"].long(), enc["attention_mask"].long()
 
 
 def make_processor(cfg, instructions: list[str]):

@@ -36,13 +36,14 @@ from safetensors.torch import load_file, save_file
 from transformers import Kosmos2Config
 
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
+from vlaops.data.tokens import tokenize
 from vlaops.data.transforms import to_model_input
 from vlaops.errors import VlaopsError
 from vlaops.model.backbone import KosmosBackbone
 from vlaops.model.config import ModelConfig
 from vlaops.model.execution import ChunkExecutor, Execution
 from vlaops.model.policy import VLAPolicy
-from vlaops.model.processor import load_processor, tokenize
+from vlaops.model.processor import load_processor
 from vlaops.utils.atomic import atomic_dir, write_json
 from vlaops.utils.logging import get_logger
 

@@ -28,7 +28,6 @@ is its own ``PolicyRuntime`` over the shared weights, so sessions cannot see eac
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
@@ -142,11 +141,10 @@ class PolicyServer:
 
     def facts(self) -> dict[str, Any]:
         from vlaops.model.runtime import FORMAT_VERSION
-        from vlaops.tracking import RUN_FILE
+        from vlaops.tracking import policy_run_id
 
         m = self.runtime.cfg
-        run = Path(self.model_dir) / RUN_FILE if self.model_dir else None
-        run_id = json.loads(run.read_text()).get("run_id") if run is not None and run.is_file() else None
+        run_id = policy_run_id(self.model_dir) if self.model_dir else None
         return {
             "status": "ok",
             "model_dir": str(self.model_dir) if self.model_dir else None,
@@ -285,24 +283,15 @@ def running_server(app: FastAPI, cfg: ServeConfig | None = None, log_level: str 
         sock.close()
 
 
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VlaopsError(f"serve.device={name}, but no CUDA device is available")
-    return name
-
-
 def serve(model_dir: str | Path, cfg: ServeConfig) -> None:
     """Load the export at ``model_dir`` (a bad one fails here, before the port is opened) and serve it
     until SIGINT/SIGTERM (uvicorn finishes the requests in flight; then ``vlaops serve`` exits 0)."""
     import uvicorn
 
     from vlaops.model import PolicyRuntime
+    from vlaops.utils.device import resolve_device  # torch: imported where a policy is loaded
 
-    runtime = PolicyRuntime.load(Path(model_dir), resolve_device(cfg.device), cfg.execution())
+    runtime = PolicyRuntime.load(Path(model_dir), resolve_device(cfg.device, "serve.device"), cfg.execution())
     server = PolicyServer(runtime, cfg, model_dir)
     log.info(
         "serving %s on http://%s:%d (%s, execute %s; at most %d sessions, dropped after %g s idle)",

@@ -80,6 +80,15 @@ def lock_checkpoints(checkpoint_dir: Path) -> Iterator[None]:
         ) from None
 
 
+def checkpoint_recipe(config: dict[str, Any], data_fingerprint: str) -> dict[str, Any]:
+    """What decides whether the checkpoints of a directory continue a run (:func:`guard_checkpoints`): the
+    config as plain data (seed, model, train, data; not ``train.trust_checkpoint``, which says how to load
+    a checkpoint, not what was trained) and the fingerprint of the data it trains on."""
+    recipe_cfg = {k: v for k, v in config.items() if k in ("seed", "model", "train", "data")}
+    recipe_cfg["train"] = {k: v for k, v in recipe_cfg["train"].items() if k != "trust_checkpoint"}
+    return {"config": recipe_cfg, "data": data_fingerprint}
+
+
 def guard_checkpoints(checkpoint_dir: Path, recipe: dict[str, Any], set_aside: bool = False) -> None:
     """Resume only the same recipe: a checkpoint of another config is never silently mixed in.
 

@@ -21,6 +21,7 @@ import torch
 
 from vlaops.errors import VlaopsError
 from vlaops.train.config import TrainConfig, TrainSetupConfig
+from vlaops.utils.bf16 import cpu_bf16_autocast_works
 
 ACCELERATE_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
@@ -46,11 +47,27 @@ def trains_everything(setup: TrainSetupConfig) -> bool:
     )
 
 
+def resolve_precision(precision: str) -> str:
+    """train_setup.precision -> Accelerate's mixed_precision ("no" | "bf16" | "fp16").
+
+    "auto" is bf16 on a CUDA device that supports it (RoboVLMs trains Kosmos in bf16), else fp32:
+    CPU autocast in bf16 is slower than fp32 on most CPUs and changes numerics for nothing.
+    """
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise VlaopsError("train.train_setup.precision=fp16 needs a CUDA device; use auto, fp32 or bf16")
+    if precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16_autocast_works():
+        raise VlaopsError(
+            "train.train_setup.precision=bf16: this CPU cannot run bf16 autocast (a bf16 Linear fails); use auto or "
+            "fp32"
+        )
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
 def check_launch(cfg: TrainConfig) -> None:
     """Refuse, in one line naming the settings, a launch that cannot train ``cfg`` here (the stage also
     checks the training split holds a batch for each of the :func:`world_size` processes)."""
-    from vlaops.train.loop import resolve_precision
-
     setup = cfg.train_setup
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     mixed = resolve_precision(setup.precision)

@@ -57,10 +57,9 @@ from vlaops.train.checkpoint import (
 )
 from vlaops.train.config import TrainConfig
 from vlaops.train.ema import WeightEMA
-from vlaops.train.launch import check_launch
+from vlaops.train.launch import check_launch, resolve_precision
 from vlaops.train.setup import compile_layers
 from vlaops.train.trainable import STORED_TRAINABLE, check_rebuilt, plain_name, trainable_names, weights_record
-from vlaops.utils.bf16 import cpu_bf16_autocast_works
 from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -72,24 +71,6 @@ SHARDING_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # they sav
 
 
 # ---- construction: each from its config keys, in one place -------------------------------------------
-def resolve_precision(precision: str) -> str:
-    """train_setup.precision -> Accelerate's mixed_precision ("no" | "bf16" | "fp16").
-
-    "auto" is bf16 on a CUDA device that supports it (RoboVLMs trains Kosmos in bf16), else fp32:
-    CPU autocast in bf16 is slower than fp32 on most CPUs and changes numerics for nothing.
-    """
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise VlaopsError("train.train_setup.precision=fp16 needs a CUDA device; use auto, fp32 or bf16")
-    if precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16_autocast_works():
-        raise VlaopsError(
-            "train.train_setup.precision=bf16: this CPU cannot run bf16 autocast (a bf16 Linear fails); use auto or "
-            "fp32"
-        )
-    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-
-
 def _cpu_launch() -> bool:
     """Without CUDA, Accelerate's ``cpu=True`` is what makes a process join a torchrun / accelerate launch
     (MULTI_CPU, gloo); without it every process would train alone on the same outputs."""

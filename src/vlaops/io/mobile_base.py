@@ -38,7 +38,6 @@ from vlaops.io.images import same_shapes
 from vlaops.io.settings import ReaderSettings
 from vlaops.io.sync import SyncError, common_start, hold_last
 
-CMD_VEL_TYPES = ("geometry_msgs/msg/Twist", "geometry_msgs/msg/TwistStamped")
 CLASS_ID_TYPES = tuple(
     f"std_msgs/msg/{t}" for t in ("Int8", "Int16", "Int32", "Int64", "UInt8", "UInt16", "UInt32", "UInt64")
 )
@@ -51,25 +50,13 @@ _STREAMS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "rgb_gripper": ("data.topics.rgb_gripper", rosbag2.IMAGE_TYPES, True),
     "instruction": ("data.topics.instruction", ("std_msgs/msg/String",), False),
     "task": ("data.topics.task", ("std_msgs/msg/String",), True),
-    "cmd_vel": ("data.base.cmd_vel", CMD_VEL_TYPES, False),
+    "cmd_vel": ("data.base.cmd_vel", rosbag2.CMD_VEL_TYPES, False),
     "action_type": ("data.base.action_type", ACTION_TYPE_TYPES, False),
 }
 
 
 def _topic(name: str, cfg: ReaderSettings) -> str | None:
     return getattr(cfg.base, name) if name in ("cmd_vel", "action_type") else getattr(cfg.topics, name)
-
-
-def embodiment_hint(present: dict[str, str]) -> str:
-    """For an arm reading that misses a topic: a pointer to ``data.embodiment`` when the bag holds velocity
-    commands (a mobile base's recording read with arm settings), else ''."""
-    twists = sorted(f"{t} ({typ})" for t, typ in present.items() if typ in CMD_VEL_TYPES)
-    if not twists:
-        return ""
-    return (
-        f"; the bag holds velocity commands on {', '.join(twists)}: a mobile base recording? "
-        "set data.embodiment=mobile_base (and data.base)"
-    )
 
 
 def episode_labels(episode: Episode) -> list[str] | None:
