@@ -1,4 +1,4 @@
-"""Issue 9's executor seam (``vlaops.utils.executor``): the same results, merged in item order, from one
+"""The executor seam (``vlaops.utils.executor``): the same results, merged in item order, from one
 local worker, a local pool of two and a local Ray instance, for collect's bags, ingest's episodes and
 evaluate's chains; a killed worker's task runs again, a task whose worker dies twice stops the stage
 naming it; ``compute.executor=ray`` without Ray or with an unreachable address is one line before any work.
@@ -62,13 +62,19 @@ def _die_always(item: tuple[str, int]) -> int:
     return x
 
 
-def _raise_some(item: tuple[str, int]) -> int:
-    attempts, x = item
+def _raise_some(item: tuple[str, int, bool]) -> int:
+    """Records that it started, then items 2 and 5 raise. In a pool (``in_pool``) item 2 raises only after
+    item 5 has started: while item 2 runs, the other worker takes items 3, 4 and 5 (no item has failed
+    before 5), so the later item fails first however busy the machine, and item 2's error must still be
+    the one raised (item order)."""
+    started, x, in_pool = item
+    with open(started, "a") as handle:
+        handle.write(f"{x}\n")
+    if x == 2 and in_pool:
+        deadline = time.monotonic() + 600  # a guard against a hang only: item 5 comes with no time limit
+        while "5" not in _lines(Path(started)) and time.monotonic() < deadline:
+            time.sleep(0.01)
     if x in (2, 5):
-        with open(attempts, "a") as handle:
-            handle.write(f"{x}\n")
-        if x == 2:
-            time.sleep(0.5)  # item 5 fails first; item 2's error is still the one raised (item order)
         raise ValueError(f"bad item {x}")
     return x
 
@@ -121,14 +127,16 @@ def check_a_task_whose_worker_dies_twice_is_named(compute: ComputeConfig, tmp_pa
 
 def check_an_exception_is_raised_once_in_item_order(compute: ComputeConfig, tmp_path: Path) -> None:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    attempts = tmp_path / "attempts"
+    started = tmp_path / "started"
     with pytest.raises(ValueError, match="^bad item 2") as info:
         map_ordered(
-            _raise_some, [(str(attempts), i) for i in range(7)], 2, desc="evaluate", compute=compute, label=_name
+            _raise_some, [(str(started), i, True) for i in range(7)], 2, desc="evaluate", compute=compute, label=_name
         )
     assert "(while running evaluate: item 2)" in info.value.__notes__
     assert "bad item 2" in str(info.value.__cause__)  # the worker's traceback
-    assert sorted(_lines(attempts)) == ["2", "5"]  # an exception is not retried: it would raise again
+    # each item ran once (an exception is not retried: it would raise again), and none started after item 5
+    # failed: item 6 never ran, since item 2 held the other worker until then
+    assert sorted(_lines(started)) == ["0", "1", "2", "3", "4", "5"]
 
 
 def test_default_workers_are_the_usable_cores_capped_by_a_cgroup_quota(tmp_path):
@@ -171,7 +179,8 @@ def test_local_an_exception_is_raised_once_in_item_order(tmp_path):
     check_an_exception_is_raised_once_in_item_order(LOCAL, tmp_path)
     one = tmp_path / "one"
     with pytest.raises(ValueError, match="^bad item 2") as info:  # one worker: in this process, named the same
-        map_ordered(_raise_some, [(str(one), i) for i in range(7)], 1, desc="evaluate", label=_name)
+        map_ordered(_raise_some, [(str(one), i, False) for i in range(7)], 1, desc="evaluate", label=_name)
+    assert _lines(one) == ["0", "1", "2"]  # one worker: no item after the failed one starts
     assert "(while running evaluate: item 2)" in info.value.__notes__
 
 

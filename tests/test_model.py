@@ -13,6 +13,7 @@ from transformers import AutoProcessor, Kosmos2Processor
 
 from vlaops.data import keys
 from vlaops.data.normalization import ActionNormalizer
+from vlaops.data.tokens import tokenize
 from vlaops.errors import VlaopsError
 from vlaops.model import (
     ModelConfig,
@@ -23,7 +24,6 @@ from vlaops.model import (
     make_processor,
     merged_state_dict,
     save_policy,
-    tokenize,
 )
 from vlaops.train.config import TrainSetupConfig
 from vlaops.train.setup import apply_train_setup, is_checkpointing

@@ -1,5 +1,6 @@
-"""Issue 8's guarantees, each proved on real processes: a train killed with SIGKILL resumes to the same
-bits; SIGTERM/SIGINT end a stage like an error; stale temporaries are swept; concurrent runs are safe."""
+"""The pipeline's reliability guarantees, each proved on real processes: a train killed with SIGKILL
+resumes to the same bits; SIGTERM/SIGINT end a stage like an error; stale temporaries are swept;
+concurrent runs are safe."""
 
 from __future__ import annotations
 
@@ -72,14 +73,15 @@ def run_stage(stage: str, tmp_path: Path, *extra: str) -> subprocess.CompletedPr
 def start_and_signal(
     cmd: list[str], ready: callable, sig: int, timeout: float = 900, meanwhile: callable = None
 ) -> subprocess.CompletedProcess:
-    """Start ``cmd``, send it ``sig`` as soon as ``ready()`` is true (after ``meanwhile(pid)``, if given),
-    wait for it to end."""
+    """Start ``cmd``, send it ``sig`` as soon as ``ready(pid)`` is true (after ``meanwhile(pid)``, if given),
+    wait for it to end. ``ready`` is a point of the stage's progress (a file written, workers started), never
+    a time: under load the same time lands at another point."""
     proc = subprocess.Popen(
         cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
     )
     deadline = time.monotonic() + timeout
     try:
-        while not ready():
+        while not ready(proc.pid):
             if proc.poll() is not None:
                 out, err = proc.communicate()
                 pytest.fail(f"the process ended (rc {proc.returncode}) before the signal point:\n{err[-3000:]}")
@@ -167,7 +169,7 @@ def test_a_train_killed_after_a_checkpoint_resumes_to_the_same_bits(calvin_dir, 
     ckpts = tmp_path / "killed" / "checkpoints"
     killed = start_and_signal(
         stage_cmd("train", tmp_path, *RESUME, *_outputs(tmp_path, "killed")),
-        lambda: ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()),
+        lambda pid: ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()),
         signal.SIGKILL,
     )
     assert killed.returncode == -signal.SIGKILL
@@ -229,7 +231,7 @@ def test_a_signalled_train_ends_killed_without_leftovers(calvin_dir, tmp_path, s
 
     done = start_and_signal(
         stage_cmd("train", tmp_path, *LONG_TRAIN),
-        lambda: ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()),
+        lambda pid: ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()),
         sig,
         meanwhile=second_trainer if sig == signal.SIGTERM else None,
     )
@@ -276,7 +278,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def _convert_started(out: Path):
-    return lambda: any(out.parent.glob(f".{out.name}.tmp-*/training/episode_*.npz"))
+    return lambda pid: any(out.parent.glob(f".{out.name}.tmp-*/training/episode_*.npz"))
 
 
 @pytest.mark.slow  # both signals: the full suite only (the quick loop stays under 5 minutes)
@@ -331,7 +333,7 @@ def test_after_sigkill_the_rerun_sweeps_the_stale_temporary_and_matches_a_clean_
 
 
 def _ingest_started(out: Path):
-    return lambda: any(out.parent.glob(f".{out.name}.tmp-*/*"))
+    return lambda pid: any(out.parent.glob(f".{out.name}.tmp-*/*"))
 
 
 @pytest.fixture
@@ -385,7 +387,20 @@ def test_a_killed_ingest_keeps_the_old_output_and_the_rerun_matches_a_clean_run(
     assert _tree(out) == clean
 
 
-EVAL_LONG = ["eval.num_chains=4", "eval.max_steps_per_subtask=40", "eval.ablations=[]", "eval.references=[expert]"]
+# two chain workers, so that the chains running is a thing the test can see: the stage's worker processes
+EVAL_LONG = [
+    "eval.num_chains=4",
+    "eval.max_steps_per_subtask=40",
+    "eval.ablations=[]",
+    "eval.references=[expert]",
+    "eval.num_workers=2",
+]
+
+
+def _chains_running(pid: int) -> bool:
+    """The evaluate stage ``pid`` is playing chains: its two chain workers are running (nothing else it does
+    before them starts two processes; under spawn a resource tracker is at most one)."""
+    return len(_children(pid)) >= 2
 
 
 @pytest.mark.slow  # a training and three evaluations in subprocesses
@@ -400,19 +415,14 @@ def test_a_killed_evaluate_keeps_the_old_reports_and_no_run_left_running(calvin_
     reports = tmp_path / "reports"
     names = ("metrics.json", "results.json", "chains.json")
     before = {n: (reports / n).read_bytes() for n in names}
-    started = time.monotonic()  # 8 s: past the imports and the offline metrics, into the chains
-    term = start_and_signal(
-        stage_cmd("evaluate", tmp_path, *EVAL_LONG), lambda: time.monotonic() - started > 8, signal.SIGTERM
-    )
+    # past the imports and the offline metrics, into the chains
+    term = start_and_signal(stage_cmd("evaluate", tmp_path, *EVAL_LONG), _chains_running, signal.SIGTERM)
     assert term.returncode == 128 + signal.SIGTERM, term.stderr[-3000:]
     _one_line_error(term.stderr, "stopped by SIGTERM")
     assert {n: (reports / n).read_bytes() for n in names} == before
     assert _temps(tmp_path) == []
     assert all(r.info.status != "RUNNING" for r in _runs(tmp_path / "mlflow.db"))
-    started = time.monotonic()
-    killed = start_and_signal(
-        stage_cmd("evaluate", tmp_path, *EVAL_LONG), lambda: time.monotonic() - started > 12, signal.SIGKILL
-    )
+    killed = start_and_signal(stage_cmd("evaluate", tmp_path, *EVAL_LONG), _chains_running, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     assert {n: (reports / n).read_bytes() for n in names} == before
     rerun = run_stage("evaluate", tmp_path, *EVAL_LONG)
