@@ -15,7 +15,7 @@ decode each image the way ingest must (raw: the pixel buffer as an (H, W, 3) uin
 CompressedImage: PIL decode to RGB). It leaves out what only ingest does: hashing the recording,
 synchronising the streams to the control ticks, the contract and plausibility checks, and writing the
 canonical episode (gzip-compressed HDF5, a third or more of ingest's time), so a ratio of 1 is out of
-reach by construction; the goal (issue 7) is at least 0.5. Both run on the same bags, in the same
+reach by construction; the goal is at least 0.5. Both run on the same bags, in the same
 process counts: one process, and one per core (a fork process pool with one bag per task, as ingest's
 executor). frames/s counts the synchronised frames ingest writes (the same number for both); each round
 also records CPU seconds (this process and its joined workers), a ratio that other jobs on a shared

@@ -1,4 +1,4 @@
-"""The executor seam's scaling (issue 9): evaluation chains per minute and ingest recordings per minute on
+"""The executor seam's scaling: evaluation chains per minute and ingest recordings per minute on
 1 and 2 local workers, and the per-task overhead of Ray against the local process pool.
 
 - **chains/min**: ``vlaops.eval.runner.run_chains`` with the default tiny policy (random weights, the

@@ -161,7 +161,7 @@ def processor():
 
 
 class SyntheticWindows:
-    """``n`` windows of the training-batch contract (DESIGN.md "Training batch"), no batch dim, fixed by
+    """``n`` windows of the training-batch contract (``vlaops.data.keys``), no batch dim, fixed by
     ``seed``: rgb/hand_rgb (W, 3, S, S), action (W, A), action_chunk (W, C, A) normalised (arm in
     [-1, 1], gripper {0, 1}), chunk_mask (W, C) with the last step of every odd window past its
     episode's end, text/text_mask (L,). A map-style dataset for a DataLoader."""

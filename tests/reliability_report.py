@@ -1,4 +1,4 @@
-"""Write ``reports/reliability.md``: each guarantee of issue 8, the tests that prove it, their last result.
+"""Write ``reports/reliability.md``: each reliability guarantee, the tests that prove it, their last result.
 
     python tests/reliability_report.py                 # runs the tests below (slow ones too), then writes
     python tests/reliability_report.py --junit a.xml   # writes from an existing pytest --junitxml run

@@ -1,4 +1,4 @@
-"""Checkpoints the size of what trains (issue 9): a LoRA / frozen-vision run saves its trainable tensors
+"""Checkpoints the size of what trains: a LoRA / frozen-vision run saves its trainable tensors
 only, resumes from them to the same bits as an uninterrupted run, refuses a frozen part that is not the
 one it trained with, and ``vlaops export`` turns such a checkpoint (or an FSDP sharded state) into the
 policy directory ``PolicyRuntime.load`` reads."""

@@ -3,7 +3,7 @@
 ``conf/`` is plain YAML so that DVC's own Hydra composition (``dvc exp run -S key=value``) can
 compose it into ``params.yaml`` without importing vlaops. Validation is therefore a merge onto the
 structured schema below: an unknown or misspelt key, or a value of the wrong type, is an error that
-names the key, before any work starts (STYLE 4, 9).
+names the key, before any work starts.
 
 One source for each value: ``conf/`` holds the values in force (DVC composes it without vlaops). The
 dataclass defaults say the same for code that builds a component directly (tests, an exported
@@ -61,7 +61,7 @@ class Config:
 
     def __post_init__(self) -> None:
         # One range for both: a demonstration faster than the training normalisation's clip range is
-        # clipped away in training (RoboVLMs' +-0.65) and no policy can reproduce it (issue 6).
+        # clipped away in training (RoboVLMs' +-0.65) and no policy can reproduce it.
         limit = min(-self.data.norm_min, self.data.norm_max)
         if self.sim.expert_max_action > limit:
             raise ValueError(

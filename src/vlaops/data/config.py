@@ -133,7 +133,8 @@ def _robomimic_map() -> Hdf5StreamMap:
 @dataclass
 class Hdf5Config:
     """The HDF5 layouts ingest reads, each chosen per file by its content (not its extension):
-    canonical (DESIGN.md, read as it is), ALOHA/ACT and robomimic (mapped by these keys)."""
+    canonical (vlaops' own episode file, ``vlaops.io.episode``: read as it is), ALOHA/ACT and robomimic
+    (mapped by these keys)."""
 
     aloha: Hdf5StreamMap = field(default_factory=Hdf5StreamMap)
     robomimic: Hdf5StreamMap = field(default_factory=_robomimic_map)

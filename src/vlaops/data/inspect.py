@@ -51,7 +51,7 @@ KIND_NAMES = {
     CALVIN_ROOT: "a CALVIN dataset",
 }
 CAMERAS = ("rgb_static", "rgb_gripper")
-# Dimension names of the action streams: the canonical episode's (DESIGN.md "Canonical episode") and
+# Dimension names of the action streams: the canonical episode's (``vlaops.io.episode``) and
 # CALVIN's actions / rel_actions (tcp xyz, tcp euler xyz, gripper: io/calvin_spec.py).
 ARM_DIMS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 BASE_DIMS = ("linear_x", "linear_y", "angular_z", "action_type")

@@ -1,4 +1,4 @@
-"""Training-batch keys: the RoboVLMs custom-dataset contract (DESIGN.md, "Training batch").
+"""Training-batch keys: the RoboVLMs custom-dataset contract, what every batch the model trains on holds.
 
 W = window_size, C = fwd_pred_next_n, A = action dim (7 for an arm), L = text length.
 """

@@ -3,7 +3,7 @@
 It knows the instruction and the robot's own state, nothing else: for each step it looks up the training
 frames recorded under the same instruction whose TCP position and last gripper command are nearest to the
 robot's, and replays their relative action. A simulator in which this succeeds does not test vision
-(issue 6 measured 83 % SR_1 with blocks at fixed places + 3 cm noise); with the blocks' start poses
+(it reached 83 % SR_1 with the blocks at fixed places + 3 cm noise); with the blocks' start poses
 randomised (sim.block_x_range ...) it should fail, and the trained policy has to beat it by looking.
 
 It runs behind CALVIN's evaluator interface (``reset()``, ``step(obs, instruction)``,

@@ -1,7 +1,8 @@
 """The canonical episode: one HDF5 file per episode, the contract between ingest and convert.
 
 Every reader (rosbag2, HDF5 layouts, later LeRobot / RLDS) produces an :class:`Episode`; convert
-only ever reads this format. Layout and field meanings: DESIGN.md, "Canonical episode".
+only ever reads this format. The fields and their shapes are :class:`Episode`'s, checked by
+:meth:`Episode.validate` on every write and read; :func:`write_episode` and :func:`read_episode` hold the file layout.
 """
 
 from __future__ import annotations

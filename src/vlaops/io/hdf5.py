@@ -2,7 +2,7 @@
 
 Teams record HDF5 in one of a few layouts, and the extension says nothing about which:
 
-- **canonical** (DESIGN.md "Canonical episode": ``format_version`` attr, ``obs/rgb_static`` ...): read as it is;
+- **canonical** (``vlaops.io.episode``: ``format_version`` attr, ``obs/rgb_static`` ...): read as it is;
 - **ALOHA/ACT** (``/observations/images/<cam>``, ``/observations/qpos``, ``/action``; the compressed variant
   holds each frame as zero-padded JPEG bytes with a ``/compress_len`` dataset): one episode per file;
 - **robomimic** (``data/demo_N/obs/<key>``, ``data/demo_N/actions``, ``data.attrs['env_args']``): one

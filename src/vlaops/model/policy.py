@@ -1,6 +1,6 @@
 """The policy model: Kosmos-2 backbone + LSTM head and its loss (which parts train: ``vlaops.train.setup``).
 
-Batch contract (``vlaops.data.keys``, DESIGN.md "Training batch"): ``rgb``/``hand_rgb`` (B, W, 3, S, S)
+Batch contract (the keys and shapes of ``vlaops.data.keys``): ``rgb``/``hand_rgb`` (B, W, 3, S, S)
 CLIP-normalised, ``action_chunk`` (B, W, C, A) normalised (arm in [-1, 1], gripper {0, 1}),
 ``chunk_mask`` (B, W, C) bool, ``text``/``text_mask`` (B, L).
 

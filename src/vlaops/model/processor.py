@@ -1,7 +1,7 @@
 """The offline Kosmos-2 processor: tokenizer + image processor, built without the hub.
 
 microsoft/kosmos-2-patch14-224 ships its processor; the tiny default has none, so one is built from the
-instructions themselves (DESIGN.md, "Offline processor", checked on transformers 5.24): a ``tokenizers``
+instructions themselves (checked on transformers 5.24; tests/test_model.py saves and reloads one): a ``tokenizers``
 Unigram model (XLM-R's model type, so ``XLMRobertaTokenizerFast`` saves *and* reloads it; a BPE model
 saves but does not reload through that class) with XLM-R's special-token ids (<s>=0, <pad>=1, </s>=2,
 <unk>=3, matching ``Kosmos2TextConfig``'s bos/pad/eos defaults), plus a ``CLIPImageProcessor`` with

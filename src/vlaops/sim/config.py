@@ -2,7 +2,7 @@
 
 A plain dataclass so that Hydra can register it as a structured config (``conf/sim/``): only
 primitives, lists and nested dataclasses, and every value is checked in ``__post_init__`` so a bad
-setting fails before a single episode is simulated (STYLE 4, 9).
+setting fails before a single episode is simulated.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The executor seam for embarrassingly parallel work (DESIGN.md "Compute"; the ``compute`` config group).
+"""The executor seam for embarrassingly parallel work (the ``compute`` config group).
 
 ``map_ordered(fn, items, num_workers, ...)`` returns ``[fn(item) for item in items]`` whatever runs it:
 items are handed out by index and the results merged by index, so an output never depends on the
