@@ -70,6 +70,15 @@ def test_data_config_satisfies_the_reader_settings():
     assert set(TopicSettings.__annotations__) == set(rosbag2.EXPECTED_TYPES)  # one name per stream
 
 
+def test_model_config_satisfies_the_window_settings():
+    """data/dataset.py names what it reads of the model's config in a protocol (data never imports model)."""
+    from vlaops.data.dataset import WindowSettings
+    from vlaops.model.config import ModelConfig
+
+    cfg = ModelConfig()
+    assert all(hasattr(cfg, name) for name in WindowSettings.__annotations__)
+
+
 def test_rel_actions_use_calvins_scales_and_wrap():
     """The converter's rel_actions invert the simulator's rel -> abs step (calvin_spec, both sides)."""
     robot_obs = np.zeros((2, calvin_spec.ROBOT_OBS_DIM))

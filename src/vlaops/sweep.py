@@ -43,7 +43,7 @@ log = get_logger(__name__)
 # evaluate re-opens the run that trained the policy: a sweep of it would write N evaluations onto one run
 SWEEPABLE = ("train",)
 OBJECTIVE = tracking.VAL_LOSS  # minimised; train exports it as train_result.json's last_val_loss
-TRAIN_RESULT_FILE = "train_result.json"  # what stages/train.py writes beside the exported policy
+TRAIN_RESULT_FILE = "train_result.json"  # what vlaops.train.trainer writes beside the exported policy
 SUMMARY_FILE = "sweep.json"  # in hydra.sweep.dir: every job, its setting, val/loss and run, and the best
 # each job's outputs, inside its own directory: the project's layout
 JOB_PATHS = {"model_dir": "models/policy", "checkpoint_dir": "models/checkpoints", "reports_dir": "reports"}
