@@ -132,7 +132,7 @@ def test_more_processes_than_batches_is_one_line(calvin_dir, tmp_path, monkeypat
     assert not (tmp_path / "models" / "checkpoints").exists()
 
 
-def _launch(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _launch(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
     )

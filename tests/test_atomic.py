@@ -58,8 +58,9 @@ def _holder(target: Path, seconds: float) -> tuple[subprocess.Popen, Path]:
 
 def test_a_live_writers_temporary_is_kept_a_dead_ones_is_swept(tmp_path, caplog):
     target = tmp_path / "out"
-    live, live_tmp = _holder(target, 60)
-    dead, dead_tmp = _holder(target, 60)
+    # both hold their temporary until killed (an hour: no load makes the test outlast it)
+    live, live_tmp = _holder(target, 3600)
+    dead, dead_tmp = _holder(target, 3600)
     try:
         dead.kill()
         dead.wait()

@@ -141,7 +141,7 @@ def _browser(chromium: str, page: Path, *flags: str) -> subprocess.CompletedProc
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,  # a hang guard: chromium under load
     )
 
 
