@@ -97,12 +97,12 @@ def start_and_signal(
             time.sleep(0.005)
         children = _children(proc.pid)  # e.g. a stage's worker pool: it must not outlive the stage, even SIGKILLed
         proc.send_signal(sig)
-        proc.wait(timeout=120)
+        proc.wait(timeout=900)  # a hang guard: on loaded cores a stage finishing its step takes minutes
         deadline_children = time.monotonic() + 30
         while (alive := [c for c in children if _alive(c)]) and time.monotonic() < deadline_children:
             time.sleep(0.1)
         assert not alive, f"worker processes {alive} outlived the {signal.Signals(sig).name}-ed stage"
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=900)
     finally:
         if proc.poll() is None:
             proc.kill()
