@@ -27,7 +27,7 @@ import torch
 from transformers import Kosmos2ForConditionalGeneration
 
 from vlaops.data.transforms import normalize_uint8, resize_uint8
-from vlaops.model.backbone import NUM_LOCATION_TOKENS, build_tiny_kosmos
+from vlaops.model.backbone import LOCATION_TOKENS, NUM_LOCATION_TOKENS, build_tiny_kosmos
 from vlaops.model.config import ModelConfig
 from vlaops.model.processor import build_offline_processor
 from vlaops.pretrain.captions import (
@@ -311,6 +311,42 @@ def grounding(
     return {"all": score(every), "task_blocks": score(blocks) if blocks else {"prompts": 0}}
 
 
+LOCATION_FREQUENCIES = (1, 2, 4, 8)  # sin/cos of the cell's row and column at these frequencies (16 features)
+
+
+def init_location_embeddings(model: Kosmos2ForConditionalGeneration, first_id: int, std: float) -> None:
+    """Start the 1024 location tokens' embeddings (tied to the output layer) from their place on the grid.
+
+    Kosmos-2 learned what <patch_index_0101> means from 90 million grounded pairs; with random embeddings
+    and a few thousand captions each of the 1024 tokens is its own class seen a handful of times, and the
+    tiny model memorises them (held-out loss on them above uniform's). Embedding each token as a fixed
+    projection of sin/cos features of its row and column makes neighbouring cells near neighbours in the
+    output layer, so one caption's box teaches the cells around it too. Only the starting point: the
+    embeddings train like any other, and the checkpoint is a plain Kosmos-2.
+    """
+    side = math.isqrt(NUM_LOCATION_TOKENS)
+    rows, cols = (
+        torch.arange(NUM_LOCATION_TOKENS) // side,
+        torch.arange(NUM_LOCATION_TOKENS) % side,
+    )
+    u, v = (cols + 0.5) / side, (rows + 0.5) / side
+    feats = torch.cat(
+        [
+            torch.stack([torch.sin(math.pi * f * a), torch.cos(math.pi * f * a)], 1)
+            for f in LOCATION_FREQUENCIES
+            for a in (u, v)
+        ],
+        dim=1,
+    )  # (1024, 16), each row of norm sqrt(8)
+    weight = model.get_input_embeddings().weight
+    dim = weight.shape[1]
+    basis, _ = torch.linalg.qr(torch.randn(dim, feats.shape[1]))  # (D, 16) orthonormal columns, seeded by the caller
+    with torch.no_grad():
+        weight[first_id : first_id + NUM_LOCATION_TOKENS] = (
+            (feats / math.sqrt(feats.shape[1] / 2)) @ basis.T * (std * math.sqrt(dim))
+        )
+
+
 def _lr(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up, then cosine decay to a tenth."""
     if step < cfg.warmup_steps:
@@ -351,6 +387,9 @@ def pretrain(
 
     torch.manual_seed(cfg.seed)
     model = build_tiny_kosmos(arch, len(processor.tokenizer), Kosmos2ForConditionalGeneration)
+    init_location_embeddings(
+        model, processor.tokenizer.convert_tokens_to_ids(LOCATION_TOKENS[0]), arch.tiny.text_init_std
+    )
     before = {
         "heldout_caption_loss": caption_loss(model, heldout),
         "grounding": grounding(model, processor, heldout, cfg, q),
