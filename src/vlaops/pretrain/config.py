@@ -50,7 +50,7 @@ class PretrainConfig:
     # training: Kosmos-2's next-token loss over the caption tokens
     steps: int = 1200
     batch_size: int = 32
-    learning_rate: float = 0.001
+    learning_rate: float = 0.002
     weight_decay: float = 0.01
     warmup_steps: int = 100
     log_every: int = 50
