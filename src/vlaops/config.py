@@ -42,9 +42,8 @@ DEFAULT_CONFIG_DIR = "conf"
 @dataclass
 class PathsConfig:
     collect_dir: str = "data/raw"  # where the simulator records; data.raw_dir defaults to it
-    pretrained_dir: str = (
-        "models/pretrained"  # `vlaops pretrain` writes the tiny Kosmos-2 here; model.pretrained_dir follows
-    )
+    # `vlaops pretrain` writes the tiny Kosmos-2 here; model.pretrained_dir defaults to it
+    pretrained_dir: str = "models/pretrained"
     model_dir: str = "models/policy"
     checkpoint_dir: str = "models/checkpoints"
     reports_dir: str = "reports"

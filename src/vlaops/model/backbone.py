@@ -57,7 +57,7 @@ def tiny_kosmos_config(cfg: ModelConfig, vocab_size: int) -> Kosmos2Config:
 
 def build_tiny_kosmos(cfg: ModelConfig, vocab_size: int, model_class: type = Kosmos2Model) -> nn.Module:
     """A tiny Kosmos-2 with random weights: ``Kosmos2Model`` for the policy, ``Kosmos2ForConditionalGeneration``
-    (its language-model head included) for ``vlaops pretrain``; the same draws either way."""
+    (its language-model head included) for ``vlaops pretrain``; initialised the same way either way."""
     model = model_class(tiny_kosmos_config(cfg, vocab_size))
     # Kosmos2Config has no key for it: the resampler's patch projection, see TinyKosmosConfig
     nn.init.normal_(model.image_to_text_projection.dense.weight, std=cfg.tiny.image_projection_init_std)

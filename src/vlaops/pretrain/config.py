@@ -45,7 +45,8 @@ class PretrainConfig:
     gripper_camera_size: int = 84
     # An object is named in a view when at least this many of its pixels are visible there.
     min_visible_pixels: int = 6
-    captions: list[str] = field(default_factory=lambda: list(CAPTION_KINDS))  # one of each kind per image
+    # one of each kind per image; "refer" one per object in view
+    captions: list[str] = field(default_factory=lambda: list(CAPTION_KINDS))
     num_workers: int = 2  # rendering processes (vlaops.utils.executor); 1 renders in-process
     # training: Kosmos-2's next-token loss over the caption tokens
     steps: int = 1200
