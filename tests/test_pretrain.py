@@ -284,6 +284,18 @@ def test_train_with_a_tokenizer_lacking_location_tokens_stops_before_training(
     assert not Path(cfg.paths.model_dir).exists() and not Path(cfg.paths.checkpoint_dir).exists()
 
 
+def test_train_fine_tunes_the_pretrained_dir_through_the_cli(pretrained, cfg, calvin_dir, tmp_path):
+    """`vlaops train` on real (converted) data starts from the pretrained checkpoint and exports a policy."""
+    from vlaops.model import PolicyRuntime
+
+    out = pretrained / "models" / "pretrained"
+    over = [*path_overrides(tmp_path), *PRETRAINED_MODEL, f"model.pretrained_dir={out}"]
+    assert main(["train", "--config-dir", str(CONF), *over, "train.max_steps=2", "train.batch_size=2"]) == 0
+    exported = json.loads((Path(cfg.paths.model_dir) / "train_config.json").read_text())
+    assert exported["model"]["pretrained_dir"] == str(out) and exported["model"]["backbone"] == "tiny"
+    assert PolicyRuntime.load(cfg.paths.model_dir).cfg.max_text_len == cfg.model.max_text_len
+
+
 KOSMOS_TAGS = (
     "<grounding>",
     "<phrase>",
