@@ -46,6 +46,7 @@ def path_overrides(tmp_path: Path) -> list[str]:
     """Every output path moved into ``tmp_path`` (data.raw_dir follows paths.collect_dir)."""
     return [
         f"paths.collect_dir={tmp_path}/raw",
+        f"paths.pretrained_dir={tmp_path}/models/pretrained",
         f"data.episodes_dir={tmp_path}/episodes",
         f"data.calvin_dir={tmp_path}/calvin",
         f"data.normalized_dir={tmp_path}/normalized",
@@ -60,6 +61,7 @@ def path_overrides(tmp_path: Path) -> list[str]:
 # The one shrink of the real config, for every test that builds the model or runs stages (the library
 # tests, tests/test_stages.py through the CLI, tests/test_e2e.py by editing conf/ in a copy of the repo).
 SHRINK_MODEL = [
+    "model.pretrained_dir=null",  # random weights: the shrunk architecture is no pretrained one (test_pretrain.py)
     "model.window_size=3",
     "model.fwd_pred_next_n=4",
     "model.lstm_num_layers=1",
@@ -90,8 +92,19 @@ SHRINK_PIPELINE = [
     "eval.max_steps_per_subtask=3",
     "eval.offline_batches=2",
 ]
+# ... and of pretraining: a few scenes, a few steps (tests/test_pretrain.py, tests/test_e2e.py).
+SHRINK_PRETRAIN = [
+    "pretrain.scenes=4",
+    "pretrain.heldout_scenes=2",
+    "pretrain.num_workers=1",
+    "pretrain.steps=3",
+    "pretrain.batch_size=4",
+    "pretrain.warmup_steps=1",
+    "pretrain.log_every=2",
+]
 # The conf/ file each group's values live in (what tests/test_e2e.py edits).
 GROUP_FILES = {
+    "pretrain": "conf/pretrain/default.yaml",
     "sim": "conf/sim/default.yaml",
     "data": "conf/data/default.yaml",
     "model": "conf/model/tiny.yaml",

@@ -131,9 +131,17 @@ def test_kosmos2_without_weights_dir_names_the_key():
         load_config(["model=kosmos2"], CONF)
 
 
-def test_weights_dir_with_the_tiny_backbone_is_refused():
-    with pytest.raises(VlaopsError, match="model=kosmos2"):
-        load_config(["model.pretrained_dir=/weights/kosmos-2"], CONF)
+def test_the_tiny_default_fine_tunes_what_pretrain_writes():
+    """Every recipe starts from the pretrained tiny Kosmos-2 (paths.pretrained_dir, the pretrain stage's
+    output); model.pretrained_dir=null is the random-weights ablation; the real weights need their own dir."""
+    cfg = load_config([], CONF)
+    assert (cfg.model.backbone, cfg.model.pretrained_dir) == ("tiny", cfg.paths.pretrained_dir)
+    moved = load_config(["paths.pretrained_dir=elsewhere/pretrained"], CONF)
+    assert moved.model.pretrained_dir == "elsewhere/pretrained"
+    assert load_config(["model.pretrained_dir=null"], CONF).model.pretrained_dir is None
+    for recipe in ("lora", "cpu_long", "lookup", "lookup_long"):
+        assert load_config([f"experiment={recipe}"], CONF).model.pretrained_dir == cfg.paths.pretrained_dir
+    assert load_config(["model=kosmos2", "model.pretrained_dir=/w"], CONF).model.pretrained_dir == "/w"
 
 
 def test_misspelt_override_names_the_key():

@@ -28,7 +28,7 @@ from vlaops.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "vlaops"
-STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
+STAGES = ("pretrain", "collect", "ingest", "convert", "normalize", "train", "evaluate")
 # read by stages, but they say where results go (tracking) or where the work runs (compute), not what it is
 NOT_PARAMS = ("tracking", "compute", "paths.checkpoint_dir")  # the last: the trainer's scratch, see below
 
@@ -37,6 +37,7 @@ WHOLE: dict[str, list[str]] = {"train": ["train/trainer.py"], "evaluate": ["eval
 
 # stage -> {sub-config handed to the library whole: the modules that read it as ``cfg`` / ``self.cfg``}
 LIBRARY: dict[str, dict[str, list[str]]] = {
+    "pretrain": {},  # hands the library cfg.pretrain whole (listed whole) and the model keys one by one
     "collect": {"sim": ["sim/record.py", "sim/env.py"]},
     "ingest": {"data": ["data/ingest.py", "io/rosbag2.py", "io/mobile_base.py", "io/hdf5.py"]},
     "convert": {"data": ["data/convert.py"]},

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from conftest import SHRINK_MODEL, SHRINK_PIPELINE, conf_file_updates
+from conftest import SHRINK_MODEL, SHRINK_PIPELINE, SHRINK_PRETRAIN, conf_file_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,16 @@ GIT_IDENTITY = {
 
 # conftest's shrink, written into conf/ of the copy (what `vlaops params` and `dvc exp run` compose);
 # two demos per task instead of three and five steps per subtask keep the three dvc runs short.
-SHRINK = conf_file_updates([*SHRINK_MODEL, *SHRINK_PIPELINE, "sim.episodes_per_task=2", "eval.max_steps_per_subtask=5"])
+# The policy fine-tunes the shrunk pretrained tiny Kosmos-2 that the pipeline's own `pretrain` writes.
+SHRINK = conf_file_updates(
+    [
+        *(o for o in SHRINK_MODEL if not o.startswith("model.pretrained_dir=")),
+        *SHRINK_PRETRAIN,
+        *SHRINK_PIPELINE,
+        "sim.episodes_per_task=2",
+        "eval.max_steps_per_subtask=5",
+    ]
+)
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -74,7 +83,7 @@ def test_dvc_repro_then_experiment(tmp_path):
     repo = make_repo(tmp_path / "repo")
 
     out = _run(["dvc", "repro"], repo)
-    for stage in ("collect", "ingest", "convert", "normalize", "train", "evaluate"):
+    for stage in ("pretrain", "collect", "ingest", "convert", "normalize", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert {"avg_len", "sr_1", "sr_2"} <= set(metrics)
@@ -108,7 +117,9 @@ def test_dvc_repro_then_experiment(tmp_path):
 
     exp = _run(["dvc", "exp", "run", "-S", "train.max_steps=6"], repo)
     ran = {
-        s for s in ("collect", "ingest", "convert", "normalize", "train", "evaluate") if f"Running stage '{s}'" in exp
+        s
+        for s in ("pretrain", "collect", "ingest", "convert", "normalize", "train", "evaluate")
+        if f"Running stage '{s}'" in exp
     }
     assert ran == {"train", "evaluate"}, exp[-2000:]
 

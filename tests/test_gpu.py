@@ -32,7 +32,13 @@ W, C, L = 3, 4, 12
 def make_policy(processor) -> VLAPolicy:
     torch.manual_seed(0)
     cfg = ModelConfig(
-        window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=2, head_mlp_dims=[32]
+        window_size=W,
+        fwd_pred_next_n=C,
+        max_text_len=L,
+        lstm_hidden_size=32,
+        lstm_num_layers=2,
+        head_mlp_dims=[32],
+        pretrained_dir=None,
     )
     policy = VLAPolicy.build(cfg, len(processor.tokenizer))
     apply_train_setup(policy, TrainSetupConfig())

@@ -42,6 +42,7 @@ def small_cfg(**kw) -> ModelConfig:
         head_mlp_dims=[32],
         vocab_size=200,
         image_size=224,
+        pretrained_dir=None,  # random weights
     )
     base.update(kw)
     base["tiny"] = dataclasses.replace(base.get("tiny") or TinyKosmosConfig(), patch_size=32)
@@ -85,7 +86,7 @@ def test_load_processor_missing_dir_is_clear(tmp_path):
         r"pytorch_model.bin, no tokenizer.json or tokenizer_config.json",
     ):
         make_processor(ModelConfig(backbone="pretrained", pretrained_dir=str(tmp_path / "empty")), INSTRUCTIONS)
-    built = make_processor(ModelConfig(vocab_size=50), INSTRUCTIONS)
+    built = make_processor(ModelConfig(vocab_size=50, pretrained_dir=None), INSTRUCTIONS)
     assert built.tokenizer.backend_tokenizer.get_vocab_size(with_added_tokens=False) <= 50
 
 

@@ -24,7 +24,13 @@ from vlaops.train.trainable import STORED_TRAINABLE, build_policy, frozen_source
 
 W, C, L, S = 2, 3, 12, 224
 MODEL = ModelConfig(
-    window_size=W, fwd_pred_next_n=C, max_text_len=L, lstm_hidden_size=32, lstm_num_layers=1, head_mlp_dims=[32]
+    window_size=W,
+    fwd_pred_next_n=C,
+    max_text_len=L,
+    lstm_hidden_size=32,
+    lstm_num_layers=1,
+    head_mlp_dims=[32],
+    pretrained_dir=None,
 )
 # experiment=lora with the vision tower frozen too (LoRA dropout on: the resume must restore its RNG)
 LORA = TrainSetupConfig(freeze_backbone=True, lora_enable=True, lora_r=4, lora_alpha=8, train_vision=False)

@@ -29,7 +29,7 @@ from vlaops.utils.logging import get_logger
 from vlaops.utils.signals import signal_arrived, signal_behind
 
 log = get_logger(__name__)
-STAGES = ("collect", "ingest", "convert", "normalize", "train", "evaluate")
+STAGES = ("pretrain", "collect", "ingest", "convert", "normalize", "train", "evaluate")
 ACCELERATE_CONFIGS = "accelerate"  # conf/accelerate/: files for `accelerate launch --config_file`, not a Hydra group
 
 

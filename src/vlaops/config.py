@@ -28,6 +28,7 @@ from vlaops.data.config import DataConfig
 from vlaops.errors import VlaopsError
 from vlaops.eval.config import EvalConfig
 from vlaops.model.config import ModelConfig
+from vlaops.pretrain.config import PretrainConfig
 from vlaops.serve.config import ServeConfig
 from vlaops.sim.config import SimConfig
 from vlaops.tracking import TrackingConfig
@@ -41,6 +42,8 @@ DEFAULT_CONFIG_DIR = "conf"
 @dataclass
 class PathsConfig:
     collect_dir: str = "data/raw"  # where the simulator records; data.raw_dir defaults to it
+    # `vlaops pretrain` writes the tiny Kosmos-2 here; model.pretrained_dir defaults to it
+    pretrained_dir: str = "models/pretrained"
     model_dir: str = "models/policy"
     checkpoint_dir: str = "models/checkpoints"
     reports_dir: str = "reports"
@@ -52,6 +55,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -12,6 +12,7 @@ state is the frame's feature for the LSTM head ("cont-lstm-post").
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from transformers import Kosmos2Config, Kosmos2Model
 
 from vlaops.errors import VlaopsError
 from vlaops.model.config import ModelConfig
+
+KOSMOS2_MODEL_TYPE = "kosmos-2"
 
 
 def tiny_kosmos_config(cfg: ModelConfig, vocab_size: int) -> Kosmos2Config:
@@ -52,6 +55,46 @@ def tiny_kosmos_config(cfg: ModelConfig, vocab_size: int) -> Kosmos2Config:
     )
 
 
+def build_tiny_kosmos(cfg: ModelConfig, vocab_size: int, model_class: type = Kosmos2Model) -> nn.Module:
+    """A tiny Kosmos-2 with random weights: ``Kosmos2Model`` for the policy, ``Kosmos2ForConditionalGeneration``
+    (its language-model head included) for ``vlaops pretrain``; initialised the same way either way."""
+    model = model_class(tiny_kosmos_config(cfg, vocab_size))
+    # Kosmos2Config has no key for it: the resampler's patch projection, see TinyKosmosConfig
+    nn.init.normal_(model.image_to_text_projection.dense.weight, std=cfg.tiny.image_projection_init_std)
+    return model
+
+
+def check_tiny_architecture(config: Kosmos2Config, cfg: ModelConfig) -> None:
+    """One line naming every size in which a pretrained tiny Kosmos-2 differs from ``model.tiny`` and
+    ``model.image_size`` (what the policy, its exports and its checkpoints are built from)."""
+    want = tiny_kosmos_config(cfg, config.text_config.vocab_size)
+    keys = {
+        "text_config": ("embed_dim", "layers", "attention_heads", "ffn_dim"),
+        "vision_config": (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "patch_size",
+            "image_size",
+        ),
+    }
+    differ = [
+        f"{part}.{k} {getattr(getattr(config, part), k)} != {getattr(getattr(want, part), k)}"
+        for part, names in keys.items()
+        for k in names
+        if getattr(getattr(config, part), k) != getattr(getattr(want, part), k)
+    ]
+    if config.latent_query_num != want.latent_query_num:
+        differ.append(f"latent_query_num {config.latent_query_num} != {want.latent_query_num}")
+    if differ:
+        raise VlaopsError(
+            f"model.pretrained_dir={cfg.pretrained_dir}: its Kosmos-2 is not the architecture of model.tiny / "
+            f"model.image_size ({'; '.join(differ)}); pretrain with these settings (dvc repro pretrain) or set "
+            "model.pretrained_dir=null for random weights"
+        )
+
+
 class KosmosBackbone(nn.Module):
     """Kosmos-2 + one action token: (frames, instruction) -> (N, D) features, D = text embed_dim."""
 
@@ -69,11 +112,10 @@ class KosmosBackbone(nn.Module):
     def from_model_config(cls, cfg: ModelConfig, vocab_size: int) -> KosmosBackbone:
         """Tiny random Kosmos-2 (``pretrained_dir`` None) or the local pretrained checkpoint."""
         if cfg.pretrained_dir is None:
-            model = Kosmos2Model(tiny_kosmos_config(cfg, vocab_size))
-            # Kosmos2Config has no key for it: the resampler's patch projection, see TinyKosmosConfig
-            nn.init.normal_(model.image_to_text_projection.dense.weight, std=cfg.tiny.image_projection_init_std)
-            return cls(model, cfg.use_hand_rgb)
+            return cls(build_tiny_kosmos(cfg, vocab_size), cfg.use_hand_rgb)
         model = load_pretrained_kosmos(cfg.pretrained_dir)
+        if cfg.backbone == "tiny":  # a tiny Kosmos-2 that `vlaops pretrain` trained: model.tiny must describe it
+            check_tiny_architecture(model.config, cfg)
         if model.config.vision_config.image_size != cfg.image_size:
             raise VlaopsError(
                 f"{cfg.pretrained_dir}: vision image_size {model.config.vision_config.image_size} "
@@ -194,10 +236,22 @@ WEIGHT_FILES = (
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+# What makes a vocabulary Kosmos-2's: the grounding tags and the 32x32 grid of location tokens that
+# Kosmos2Processor adds (a grounded caption reads "<phrase> a red block</phrase><object><patch_index_0101>
+# <patch_index_0167></object>"). A checkpoint whose tokenizer lacks them has never learned grounding.
+GROUNDING_TOKENS = ("<grounding>", "<phrase>", "</phrase>", "<object>", "</object>")
+NUM_LOCATION_TOKENS = 1024
+LOCATION_TOKENS = tuple(f"<patch_index_{i:04d}>" for i in range(NUM_LOCATION_TOKENS))
+
+
 def check_pretrained_dir(path: str | os.PathLike[str]) -> Path:
-    """Fail before any work with what a local Kosmos-2 checkpoint directory lacks, named in one line."""
+    """Fail before any work with what a local Kosmos-2 checkpoint directory lacks, named in one line: its
+    files, a config of another model type, a tokenizer without Kosmos-2's grounding and location tokens."""
     path = Path(path)
-    expected = "expected a local copy of microsoft/kosmos-2-patch14-224 (config.json, weights, tokenizer files)"
+    expected = (
+        "expected a local copy of microsoft/kosmos-2-patch14-224 or the output of `vlaops pretrain` "
+        "(config.json, weights, tokenizer files)"
+    )
     if not path.is_dir():
         raise VlaopsError(f"model.pretrained_dir={path}: directory not found; {expected}")
     missing = []
@@ -209,7 +263,39 @@ def check_pretrained_dir(path: str | os.PathLike[str]) -> Path:
         missing.append(" or ".join(TOKENIZER_FILES))
     if missing:
         raise VlaopsError(f"model.pretrained_dir={path}: no {', no '.join(missing)}; {expected}")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise VlaopsError(
+            f"model.pretrained_dir={path}: config.json is not a JSON object ({exc}); {expected}"
+        ) from None
+    if model_type != KOSMOS2_MODEL_TYPE:
+        raise VlaopsError(
+            f"model.pretrained_dir={path}: config.json has model_type {model_type!r}, not {KOSMOS2_MODEL_TYPE!r}; "
+            f"{expected}"
+        )
+    _check_grounding_vocabulary(path)
     return path
+
+
+def _check_grounding_vocabulary(path: Path) -> None:
+    """The saved tokenizer itself (not Kosmos2Processor, which would add what it lacks at load) must hold
+    the grounding tags and every location token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise VlaopsError(f"model.pretrained_dir={path}: cannot load its tokenizer ({exc})") from None
+    vocab = tokenizer.get_vocab()
+    lacking = [t for t in (*GROUNDING_TOKENS, *LOCATION_TOKENS) if t not in vocab]
+    if lacking:
+        raise VlaopsError(
+            f"model.pretrained_dir={path}: the tokenizer lacks {len(lacking)} of Kosmos-2's grounding and location "
+            f"tokens (e.g. {', '.join(lacking[:3])}); expected a Kosmos-2 tokenizer with {', '.join(GROUNDING_TOKENS)} "
+            f"and <patch_index_0000>..<patch_index_{NUM_LOCATION_TOKENS - 1:04d}> (Kosmos2Processor.save_pretrained "
+            "writes them)"
+        )
 
 
 def load_pretrained_kosmos(path: str | os.PathLike[str]) -> Kosmos2Model:

@@ -97,13 +97,15 @@ class TinyKosmosConfig:
 class ModelConfig:
     """The policy: Kosmos-2 backbone + action token + LSTM head ("cont-lstm-post", RoboVLMs)."""
 
-    # "tiny": a tiny Kosmos-2 from ``tiny`` with random weights (the embedded default and the tests);
-    # "pretrained": the real weights in ``pretrained_dir``. One explicit switch, so a forgotten path
-    # is an error rather than a silent fall-back to random weights.
+    # "tiny": the tiny Kosmos-2 of ``tiny``, pretrained by ``vlaops pretrain`` (``pretrained_dir``, the
+    # default: paths.pretrained_dir) or with random weights (``pretrained_dir`` null: the ablation);
+    # "pretrained": the real weights in ``pretrained_dir`` (model=kosmos2). One explicit switch, so a
+    # forgotten path for the real weights is an error rather than a silent fall-back to the tiny model.
     backbone: str = "tiny"
-    # A local directory holding microsoft/kosmos-2-patch14-224 (config + weights + processor files);
-    # None builds the tiny config below with random weights. Never resolved against the hub.
-    pretrained_dir: str | None = None
+    # A local Kosmos-2 checkpoint directory (config + weights + processor files, as save_pretrained writes
+    # them): what ``vlaops pretrain`` writes, or microsoft/kosmos-2-patch14-224. Never resolved against the
+    # hub. With the tiny backbone its architecture must be ``tiny``'s and ``image_size``'s.
+    pretrained_dir: str | None = "models/pretrained"
     tiny: TinyKosmosConfig = field(default_factory=TinyKosmosConfig)
     window_size: int = 8  # RoboVLMs window_size 8
     fwd_pred_next_n: int = 10  # RoboVLMs fwd_pred_next_n 10 (action chunk C)
@@ -208,9 +210,4 @@ class ModelConfig:
             raise ValueError(
                 "model.pretrained_dir must name a local directory holding microsoft/kosmos-2-patch14-224 "
                 "when model.backbone is 'pretrained' (e.g. model.pretrained_dir=/path/to/kosmos-2-patch14-224)"
-            )
-        if self.backbone == "tiny" and self.pretrained_dir is not None:
-            raise ValueError(
-                f"model.pretrained_dir is set ({self.pretrained_dir!r}) but model.backbone is 'tiny'; "
-                "choose the real weights with model=kosmos2"
             )

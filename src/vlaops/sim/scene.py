@@ -48,8 +48,8 @@ class SceneIds:
     blocks: dict[str, int]
 
 
-def build_scene(client: int, block_xy: dict[str, tuple[float, float]], block_yaw: dict[str, float]) -> SceneIds:
-    """Load robot, table and blocks into a freshly reset client and put the arm at its home pose."""
+def build_tabletop(client: int) -> tuple[int, int]:
+    """Load the robot (at its home pose) and the table into a freshly reset client: (robot, table) body ids."""
     p.setAdditionalSearchPath(pybullet_data.getDataPath(), physicsClientId=client)
     p.setGravity(0, 0, -9.81, physicsClientId=client)
     robot = p.loadURDF(PANDA_URDF, [0, 0, TABLE_TOP_Z], useFixedBase=True, physicsClientId=client)
@@ -71,7 +71,12 @@ def build_scene(client: int, block_xy: dict[str, tuple[float, float]], block_yaw
         physicsClientId=client,
     )
     p.changeDynamics(table, -1, lateralFriction=0.5, physicsClientId=client)
+    return robot, table
 
+
+def build_scene(client: int, block_xy: dict[str, tuple[float, float]], block_yaw: dict[str, float]) -> SceneIds:
+    """Load robot, table and blocks into a freshly reset client and put the arm at its home pose."""
+    robot, table = build_tabletop(client)
     blocks = {}
     half = [BLOCK_HALF] * 3
     for name in BLOCK_ORDER:
@@ -100,19 +105,29 @@ def _rgb(client: int, size: int, view: list[float], proj: list[float]) -> np.nda
     return np.asarray(rgba, dtype=np.uint8).reshape(size, size, 4)[:, :, :3].copy()  # (H, W, 3)
 
 
-def render_static(client: int, size: int) -> np.ndarray:
-    """The fixed camera over the table: (size, size, 3) uint8."""
+def static_camera(client: int) -> tuple[list[float], list[float]]:
+    """The fixed camera over the table: its (view, projection) matrices, column-major as PyBullet gives them."""
     view = p.computeViewMatrix(STATIC_EYE, STATIC_TARGET, (0, 0, 1), physicsClientId=client)
     proj = p.computeProjectionMatrixFOV(STATIC_FOV, 1.0, CAM_NEAR, CAM_FAR, physicsClientId=client)
-    return _rgb(client, size, view, proj)
+    return view, proj
 
 
-def render_gripper(client: int, robot: int, size: int) -> np.ndarray:
-    """The wrist camera, moving with the hand and looking along the gripper: (size, size, 3) uint8."""
+def gripper_camera(client: int, robot: int) -> tuple[list[float], list[float]]:
+    """The wrist camera, moving with the hand and looking along the gripper: its (view, projection) matrices."""
     pos, orn = p.getLinkState(robot, HAND_LINK, computeForwardKinematics=True, physicsClientId=client)[4:6]
     rot = np.asarray(p.getMatrixFromQuaternion(orn)).reshape(3, 3)
     eye = np.asarray(pos) + rot @ np.asarray(GRIPPER_CAM_OFFSET)
     target = eye + rot[:, 2] * 0.2  # hand z axis points out between the fingers
     view = p.computeViewMatrix(eye.tolist(), target.tolist(), (-rot[:, 0]).tolist(), physicsClientId=client)
     proj = p.computeProjectionMatrixFOV(GRIPPER_FOV, 1.0, CAM_NEAR, CAM_FAR, physicsClientId=client)
-    return _rgb(client, size, view, proj)
+    return view, proj
+
+
+def render_static(client: int, size: int) -> np.ndarray:
+    """The fixed camera over the table: (size, size, 3) uint8."""
+    return _rgb(client, size, *static_camera(client))
+
+
+def render_gripper(client: int, robot: int, size: int) -> np.ndarray:
+    """The wrist camera: (size, size, 3) uint8."""
+    return _rgb(client, size, *gripper_camera(client, robot))

@@ -17,6 +17,7 @@ from vlaops.errors import VlaopsError
 # `vlaops check`, which runs them all before a pipeline is started.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "collect": ("paths.collect_dir", "paths.reports_dir"),
+    "pretrain": ("paths.pretrained_dir", "paths.reports_dir"),
     "ingest": ("data.episodes_dir",),
     "convert": ("data.calvin_dir",),
     "normalize": ("data.normalized_dir",),
