@@ -23,6 +23,7 @@ from vlaops.data.normalization import ActionNormalizer
 from vlaops.errors import VlaopsError
 from vlaops.eval.chains import FIRST_SUBTASK, LATER_SUBTASKS, figures, results_json, start_sr, summarize, summary_table
 from vlaops.eval.offline import base_constant_action, offline_action_metrics
+from vlaops.eval.plan import check_policy, plan_chains
 from vlaops.eval.reference import blind_policy
 from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory, run_chains
 from vlaops.eval.trajectories import action_dims, validation_trajectories
@@ -30,7 +31,6 @@ from vlaops.eval.videos import write_videos
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
 from vlaops.model import PolicyRuntime
 from vlaops.model.runtime import POLICY_CONFIG_FILE
-from vlaops.sim import TabletopEnv, get_task, seeded_chains
 from vlaops.utils.atomic import write_json
 from vlaops.utils.executor import connect, resolve_workers
 from vlaops.utils.logging import get_logger
@@ -158,16 +158,12 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     execution = cfg.eval.execution()
     policy = PolicyRuntime.load(model_dir, device, execution)  # eval.chunk_steps past the policy's chunk: one line
     check_checkpoint(model_dir, policy, cfg)
+    check_policy(cfg, model_dir, policy.cfg)  # eval.env=calvin: CALVIN's arm actions only
     if policy.cfg.action_classes:  # the embedded simulator is an arm: a base gets the offline half only
         _evaluate_offline_only(cfg, model_dir, policy, device)
         return
-    tasks = list(cfg.eval.tasks or cfg.sim.tasks)
-    for name in tasks:
-        try:
-            get_task(name)
-        except ValueError as exc:
-            raise VlaopsError(f"eval.tasks: {exc}") from None
-    instructions = {name: get_task(name).instruction for name in tasks}
+    plan = plan_chains(cfg)  # the tabletop's seeded chains or CALVIN's sequences (eval.env), checked
+    chains, instructions = plan.chains, plan.instructions
     # Every run to make, in the order of the table: fail on a missing input before any chain is played.
     executed = execution.describe(policy.cfg.fwd_pred_next_n)  # the mode and the values in force
     log.info("executing the predicted chunks: %s", executed)
@@ -179,7 +175,8 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
         if name == "expert":
             factories[f"{tracking.REFERENCE_PREFIX}expert"] = ExpertFactory()
         elif name == "blind":
-            blind = blind_policy(Path(cfg.data.calvin_dir) / TRAINING, cfg.data.trust_pickles)
+            by_task = plan.instructions if cfg.eval.env == "calvin" else None  # CALVIN: validation phrasings
+            blind = blind_policy(Path(cfg.data.calvin_dir) / TRAINING, cfg.data.trust_pickles, by_task)
             factories[f"{tracking.REFERENCE_PREFIX}blind"] = FixedFactory(blind)
 
     val_split = CalvinSplit(Path(cfg.data.calvin_dir) / VALIDATION, cfg.data.trust_pickles)
@@ -197,17 +194,12 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     dims = action_dims(policy.model)
     del policy  # each worker loads its own
 
-    with TabletopEnv(cfg.sim, render=False) as env:  # the sampler reads the state only
-        try:
-            chains = seeded_chains(env, tasks, cfg.eval.num_chains, cfg.eval.chain_length, cfg.eval.seed)
-        except ValueError as exc:
-            raise VlaopsError(f"eval.chain_length={cfg.eval.chain_length}: {exc}") from None
     workers = resolve_workers(cfg.eval.num_workers, cfg.compute)
     results, figs, times = {}, {}, {}
     for label, factory in factories.items():
         start = time.perf_counter()
         results[label] = run_chains(
-            factory, cfg.sim, chains, cfg.eval.max_steps_per_subtask, workers, desc=label, compute=cfg.compute
+            factory, plan.env_cfg, chains, plan.max_steps, workers, desc=label, compute=cfg.compute
         )
         times[label] = time.perf_counter() - start
         figs[label] = figures(
@@ -227,12 +219,7 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     videos_dir = reports_dir / VIDEOS_DIR
     n_videos = min(cfg.eval.videos, len(chains))
     videos = write_videos(
-        policy_factory,
-        cfg.sim,
-        chains[:n_videos],
-        results["policy"][:n_videos],
-        cfg.eval.max_steps_per_subtask,
-        videos_dir,
+        policy_factory, plan.env_cfg, chains[:n_videos], results["policy"][:n_videos], plan.max_steps, videos_dir
     )
     if videos:
         log.info("rollout videos of %d chains in %s", len(videos), videos_dir)
@@ -240,6 +227,7 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     metrics: dict[str, Any] = {
         **figs["policy"],
         "num_chains": summary["num_chains"],
+        "env": cfg.eval.env,
         "chain_length": cfg.eval.chain_length,
         "confidence": cfg.eval.confidence,
         "execute": executed,  # how the policy's chunks ran (its ablations' too): mode, chunk_steps, ensemble_coeff
@@ -270,9 +258,10 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     write_json(reports_dir / RESULTS_FILE, results_json(summary, str(cfg.paths.model_dir)))
     write_json(reports_dir / METRICS_FILE, metrics)
     log.info(
-        "%d chains of %d, seed %d, execute %s:\n%s",
+        "%d chains of %d in %s, seed %d, execute %s:\n%s",
         len(chains),
         cfg.eval.chain_length,
+        cfg.eval.env,
         cfg.eval.seed,
         executed,
         summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence),
@@ -305,6 +294,7 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
                 "eval.execute": executed["mode"],
                 "eval.chunk_steps": executed["chunk_steps"],
                 "eval.ensemble_coeff": executed["ensemble_coeff"],  # None unless ensemble: a stale value never stays
+                "eval.env": cfg.eval.env,
             },
         )
         flat: dict[str, float] = {}
