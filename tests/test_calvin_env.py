@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONF, SHRINK_MODEL, path_overrides
+from conftest import CONF, SHRINK_MODEL, path_overrides, tiny_config
 
 from vlaops.cli import main
 from vlaops.config import load_config
@@ -94,7 +94,28 @@ def test_refusals_come_in_one_line_before_any_chain(tmp_path):
         load_config([*path_overrides(tmp_path), "eval.env=calvin", "eval.chain_length=2"], CONF)
 
 
-def test_evaluate_plays_calvins_chains_in_calvin_env(tmp_path, tiny_policy_dir, calvin_dir):
+@pytest.fixture
+def calvin_policy_dir(tmp_path: Path, calvin_dir: Path) -> Path:
+    """The tiny untrained policy, exported as train exports it, its tokenizer knowing CALVIN's instructions
+    and its TCP read-out cut to what the synthetic demonstrations vary (y only)."""
+    import torch
+
+    from vlaops.config import to_container
+    from vlaops.data.normalization import ActionNormalizer
+    from vlaops.model import VLAPolicy, build_offline_processor, save_policy
+
+    cfg = tiny_config(tmp_path, "model.aux_robot_dims=[1]")
+    processor = build_offline_processor(
+        list(instructions().values()), vocab_size=cfg.model.vocab_size, image_size=cfg.model.image_size
+    )
+    torch.manual_seed(0)
+    policy = VLAPolicy.build(cfg.model, vocab_size=len(processor.tokenizer))
+    normalizer = ActionNormalizer(cfg.data.norm_min, cfg.data.norm_max)
+    extra = {"train_config": to_container(cfg)}
+    return save_policy(tmp_path / "calvin_policy", policy, processor, normalizer, cfg.model, extra=extra)
+
+
+def test_evaluate_plays_calvins_chains_in_calvin_env(tmp_path, calvin_policy_dir):
     """`vlaops evaluate eval.env=calvin`: the tiny policy, both ablations and the expert on CALVIN's first two
     sequences, three steps a subtask; CALVIN's results.json, vlaops' metrics and a video of CALVIN's scene."""
     code = main(
@@ -104,7 +125,8 @@ def test_evaluate_plays_calvins_chains_in_calvin_env(tmp_path, tiny_policy_dir, 
             str(CONF),
             *path_overrides(tmp_path),
             *SHRINK_MODEL,
-            f"paths.model_dir={tiny_policy_dir}",
+            f"paths.model_dir={calvin_policy_dir}",
+            "model.aux_robot_dims=[1]",
             "eval.env=calvin",
             "eval.num_chains=2",
             "eval.calvin.max_steps_per_subtask=3",
