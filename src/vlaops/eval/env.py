@@ -35,15 +35,16 @@ class StepPolicy(Protocol):
     def step(self, obs: dict[str, Any], instruction: str) -> np.ndarray: ...
 
 
-def make_env(env_cfg: Any, render: bool) -> Any:
+def make_env(env_cfg: Any, render: bool, cameras: tuple[str, ...] | None = None) -> Any:
     """The simulator ``env_cfg`` configures: ``TabletopEnv`` for a ``SimConfig``, calvin_env's scene
-    (``CalvinEnv``) for an ``eval.calvin`` config. ``render=False`` returns black camera images."""
+    (``CalvinEnv``) for an ``eval.calvin`` config. ``render=False`` returns black camera images; ``cameras``
+    (CALVIN only): render just these of ("static", "gripper"), the others black (None: both)."""
     from vlaops.sim.calvin.config import CalvinConfig
 
     if isinstance(env_cfg, CalvinConfig):
-        from vlaops.sim.calvin.env import CalvinEnv
+        from vlaops.sim.calvin.env import CAMERAS, CalvinEnv
 
-        return CalvinEnv(env_cfg, render=render)
+        return CalvinEnv(env_cfg, render=render, cameras=cameras or CAMERAS)
     from vlaops.sim.env import TabletopEnv
 
     return TabletopEnv(env_cfg, render=render)

@@ -38,6 +38,7 @@ class RuntimeFactory:
     device: str = "cpu"
     needs_images: bool = True
     execution: Execution = field(default_factory=Execution)
+    cameras: tuple[str, ...] | None = None  # under eval.env=calvin, the cameras it reads (None: both)
 
     def __call__(self, env: Any) -> StepPolicy:
         from vlaops.model import PolicyRuntime  # the model stack loads only where a worker runs it
@@ -88,6 +89,10 @@ class AblatedFactory:
     def device(self) -> str:
         return str(getattr(self.inner, "device", "cpu"))
 
+    @property
+    def cameras(self) -> tuple[str, ...] | None:
+        return getattr(self.inner, "cameras", None)
+
     def __call__(self, env: Any) -> StepPolicy:
         return AblatedPolicy(self.inner(env), self.mode, dict(self.instructions))
 
@@ -100,7 +105,7 @@ def _init_worker(factory: Any, sim_cfg: Any, max_steps: int) -> None:
     # One intra-op thread per worker: the workers are the parallelism, and a fixed thread count keeps the
     # floating-point reduction order, hence every action, the same for any number of workers.
     torch.set_num_threads(1)
-    env = make_env(sim_cfg, render=bool(factory.needs_images))
+    env = make_env(sim_cfg, render=bool(factory.needs_images), cameras=getattr(factory, "cameras", None))
     _WORKER.update(env=env, policy=factory(env), max_steps=max_steps, get_task=task_lookup(env))
 
 

@@ -167,7 +167,8 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     # Every run to make, in the order of the table: fail on a missing input before any chain is played.
     executed = execution.describe(policy.cfg.fwd_pred_next_n)  # the mode and the values in force
     log.info("executing the predicted chunks: %s", executed)
-    policy_factory = RuntimeFactory(str(model_dir), str(device), execution=execution)
+    cameras = None if policy.cfg.use_hand_rgb else ("static",)  # CALVIN renders only what the policy reads
+    policy_factory = RuntimeFactory(str(model_dir), str(device), execution=execution, cameras=cameras)
     factories: dict[str, Any] = {"policy": policy_factory}
     for mode in cfg.eval.ablations:
         factories[f"{tracking.ABLATION_PREFIX}{mode}"] = AblatedFactory(policy_factory, mode, instructions)

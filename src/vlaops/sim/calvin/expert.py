@@ -2,9 +2,13 @@
 loop with CALVIN's 7-value relative actions (0.02 m / 0.05 rad per unit, gripper +-1).
 
 It reads what an expert may (``CalvinEnv.get_info()``: the TCP pose, each block's pose, the table's link
-poses), never a camera, and covers the tasks ``EXPERT_TASKS`` lists: lifting, pushing and rotating each
-block on the table, and pressing the LED's button. Every other task of CALVIN's 34 is refused in one line
-(``UNCOVERED``); bench/calvin_expert.py measures each covered task by CALVIN's own oracle.
+poses, the drawer's and the sliding door's states), never a camera, and covers the 21 tasks ``EXPERT_TASKS``
+lists: lifting, pushing and rotating each block on the table, pressing the LED's button, opening and closing
+the drawer (its handle hooked or pushed) and moving the sliding door both ways (its handle pushed sideways).
+The handles' places were measured in scene D with ray casts. Every other task of CALVIN's 34 is refused in
+one line (``UNCOVERED``): the light switch is out of the arm's reach from above, blocks in the cabinet lie
+under its roof, and the place, stack and push-into tasks are not scripted yet. bench/calvin_expert.py
+measures each covered task by CALVIN's own oracle.
 """
 
 from __future__ import annotations
@@ -32,6 +36,17 @@ ROTATE_LIFT = 0.02  # m: turn the block just clear of the table, then set it dow
 BUTTON_XY = (-0.12, -0.12)  # the LED button's centre (scene D's base__button link)
 BUTTON_TOP = 0.487  # m: the button's top face
 BUTTON_PRESS = 0.03  # m below the top face: the press that toggles it
+# The drawer's handle (scene D, drawer closed): a bar 2.5 cm thick, its back face 5.5 cm in front of the
+# drawer's front; the drawer opens along -y by its state (m). Hooked from behind to open, pushed to close.
+DRAWER_HANDLE = (0.18, -0.262, 0.36)  # x, front face y, height of the bar's middle
+DRAWER_GAP_Y = -0.21  # y between the bar and the drawer's front (closed)
+DRAWER_PULL = 0.17  # m: open by more than the oracle's 12 cm
+# The sliding door's handle (scene D, door at the right, state 0): a vertical bar 4 cm wide, x 0.02..0.06, in
+# front of the door; the door moves along -x by its state (m). Pushed sideways at its side.
+SLIDER_HANDLE_X = 0.04
+SLIDER_SIDE = 0.045  # m from the handle's centre to the fingers that push it
+SLIDER_PUSH_Y, SLIDER_PUSH_Z = 0.02, 0.55
+SLIDER_TRAVEL = 0.19  # m: moved by more than the oracle's 15 cm
 POS_TOL = 0.008  # m: a waypoint is reached within this distance
 YAW_TOL = 0.06  # rad
 GRIPPER_WAIT = 10  # ticks for the fingers to close or open
@@ -42,7 +57,7 @@ EXPERT_TASKS = tuple(
     [f"lift_{c}_block_table" for c in COLOURS]
     + [f"push_{c}_block_{s}" for c in COLOURS for s in ("right", "left")]
     + [f"rotate_{c}_block_{s}" for c in COLOURS for s in ("right", "left")]
-    + ["turn_on_led", "turn_off_led"]
+    + ["turn_on_led", "turn_off_led", "open_drawer", "close_drawer", "move_slider_left", "move_slider_right"]
 )
 UNCOVERED = tuple(t for t in TASK_ORDER if t not in EXPERT_TASKS)
 
@@ -85,6 +100,37 @@ def plan(task: str, info: dict[str, Any]) -> list[Waypoint]:
             Waypoint(above, tcp_yaw, GRIPPER_CLOSE, wait=GRIPPER_WAIT),
             Waypoint(np.array([x, y, BUTTON_TOP - BUTTON_PRESS]), tcp_yaw, GRIPPER_CLOSE),
             Waypoint(above, tcp_yaw, GRIPPER_CLOSE),
+        ]
+    doors = info["scene_info"]["doors"]
+    lift = Waypoint(np.array([tcp[0], tcp[1], max(tcp[2], 0.6)]), tcp_yaw, GRIPPER_CLOSE)
+    if task in ("open_drawer", "close_drawer"):
+        shift = float(doors["base__drawer"]["current_state"])
+        x, front, z = DRAWER_HANDLE
+        if task == "open_drawer":  # fingers down between the bar and the drawer, then pull
+            start = np.array([x, DRAWER_GAP_Y - shift, z])
+            end = start - np.array([0.0, DRAWER_PULL, 0.0])
+        else:  # fingers down in front of the bar, then push it home
+            start = np.array([x, front - shift - 0.03, z])
+            end = np.array([x, front - 0.01, z])
+        above = np.array([start[0], start[1], 0.5])
+        return [
+            lift,
+            Waypoint(above, tcp_yaw, GRIPPER_CLOSE, wait=GRIPPER_WAIT),
+            Waypoint(start, tcp_yaw, GRIPPER_CLOSE),
+            Waypoint(end, tcp_yaw, GRIPPER_CLOSE),
+            Waypoint(end + np.array([0.0, -0.05, 0.15]), tcp_yaw, GRIPPER_CLOSE, tol=0.02),
+        ]
+    if task in ("move_slider_left", "move_slider_right"):
+        handle_x = SLIDER_HANDLE_X - float(doors["base__slide"]["current_state"])
+        sign = -1.0 if task == "move_slider_left" else 1.0  # left: the door moves along -x
+        start = np.array([handle_x - sign * SLIDER_SIDE, SLIDER_PUSH_Y, SLIDER_PUSH_Z])
+        end = start + np.array([sign * SLIDER_TRAVEL, 0.0, 0.0])
+        return [
+            lift,
+            Waypoint(np.array([start[0], start[1], 0.68]), tcp_yaw, GRIPPER_CLOSE, wait=GRIPPER_WAIT),
+            Waypoint(start, tcp_yaw, GRIPPER_CLOSE),
+            Waypoint(end, tcp_yaw, GRIPPER_CLOSE),
+            Waypoint(end + np.array([0.0, -0.1, 0.05]), tcp_yaw, GRIPPER_CLOSE, tol=0.02),
         ]
     colour = parts[1]
     pos, block_yaw = _block(info, colour)
