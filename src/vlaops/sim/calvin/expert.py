@@ -1,15 +1,14 @@
 """A scripted expert in calvin_env's scene D: waypoints planned from the simulator's state, followed in closed
 loop with CALVIN's 7-value relative actions (0.02 m / 0.05 rad per unit, gripper +-1).
 
-It reads what an expert may (``CalvinEnv.get_info()``: the TCP pose, each block's pose, the table's link
-poses, the drawer's and the sliding door's states), never a camera, and covers the 23 tasks ``EXPERT_TASKS``
-lists: lifting, pushing and rotating each block on the table, pressing the LED's button, opening and closing
-the drawer (its handle hooked or pushed), moving the sliding door both ways (its handle pushed sideways), and
-putting a held block in the open drawer or onto another block.
-The handles' places were measured in scene D with ray casts. Every other task of CALVIN's 34 is refused in
-one line (``UNCOVERED``): the light switch is out of the arm's reach from above, blocks in the cabinet lie
-under its roof, a block let go in the cabinet tips off its front edge too often, and unstacking and pushing
-into the drawer are not scripted yet. bench/calvin_expert.py
+It reads what an expert may (``CalvinEnv.get_info()``: the TCP pose, each block's pose and contacts, the
+drawer's and the sliding door's states), never a camera, and covers the 23 tasks ``EXPERT_TASKS`` lists:
+lifting, pushing and rotating each block on the table, pressing the LED's button, opening and closing the
+drawer (its handle hooked or pushed), moving the sliding door both ways (its handle pushed sideways), and
+putting a held block in the open drawer or onto another block. The handles' places were measured in scene D
+with ray casts. Every other task of CALVIN's 34 is refused in one line (``UNCOVERED``): the hand cannot get
+above the light switch, blocks in the cabinet lie under its roof, a block let go in the cabinet tips off its
+front edge too often, and unstacking and pushing into the drawer are not scripted yet. bench/calvin_expert.py
 measures each covered task by CALVIN's own oracle.
 """
 
