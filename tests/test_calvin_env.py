@@ -83,9 +83,9 @@ def test_one_worker_or_two_the_expert_scores_the_same_chains(tmp_path):
 
 def test_refusals_come_in_one_line_before_any_chain(tmp_path):
     cfg = load_config([*path_overrides(tmp_path), "eval.env=calvin", "eval.num_chains=3"], CONF)
-    assert [i for i, _ in plan_chains(cfg).chains] == [0, 1, 2]
+    assert [i for i, _ in plan_chains(cfg.eval, cfg.sim).chains] == [0, 1, 2]
     with pytest.raises(VlaopsError, match="mobile base"):
-        check_policy(cfg, tmp_path, ModelConfig(action_dim=4, action_classes=3))
+        check_policy(cfg.eval, tmp_path, ModelConfig(action_dim=4, action_classes=3))
     with pytest.raises(VlaopsError, match=r"sequence 7 names task\(s\) \['fly_away'\]"):
         check_sequences(cfg.eval.calvin, [(7, ["open_drawer", "fly_away"])])
     with pytest.raises(VlaopsError, match=f"covers 23 of CALVIN's 34 tasks, not '{UNCOVERED[0]}'"):

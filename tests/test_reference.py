@@ -20,9 +20,8 @@ from vlaops.errors import VlaopsError
 from vlaops.eval.blind import BlindPolicy
 from vlaops.eval.chains import evaluate_chains, summarize
 from vlaops.io.calvin import LANG_ANN_JSON, LANG_DIR, CalvinSplit, rel_actions_from_abs
-from vlaops.sim import TASKS, SimConfig, TabletopEnv, Task, get_task, run_expert
+from vlaops.sim import TASKS, SimConfig, TabletopEnv, Task, get_task, run_expert, seeded_chains
 from vlaops.sim.record import expert_episodes
-from vlaops.stages.evaluate import seeded_chains
 
 NORM = ActionNormalizer()  # RoboVLMs' +-0.65, the data.norm_min / norm_max default
 # A value counts as clipped when the normalisation changes it by more than float round-off (the recorded

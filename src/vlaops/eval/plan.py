@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from vlaops.errors import VlaopsError
+from vlaops.eval.config import EvalConfig
 from vlaops.model.config import ModelConfig
+from vlaops.sim.config import SimConfig
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,9 @@ class ChainPlan:
     max_steps: int  # per subtask
 
 
-def check_policy(cfg: Any, model_dir: Path, policy_cfg: ModelConfig) -> None:
+def check_policy(eval_cfg: EvalConfig, model_dir: Path, policy_cfg: ModelConfig) -> None:
     """Under eval.env=calvin, a policy that does not emit CALVIN's 7-value relative arm action is refused."""
-    if cfg.eval.env != "calvin":
+    if eval_cfg.env != "calvin":
         return
     if policy_cfg.action_classes or policy_cfg.action_dim != 7:
         raise VlaopsError(
@@ -38,30 +40,34 @@ def check_policy(cfg: Any, model_dir: Path, policy_cfg: ModelConfig) -> None:
         )
 
 
-def plan_chains(cfg: Any) -> ChainPlan:
-    """The chains of ``cfg.eval`` (a whole ``vlaops.config.Config``), checked."""
-    if cfg.eval.env == "calvin":
+def plan_chains(eval_cfg: EvalConfig, sim_cfg: SimConfig) -> ChainPlan:
+    """The chains ``eval_cfg`` asks for, in the simulator it names, checked."""
+    if eval_cfg.env == "calvin":
         from vlaops.sim.calvin.env import chain_list, check_sequences
         from vlaops.sim.calvin.instructions import instructions
 
-        chains = chain_list(cfg.eval.num_chains)
-        check_sequences(cfg.eval.calvin, chains)
+        chains = chain_list(eval_cfg.num_chains)
+        check_sequences(eval_cfg.calvin, chains)
         names = sorted({name for _, tasks in chains for name in tasks})
         return ChainPlan(
-            cfg.eval.calvin, chains, {n: instructions()[n] for n in names}, cfg.eval.calvin.max_steps_per_subtask
+            eval_cfg.calvin, chains, {n: instructions()[n] for n in names}, eval_cfg.calvin.max_steps_per_subtask
         )
+    return tabletop_chains(sim_cfg, eval_cfg)
 
+
+def tabletop_chains(cfg: SimConfig, eval_cfg: EvalConfig) -> ChainPlan:
+    """``eval.num_chains`` chains seeded by ``eval.seed`` over ``eval.tasks`` (or ``cfg.tasks``) in the tabletop."""
     from vlaops.sim import TabletopEnv, get_task, seeded_chains
 
-    tasks = list(cfg.eval.tasks or cfg.sim.tasks)
+    tasks = list(eval_cfg.tasks or cfg.tasks)
     for name in tasks:
         try:
             get_task(name)
         except ValueError as exc:
             raise VlaopsError(f"eval.tasks: {exc}") from None
-    with TabletopEnv(cfg.sim, render=False) as env:  # the sampler reads the state only
+    with TabletopEnv(cfg, render=False) as env:  # the sampler reads the state only
         try:
-            chains = seeded_chains(env, tasks, cfg.eval.num_chains, cfg.eval.chain_length, cfg.eval.seed)
+            chains = seeded_chains(env, tasks, eval_cfg.num_chains, eval_cfg.chain_length, eval_cfg.seed)
         except ValueError as exc:
-            raise VlaopsError(f"eval.chain_length={cfg.eval.chain_length}: {exc}") from None
-    return ChainPlan(cfg.sim, chains, {n: get_task(n).instruction for n in tasks}, cfg.eval.max_steps_per_subtask)
+            raise VlaopsError(f"eval.chain_length={eval_cfg.chain_length}: {exc}") from None
+    return ChainPlan(cfg, chains, {n: get_task(n).instruction for n in tasks}, eval_cfg.max_steps_per_subtask)

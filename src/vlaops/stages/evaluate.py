@@ -158,11 +158,11 @@ def _evaluate(cfg: Config, model_dir: Path) -> None:
     execution = cfg.eval.execution()
     policy = PolicyRuntime.load(model_dir, device, execution)  # eval.chunk_steps past the policy's chunk: one line
     check_checkpoint(model_dir, policy, cfg)
-    check_policy(cfg, model_dir, policy.cfg)  # eval.env=calvin: CALVIN's arm actions only
+    check_policy(cfg.eval, model_dir, policy.cfg)  # eval.env=calvin: CALVIN's arm actions only
     if policy.cfg.action_classes:  # the embedded simulator is an arm: a base gets the offline half only
         _evaluate_offline_only(cfg, model_dir, policy, device)
         return
-    plan = plan_chains(cfg)  # the tabletop's seeded chains or CALVIN's sequences (eval.env), checked
+    plan = plan_chains(cfg.eval, cfg.sim)  # the tabletop's seeded chains or CALVIN's sequences (eval.env), checked
     chains, instructions = plan.chains, plan.instructions
     # Every run to make, in the order of the table: fail on a missing input before any chain is played.
     executed = execution.describe(policy.cfg.fwd_pred_next_n)  # the mode and the values in force
