@@ -43,7 +43,7 @@ LIBRARY: dict[str, dict[str, list[str]]] = {
     "convert": {"data": ["data/convert.py"]},
     "normalize": {"data": ["data/action_stats.py"]},
     "train": {},  # reads its groups key by key or lists them whole
-    "evaluate": {"sim": ["sim/env.py"]},
+    "evaluate": {"sim": ["sim/env.py", "eval/plan.py"]},
 }
 
 
@@ -144,7 +144,7 @@ def test_train_lists_the_global_seed(dvc):
 def test_the_derivation_sees_what_it_should(composed):
     """The AST walk finds the reads written in the code (so the test above can fail)."""
     reads = stage_reads("evaluate", ["eval", "sim.tasks"], composed)
-    assert {"sim.static_camera_size", "sim.block_x_range", "data.calvin_dir", "eval.num_chains"} <= reads
+    assert {"sim.static_camera_size", "sim.block_x_range", "data.calvin_dir", "eval.num_workers"} <= reads
     assert "tracking" in _chains(SRC / "stages" / "evaluate.py", ("cfg",))  # read, and deliberately not a param
     assert all("compute" in _chains(SRC / "stages" / f"{s}.py", ("cfg",)) for s in ("collect", "ingest", "evaluate"))
     assert "data.raw_dir" not in reads and "sim.episodes_per_task" not in reads

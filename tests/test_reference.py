@@ -169,3 +169,17 @@ def test_blind_baseline_from_a_calvin_split(calvin_dir: Path, tmp_path: Path) ->
     )
     with pytest.raises(VlaopsError, match=f"{empty}: no annotated demonstrations"):
         BlindPolicy.from_split(CalvinSplit(empty))
+
+
+def test_blind_baseline_keyed_by_task_for_calvins_instructions(calvin_dir: Path) -> None:
+    """eval.env=calvin instructs with CALVIN's validation phrasings: the lookup goes by the annotation's task."""
+    split = CalvinSplit(calvin_dir / "training")
+    ann = split.annotations[0]
+    by_task = {ann.task: "an instruction no training annotation uses"}
+    policy = BlindPolicy.from_split(split, by_task=by_task)
+    assert policy.instructions == ["an instruction no training annotation uses"]
+    frame = split.load_frame(ann.start + 3, ("robot_obs", "rel_actions"))
+    action = policy.step({"robot_obs": frame["robot_obs"]}, "an instruction no training annotation uses")
+    np.testing.assert_allclose(action, frame["rel_actions"])
+    with pytest.raises(VlaopsError, match="no annotated demonstrations"):
+        BlindPolicy.from_split(split, by_task={"open_drawer": "pull the handle to open the drawer"})

@@ -12,6 +12,7 @@ calvin_models/calvin_agent/models/calvin_base_model.py), like ``vlaops.model.Pol
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -61,15 +62,22 @@ class BlindPolicy:
             self._index[text] = (self._key(robot_obs[rows]), actions[rows])
 
     @classmethod
-    def from_split(cls, split: CalvinSplit, k: int = 1) -> BlindPolicy:
-        """Every annotated frame of a CALVIN split (``robot_obs`` and ``rel_actions`` only, never images)."""
+    def from_split(cls, split: CalvinSplit, k: int = 1, by_task: Mapping[str, str] | None = None) -> BlindPolicy:
+        """Every annotated frame of a CALVIN split (``robot_obs`` and ``rel_actions`` only, never images).
+
+        ``by_task`` ({task: the instruction evaluation gives}): look frames up by their annotation's task
+        instead of its text, as under ``eval.env=calvin``, where CALVIN instructs with validation phrasings
+        that no training annotation uses; annotations of other tasks are left out."""
         instructions: list[str] = []
         obs: list[np.ndarray] = []
         acts: list[np.ndarray] = []
         for ann in split.annotations:
+            if by_task is not None and ann.task not in by_task:
+                continue
+            key = ann.instruction if by_task is None else by_task[ann.task]
             for frame in range(ann.start, ann.end + 1):
                 data = split.load_frame(frame, ("robot_obs", "rel_actions"))
-                instructions.append(ann.instruction)
+                instructions.append(key)
                 obs.append(data["robot_obs"])  # (15,)
                 acts.append(data["rel_actions"])  # (7,)
         if not obs:

@@ -5,12 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlaops.model.execution import ACT_ENSEMBLE_COEFF, Execution
+from vlaops.sim.calvin.config import CalvinConfig
 
 # The names users may list; one home, imported by the ablation and reference modules and the stage.
 # blank_images: both cameras replaced by zeros; swap_instruction: another task's instruction (eval/ablation.py).
 ABLATIONS = ("blank_images", "swap_instruction")
 # expert: the scripted expert (ceiling); blind: instruction + robot state only, never the cameras (floor).
 REFERENCES = ("expert", "blind")
+# tabletop: the embedded simulator and its seeded chains; calvin: CALVIN's simulator (calvin_env, an optional
+# extra) and CALVIN's own 1000 sequences (docs/calvin.md).
+ENVS = ("tabletop", "calvin")
 
 
 @dataclass
@@ -44,6 +48,11 @@ class EvalConfig:
     execute: str = "first"
     chunk_steps: int | None = None
     ensemble_coeff: float = ACT_ENSEMBLE_COEFF
+    # Where the chains are played. calvin: the first num_chains of CALVIN's sequences, each from its own
+    # initial scene, eval.calvin.max_steps_per_subtask (CALVIN's 360) steps per subtask; eval.tasks,
+    # max_steps_per_subtask and seed are the tabletop's.
+    env: str = "tabletop"
+    calvin: CalvinConfig = field(default_factory=CalvinConfig)
 
     def execution(self) -> Execution:
         """The three execution settings as the runtime takes them (messages name ``eval.<key>``)."""
@@ -62,6 +71,15 @@ class EvalConfig:
             raise ValueError(f"eval.device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.num_workers is not None and self.num_workers < 0:
             raise ValueError(f"eval.num_workers must be >= 0 (0 or null: one per CPU core), got {self.num_workers!r}")
+        if self.env not in ENVS:
+            raise ValueError(f"eval.env must be one of {', '.join(ENVS)}, got {self.env!r}")
+        if self.env == "calvin" and (self.tasks or self.chain_length != 5):
+            raise ValueError(
+                "eval.env=calvin plays CALVIN's own chains of 5: leave eval.tasks empty and eval.chain_length 5, "
+                f"got tasks={list(self.tasks)}, chain_length={self.chain_length}"
+            )
+        if isinstance(self.calvin, dict):
+            self.calvin = CalvinConfig(**self.calvin)
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"eval.confidence must be in (0, 1), got {self.confidence!r}")
         for key, allowed in (("ablations", ABLATIONS), ("references", REFERENCES)):

@@ -29,7 +29,8 @@ from vlaops.eval.metrics import (
     policy_metrics,
 )
 from vlaops.eval.offline import base_constant_action, mean_action, offline_action_metrics
-from vlaops.eval.policies import policies_to_play, task_instructions
+from vlaops.eval.plan import check_policy, plan_chains
+from vlaops.eval.policies import policies_to_play
 from vlaops.eval.runner import RuntimeFactory, run_chains
 from vlaops.eval.trajectories import action_dims, validation_trajectories
 from vlaops.eval.videos import write_videos
@@ -37,7 +38,6 @@ from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit
 from vlaops.model import PolicyRuntime
 from vlaops.model.execution import Execution
 from vlaops.model.runtime import POLICY_CONFIG_FILE
-from vlaops.sim import TabletopEnv, seeded_chains
 from vlaops.utils.atomic import write_json
 from vlaops.utils.device import resolve_device
 from vlaops.utils.executor import resolve_workers
@@ -71,6 +71,7 @@ def evaluate(cfg: Config, model_dir: Path) -> None:
     execution = cfg.eval.execution()
     policy = PolicyRuntime.load(model_dir, device, execution)  # eval.chunk_steps past the policy's chunk: one line
     check_checkpoint(model_dir, policy, cfg)
+    check_policy(cfg.eval, model_dir, policy.cfg)  # eval.env=calvin: CALVIN's arm actions only
     if policy.cfg.action_classes:
         _evaluate_offline_only(cfg, model_dir, policy, device)
     else:
@@ -150,34 +151,32 @@ def _evaluate_closed_loop(
     cfg: Config, model_dir: Path, policy: PolicyRuntime, device: torch.device, execution: Execution
 ) -> None:
     reports_dir = Path(cfg.paths.reports_dir)
-    tasks = list(cfg.eval.tasks or cfg.sim.tasks)
+    plan = plan_chains(cfg.eval, cfg.sim)  # the tabletop's seeded chains or CALVIN's sequences (eval.env), checked
+    chains = plan.chains
     # every run to make, in the order of the table: fail on a missing input before any chain is played
     executed = execution.describe(policy.cfg.fwd_pred_next_n)  # the mode and the values in force
     log.info("executing the predicted chunks: %s", executed)
-    policy_factory = RuntimeFactory(str(model_dir), str(device), execution=execution)
+    cameras = None if policy.cfg.use_hand_rgb else ("static",)  # CALVIN renders only what the policy reads
+    policy_factory = RuntimeFactory(str(model_dir), str(device), execution=execution, cameras=cameras)
     factories = policies_to_play(
         policy_factory,
         cfg.eval.ablations,
         cfg.eval.references,
-        task_instructions(tasks),
+        plan.instructions,
         Path(cfg.data.calvin_dir) / TRAINING,
         cfg.data.trust_pickles,
+        blind_by_task=cfg.eval.env == "calvin",  # CALVIN's validation phrasings never occur in training
     )
     offline, trajectories = _offline(cfg, policy, device, mean_action(policy.normalizer))
     dims = action_dims(policy.model)
     del policy  # each worker loads its own
 
-    with TabletopEnv(cfg.sim, render=False) as env:  # the sampler reads the state only
-        try:
-            chains = seeded_chains(env, tasks, cfg.eval.num_chains, cfg.eval.chain_length, cfg.eval.seed)
-        except ValueError as exc:
-            raise VlaopsError(f"eval.chain_length={cfg.eval.chain_length}: {exc}") from None
     workers = resolve_workers(cfg.eval.num_workers, cfg.compute)
     results, figs, times = {}, {}, {}
     for label, factory in factories.items():
         start = time.perf_counter()
         results[label] = run_chains(
-            factory, cfg.sim, chains, cfg.eval.max_steps_per_subtask, workers, desc=label, compute=cfg.compute
+            factory, plan.env_cfg, chains, plan.max_steps, workers, desc=label, compute=cfg.compute
         )
         times[label] = time.perf_counter() - start
         figs[label] = figures(
@@ -197,17 +196,15 @@ def _evaluate_closed_loop(
     videos_dir = reports_dir / VIDEOS_DIR
     n_videos = min(cfg.eval.videos, len(chains))
     videos = write_videos(
-        policy_factory,
-        cfg.sim,
-        chains[:n_videos],
-        results[POLICY][:n_videos],
-        cfg.eval.max_steps_per_subtask,
-        videos_dir,
+        policy_factory, plan.env_cfg, chains[:n_videos], results[POLICY][:n_videos], plan.max_steps, videos_dir
     )
     if videos:
         log.info("rollout videos of %d chains in %s", len(videos), videos_dir)
     summary = summarize(results[POLICY], cfg.eval.chain_length)
-    metrics = policy_metrics(figs, summary, cfg.eval.chain_length, cfg.eval.confidence, offline, executed)
+    metrics = {
+        "env": cfg.eval.env,
+        **policy_metrics(figs, summary, cfg.eval.chain_length, cfg.eval.confidence, offline, executed),
+    }
     plots_dir = reports_dir / plots.PLOTS_DIR
     figure_files = [
         plots.save(
@@ -221,9 +218,10 @@ def _evaluate_closed_loop(
     write_json(reports_dir / RESULTS_FILE, results_json(summary, str(cfg.paths.model_dir)))
     write_json(reports_dir / METRICS_FILE, metrics)
     log.info(
-        "%d chains of %d, seed %d, execute %s:\n%s",
+        "%d chains of %d in %s, seed %d, execute %s:\n%s",
         len(chains),
         cfg.eval.chain_length,
+        cfg.eval.env,
         cfg.eval.seed,
         executed,
         summary_table(figs, cfg.eval.chain_length, cfg.eval.confidence),
@@ -247,6 +245,7 @@ def _evaluate_closed_loop(
                 "eval.execute": executed["mode"],
                 "eval.chunk_steps": executed["chunk_steps"],
                 "eval.ensemble_coeff": executed["ensemble_coeff"],  # None unless ensemble: a stale value never stays
+                "eval.env": cfg.eval.env,
             },
         )
         tracking.log_metrics(mlflow, mlflow_metrics(figs, metrics, times))

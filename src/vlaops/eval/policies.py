@@ -12,19 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vlaops.errors import VlaopsError
 from vlaops.eval.metrics import POLICY, ablation_label, reference_label
 from vlaops.eval.reference import blind_policy
 from vlaops.eval.runner import AblatedFactory, ExpertFactory, FixedFactory, RuntimeFactory
-from vlaops.sim import get_task
-
-
-def task_instructions(tasks: Sequence[str]) -> dict[str, str]:
-    """{task: its instruction} for the tasks evaluated; an unknown name is refused naming ``eval.tasks``."""
-    try:
-        return {name: get_task(name).instruction for name in tasks}
-    except ValueError as exc:
-        raise VlaopsError(f"eval.tasks: {exc}") from None
 
 
 def policies_to_play(
@@ -34,9 +24,12 @@ def policies_to_play(
     instructions: dict[str, str],
     train_dir: Path,
     trust_pickles: bool,
+    blind_by_task: bool = False,
 ) -> dict[str, Any]:
     """{label: worker factory}: ``policy`` first, then its ablations (a swap draws from ``instructions``),
-    then the references (the blind baseline fitted on the demonstrations at ``train_dir``)."""
+    then the references (the blind baseline fitted on the demonstrations at ``train_dir``; with
+    ``blind_by_task`` it looks instructions up by their task, as CALVIN's evaluation phrasings are not the
+    training annotations')."""
     factories: dict[str, Any] = {POLICY: policy}
     for mode in ablations:
         factories[ablation_label(mode)] = AblatedFactory(policy, mode, instructions)
@@ -44,5 +37,6 @@ def policies_to_play(
         if name == "expert":
             factories[reference_label(name)] = ExpertFactory()
         elif name == "blind":
-            factories[reference_label(name)] = FixedFactory(blind_policy(train_dir, trust_pickles))
+            by_task = instructions if blind_by_task else None
+            factories[reference_label(name)] = FixedFactory(blind_policy(train_dir, trust_pickles, by_task))
     return factories

@@ -64,14 +64,15 @@ class ExpertPolicy:
         return ScriptedExpert(task, info) if cfg is None else ScriptedExpert(task, info, cfg.expert_max_action)
 
 
-def blind_policy(train_dir: Path, trust_pickles: bool) -> StepPolicy:
-    """The blind baseline fitted on the training split's demonstrations at ``train_dir``."""
+def blind_policy(train_dir: Path, trust_pickles: bool, by_task: dict[str, str] | None = None) -> StepPolicy:
+    """The blind baseline fitted on the training split's demonstrations at ``train_dir`` (``by_task``: keyed by
+    the annotations' tasks, see ``BlindPolicy.from_split``)."""
     if not Path(train_dir).is_dir():
         raise VlaopsError(
             f"eval.references=blind needs the training demonstrations; {train_dir} does not exist "
             f"(run convert, or drop blind from eval.references)"
         )
-    return BlindPolicy.from_split(CalvinSplit(Path(train_dir), trust_pickles))
+    return BlindPolicy.from_split(CalvinSplit(Path(train_dir), trust_pickles), by_task=by_task)
 
 
 __all__ = ["REFERENCES", "ExpertPolicy", "blind_policy"]

@@ -20,14 +20,13 @@ import torch
 from vlaops.errors import VlaopsError
 from vlaops.eval.ablation import NEEDS_NO_IMAGES, AblatedPolicy
 from vlaops.eval.chains import ChainResult, run_chain
-from vlaops.eval.env import StepPolicy
+from vlaops.eval.env import StepPolicy, make_env, task_lookup
 from vlaops.eval.reference import ExpertPolicy
 from vlaops.model.execution import Execution
 from vlaops.sim.config import SimConfig
-from vlaops.sim.tasks import get_task
 from vlaops.utils.executor import ComputeConfig, map_ordered, start_method
 
-Chain = tuple[int, list[str]]  # (scene seed, task names)
+Chain = tuple[int, list[str]]  # (scene seed, task names); under eval.env=calvin (CALVIN sequence index, task names)
 
 
 @dataclass(frozen=True)
@@ -39,6 +38,7 @@ class RuntimeFactory:
     device: str = "cpu"
     needs_images: bool = True
     execution: Execution = field(default_factory=Execution)
+    cameras: tuple[str, ...] | None = None  # under eval.env=calvin, the cameras it reads (None: both)
 
     def __call__(self, env: Any) -> StepPolicy:
         from vlaops.model import PolicyRuntime  # the model stack loads only where a worker runs it
@@ -48,11 +48,17 @@ class RuntimeFactory:
 
 @dataclass(frozen=True)
 class ExpertFactory:
-    """The scripted expert, reading the worker's own simulator."""
+    """The scripted expert, reading the worker's own simulator (the tabletop's or CALVIN's)."""
 
     needs_images: bool = False
 
     def __call__(self, env: Any) -> StepPolicy:
+        from vlaops.sim.calvin.config import CalvinConfig
+
+        if isinstance(getattr(env, "cfg", None), CalvinConfig):
+            from vlaops.sim.calvin.expert import CalvinExpertPolicy
+
+            return CalvinExpertPolicy(env)
         return ExpertPolicy(env)
 
 
@@ -83,6 +89,10 @@ class AblatedFactory:
     def device(self) -> str:
         return str(getattr(self.inner, "device", "cpu"))
 
+    @property
+    def cameras(self) -> tuple[str, ...] | None:
+        return getattr(self.inner, "cameras", None)
+
     def __call__(self, env: Any) -> StepPolicy:
         return AblatedPolicy(self.inner(env), self.mode, dict(self.instructions))
 
@@ -91,19 +101,17 @@ class AblatedFactory:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(factory: Any, sim_cfg: SimConfig, max_steps: int) -> None:
-    from vlaops.sim.env import TabletopEnv
-
+def _init_worker(factory: Any, sim_cfg: Any, max_steps: int) -> None:
     # One intra-op thread per worker: the workers are the parallelism, and a fixed thread count keeps the
     # floating-point reduction order, hence every action, the same for any number of workers.
     torch.set_num_threads(1)
-    env = TabletopEnv(sim_cfg, render=bool(factory.needs_images))
-    _WORKER.update(env=env, policy=factory(env), max_steps=max_steps)
+    env = make_env(sim_cfg, render=bool(factory.needs_images), cameras=getattr(factory, "cameras", None))
+    _WORKER.update(env=env, policy=factory(env), max_steps=max_steps, get_task=task_lookup(env))
 
 
 def _run_one(chain: Chain) -> ChainResult:
     seed, names = chain
-    return run_chain(_WORKER["env"], _WORKER["policy"], seed, names, get_task, _WORKER["max_steps"])
+    return run_chain(_WORKER["env"], _WORKER["policy"], seed, names, _WORKER["get_task"], _WORKER["max_steps"])
 
 
 def _chain_name(chain: Chain) -> str:
@@ -120,14 +128,15 @@ def _close_worker() -> None:
 
 def run_chains(
     factory: Any,
-    sim_cfg: SimConfig,
+    sim_cfg: SimConfig | Any,
     chains: list[Chain],
     max_steps: int,
     num_workers: int | None = None,
     desc: str = "evaluate chains",
     compute: ComputeConfig | None = None,
 ) -> list[ChainResult]:
-    """Every chain with ``factory``'s policy, on ``num_workers`` processes (0/None: one per core).
+    """Every chain with ``factory``'s policy, on ``num_workers`` processes (0/None: one per core), in the
+    simulator ``sim_cfg`` configures (``eval.env.make_env``: the tabletop's ``sim`` or ``eval.calvin``).
 
     The simulator renders only when ``factory.needs_images``. Workers fork, as collect's do, unless the
     policy runs on CUDA (a forked child cannot use the parent's CUDA context): then they spawn.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vlaops.eval.chains import ChainResult, run_chain
-from vlaops.eval.env import EvalEnv, StepPolicy, TaskOracle
+from vlaops.eval.env import EvalEnv, StepPolicy, TaskOracle, control_hz, make_env, static_image, task_lookup
 from vlaops.utils.atomic import atomic_dir, atomic_file, write_json
 from vlaops.utils.logging import get_logger
 
@@ -43,7 +43,7 @@ def record_chain(
 
     def keep(obs: dict[str, Any], subtask: int) -> None:
         if steps[0] % VIDEO_FRAME_STEP == 0:
-            frames.append((np.asarray(obs["rgb_static"]).copy(), subtask))
+            frames.append((static_image(obs).copy(), subtask))
         steps[0] += 1
 
     threads = torch.get_num_threads()
@@ -104,12 +104,11 @@ def write_videos(
     """``chain_NNN.gif`` for each of ``chains`` (the first evaluated ones) and ``index.json`` listing them
     (file, seed, tasks, completed, steps, and whether the replay matched the scored chain), into
     ``out_dir`` atomically. ``factory`` builds the policy as the chain workers do."""
-    from vlaops.sim import TabletopEnv, get_task  # the simulator loads only when videos are asked for
-
     entries = []
     with atomic_dir(out_dir) as tmp:
         if chains:
-            with TabletopEnv(sim_cfg, render=True) as env:
+            with make_env(sim_cfg, render=True) as env:  # the simulator loads only when videos are asked for
+                get_task = task_lookup(env)
                 policy = factory(env)
                 for i, ((seed, names), want) in enumerate(zip(chains, scored)):
                     result, frames = record_chain(env, policy, seed, names, get_task, max_steps)
@@ -127,7 +126,7 @@ def write_videos(
                         )
                     name = f"chain_{i:03d}.gif"
                     images = captioned(frames, result, [get_task(n).instruction for n in names])
-                    save_gif(images, tmp / name, sim_cfg.control_hz / VIDEO_FRAME_STEP)
+                    save_gif(images, tmp / name, control_hz(sim_cfg) / VIDEO_FRAME_STEP)
                     entries.append(
                         {
                             "file": name,
