@@ -576,3 +576,33 @@ def test_a_truncated_weights_file_is_named(exported, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(VlaopsError, match=rf"^{broken}/model.safetensors: not a readable safetensors file"):
         load_policy_model(broken)
+
+
+def test_safetensors_files_are_the_same_bytes_whatever_the_process(tmp_path):
+    """safetensors orders a header's metadata by a per-process hash: ``save_canonical`` sorts it, so the same
+    weights give the same bytes in any run (DVC would otherwise see a re-trained, identical policy as new),
+    and the file still loads, tensors and metadata alike."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    script = (
+        "import sys, torch; from pathlib import Path; from vlaops.model.runtime import save_canonical; "
+        "save_canonical({'b': torch.arange(6.0).view(2, 3), 'a': torch.ones(5, dtype=torch.int64)}, "
+        "Path(sys.argv[1]), {'format': 'pt', 'vlaops_format_version': '1', 'zeta': 'z', 'alpha': 'a'})"
+    )
+    paths = [tmp_path / f"w{i}.safetensors" for i in range(4)]
+    for path in paths:  # separate processes: each draws its own hash seed
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
+    raw = paths[0].read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    assert size % 8 == 0
+    header = json.loads(raw[8 : 8 + size])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    with safe_open(str(paths[0]), "pt") as f:
+        assert f.metadata()["zeta"] == "z"
+        torch.testing.assert_close(f.get_tensor("b"), torch.arange(6.0).view(2, 3))
+        assert f.get_tensor("a").tolist() == [1] * 5

@@ -97,6 +97,18 @@ def merged_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_canonical(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``save_file``, then its JSON header rewritten with sorted keys: safetensors writes the metadata in a
+    per-process hash order, so the same weights would otherwise give different bytes (and DVC hashes) from
+    run to run. Tensor offsets are relative to the data after the header, so only the header changes."""
+    save_file(state, str(path), metadata=metadata)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors pads its header with spaces to 8 bytes
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size :])
+
+
 def save_policy(
     out_dir: str | os.PathLike[str],
     policy: VLAPolicy,
@@ -116,9 +128,7 @@ def save_policy(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         state = {k: v.contiguous().cpu() for k, v in merged_state_dict(policy).items()}
-        save_file(
-            state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "vlaops_format_version": str(FORMAT_VERSION)}
-        )
+        save_canonical(state, tmp / WEIGHTS_FILE, {"format": "pt", "vlaops_format_version": str(FORMAT_VERSION)})
         write_json(tmp / BACKBONE_CONFIG_FILE, policy.backbone.model.config.to_dict())
         write_json(tmp / POLICY_CONFIG_FILE, {"format_version": FORMAT_VERSION, "model": cfg_dict})
         processor.save_pretrained(str(tmp / PROCESSOR_DIR))
