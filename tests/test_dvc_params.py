@@ -33,7 +33,11 @@ STAGES = ("pretrain", "collect", "ingest", "convert", "normalize", "train", "eva
 NOT_PARAMS = ("tracking", "compute", "paths.checkpoint_dir")  # the last: the trainer's scratch, see below
 
 # stage -> the library modules the stage hands the whole config to, which read it as ``cfg`` throughout
-WHOLE: dict[str, list[str]] = {"train": ["train/trainer.py"], "evaluate": ["eval/evaluate.py"]}
+WHOLE: dict[str, list[str]] = {
+    "train": ["train/trainer.py"],
+    "evaluate": ["eval/evaluate.py"],
+    "pretrain": ["pretrain/run.py"],
+}
 
 # stage -> {sub-config handed to the library whole: the modules that read it as ``cfg`` / ``self.cfg``}
 LIBRARY: dict[str, dict[str, list[str]]] = {

@@ -92,7 +92,10 @@ def test_dvc_repro_then_experiment(tmp_path):
     assert "Running stage" not in again
 
     # the small reports are git's (cache: false): committed with dvc.lock, as main's are
-    small = [f"reports/{name}" for name in ("metrics.json", "results.json", "collect.json", "train_curve.csv")]
+    small = [
+        f"reports/{name}"
+        for name in ("metrics.json", "results.json", "collect.json", "pretrain.json", "train_curve.csv")
+    ]
     _run(["git", "add", "dvc.lock", *small, "reports/plots"], repo)
     _run(["git", "commit", "-qm", "dvc.lock and reports of the first repro"], repo)
     assert _run(["git", "status", "--porcelain", "--untracked-files=no"], repo, stdout_only=True) == ""
