@@ -39,6 +39,9 @@ from vlaops.utils.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# random weights: what a step costs does not depend on them, and models/pretrained need not exist
+RANDOM_WEIGHTS = ["model.pretrained_dir=null"]
+
 
 def step_rate(cameras: tuple[str, ...], steps: int) -> dict[str, float]:
     start = time.perf_counter()
@@ -68,7 +71,7 @@ def export_policy(out: Path) -> Path:
     from vlaops.data.normalization import ActionNormalizer
     from vlaops.model import VLAPolicy, build_offline_processor, save_policy
 
-    cfg = load_config([], ROOT / "conf")
+    cfg = load_config(RANDOM_WEIGHTS, ROOT / "conf")
     processor = build_offline_processor(
         list(instructions().values()), vocab_size=cfg.model.vocab_size, image_size=cfg.model.image_size
     )

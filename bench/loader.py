@@ -49,6 +49,9 @@ from vlaops.utils.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# random weights: what a step costs does not depend on them, and models/pretrained need not exist
+RANDOM_WEIGHTS = ["model.pretrained_dir=null"]
+
 
 def samples_per_s(dataset: CalvinWindowDataset, cfg: TrainConfig, workers: int, samples: int) -> float:
     """Steady-state samples/s of the training DataLoader: the first batch (worker start-up) is not timed."""
@@ -114,7 +117,7 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    cfg = load_config(args.overrides, ROOT / "conf")
+    cfg = load_config([*RANDOM_WEIGHTS, *args.overrides], ROOT / "conf")
     calvin_dir = Path(cfg.data.calvin_dir)
     split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
     cfg.model = aux_dims_from_data(cfg.model, split)  # as the train stage: the auxiliary targets the data carries

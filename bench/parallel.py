@@ -53,6 +53,9 @@ from vlaops.utils.executor import ComputeConfig, map_ordered, resolve_workers  #
 from vlaops.utils.logging import get_logger  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# random weights: what a step costs does not depend on them, and models/pretrained need not exist
+RANDOM_WEIGHTS = ["model.pretrained_dir=null"]
 CALVIN_CHAINS, CALVIN_STEPS, CALVIN_LENGTH = (
     1000,
     360,
@@ -160,7 +163,7 @@ def main() -> None:
     from vlaops.sim import TabletopEnv, seeded_chains
 
     get_logger("vlaops").setLevel("WARNING")
-    cfg = load_config(args.overrides, ROOT / "conf")
+    cfg = load_config([*RANDOM_WEIGHTS, *args.overrides], ROOT / "conf")
     local = ComputeConfig()
     executors: dict[str, tuple[int, ComputeConfig]] = {"local-1": (1, local), "local-2": (2, local)}
     ray_init_s = None

@@ -35,6 +35,9 @@ from vlaops.utils.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# random weights: what a step costs does not depend on them, and models/pretrained need not exist
+RANDOM_WEIGHTS = ["model.pretrained_dir=null"]
+
 
 def synthetic_episode(steps: int, static: int, gripper: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
@@ -100,7 +103,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. model.window_size=16")
     args = parser.parse_args()
 
-    cfg = load_config(args.overrides, ROOT / "conf")
+    cfg = load_config([*RANDOM_WEIGHTS, *args.overrides], ROOT / "conf")
     device = torch.device(args.device)
     torch.manual_seed(cfg.seed)
     instructions = [get_task(name).instruction for name in TASKS]

@@ -37,6 +37,9 @@ from vlaops.utils.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# random weights: what a step costs does not depend on them, and models/pretrained need not exist
+RANDOM_WEIGHTS = ["model.pretrained_dir=null"]
+
 
 def synthetic_episode(steps: int, static: int, gripper: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
@@ -51,7 +54,7 @@ def synthetic_episode(steps: int, static: int, gripper: int, seed: int) -> list[
 
 def export_random_policy(overrides: list[str], out: Path) -> Path:
     """The default tiny policy (conf/ + overrides) with random weights, exported as train exports it."""
-    cfg = load_config(overrides, ROOT / "conf")
+    cfg = load_config([*RANDOM_WEIGHTS, *overrides], ROOT / "conf")
     torch.manual_seed(cfg.seed)
     processor = build_offline_processor(
         [get_task(n).instruction for n in TASKS], vocab_size=cfg.model.vocab_size, image_size=cfg.model.image_size

@@ -46,6 +46,9 @@ from vlaops.utils.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# random weights: what a step costs does not depend on them, and models/pretrained need not exist
+RANDOM_WEIGHTS = ["model.pretrained_dir=null"]
+
 # microsoft/kosmos-2-patch14-224's architecture (its config.json) and RoboVLMs' head, as overrides of the
 # tiny model so that the same construction path builds it with random weights
 REAL_SIZE = [
@@ -294,7 +297,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of conf/, e.g. train.batch_size=8")
     args = parser.parse_args()
 
-    overrides = (REAL_SIZE if args.size == "real" else []) + args.overrides
+    overrides = RANDOM_WEIGHTS + (REAL_SIZE if args.size == "real" else []) + args.overrides
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench/train_step.py: --device cuda but torch sees no CUDA device")

@@ -138,7 +138,9 @@ def test_dvc_repro_then_experiment(tmp_path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo}/mlflow.db")
     (experiment,) = [e for e in client.search_experiments() if e.name == "vlaops"]
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
+    # the pretrain stage ran once (the experiment reused its output): its run is beside the two policies'
+    assert len(client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'pretrain'")) == 1
     assert sorted(r.data.params["train.max_steps"] for r in runs) == ["4", "6"]
     assert all("eval/avg_len" in r.data.metrics and "train/loss" in r.data.metrics for r in runs)
     (exp_run,) = [r for r in runs if r.data.params["train.max_steps"] == "6"]

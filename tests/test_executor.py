@@ -189,6 +189,55 @@ def test_local_a_failing_initializer_is_raised(tmp_path):
         map_ordered(_square_in, [(0, i) for i in range(4)], 2, initializer=_failing_init)
 
 
+# A SIGTERM that lands while a worker is being forked, as the stage handles it (vlaops.cli): the script
+# signals itself from inside os.fork, in the parent, right after the child exists: the window between the
+# fork and the executor's books. Each worker writes its pid when it starts and again after its initializer.
+_SIGNAL_IN_FORK = """
+import os, signal, sys, time
+from vlaops.errors import Terminated
+from vlaops.utils.executor import map_ordered
+from vlaops.utils.signals import signal_arrived
+
+log = sys.argv[1]
+
+def init():
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} initialised\\n")
+
+def forked():
+    with open(log, "a") as f:
+        f.write(f"{os.getpid()} forked\\n")
+
+def square(x):
+    time.sleep(1)
+    return x * x
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda s, f: signal_arrived(s))
+    os.register_at_fork(after_in_child=forked, after_in_parent=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    try:
+        map_ordered(square, list(range(4)), 2, initializer=init, method="fork")
+    except Terminated:
+        print("terminated")
+"""
+
+
+def test_a_signal_while_a_worker_forks_leaves_no_worker_behind(tmp_path):
+    """The stage that stops ends every worker it started before it says so: none runs its initializer
+    (the workers start with the signals held and take SIGTERM first), none is alive when map_ordered
+    has raised."""
+    script, log = tmp_path / "signal_in_fork.py", tmp_path / "workers.log"
+    script.write_text(_SIGNAL_IN_FORK)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(script), str(log)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "terminated", proc.stdout + proc.stderr
+    lines = log.read_text().splitlines() if log.exists() else []
+    assert [line for line in lines if line.endswith("initialised")] == [], lines
+    for pid in (int(line.split()[0]) for line in lines):
+        assert not Path(f"/proc/{pid}").exists(), f"worker {pid} outlived the stage: {lines}"
+
+
 # ---- bad settings: one line, before any work -----------------------------------------------------------
 def _stage(stage: str, tmp_path: Path, *extra: str) -> int:
     return main([stage, "--config-dir", str(CONF), *path_overrides(tmp_path), *extra])

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from vlaops.errors import VlaopsError
 from vlaops.utils.logging import get_logger
-from vlaops.utils.signals import raise_if_signalled
+from vlaops.utils.signals import raise_if_signalled, signals_deferred
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -139,12 +139,16 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+_HELD = {signal.SIGTERM, signal.SIGINT}
+
+
 def _init_worker(initializer: Callable[..., None] | None, *initargs: Any) -> None:
     # the parent owns the signals: a forked worker inherits its SIGTERM handler (which raises and prints a
     # traceback from the middle of a task); here SIGTERM just ends the worker and Ctrl-C, which the
     # terminal sends to the whole group, is left to the parent, which stops the workers
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # held by the parent across our start: see start()
     _die_with_parent()
     if initializer is not None:
         initializer(*initargs)
@@ -250,10 +254,20 @@ class _LocalBackend:
     def start(self) -> int:
         parent_end, child_end = self.ctx.Pipe()
         proc = self.ctx.Process(target=_local_worker, args=(child_end, *self.args), daemon=True)
-        proc.start()
-        child_end.close()  # the worker holds the only other end: its death reads as end-of-file here
-        self.next_id += 1
-        self.workers[self.next_id] = (proc, parent_end)
+        # A SIGTERM/SIGINT landing between the fork and our books would leave a worker that close() does not
+        # know of, running on after our last line: the parent defers the signals' handlers over the start
+        # (blocking them is not enough: another thread of ours takes the signal, the main thread runs the
+        # handler), and the worker starts with them blocked, taking them once its own handlers are in place
+        # (_init_worker), so it never runs ours.
+        with signals_deferred():
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+            try:
+                proc.start()
+                child_end.close()  # the worker holds the only other end: its death reads as end-of-file here
+                self.next_id += 1
+                self.workers[self.next_id] = (proc, parent_end)
+            finally:  # a signal held for this thread meanwhile reaches the deferring handler, not ours
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return self.next_id
 
     def submit(self, wid: int, index: int, item: Any) -> bool:
