@@ -175,3 +175,15 @@ def test_train_checkpoints_survive_dvc_so_a_killed_train_resumes(dvc):
         if "${paths.checkpoint_dir}" in (o if isinstance(o, str) else next(iter(o)))
     ]
     assert named == []
+
+
+def test_bytecode_beside_the_sources_is_no_dependency():
+    """Stages depend on source directories (src/vlaops/sim, src/vlaops/io, ...); the __pycache__ Python
+    writes into them on any import must not make DVC see a changed dependency (and re-run the pipeline)."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        ignored = repo.dvcignore.is_ignored_file
+        assert ignored(str(SRC / "sim" / "__pycache__" / "env.cpython-311.pyc"))
+        assert ignored(str(SRC / "io" / "stray.pyc"))
+        assert not ignored(str(SRC / "sim" / "env.py"))
