@@ -7,8 +7,9 @@ does it (``build_accelerator`` for the precision, ``apply_train_setup`` for what
 host sync). Recipes (``--modes``): a full fine-tune (the train_setup defaults) and LoRA (``experiment=lora``'s
 flags, and with the vision tower and embeddings frozen too). Variants (``--variants``): ``base``, the
 step as the loop ran it before (torch's default multi-tensor AdamW, eager layers), ``fused`` (fused AdamW,
-the loop's default on CUDA) and ``compiled`` (also ``train.compile=true``), each printed as a ratio
-against ``base`` of the same run. Random weights: the cost does not depend on them, so the real
+the loop's default on CUDA), ``compiled`` (also ``train.compile=true``) and ``bf16`` (``base`` under bf16
+autocast: on a CPU with bf16 instructions, is it faster than fp32?), each printed as a ratio against
+``base`` of the same run. Random weights: the cost does not depend on them, so the real
 1.66 B-parameter Kosmos-2 needs no download (``--size real``).
 
 FLOPs are counted, not estimated: ``torch.utils.flop_counter`` over one eager forward + backward without
@@ -21,6 +22,7 @@ each of the back-to-back steps (the host waits once, at the end).
     python bench/train_step.py --size real --device cuda                # Kosmos-2 size, batch 4 x window 8, bf16
     python bench/train_step.py --size real --device cuda --modes full --variants base compiled --profile
     python bench/train_step.py --size real --device cpu --steps 1 --warmup 0 --modes lora train.batch_size=1
+    python bench/train_step.py --modes full --variants base bf16 --steps 30 # bf16 autocast against fp32 on this CPU
 
 Overrides are Hydra overrides of conf/. Prints a table and writes reports/bench/train_step[_<size>_<device>].json.
 """
@@ -94,10 +96,12 @@ MODES: dict[str, dict[str, Any]] = {
 # how the step runs: "base" is the loop before fused optimizers and compilation (torch's default
 # multi-tensor AdamW, eager layers), the baseline every other variant is a ratio against; "fused" is what
 # the loop does on CUDA by default; "compiled" adds train.compile=true
-VARIANTS: dict[str, dict[str, bool]] = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "base": {"fused": False, "compile": False},
     "fused": {"fused": True, "compile": False},
     "compiled": {"fused": True, "compile": True},
+    # base with bf16 autocast whatever train_setup.precision says: on a CPU, is bf16 worth it here?
+    "bf16": {"fused": False, "compile": False, "precision": "bf16"},
 }
 
 
@@ -174,6 +178,7 @@ def bench_mode(
         setattr(cfg.train.train_setup, key, value)
     cfg.train.train_setup.gradient_checkpointing = False  # FLOPs are counted without recomputation
     fused, compiled = VARIANTS[variant]["fused"], VARIANTS[variant]["compile"]
+    cfg.train.train_setup.precision = VARIANTS[variant].get("precision", cfg.train.train_setup.precision)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.empty_cache()

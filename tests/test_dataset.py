@@ -91,6 +91,47 @@ def test_aux_targets_are_the_window_frames_robot_state_standardised_by_the_train
         CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims=[flat[0], robot[0]])
 
 
+
+def test_aux_goal_appends_where_the_span_ends_from_the_robots_own_state(calvin_dir, cfg):
+    """``aux_goal``: each frame's target is its robot_obs dims, then the dims of the annotated span's last
+    frame (where the TCP ends the subtask), both standardised; every window of a span shares that goal.
+    It is read from the recording's robot_obs alone: no scene state."""
+    import dataclasses
+
+    import numpy as np
+    import pytest
+
+    from vlaops.model.policy import VLAPolicy
+
+    split = CalvinSplit(calvin_dir / "training")
+    normalizer = ActionNormalizer.load(Path(cfg.data.normalized_dir))
+    stats = split.statistics()
+    std = stats["robot_obs"][0]["std"]
+    robot = [d for d, v in enumerate(std) if v > 1e-6][:3]
+    plain = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims=robot)
+    goal = CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims=robot, aux_goal=True)
+    k = len(robot)
+    ann = goal.annotations[0]
+    last = split.load_frame(ann.end, ("robot_obs",))["robot_obs"][robot]
+    mean, sd = np.asarray(stats["robot_obs"][0]["mean"])[robot], np.asarray(std)[robot]
+    expected = torch.from_numpy(((last - mean) / sd).astype(np.float32))
+    spans = [i for i, (span, _) in enumerate(goal.index) if span == 0]
+    assert len(spans) > 1
+    for i in (spans[0], spans[-1]):
+        target = goal[i][keys.AUX_TARGET]  # (W, 2K)
+        assert target.shape == (3, 2 * k)
+        torch.testing.assert_close(target[:, :k], plain[i][keys.AUX_TARGET])
+        torch.testing.assert_close(target[:, k:], expected.expand(3, -1))
+    # the read-outs are built that wide, and train on it
+    model_cfg = dataclasses.replace(
+        cfg.model, aux_weight=0.3, aux_robot_dims=robot, aux_goal=True, pretrained_dir=None
+    )
+    assert model_cfg.aux_target_dim == 2 * k
+    policy = VLAPolicy.build(model_cfg, vocab_size=cfg.model.vocab_size)
+    assert all(head.out_features == 2 * k for head in policy.aux_heads.values())
+    with pytest.raises(ValueError, match="aux_goal needs the read-outs on"):
+        dataclasses.replace(cfg.model, aux_weight=0.0, aux_goal=True)
+
 def test_aux_dims_from_data_keeps_the_dims_that_vary_and_turns_the_read_outs_off_without_any(calvin_dir, cfg, caplog):
     """As train sets the head's action space from the data: constant dims (a TCP that never moves along an
     axis) are left out with a warning; none left turns the read-outs off."""

@@ -51,6 +51,7 @@ class WindowSettings(Protocol):
     pad_history: bool
     aux_weight: float
     aux_robot_dims: list[int]
+    aux_goal: bool
 
 
 Settings = TypeVar("Settings", bound=WindowSettings)
@@ -78,6 +79,7 @@ class CalvinWindowDataset(Dataset):
         frames: FrameCache | None = None,
         pad_history: bool = False,
         aux_dims: list[int] | None = None,
+        aux_goal: bool = False,
     ) -> None:
         if frames is not None and frames.image_size != image_size:
             raise VlaopsError(
@@ -98,8 +100,9 @@ class CalvinWindowDataset(Dataset):
             )
         self.annotations = anns
         # The auxiliary target (model.aux_robot_dims): (n, K) per span, standardised by statistics.yaml, whose
-        # observation mean/std convert writes from the training split into both splits.
-        standardise = _AuxStandardiser(split, aux_dims) if aux_dims else None
+        # observation mean/std convert writes from the training split into both splits; with aux_goal (n, 2K),
+        # each frame's dims followed by the span's last frame's (where the subtask ends).
+        standardise = _AuxStandardiser(split, aux_dims, aux_goal) if aux_dims else None
         obs_keys = (ROBOT_OBS,) if standardise is not None else ()
         # Every frame's npz is opened once here, for its action and the read-outs' observations together.
         spans = [[split.load_frame(i, ("rel_actions", *obs_keys)) for i in range(a.start, a.end + 1)] for a in anns]
@@ -203,7 +206,7 @@ def aux_dims_from_data(model_cfg: Settings, split: CalvinSplit) -> Settings:
             model_cfg.aux_weight,
             split.dir,
         )
-        return dataclasses.replace(model_cfg, aux_weight=0.0)
+        return dataclasses.replace(model_cfg, aux_weight=0.0, aux_goal=False)
     return dataclasses.replace(model_cfg, aux_robot_dims=kept)
 
 
@@ -217,14 +220,14 @@ class _AuxStandardiser:
     """Turns a span's loaded frames into the read-outs' target: the robot_obs dims ``dims``, standardised
     by the split's statistics.yaml."""
 
-    def __init__(self, split: CalvinSplit, dims: list[int]) -> None:
+    def __init__(self, split: CalvinSplit, dims: list[int], goal: bool = False) -> None:
         where = split.dir / STATISTICS
         vec = (split.statistics().get(ROBOT_OBS) or [{}])[0]
         if "mean" not in vec or "std" not in vec:
             raise VlaopsError(
                 f"{where}: no robot_obs mean/std; model.aux_weight > 0 needs an arm dataset with robot_obs"
             )
-        self.dims = list(dims)
+        self.dims, self.goal = list(dims), goal
         self.mu, self.sigma = np.asarray(vec["mean"])[self.dims], np.asarray(vec["std"])[self.dims]
         flat = [d for d, v in zip(self.dims, self.sigma) if not _varies(v)]
         if flat:  # aux_dims_from_data cuts these for train; a caller that skipped it is told here
@@ -234,9 +237,11 @@ class _AuxStandardiser:
             )
 
     def __call__(self, frames: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """frames of one span, each with robot_obs -> (n, K) float32."""
-        raw = np.stack([f[ROBOT_OBS][self.dims] for f in frames])  # (n, K)
-        return ((raw - self.mu) / self.sigma).astype(np.float32)
+        """frames of one span, each with robot_obs -> (n, K) float32, or (n, 2K) with the span's last frame's."""
+        now = ((np.stack([f[ROBOT_OBS][self.dims] for f in frames]) - self.mu) / self.sigma).astype(np.float32)
+        if not self.goal:
+            return now  # (n, K)
+        return np.concatenate([now, np.broadcast_to(now[-1], now.shape)], axis=1)  # (n, 2K)
 
 
 def make_window_dataset(
@@ -265,4 +270,5 @@ def make_window_dataset(
         frames,
         model_cfg.pad_history,
         aux_cfg.aux_robot_dims if aux_cfg.aux_weight > 0 else None,
+        aux_cfg.aux_goal,
     )

@@ -155,6 +155,16 @@ class ModelConfig:
     aux_weight: float = 0.3
     aux_inputs: list[str] = field(default_factory=lambda: ["image_tokens", "action_token"])
     aux_robot_dims: list[int] = field(default_factory=lambda: [0, 1, 2])  # the TCP position
+    # Also regress those dims at the annotated span's last frame: where the robot's own TCP ends the subtask
+    # (a lift ends over the block it was told to lift, a push beside it). Hindsight from the recording itself,
+    # as a goal-conditioned policy relabels its goals: the link between the instruction's words and a place in
+    # the image that the simulator's block positions once supplied, from what any robot records.
+    aux_goal: bool = False
+
+    @property
+    def aux_target_dim(self) -> int:
+        """Width of the read-outs' target: the robot_obs dims now, and again at the span's end with aux_goal."""
+        return len(self.aux_robot_dims) * (2 if self.aux_goal else 1)
 
     def __post_init__(self) -> None:
         if isinstance(self.tiny, dict):  # built from a plain dict (policy_config.json)
@@ -200,6 +210,8 @@ class ModelConfig:
             )
         if self.aux_weight > 0 and not dims:
             raise ValueError("aux_weight > 0 needs a target: model.aux_robot_dims")
+        if self.aux_goal and self.aux_weight <= 0:
+            raise ValueError("aux_goal needs the read-outs on: model.aux_weight > 0")
         if self.arm_gripper_loss_ratio < 0:
             raise ValueError(f"arm_gripper_loss_ratio must be >= 0, got {self.arm_gripper_loss_ratio!r}")
         if self.pretrained_dir == "":

@@ -52,7 +52,7 @@ class VLAPolicy(nn.Module):
             q, d = backbone.model.config.latent_query_num, backbone.hidden_size
             self.aux_heads = nn.ModuleDict(
                 {
-                    name: nn.Linear(q * d if name == "image_tokens" else d, len(cfg.aux_robot_dims))
+                    name: nn.Linear(q * d if name == "image_tokens" else d, cfg.aux_target_dim)
                     for name in cfg.aux_inputs
                 }
             )
@@ -118,12 +118,12 @@ class VLAPolicy(nn.Module):
                 "action_token": lambda: feats,
             }  # (B*W, Q*D | D | D)
             target = batch[keys.AUX_TARGET].flatten(0, 1).float()  # (B*W, K)
-            k = len(self.cfg.aux_robot_dims)
+            k = self.cfg.aux_target_dim
             if target.shape[-1] != k:
                 raise ValueError(
                     f"batch '{keys.AUX_TARGET}' has {target.shape[-1]} dims, the read-outs {k} "
-                    f"(model.aux_robot_dims {self.cfg.aux_robot_dims}): build the policy from the config train "
-                    "cut to the data (vlaops.data.dataset.aux_dims_from_data)"
+                    f"(model.aux_robot_dims {self.cfg.aux_robot_dims}, aux_goal {self.cfg.aux_goal}): build the "
+                    "policy from the config train cut to the data (vlaops.data.dataset.aux_dims_from_data)"
                 )
             aux_loss = sum(F.mse_loss(head(reads[name]()).float(), target) for name, head in self.aux_heads.items())
             losses = {
