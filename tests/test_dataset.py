@@ -91,7 +91,6 @@ def test_aux_targets_are_the_window_frames_robot_state_standardised_by_the_train
         CalvinWindowDataset(split, normalizer, _tokenize, 3, 4, 64, None, aux_dims=[flat[0], robot[0]])
 
 
-
 def test_aux_goal_appends_where_the_span_ends_from_the_robots_own_state(calvin_dir, cfg):
     """``aux_goal``: each frame's target is its robot_obs dims, then the dims of the annotated span's last
     frame (where the TCP ends the subtask), both standardised; every window of a span shares that goal.
@@ -123,14 +122,13 @@ def test_aux_goal_appends_where_the_span_ends_from_the_robots_own_state(calvin_d
         torch.testing.assert_close(target[:, :k], plain[i][keys.AUX_TARGET])
         torch.testing.assert_close(target[:, k:], expected.expand(3, -1))
     # the read-outs are built that wide, and train on it
-    model_cfg = dataclasses.replace(
-        cfg.model, aux_weight=0.3, aux_robot_dims=robot, aux_goal=True, pretrained_dir=None
-    )
+    model_cfg = dataclasses.replace(cfg.model, aux_weight=0.3, aux_robot_dims=robot, aux_goal=True, pretrained_dir=None)
     assert model_cfg.aux_target_dim == 2 * k
     policy = VLAPolicy.build(model_cfg, vocab_size=cfg.model.vocab_size)
     assert all(head.out_features == 2 * k for head in policy.aux_heads.values())
     with pytest.raises(ValueError, match="aux_goal needs the read-outs on"):
         dataclasses.replace(cfg.model, aux_weight=0.0, aux_goal=True)
+
 
 def test_aux_dims_from_data_keeps_the_dims_that_vary_and_turns_the_read_outs_off_without_any(calvin_dir, cfg, caplog):
     """As train sets the head's action space from the data: constant dims (a TCP that never moves along an

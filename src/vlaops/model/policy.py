@@ -51,10 +51,7 @@ class VLAPolicy(nn.Module):
         if cfg.aux_weight > 0:
             q, d = backbone.model.config.latent_query_num, backbone.hidden_size
             self.aux_heads = nn.ModuleDict(
-                {
-                    name: nn.Linear(q * d if name == "image_tokens" else d, cfg.aux_target_dim)
-                    for name in cfg.aux_inputs
-                }
+                {name: nn.Linear(q * d if name == "image_tokens" else d, cfg.aux_target_dim) for name in cfg.aux_inputs}
             )
 
     @classmethod
