@@ -95,12 +95,11 @@ MODES: dict[str, dict[str, Any]] = {
 
 # how the step runs: "base" is the loop before fused optimizers and compilation (torch's default
 # multi-tensor AdamW, eager layers), the baseline every other variant is a ratio against; "fused" is what
-# the loop does on CUDA by default; "compiled" adds train.compile=true
+# the loop does on CUDA by default; "compiled" adds train.compile=true; "bf16" is base under bf16 autocast
 VARIANTS: dict[str, dict[str, Any]] = {
     "base": {"fused": False, "compile": False},
     "fused": {"fused": True, "compile": False},
     "compiled": {"fused": True, "compile": True},
-    # base with bf16 autocast whatever train_setup.precision says: on a CPU, is bf16 worth it here?
     "bf16": {"fused": False, "compile": False, "precision": "bf16"},
 }
 
