@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = ROOT / "src" / "vlaops" / "sim" / "calvin"
 SEQUENCES_MODULE = "calvin_models/calvin_agent/evaluation/multistep_sequences.py"
 ANNOTATIONS = "calvin_models/conf/annotations/new_playtable_validation.yaml"
+TRAINING_ANNOTATIONS = "calvin_models/conf/annotations/new_playtable.yaml"
 
 
 @contextlib.contextmanager
@@ -84,6 +85,12 @@ def calvin_instructions(checkout: Path) -> dict[str, str]:
     return {task: texts[0] for task, texts in data.items()}
 
 
+def calvin_training_instructions(checkout: Path) -> dict[str, list[str]]:
+    """{task: every training annotation} from the checkout's new_playtable.yaml."""
+    data = yaml.safe_load((checkout / TRAINING_ANNOTATIONS).read_text())
+    return {task: [str(t) for t in texts] for task, texts in data.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calvin", type=Path, help="a mees/calvin checkout (default: vlaops' own sampler)")
@@ -99,7 +106,10 @@ def main() -> None:
         pairs = calvin_sequences(args.calvin, sequences.NUM_SEQUENCES)
         source = f"mees/calvin {commit}, {SEQUENCES_MODULE} get_sequences({sequences.NUM_SEQUENCES})"
         documents[INSTRUCTIONS_FILE] = instructions_document(
-            calvin_instructions(args.calvin), f"mees/calvin {commit}, {ANNOTATIONS} (first annotation per task)"
+            calvin_instructions(args.calvin),
+            calvin_training_instructions(args.calvin),
+            f"mees/calvin {commit}, {ANNOTATIONS} (instructions: the first annotation per task) and "
+            f"{TRAINING_ANNOTATIONS} (training: every annotation)",
         )
     else:
         pairs = sequences.sample_sequences(sequences.NUM_SEQUENCES)
@@ -113,9 +123,10 @@ def main() -> None:
         path = args.out_dir / name
         if args.check:
             committed = json.loads(path.read_text())
-            key = "sequences" if name == sequences.SEQUENCES_FILE else "instructions"
-            same = committed[key] == document[key]
-            print(f"{path}: {'the same' if same else 'DIFFERENT'} ({len(document[key])} entries)")
+            keys = ["sequences"] if name == sequences.SEQUENCES_FILE else ["instructions", "training"]
+            same = all(committed.get(key) == document[key] for key in keys)
+            entries = ", ".join(f"{len(document[key])} {key}" for key in keys)
+            print(f"{path}: {'the same' if same else 'DIFFERENT'} ({entries})")
             failed |= not same
         else:
             writers[name](path, document)

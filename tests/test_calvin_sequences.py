@@ -19,7 +19,7 @@ import pytest
 
 from vlaops.errors import VlaopsError
 from vlaops.sim.calvin import sequences
-from vlaops.sim.calvin.instructions import instructions
+from vlaops.sim.calvin.instructions import instructions, training_instructions
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "calvin_sequences.py"
@@ -113,6 +113,15 @@ def test_every_task_has_an_instruction() -> None:
     assert set(instructions()) == sequences.TASKS
     assert len(set(instructions().values())) == 34
     assert instructions()["open_drawer"] == "pull the handle to open the drawer"
+
+
+def test_every_task_has_training_annotations_that_are_not_the_evaluations() -> None:
+    training = training_instructions()
+    assert set(training) == sequences.TASKS
+    assert sum(len(texts) for texts in training.values()) == 389  # new_playtable.yaml at fa03f01
+    assert "open the drawer" in training["open_drawer"]
+    for task, texts in training.items():  # the evaluation instructs with a phrasing training never saw
+        assert instructions()[task] not in texts, task
 
 
 def test_write_then_parse_round_trips(tmp_path: Path) -> None:

@@ -198,5 +198,5 @@ def test_cli_help_lists_config_groups_and_options(capsys):
         main(["train", "--help", "--config-dir", str(CONF)])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    assert "experiment: cpu_long, lookup, lookup_long, lora, robovlms_kosmos2" in help_text
+    assert "experiment: calvin_d, cpu_long, lookup, lookup_long, lora, robovlms_kosmos2" in help_text
     assert "model: kosmos2, tiny" in help_text

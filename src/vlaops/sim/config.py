@@ -1,4 +1,4 @@
-"""Settings of the embedded tabletop simulator and of the ``collect`` stage that records it.
+"""Settings of the simulator ``collect`` records (the embedded tabletop, or CALVIN's) and of the recording.
 
 A plain dataclass so that Hydra can register it as a structured config (``conf/sim/``): only
 primitives, lists and nested dataclasses, and every value is checked in ``__post_init__`` so a bad
@@ -10,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vlaops.io.calvin_spec import RGB_GRIPPER_SIZE, RGB_STATIC_SIZE
+from vlaops.sim.calvin.config import CalvinConfig
 
+#: What ``collect`` records (``sim.env``): the embedded tabletop, or CALVIN's calvin_env.
+SIMULATORS = ("tabletop", "calvin")
 #: rosbag2 storage plugins that ``rosbags`` can write.
 STORAGE_PLUGINS = ("sqlite3", "mcap")
 #: The expert's default speed cap (fraction of CALVIN's full relative action, 0.02 m / 0.05 rad per step):
@@ -64,8 +67,13 @@ class SimTopics:
 
 @dataclass
 class SimConfig:
-    """The simulator, its scripted expert and the recording of demonstrations."""
+    """The simulator, its scripted expert and the recording of demonstrations.
 
+    ``env`` picks the simulator ``collect`` records: the embedded tabletop (every block_* setting below is
+    its own) or CALVIN's calvin_env (``calvin``: its scene, robot and oracle; ``tasks`` are then CALVIN's
+    task names the scripted CALVIN expert covers, recorded along chains, docs/calvin.md)."""
+
+    env: str = "tabletop"
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
     episodes_per_task: int = 6
@@ -111,15 +119,16 @@ class SimConfig:
     # The recordings do not depend on it.
     num_workers: int = 2
     topics: SimTopics = field(default_factory=SimTopics)
+    calvin: CalvinConfig = field(default_factory=CalvinConfig)
 
     def __post_init__(self) -> None:
-        from vlaops.sim.tasks import TASKS
-
         if isinstance(self.topics, dict):  # tolerate a plain mapping (e.g. from JSON)
             self.topics = SimTopics(**self.topics)
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"sim.tasks: unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
+        if isinstance(self.calvin, dict):
+            self.calvin = CalvinConfig(**self.calvin)
+        if self.env not in SIMULATORS:
+            raise ValueError(f"sim.env must be one of {list(SIMULATORS)}, got {self.env!r}")
+        self._check_tasks()
         if not self.tasks:
             raise ValueError("sim.tasks must name at least one task, got []")
         for key in (
@@ -168,6 +177,23 @@ class SimConfig:
                 f"another task), got {self.staged_fraction!r}"
             )
         self._check_block_area()
+
+    def _check_tasks(self) -> None:
+        """The tasks must be the chosen simulator's: the tabletop's, or CALVIN's that its expert covers."""
+        if self.env == "calvin":
+            from vlaops.sim.calvin.expert import EXPERT_TASKS, UNCOVERED
+
+            uncovered = [t for t in self.tasks if t in UNCOVERED]
+            if uncovered:
+                raise ValueError(
+                    f"sim.tasks: the scripted CALVIN expert does not cover {uncovered}; it covers {list(EXPERT_TASKS)}"
+                )
+            known = EXPERT_TASKS
+        else:
+            from vlaops.sim.tasks import TASKS as known
+        unknown = [t for t in self.tasks if t not in known]
+        if unknown:
+            raise ValueError(f"sim.tasks: unknown {self.env} task(s) {unknown}; known tasks: {sorted(known)}")
 
     def _check_block_area(self) -> None:
         """The sampling area must lie on the table top and hold three blocks at the minimum separation."""

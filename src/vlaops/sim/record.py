@@ -81,6 +81,7 @@ class EpisodeRecord:
     frames: list[Frame] = field(default_factory=list)
     staged_after: str | None = None  # the task the expert did, unrecorded, before this one (sim.staged_fraction)
     joint_samples: list[tuple[float, np.ndarray, np.ndarray]] = field(default_factory=list)
+    custom: dict[str, str] = field(default_factory=dict)  # more of the bag's custom_data (e.g. the simulator)
 
 
 SHARED_SCENES = ""  # the "task" whose seed sequence every task draws from under sim.shared_scenes
@@ -175,6 +176,7 @@ class BagWriter:
                     ("seed", str(rec.seed)),
                     ("control_hz", str(self.cfg.control_hz)),
                     *((("staged_after", rec.staged_after),) if rec.staged_after else ()),
+                    *rec.custom.items(),
                 ):
                     writer.set_custom_data(key, value)
                 conns = {

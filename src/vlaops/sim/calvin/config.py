@@ -1,5 +1,6 @@
-"""Settings of CALVIN's simulator for ``eval.env=calvin`` (``eval.calvin``): where calvin_env's assets are,
-and which of its scenes, robot and task oracle play CALVIN's protocol. A leaf module: nothing imported."""
+"""Settings of CALVIN's simulator, for ``eval.env=calvin`` (``eval.calvin``) and ``sim.env=calvin``
+(``sim.calvin``): where calvin_env's assets are, and which of its scenes, robot and task oracle play
+CALVIN's protocol or record the expert. A leaf module: nothing imported."""
 
 from __future__ import annotations
 
@@ -24,6 +25,6 @@ class CalvinConfig:
         for key in ("scene", "robot", "tasks"):
             value = getattr(self, key)
             if not value or "/" in value or value.endswith(".yaml"):
-                raise ValueError(f"eval.calvin.{key} must be a config name under calvin_env's conf/, got {value!r}")
+                raise ValueError(f"calvin.{key} must be a config name under calvin_env's conf/, got {value!r}")
         if self.max_steps_per_subtask < 1:
-            raise ValueError(f"eval.calvin.max_steps_per_subtask must be >= 1, got {self.max_steps_per_subtask!r}")
+            raise ValueError(f"calvin.max_steps_per_subtask must be >= 1, got {self.max_steps_per_subtask!r}")

@@ -200,12 +200,22 @@ class CalvinEnv:
         self.sim.reset(robot_obs=np.asarray(robot_obs), scene_obs=np.asarray(scene_obs))
         return self.observe()
 
-    def step(self, action: Any) -> dict[str, Any]:
+    def step(self, action: Any, observe: bool = True) -> dict[str, Any] | None:
+        """One control tick of CALVIN's relative ``action``; the new observation, or None without ``observe``
+        (an expert that reads ``get_info`` needs no rendered frame)."""
         self.sim.robot.apply_action(to_calvin_action(action))
         for _ in range(self.sim.action_repeat):
             self.sim.p.stepSimulation(physicsClientId=self.sim.cid)
         self.sim.scene.step()
-        return self.observe()
+        return self.observe() if observe else None
+
+    def joint_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, velocities) of the seven arm joints and the two fingers, in the order of the Panda's
+        ``panda_joint1..7, panda_finger_joint1..2`` (a JointState message's)."""
+        robot = self.sim.robot
+        ids = [*robot.arm_joint_ids, *robot.gripper_joint_ids]
+        states = self.sim.p.getJointStates(robot.robot_uid, ids, physicsClientId=self.sim.cid)
+        return np.array([s[0] for s in states]), np.array([s[1] for s in states])
 
     def get_info(self) -> dict[str, Any]:
         return self.sim.get_info()

@@ -328,9 +328,15 @@ def scene_seed(condition: Mapping[str, Any]) -> int:
     return fnv1_32(str(dict(condition).values()))
 
 
-def initial_state(condition: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """(robot_obs (15,), scene_obs (24,)) a chain with this initial condition starts from."""
-    rng = np.random.RandomState(scene_seed(condition))
+def initial_state(
+    condition: Mapping[str, Any], rng: np.random.RandomState | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(robot_obs (15,), scene_obs (24,)) a chain with this initial condition starts from.
+
+    ``rng`` (default: CALVIN's, seeded by the condition) draws which table place each block takes and
+    its yaw: the collect stage passes its own, so its demonstrations start from CALVIN's kind of scene
+    without being the evaluation's scenes."""
+    rng = np.random.RandomState(scene_seed(condition)) if rng is None else rng
     table = [np.array(p) for p in TABLE_POSITIONS]
     rng.shuffle(table)
     scene = np.zeros(24)
