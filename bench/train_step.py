@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,14 +40,36 @@ from typing import Any
 
 import torch
 
-from vlaops.config import load_config
-from vlaops.data import keys
-from vlaops.model import VLAPolicy
-from vlaops.train.loop import build_accelerator, build_optimizer, train_step
-from vlaops.train.setup import _set_checkpointing, apply_train_setup, compile_layers
-from vlaops.utils.atomic import write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ingest.py's machine helpers
+
+from ingest import cpu_model  # noqa: E402  (bench/ingest.py)
+
+from vlaops.config import load_config  # noqa: E402
+from vlaops.data import keys  # noqa: E402
+from vlaops.model import VLAPolicy  # noqa: E402
+from vlaops.train.loop import build_accelerator, build_optimizer, train_step  # noqa: E402
+from vlaops.train.setup import _set_checkpointing, apply_train_setup, compile_layers  # noqa: E402
+from vlaops.utils.atomic import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")  # what a CPU offers bf16 matrix work (/proc/cpuinfo)
+
+
+def cpu_bf16_features() -> list[str]:
+    """Which of ``BF16_FLAGS`` the CPU reports: an AVX-512 bf16 dot product, AMX tiles (Sapphire Rapids on)."""
+    try:
+        flags = next(
+            (
+                line.split(":", 1)[1].split()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("flags")
+            ),
+            [],
+        )
+    except OSError:
+        return []
+    return [f for f in BF16_FLAGS if f in flags]
+
 
 # random weights: what a step costs does not depend on them, and models/pretrained need not exist
 RANDOM_WEIGHTS = ["model.pretrained_dir=null"]
@@ -347,7 +370,7 @@ def main() -> None:
             f"bf16 8192^3 matmul on this device: {matmul:.0f} TFLOP/s (the data-sheet peak: "
             f"{peak_flops(device) or '-'})"
         )
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     report = {
         "benchmark": "train_step",
         "size": args.size,
@@ -360,6 +383,7 @@ def main() -> None:
         "peak_bf16_flops": peak_flops(device),
         "overrides": overrides,
         "device": name,
+        "cpu_bf16_features": cpu_bf16_features(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
