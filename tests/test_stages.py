@@ -331,6 +331,27 @@ def test_evaluation_does_not_depend_on_the_number_of_workers(pipeline):
     assert metrics_1 == metrics_2
 
 
+@pytest.mark.slow  # the module fixture runs the whole pipeline through the CLI (47 s): out of the quick loop
+def test_a_few_shot_subset_trains_on_its_spans_and_says_so(pipeline, tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"  # its own run, apart from the pipeline's one
+    paths = [
+        o for o in path_overrides(pipeline) if not o.startswith(("paths.model_dir", "paths.checkpoint", "tracking"))
+    ]
+    overrides = [f"paths.model_dir={tmp_path}/policy", f"paths.checkpoint_dir={tmp_path}/ckpt", f"tracking.uri={store}"]
+    args = ["train", "--config-dir", str(CONF), *paths, *SHRINK_MODEL, *SHRINK_PIPELINE, *overrides]
+    assert main([*args, "data.subset.per_task=1"]) == 0
+    fingerprint = json.loads((tmp_path / "policy" / "data_fingerprint.json").read_text())
+    whole = json.loads((pipeline / "models" / "policy" / "data_fingerprint.json").read_text())
+    assert fingerprint["calvin"] == whole["calvin"] and "subset" not in whole
+    subset = fingerprint["subset"]
+    assert subset["per_task"] == 1 and set(subset["spans_per_task"].values()) == {1}
+    (run,) = mlflow.MlflowClient(store).search_runs(
+        [e.experiment_id for e in mlflow.MlflowClient(store).search_experiments()]
+    )
+    assert run.data.params["data.subset.per_task"] == "1"
+    assert run.data.tags["data_subset_sha256"] == subset["sha256"]
+
+
 def test_evaluate_without_a_policy_names_the_directory(tmp_path, capsys):
     assert _stage("evaluate", tmp_path) == 1
     assert f"{tmp_path}/models/policy: policy directory not found" in capsys.readouterr().err

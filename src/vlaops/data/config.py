@@ -232,6 +232,28 @@ class AugmentConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """Few-shot training (``data.subset``): which annotated spans of the training split train, picked per
+    task with ``seed``; the validation split, the normalisation and the data on disk stay whole."""
+
+    per_task: int | None = None  # this many spans of each task (all of a task that has fewer)
+    fraction: float | None = None  # or this fraction of each task's spans, rounded, at least one
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.per_task is not None and self.fraction is not None:
+            raise ValueError(f"data.subset: set per_task ({self.per_task}) or fraction ({self.fraction}), not both")
+        if self.per_task is not None and (not isinstance(self.per_task, int) or self.per_task < 1):
+            raise ValueError(f"data.subset.per_task must be a positive integer or null, got {self.per_task!r}")
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"data.subset.fraction must be in (0, 1] or null, got {self.fraction!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.per_task is not None or self.fraction is not None
+
+
+@dataclass
 class DataConfig:
     raw_dir: str = "data/raw"  # conf/: ${paths.collect_dir}, so ingest depends on collect in dvc.yaml
     episodes_dir: str = "data/episodes"
@@ -274,6 +296,7 @@ class DataConfig:
     norm_min: float = -0.65
     norm_max: float = 0.65
     # training loader
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Packed frame cache (data/frame_cache.py): each annotated frame decoded and resized once, keyed by the
     # split's content and model.image_size; None reads the npz files for every sample (RoboVLMs' loader).

@@ -22,6 +22,7 @@ from vlaops import plots, tracking
 from vlaops.config import Config, flatten, to_container
 from vlaops.data.dataset import make_window_dataset
 from vlaops.data.normalization import NORMALIZATION_FILE, ActionNormalizer
+from vlaops.data.subset import select_subset, subset_fingerprint
 from vlaops.errors import VlaopsError
 from vlaops.io.calvin import TRAINING, VALIDATION, CalvinSplit, dataset_fingerprint
 from vlaops.io.episode import BASE_ACTION_NAMES
@@ -67,6 +68,7 @@ def train(cfg: Config) -> None:
     # data, normaliser and processor before any model is built
     normalizer = ActionNormalizer.load(normalized_dir / NORMALIZATION_FILE)
     train_split = CalvinSplit(calvin_dir / TRAINING, cfg.data.trust_pickles)
+    train_split.annotations = select_subset(train_split.annotations, cfg.data.subset, str(calvin_dir / TRAINING))
     val_split = CalvinSplit(calvin_dir / VALIDATION, cfg.data.trust_pickles)
     cfg.model = model_from_data(cfg.model, normalizer, normalized_dir / NORMALIZATION_FILE, train_split)
     processor = make_processor(cfg.model, sorted({a.instruction for a in train_split.annotations}))
@@ -79,6 +81,9 @@ def train(cfg: Config) -> None:
             f"train.batch_size={cfg.train.batch_size}" + (f" x {world} processes (one batch each)" if world > 1 else "")
         )
     fingerprint = {"calvin": dataset_fingerprint(calvin_dir), "normalization": normalizer.to_dict()}
+    if (subset := subset_fingerprint(train_split.annotations, cfg.data.subset)) is not None:
+        fingerprint["subset"] = subset
+        log.info("data.subset: %d training spans (%s)", subset["spans"], subset["spans_per_task"])
     # the config as plain data, once: OmegaConf is not re-entered at every checkpoint (a signal landing in
     # it leaves its cleanup raising AttributeError over the signal)
     config = to_container(cfg)
@@ -114,6 +119,7 @@ def _train(
     tags = {
         "stage": "train",
         "data_fingerprint": fingerprint["calvin"],
+        **({"data_subset_sha256": fingerprint["subset"]["sha256"]} if "subset" in fingerprint else {}),
         "git_commit": commit or "unknown",
         **({"mlflow.source.git.commit": commit} if commit else {}),
     }
