@@ -143,3 +143,33 @@ def test_the_collect_stage_records_calvin_with_one_override(tmp_path):
     summary = json.loads((tmp_path / "reports" / "collect.json").read_text())
     assert summary["tasks"]["turn_on_led"]["successes"] >= 1
     assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == summary["episodes"]
+
+
+@needs_calvin
+def test_a_demonstration_whose_tcp_jumps_is_not_recorded():
+    """A glitch of the physics (the TCP 11 cm away in one tick) makes a bag ingest refuses: the recorder drops it."""
+    from vlaops.sim.calvin.config import CalvinConfig
+    from vlaops.sim.calvin.env import CalvinEnv
+    from vlaops.sim.calvin.record import record_subtask
+    from vlaops.sim.calvin.sequences import INITIAL_ROBOT_OBS, initial_state
+    from vlaops.sim.record import EpisodeRecord
+
+    class GlitchingEnv(CalvinEnv):
+        ticks = 0
+
+        def step(self, action, observe=True):
+            out = super().step(action, observe)
+            self.ticks += 1
+            if self.ticks == 3:  # the arm swung about its base: the TCP lands far from where it was
+                far = np.array(INITIAL_ROBOT_OBS)
+                far[7] += 0.6
+                return self.reset_to(far, self.observe()["scene_obs"])
+            return out
+
+    cfg = SimConfig(env="calvin", tasks=["turn_on_led"])
+    condition = next(c for c in initial_conditions() if c["led"] == 0)
+    with GlitchingEnv(CalvinConfig()) as env:
+        env.reset_to(*initial_state(condition))
+        rec = EpisodeRecord("turn_on_led_0000_0", "turn_on_led", "press the button", 0, 0)
+        assert record_subtask(env, cfg, "turn_on_led", rec) is False
+        assert len(rec.frames) == 3

@@ -47,10 +47,16 @@ def _merge(base: dict, update: dict) -> dict:
     return base
 
 
-def _run(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
+def run_env() -> dict[str, str]:
+    """The environment the CLI commands of these tests run in: this venv's tools first, a git identity, no
+    MLflow store from outside (each repository logs to its own)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **GIT_IDENTITY}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, stdout_only: bool = False) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout if stdout_only else proc.stdout + proc.stderr
 

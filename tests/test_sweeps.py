@@ -5,6 +5,7 @@ and the `dvc exp run --queue -S` grid docs/experiments.md documents, in a temp c
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -264,13 +265,25 @@ def test_a_dvc_queue_grid_runs_and_each_experiment_is_an_mlflow_run(tmp_path):
     """The whole recipe of docs/experiments.md: a baseline `dvc repro`, the grid queued, `dvc queue start`, then both
     experiments in `dvc exp show` with their metrics and in the project's MLflow store (queued experiments
     run in copies under .dvc/tmp/exps and log to the parent repository's store)."""
-    from test_e2e import _run, make_repo
+    from test_e2e import _run, make_repo, run_env
 
     repo = make_repo(tmp_path / "repo")
     _run(["dvc", "repro"], repo)
     # neither value is the baseline's 1e-3: that experiment would change no stage, and DVC would run nothing
     _run(["dvc", "exp", "run", "--queue", "-S", "train.learning_rate=3e-4,3e-3"], repo)
-    _run(["dvc", "queue", "start", "-j", "1"], repo)
+    # `dvc queue start` returns once its worker runs, but the worker inherits its stdout and stderr and holds
+    # them until the queue is empty: into a file, not a pipe that a capturing run would wait on to close
+    log = tmp_path / "queue_start.log"
+    with log.open("w") as out:
+        start = subprocess.run(
+            ["dvc", "queue", "start", "-j", "1"],
+            cwd=repo,
+            env=run_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    assert start.returncode == 0, log.read_text()
     deadline = time.monotonic() + 1800
     while time.monotonic() < deadline:
         states = {e["state"] for e in _queued(repo).values()}

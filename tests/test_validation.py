@@ -59,7 +59,9 @@ def test_an_unknown_experiment_lists_the_options(capsys):
     assert main(["params", "--config-dir", str(CONF), "--check", "experiment=nosuch"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "Could not find 'experiment/nosuch'" in line
-    assert line.endswith("available options in 'experiment': cpu_long, lookup, lookup_long, lora, robovlms_kosmos2")
+    assert line.endswith(
+        "available options in 'experiment': calvin_d, cpu_long, lookup, lookup_long, lora, robovlms_kosmos2"
+    )
 
 
 def test_vlaops_check_runs_every_stages_checks(tmp_path, a_file, capsys):

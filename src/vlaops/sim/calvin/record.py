@@ -39,6 +39,10 @@ from vlaops.utils.logging import get_logger
 
 log = get_logger(__name__)
 ROUND = 8  # chains per round: the unit of work whose outcome the next round's task choice depends on
+# The TCP moves at most 0.02 m a tick under CALVIN's relative actions; a tick that moves it 2.5 times that is
+# the physics glitching (seen once in 293 demonstrations: 11 cm in one tick of a button press, which ingest's
+# plausibility check then refused). Such a demonstration is the expert's failure, not recorded.
+MAX_TCP_STEP_M = 0.05
 CHAIN_STREAM = 0x43484E  # "CHN": a chain's own seed stream
 
 
@@ -67,7 +71,7 @@ def frame_obs(obs: Mapping[str, Any]) -> dict[str, Any]:
 
 def record_subtask(env: CalvinEnv, cfg: SimConfig, task: str, rec: EpisodeRecord) -> bool:
     """The expert on ``task`` from the current state, every tick into ``rec``, until CALVIN's oracle says it
-    is done (True) or ``sim.calvin.max_steps_per_subtask`` ticks pass (False)."""
+    is done (True), or ``sim.calvin.max_steps_per_subtask`` ticks pass or the TCP jumps (False)."""
     oracle = env.get_task(task)
     start = env.get_info()
     expert = CalvinExpert(task, start, max_action=cfg.expert_max_action)
@@ -78,7 +82,12 @@ def record_subtask(env: CalvinEnv, cfg: SimConfig, task: str, rec: EpisodeRecord
         q, dq = env.joint_state()
         rec.frames.append(Frame(tick, frame_obs(obs), abs_action(obs["robot_obs"], rel)))
         rec.joint_samples.append((tick / hz, q, dq))
+        before = np.asarray(obs["robot_obs"][:3])
         obs = env.step(rel)
+        jump = float(np.linalg.norm(np.asarray(obs["robot_obs"][:3]) - before))
+        if jump > MAX_TCP_STEP_M:
+            log.warning("%s: the TCP jumped %.3f m in tick %d; not recorded", rec.episode_id, jump, tick)
+            return False
         if oracle.success(start, env.get_info()):
             return True
     return False
