@@ -157,8 +157,8 @@ def test_a_demonstration_whose_tcp_jumps_is_not_recorded():
     class GlitchingEnv(CalvinEnv):
         ticks = 0
 
-        def step(self, action, observe=True):
-            out = super().step(action, observe)
+        def step(self, action):
+            out = super().step(action)
             self.ticks += 1
             if self.ticks == 3:  # the arm swung about its base: the TCP lands far from where it was
                 far = np.array(INITIAL_ROBOT_OBS)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,9 +47,7 @@ def subset_fingerprint(kept: Sequence[Annotation], cfg: SubsetConfig) -> dict[st
     """What the subset is, for the data fingerprint: the setting, spans per task and a hash of the spans."""
     if not cfg.active:
         return None
-    per_task: dict[str, int] = defaultdict(int)
-    for ann in kept:
-        per_task[ann.task] += 1
+    per_task = Counter(ann.task for ann in kept)
     spans = "\n".join(f"{a.start} {a.end} {a.task}" for a in kept)
     return {
         "per_task": cfg.per_task,

@@ -200,14 +200,12 @@ class CalvinEnv:
         self.sim.reset(robot_obs=np.asarray(robot_obs), scene_obs=np.asarray(scene_obs))
         return self.observe()
 
-    def step(self, action: Any, observe: bool = True) -> dict[str, Any] | None:
-        """One control tick of CALVIN's relative ``action``; the new observation, or None without ``observe``
-        (an expert that reads ``get_info`` needs no rendered frame)."""
+    def step(self, action: Any) -> dict[str, Any]:
         self.sim.robot.apply_action(to_calvin_action(action))
         for _ in range(self.sim.action_repeat):
             self.sim.p.stepSimulation(physicsClientId=self.sim.cid)
         self.sim.scene.step()
-        return self.observe() if observe else None
+        return self.observe()
 
     def joint_state(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, velocities) of the seven arm joints and the two fingers, in the order of the Panda's
